@@ -1,0 +1,98 @@
+"""On-disk cache of preprocessed arrays.
+
+An entry is keyed by the SHA-256 of the source bytes (a file, or every file of a DICOM
+folder), of the preprocessing configuration, and of the reference series' source when
+one is used. It holds one ``.npy`` array ``(V, *shape)`` float32 — every volume the
+source yields (a multi-b-value DICOM series gives several) — and a JSON sidecar with the
+shape and a CRC-32 of the array bytes. Both are written atomically (temp file, then
+rename; the ``.npy`` last-but-one, the sidecar last, so a sidecar always describes a
+complete array). A read verifies shape and checksum once per process, then serves a
+read-only memory map; a missing, truncated or corrupted entry is rebuilt.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import zlib
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from mmvae.data.atomic import atomic_save_npy, atomic_write_text
+
+CACHE_VERSION = "1"
+_CHUNK = 1 << 20
+
+
+def source_hash(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, or of the names and bytes of a folder's files (sorted)."""
+    p = Path(path)
+    h = hashlib.sha256()
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    for f in files:
+        if p.is_dir():
+            h.update(str(f.relative_to(p)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            while chunk := fh.read(_CHUNK):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+class PreprocessCache:
+    """Cache of preprocessed arrays under ``root``; safe to share between threads."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._verified: set[str] = set()
+        self._lock = threading.Lock()
+        self.builds = 0      # number of entries (re)built in this process
+        self.rebuilt_corrupt = 0
+
+    def key(self, *parts: str) -> str:
+        h = hashlib.sha256(CACHE_VERSION.encode())
+        for part in parts:
+            h.update(b"\0" + part.encode())
+        return h.hexdigest()
+
+    def _paths(self, key: str) -> tuple[Path, Path]:
+        d = self.root / key[:2]
+        return d / f"{key}.npy", d / f"{key}.json"
+
+    def _valid(self, key: str) -> bool:
+        arr_path, meta_path = self._paths(key)
+        if key in self._verified:
+            return arr_path.exists()
+        if not (arr_path.exists() and meta_path.exists()):
+            return False
+        try:
+            meta = json.loads(meta_path.read_text())
+            arr = np.load(arr_path, mmap_mode="r", allow_pickle=False)
+            ok = (list(arr.shape) == meta["shape"] and str(arr.dtype) == meta["dtype"]
+                  and zlib.crc32(np.ascontiguousarray(arr).view(np.uint8)) == meta["crc32"])
+        except (OSError, ValueError, KeyError, json.JSONDecodeError):
+            ok = False
+        if ok:
+            with self._lock:
+                self._verified.add(key)
+        else:
+            with self._lock:
+                self.rebuilt_corrupt += int(arr_path.exists() or meta_path.exists())
+        return ok
+
+    def get_or_build(self, key: str, build: Callable[[], np.ndarray]) -> np.ndarray:
+        """Memory-mapped array of entry ``key``, calling ``build()`` first if needed."""
+        arr_path, meta_path = self._paths(key)
+        if not self._valid(key):
+            arr = np.ascontiguousarray(build(), dtype=np.float32)
+            atomic_save_npy(arr_path, arr)
+            atomic_write_text(meta_path, json.dumps({
+                "shape": list(arr.shape), "dtype": str(arr.dtype),
+                "crc32": zlib.crc32(arr.view(np.uint8))}))
+            with self._lock:
+                self.builds += 1
+                self._verified.add(key)
+        return np.load(arr_path, mmap_mode="r", allow_pickle=False)

@@ -1,0 +1,247 @@
+"""From a manifest to training-ready arrays: load → preprocess (cached) → tokenise.
+
+:func:`prepare_cohort` turns every case of a manifest into memory-mapped preprocessed
+arrays (see :mod:`mmvae.data.cache`), tokenised reports and encoded clinical fields,
+and :meth:`Cohort.batch` assembles static-shape batches with presence masks:
+
+* ``image/<m>``: ``(B, S, *shape)`` float32, zeros where absent; ``series_mask/<m>``:
+  ``(B, S)`` (S = ``data.max_series``; extra series beyond S are dropped, in manifest order)
+* ``report/ids``, ``report/mask``: ``(B, T)`` int32 (T = ``data.text.max_len``)
+* ``clinical/num``, ``clinical/num_mask`` ``(B, Fn)``; ``clinical/cat``, ``clinical/cat_mask`` ``(B, Fc)``
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from mmvae.data import io as mio
+from mmvae.data.cache import PreprocessCache, source_hash
+from mmvae.data.manifest import REPORT, CaseEntries, group_cases, read_manifest
+from mmvae.data.preprocess import PreprocessConfig, preprocess_series
+from mmvae.errors import InputError
+from mmvae.progress import progress_bar
+
+log = logging.getLogger(__name__)
+CLINICAL = "clinical"
+
+
+def preprocess_config(data_cfg) -> PreprocessConfig:
+    spacing = tuple(float(s) for s in data_cfg.spacing) if data_cfg.spacing else None
+    return PreprocessConfig(spacing=spacing, shape=tuple(int(s) for s in data_cfg.shape),
+                            crop=data_cfg.crop, clip_percentiles=tuple(data_cfg.clip_percentiles),
+                            normalize=data_cfg.normalize)
+
+
+@dataclasses.dataclass
+class Cohort:
+    """Preprocessed cases, indexable by position."""
+
+    case_ids: list[str]
+    image_modalities: tuple[str, ...]
+    images: dict[str, list[np.ndarray | None]]      # per modality, per case: (V, *shape) memmap or None
+    reports: list[str | None]
+    tokens: np.ndarray                                # (N, T) int32
+    token_mask: np.ndarray                            # (N, T) int32
+    clinical_num: np.ndarray                          # (N, Fn) float32
+    clinical_num_mask: np.ndarray
+    clinical_cat: np.ndarray                          # (N, Fc) int32
+    clinical_cat_mask: np.ndarray
+    labels: list[dict[str, str]]
+    shape: tuple[int, ...]
+    max_series: int
+    skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.case_ids)
+
+    def present_modalities(self, i: int) -> list[str]:
+        out = [m for m in self.image_modalities if self.images[m][i] is not None]
+        if self.token_mask[i].any():
+            out.append(REPORT)
+        if self.clinical_num_mask[i].any() or self.clinical_cat_mask[i].any():
+            out.append(CLINICAL)
+        return out
+
+    def label_array(self, name: str) -> np.ndarray:
+        """Labels of every case as strings ('' where missing)."""
+        return np.asarray([lab.get(name, "") for lab in self.labels], dtype=object)
+
+    def batch(self, indices: Sequence[int], *, valid: Sequence[bool] | None = None) -> dict[str, np.ndarray]:
+        """Static-shape batch of the cases at ``indices`` (rows with ``valid`` False are empty)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        b, s = len(idx), self.max_series
+        valid = np.ones(b, bool) if valid is None else np.asarray(valid, bool)
+        out: dict[str, np.ndarray] = {}
+        for m in self.image_modalities:
+            x = np.zeros((b, s) + self.shape, np.float32)
+            mask = np.zeros((b, s), np.float32)
+            for r, i in enumerate(idx):
+                arr = self.images[m][i] if valid[r] else None
+                if arr is not None:
+                    n = min(s, arr.shape[0])
+                    x[r, :n] = arr[:n]
+                    mask[r, :n] = 1.0
+            out[f"image/{m}"], out[f"series_mask/{m}"] = x, mask
+        v = valid[:, None]
+        out["report/ids"] = np.where(v, self.tokens[idx], 0).astype(np.int32)
+        out["report/mask"] = np.where(v, self.token_mask[idx], 0).astype(np.int32)
+        out["clinical/num"] = np.where(v, self.clinical_num[idx], 0).astype(np.float32)
+        out["clinical/num_mask"] = np.where(v, self.clinical_num_mask[idx], 0).astype(np.float32)
+        out["clinical/cat"] = np.where(v, self.clinical_cat[idx], 0).astype(np.int32)
+        out["clinical/cat_mask"] = np.where(v, self.clinical_cat_mask[idx], 0).astype(np.float32)
+        return out
+
+    def subset(self, indices: Sequence[int]) -> "Cohort":
+        idx = list(indices)
+        return dataclasses.replace(
+            self, case_ids=[self.case_ids[i] for i in idx],
+            images={m: [v[i] for i in idx] for m, v in self.images.items()},
+            reports=[self.reports[i] for i in idx], tokens=self.tokens[idx], token_mask=self.token_mask[idx],
+            clinical_num=self.clinical_num[idx], clinical_num_mask=self.clinical_num_mask[idx],
+            clinical_cat=self.clinical_cat[idx], clinical_cat_mask=self.clinical_cat_mask[idx],
+            labels=[self.labels[i] for i in idx], skipped=[])
+
+
+def _load_and_preprocess(path: str, cfg: PreprocessConfig, spatial_dims: int,
+                         reference: str | None) -> np.ndarray:
+    ref = None
+    if reference is not None:
+        ref = mio.load_series(reference, spatial_dims=spatial_dims)[0]
+    vols = mio.load_series(path, spatial_dims=spatial_dims)
+    return np.stack([preprocess_series(v, cfg, reference=ref) for v in vols]).astype(np.float32)
+
+
+def load_case_images(case: CaseEntries, modality: str, paths: Sequence[str], cache: PreprocessCache,
+                     cfg: PreprocessConfig, spatial_dims: int, reference: str | None) -> np.ndarray:
+    """All volumes of one modality of one case, preprocessed: ``(V, *shape)`` (memmap when single)."""
+    arrays = []
+    for p in paths:
+        try:
+            if not Path(p).exists():
+                raise InputError("file not found", path=p)
+            ref_part = source_hash(reference) if reference and reference != p else ""
+            key = cache.key(source_hash(p), repr(cfg.key()), str(spatial_dims), ref_part)
+            use_ref = reference if reference and reference != p else None
+            arrays.append(cache.get_or_build(key, lambda: _load_and_preprocess(p, cfg, spatial_dims, use_ref)))
+        except InputError as e:
+            raise e.with_context(case_id=case.case_id, modality=modality, path=p) from None
+        except (ValueError, RuntimeError, MemoryError) as e:   # numeric failure deep in preprocessing
+            raise InputError(f"preprocessing failed: {e}", case_id=case.case_id, modality=modality,
+                             path=p) from None
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays, 0)
+
+
+def _clinical_arrays(cases: Sequence[CaseEntries], numeric: Sequence[str], categorical: dict):
+    n = len(cases)
+    num = np.zeros((n, len(numeric)), np.float32)
+    num_mask = np.zeros((n, len(numeric)), np.float32)
+    cat_names = list(categorical)
+    cat = np.zeros((n, len(cat_names)), np.int32)
+    cat_mask = np.zeros((n, len(cat_names)), np.float32)
+    for i, c in enumerate(cases):
+        for f, name in enumerate(numeric):
+            v = c.metadata.get(name)
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                num[i, f], num_mask[i, f] = float(v), 1.0
+        for f, name in enumerate(cat_names):
+            v = c.metadata.get(name)
+            if v is not None and str(v) in list(categorical[name]):
+                cat[i, f], cat_mask[i, f] = list(categorical[name]).index(str(v)), 1.0
+    return num, num_mask, cat, cat_mask
+
+
+def standardize_clinical(num: np.ndarray, mask: np.ndarray, stats: dict | None = None):
+    """z-score numeric fields with (mean, std) computed over present values (or given)."""
+    if stats is None:
+        cnt = np.maximum(mask.sum(0), 1)
+        mean = (num * mask).sum(0) / cnt
+        std = np.sqrt((((num - mean) * mask) ** 2).sum(0) / cnt)
+        stats = {"mean": mean.tolist(), "std": np.where(std > 0, std, 1.0).tolist()}
+    out = (num - np.asarray(stats["mean"], np.float32)) / np.asarray(stats["std"], np.float32) * mask
+    return out.astype(np.float32), stats
+
+
+def prepare_cohort(manifest: str | Path, data_cfg, cache: PreprocessCache, tokenizer=None, *,
+                   clinical_stats: dict | None = None, show_progress: bool = True) -> Cohort:
+    """Load, validate and preprocess every case of ``manifest``.
+
+    With ``data_cfg.on_error == 'skip'`` a case with an unusable file is skipped with a
+    warning and recorded in ``Cohort.skipped``; otherwise its :class:`InputError` is raised.
+    """
+    modalities = list(data_cfg.image_modalities)
+    known = modalities + ([REPORT] if data_cfg.report else [])
+    entries = read_manifest(manifest)
+    cases = group_cases(entries, known)
+    cfg = preprocess_config(data_cfg)
+    spatial_dims = int(data_cfg.spatial_dims)
+    if len(cfg.shape) != spatial_dims:
+        raise InputError(f"data.shape {cfg.shape} does not have data.spatial_dims={spatial_dims} axes")
+    ref_mod = data_cfg.reference_modality or None
+    on_error = data_cfg.on_error
+
+    def work(case: CaseEntries):
+        try:
+            ref = case.images.get(ref_mod, [None])[0] if ref_mod else None
+            imgs = {m: load_case_images(case, m, case.images[m], cache, cfg, spatial_dims, ref)
+                    for m in modalities if case.images.get(m)}
+            report = case.report_text
+            if report is None and case.report_path is not None:
+                try:
+                    report = mio.load_report(case.report_path)
+                except InputError as e:
+                    raise e.with_context(case_id=case.case_id, modality=REPORT) from None
+            if report is not None and not report.strip():
+                raise InputError("empty report", case_id=case.case_id, modality=REPORT,
+                                 path=case.report_path)
+            if not imgs and report is None and not case.metadata:
+                raise InputError("case has no usable modality", case_id=case.case_id)
+            return imgs, report, None
+        except InputError as e:
+            if on_error != "skip":
+                raise
+            return None, None, e
+
+    kept, images, reports, skipped = [], {m: [] for m in modalities}, [], []
+    workers = max(1, int(data_cfg.workers))
+    with ThreadPoolExecutor(workers) as pool:
+        results = pool.map(work, cases)
+        for case, (imgs, report, err) in progress_bar(zip(cases, results), total=len(cases),
+                                                      desc="preprocess", enable=show_progress):
+            if err is not None:
+                log.warning("skipping %s", err)
+                skipped.append((case.case_id, str(err)))
+                continue
+            kept.append(case)
+            for m in modalities:
+                images[m].append(imgs.get(m))
+            reports.append(report)
+    if skipped:
+        log.warning("skipped %d of %d cases because of bad input", len(skipped), len(cases))
+    text_cfg = data_cfg.text
+    if tokenizer is not None and data_cfg.report:
+        from mmvae.models.text import tokenize
+        tokens, token_mask = tokenize(tokenizer, reports, int(text_cfg.max_len))
+    else:
+        tokens = np.zeros((len(kept), int(text_cfg.max_len)), np.int32)
+        token_mask = np.zeros_like(tokens)
+    num, num_mask, cat, cat_mask = _clinical_arrays(kept, list(data_cfg.clinical.numeric),
+                                                    dict(data_cfg.clinical.categorical))
+    num, _ = standardize_clinical(num, num_mask, clinical_stats)
+    return Cohort(case_ids=[c.case_id for c in kept], image_modalities=tuple(modalities), images=images,
+                  reports=reports, tokens=tokens, token_mask=token_mask, clinical_num=num,
+                  clinical_num_mask=num_mask, clinical_cat=cat, clinical_cat_mask=cat_mask,
+                  labels=[dict(c.labels) for c in kept], shape=cfg.shape, max_series=int(data_cfg.max_series),
+                  skipped=skipped)
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic train/validation split of ``range(n)``."""
+    perm = np.random.default_rng(np.random.SeedSequence([seed, 7919])).permutation(n)
+    n_val = int(round(n * val_fraction))
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])

@@ -1,0 +1,566 @@
+"""Loaders: NIfTI files, DICOM series folders, PNG key images and report texts.
+
+Every loader returns :class:`mmvae.data.case.Series` objects (float32 voxels, a 4x4
+voxel→world affine in RAS+ millimetres) or raises :class:`mmvae.errors.InputError`
+naming the file or folder; library exceptions (nibabel, zlib, pydicom, PIL) never
+escape. Callers add the case and modality with ``err.with_context(...)``.
+
+DICOM conventions (see :func:`load_dicom_series`):
+
+* array axes ``(i, j, k) = (column, row, slice)``: ``pixel_array`` is transposed so
+  that ``i`` runs along the row direction cosine (first three values of
+  ImageOrientationPatient), as nibabel's DICOM wrappers and dcm2niix do;
+* slices are sorted by their position projected on the slice normal
+  ``n = row_cosine × column_cosine``, ascending, so ``k`` runs along ``+n``;
+* the affine's columns are ``row_cosine * PixelSpacing[1]`` (column spacing),
+  ``column_cosine * PixelSpacing[0]`` (row spacing), ``(IPP_last - IPP_first)/(N-1)``
+  and ``IPP_first``, built in DICOM patient space (LPS) and converted to RAS+ by
+  negating x and y.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmvae.data.case import Series
+from mmvae.errors import InputError
+
+#: Relative tolerance on slice spacing: every gap between consecutive slice positions
+#: must lie within ``SPACING_RTOL`` of the median gap ("uneven slice spacing").
+SPACING_RTOL = 0.01
+#: A gap larger than ``MISSING_SLICE_FACTOR`` × the median gap is a missing slice.
+MISSING_SLICE_FACTOR = 1.5
+#: Slice positions (mm along the normal) closer than this are "the same position".
+SAME_POSITION_MM = 0.01
+#: Tolerance on ImageOrientationPatient cosines / PixelSpacing within one series.
+ORIENTATION_ATOL = 1e-4
+
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+_NIFTI_SUFFIXES = (".nii", ".nii.gz")
+_DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+_DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith(_NIFTI_SUFFIXES)
+
+
+# --------------------------------------------------------------------------- NIfTI
+
+
+def load_nifti(path: str | os.PathLike) -> Series:
+    """Load a ``.nii``/``.nii.gz`` file.
+
+    Returns a Series with a float32 array of the stored shape (trailing singleton
+    dimensions beyond the third removed, e.g. ``(X, Y, Z, 1)`` → ``(X, Y, Z)``) and
+    nibabel's ``affine`` (sform, else qform, else the fallback), RAS+ mm.
+
+    Raises InputError for a missing, truncated, corrupt or non-NIfTI file. The data
+    are read completely here (nibabel is lazy and a truncated gzip stream only
+    fails when the voxels are read).
+    """
+    import nibabel as nib
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError("file not found", path=str(p))
+    try:
+        img = nib.load(str(p), mmap=False)
+        if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+            raise InputError(f"not a NIfTI file (nibabel reads it as {type(img).__name__})",
+                             path=str(p))
+        data = np.array(img.get_fdata(dtype=np.float32), dtype=np.float32, copy=True)
+        if data.size == 0:  # nibabel returns shape (0,) for zero-size images
+            data = data.reshape(img.shape)
+        affine = np.array(img.affine, dtype=np.float64)
+    except InputError:
+        raise
+    except MemoryError:
+        raise
+    except Exception as e:  # nibabel / gzip / zlib / OS errors of every kind
+        raise InputError(f"cannot read NIfTI file ({_describe(e)})", path=str(p)) from None
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    return Series(array=data, affine=affine, path=str(p))
+
+
+def _describe(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    name = type(e).__name__
+    if isinstance(e, EOFError) or "end-of-stream" in msg or "truncat" in msg.lower():
+        return f"truncated file: {name}: {msg}"
+    return f"{name}: {msg}" if msg else name
+
+
+# --------------------------------------------------------------------------- DICOM
+
+
+@dataclass
+class DicomVolume:
+    """One volume of a DICOM series, with how it was told apart from its siblings.
+
+    Attributes:
+      series: the loaded volume.
+      series_uid: SeriesInstanceUID ("" when absent).
+      description: SeriesDescription ("" when absent).
+      split_by: "" when the series is one volume, else the key used to split it:
+        "bvalue", "echo", "acquisition" or "instance".
+      split_value: the value of that key for this volume (b-value in s/mm², echo or
+        acquisition number, or the 0-based rank in InstanceNumber order).
+      files: the slice files, in k order.
+    """
+
+    series: Series
+    series_uid: str
+    description: str
+    split_by: str
+    split_value: Any
+    files: list[str]
+
+
+@dataclass
+class _Slice:
+    path: Path
+    ds: Any
+    iop: np.ndarray  # (6,)
+    ipp: np.ndarray  # (3,)
+    spacing: np.ndarray  # (2,) PixelSpacing: (row spacing, column spacing)
+    rows: int
+    cols: int
+    position: float = 0.0  # projected on the slice normal (mm)
+
+
+def _read_dicom_file(p: Path):
+    """Return the pydicom dataset of an image file, or None when ``p`` is to be skipped.
+
+    Rule: hidden files and files named DICOMDIR are skipped; a file is read if it
+    has the Part-10 'DICM' marker, or (without it) if its name ends with
+    .dcm/.dicom/.ima and pydicom can parse it; parsed files without PixelData
+    (DICOMDIR, structured reports, presentation states) are skipped.
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    if p.name.startswith(".") or p.name.upper() == "DICOMDIR":
+        return None
+    try:
+        ds = pydicom.dcmread(str(p))
+    except InvalidDicomError:
+        if not p.name.lower().endswith(_DICOM_SUFFIXES):
+            return None
+        try:
+            ds = pydicom.dcmread(str(p), force=True)
+        except MemoryError:
+            raise
+        except Exception as e:
+            raise InputError(f"cannot read DICOM file {p.name!r} ({_describe(e)})",
+                             path=str(p.parent)) from None
+    except MemoryError:
+        raise
+    except Exception as e:
+        raise InputError(f"cannot read DICOM file {p.name!r} ({_describe(e)})",
+                         path=str(p.parent)) from None
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and str(meta.get("MediaStorageSOPClassUID", "")) == _DICOMDIR_SOP_CLASS:
+        return None
+    if "PixelData" not in ds:
+        return None
+    return ds
+
+
+def _float_list(ds, keyword: str, n: int, p: Path, folder: Path) -> np.ndarray:
+    v = ds.get(keyword)
+    try:
+        arr = np.array([float(x) for x in v], dtype=np.float64)
+    except (TypeError, ValueError):
+        arr = None
+    if arr is None or arr.shape != (n,) or not np.all(np.isfinite(arr)):
+        raise InputError(f"DICOM file {p.name!r} lacks a valid {keyword}", path=str(folder))
+    return arr
+
+
+def _make_slice(p: Path, ds, folder: Path) -> _Slice:
+    frames = ds.get("NumberOfFrames")
+    if frames is not None and int(frames) > 1:
+        raise InputError(f"DICOM file {p.name!r} is multi-frame ({int(frames)} frames); "
+                         "enhanced/multi-frame DICOM is not supported", path=str(folder))
+    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        raise InputError(f"DICOM file {p.name!r} is not a grayscale image", path=str(folder))
+    iop = _float_list(ds, "ImageOrientationPatient", 6, p, folder)
+    ipp = _float_list(ds, "ImagePositionPatient", 3, p, folder)
+    ps = _float_list(ds, "PixelSpacing", 2, p, folder)
+    if np.any(ps <= 0):
+        raise InputError(f"DICOM file {p.name!r} has a non-positive PixelSpacing", path=str(folder))
+    return _Slice(p, ds, iop, ipp, ps, int(ds.Rows), int(ds.Columns))
+
+
+def _b_value(ds) -> float | None:
+    """DiffusionBValue (0018,9087), else the Siemens private b-value (0019,100C)."""
+    el = ds.get((0x0018, 0x9087))
+    if el is not None and el.value not in (None, "", b""):
+        try:
+            return float(el.value)
+        except (TypeError, ValueError):
+            pass
+    el = ds.get((0x0019, 0x100C))
+    if el is not None:
+        v = el.value
+        if isinstance(v, (bytes, bytearray)):
+            v = bytes(v).decode("ascii", "ignore").strip("\x00 ")
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            return None
+    return None
+
+
+def _int_tag(ds, keyword: str) -> int | None:
+    v = ds.get(keyword)
+    try:
+        return None if v in (None, "") else int(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def _split_keys(ds) -> dict[str, Any]:
+    return {"bvalue": _b_value(ds), "echo": _int_tag(ds, "EchoNumbers"),
+            "acquisition": _int_tag(ds, "AcquisitionNumber")}
+
+
+def _position_ids(slices: list[_Slice]) -> list[int]:
+    """Cluster projected positions: slices closer than SAME_POSITION_MM share an id."""
+    order = sorted(range(len(slices)), key=lambda i: slices[i].position)
+    ids = [0] * len(slices)
+    cur, prev = -1, None
+    for i in order:
+        if prev is None or slices[i].position - prev > SAME_POSITION_MM:
+            cur += 1
+        ids[i] = cur
+        prev = slices[i].position
+    return ids
+
+
+def _split_volumes(slices: list[_Slice], folder: Path) -> list[tuple[str, Any, list[_Slice]]]:
+    """Split a series whose images repeat slice positions into volumes.
+
+    Rule: try, in order, the b-value (standard tag, else Siemens private), the echo
+    number and the acquisition number; the first key that every image has, that
+    takes at least two values and that leaves no position repeated within a value
+    is used, volumes ordered by increasing value. Otherwise the images at each
+    position are ordered by (InstanceNumber, file name) and the n-th image at each
+    position goes to volume n (every position must then hold the same count).
+    """
+    pos = _position_ids(slices)
+    if len(set(pos)) == len(slices):
+        return [("", None, slices)]
+    for key in ("bvalue", "echo", "acquisition"):
+        values = [_split_keys(s.ds)[key] for s in slices]
+        if any(v is None for v in values) or len(set(values)) < 2:
+            continue
+        groups: dict[Any, list[int]] = {}
+        for i, v in enumerate(values):
+            groups.setdefault(v, []).append(i)
+        if all(len({pos[i] for i in g}) == len(g) for g in groups.values()):
+            return [(key, v, [slices[i] for i in groups[v]]) for v in sorted(groups)]
+    by_pos: dict[int, list[_Slice]] = {}
+    for s, pid in zip(slices, pos):
+        by_pos.setdefault(pid, []).append(s)
+    counts = {len(v) for v in by_pos.values()}
+    if len(counts) != 1:
+        raise InputError(f"images share slice positions but positions hold different numbers "
+                         f"of images ({sorted(counts)}); cannot split into volumes",
+                         path=str(folder))
+    for v in by_pos.values():
+        v.sort(key=lambda s: (_int_tag(s.ds, "InstanceNumber") or 0, s.path.name))
+    n = counts.pop()
+    return [("instance", r, [by_pos[pid][r] for pid in sorted(by_pos)]) for r in range(n)]
+
+
+def _check_consistent(slices: list[_Slice], folder: Path) -> None:
+    ref = slices[0]
+    for s in slices[1:]:
+        if (s.rows, s.cols) != (ref.rows, ref.cols):
+            raise InputError(f"inconsistent image size within a series: {ref.path.name!r} is "
+                             f"{ref.rows}x{ref.cols}, {s.path.name!r} is {s.rows}x{s.cols}",
+                             path=str(folder))
+        if not np.allclose(s.iop, ref.iop, atol=ORIENTATION_ATOL, rtol=0):
+            raise InputError(f"inconsistent ImageOrientationPatient within a series "
+                             f"({ref.path.name!r} vs {s.path.name!r})", path=str(folder))
+        if not np.allclose(s.spacing, ref.spacing, atol=ORIENTATION_ATOL, rtol=0):
+            raise InputError(f"inconsistent PixelSpacing within a series "
+                             f"({ref.path.name!r} vs {s.path.name!r})", path=str(folder))
+
+
+def _check_spacing(slices: list[_Slice], folder: Path) -> None:
+    """``slices`` sorted by position; raise on a missing slice or uneven spacing."""
+    if len(slices) < 3:
+        return
+    pos = np.array([s.position for s in slices])
+    gaps = np.diff(pos)
+    med = float(np.median(gaps))
+    worst = int(np.argmax(gaps))
+    if gaps[worst] > MISSING_SLICE_FACTOR * med:
+        a, b = slices[worst], slices[worst + 1]
+        raise InputError(f"missing slice between {a.path.name!r} and {b.path.name!r} "
+                         f"(gap {gaps[worst]:.3f} mm, median slice spacing {med:.3f} mm)",
+                         path=str(folder))
+    dev = np.abs(gaps - med) / med
+    worst = int(np.argmax(dev))
+    if dev[worst] > SPACING_RTOL:
+        a, b = slices[worst], slices[worst + 1]
+        raise InputError(f"uneven slice spacing: {gaps[worst]:.3f} mm between {a.path.name!r} "
+                         f"and {b.path.name!r}, median {med:.3f} mm (tolerance "
+                         f"{SPACING_RTOL:.0%})", path=str(folder))
+
+
+def _pixels(s: _Slice, folder: Path) -> np.ndarray:
+    try:
+        arr = np.asarray(s.ds.pixel_array, dtype=np.float64)
+    except MemoryError:
+        raise
+    except Exception as e:
+        raise InputError(f"cannot decode pixel data of {s.path.name!r} ({_describe(e)})",
+                         path=str(folder)) from None
+    if arr.shape != (s.rows, s.cols):
+        raise InputError(f"pixel data of {s.path.name!r} has shape {arr.shape}, expected "
+                         f"{(s.rows, s.cols)}", path=str(folder))
+    slope = float(s.ds.get("RescaleSlope", 1.0) or 1.0)
+    intercept = float(s.ds.get("RescaleIntercept", 0.0) or 0.0)
+    return (arr * slope + intercept).T  # (columns, rows) = (i, j)
+
+
+def _volume(slices: list[_Slice], folder: Path) -> Series:
+    """Stack position-sorted slices into a Series with its RAS+ affine."""
+    ref = slices[0]
+    row_cos, col_cos = ref.iop[:3], ref.iop[3:]
+    lps = np.eye(4)
+    lps[:3, 0] = row_cos * ref.spacing[1]  # i: along a row, step = column spacing
+    lps[:3, 1] = col_cos * ref.spacing[0]  # j: down a column, step = row spacing
+    if len(slices) > 1:
+        lps[:3, 2] = (slices[-1].ipp - slices[0].ipp) / (len(slices) - 1)
+    else:
+        normal = np.cross(row_cos, col_cos)
+        thick = ref.ds.get("SpacingBetweenSlices") or ref.ds.get("SliceThickness") or 1.0
+        lps[:3, 2] = normal * float(thick)
+    lps[:3, 3] = ref.ipp
+    data = np.stack([_pixels(s, folder) for s in slices], axis=-1).astype(np.float32)
+    return Series(array=data, affine=_LPS_TO_RAS @ lps, path=str(folder))
+
+
+def load_dicom_volumes(folder: str | os.PathLike) -> list[DicomVolume]:
+    """Like :func:`load_dicom_series`, with the series/split information of each volume.
+
+    Volumes are ordered by (SeriesNumber, SeriesInstanceUID), then split value.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError("DICOM folder not found", path=str(folder))
+    files = sorted((e for e in os.scandir(folder) if e.is_file()), key=lambda e: e.name)
+    by_uid: dict[str, list[_Slice]] = {}
+    seen_sop: set[str] = set()
+    for entry in files:
+        p = Path(entry.path)
+        ds = _read_dicom_file(p)
+        if ds is None:
+            continue
+        sop = str(ds.get("SOPInstanceUID", "") or "")
+        if sop and sop in seen_sop:  # the same image stored twice
+            continue
+        seen_sop.add(sop)
+        by_uid.setdefault(str(ds.get("SeriesInstanceUID", "") or ""), []).append(
+            _make_slice(p, ds, folder))
+    if not by_uid:
+        raise InputError("no DICOM image files in folder", path=str(folder))
+
+    def series_order(uid):
+        num = _int_tag(by_uid[uid][0].ds, "SeriesNumber")
+        return (num if num is not None else 1 << 62, uid)
+
+    out: list[DicomVolume] = []
+    for uid in sorted(by_uid, key=series_order):
+        slices = by_uid[uid]
+        _check_consistent(slices, folder)
+        normal = np.cross(slices[0].iop[:3], slices[0].iop[3:])
+        if np.linalg.norm(normal) < 0.5:
+            raise InputError(f"degenerate ImageOrientationPatient in {slices[0].path.name!r}",
+                             path=str(folder))
+        normal /= np.linalg.norm(normal)
+        for s in slices:
+            s.position = float(np.dot(normal, s.ipp))
+        desc = str(slices[0].ds.get("SeriesDescription", "") or "")
+        for key, value, vol in _split_volumes(slices, folder):
+            vol = sorted(vol, key=lambda s: (s.position, s.path.name))
+            _check_spacing(vol, folder)
+            out.append(DicomVolume(_volume(vol, folder), uid, desc, key, value,
+                                   [str(s.path) for s in vol]))
+    return out
+
+
+def load_dicom_series(folder: str | os.PathLike) -> list[Series]:
+    """Load every series (and every volume of a multi-volume series) in a DICOM folder.
+
+    Args:
+      folder: a directory holding the slice files (not searched recursively).
+
+    Returns:
+      one Series per volume, array shape ``(columns, rows, slices)`` float32 with
+      RescaleSlope/RescaleIntercept applied, affine in RAS+ mm (see module doc).
+
+    Files are grouped by SeriesInstanceUID (identical SOPInstanceUIDs are read
+    once). Images repeating a slice position are split into volumes (see
+    :func:`_split_volumes`: b-value, echo number, acquisition number, else
+    InstanceNumber rank). Raises InputError naming the folder (and the slice files
+    concerned) when there are no DICOM images, when orientation, pixel spacing or
+    image size differ within a series, when a gap between consecutive slices
+    exceeds ``MISSING_SLICE_FACTOR`` (1.5) × the median gap (missing slice), or when
+    any gap deviates from the median by more than ``SPACING_RTOL`` (1 %).
+    """
+    return [v.series for v in load_dicom_volumes(folder)]
+
+
+# --------------------------------------------------------------------------- PNG
+
+
+def load_png(path: str | os.PathLike, affine: np.ndarray | None = None) -> Series:
+    """Load a 2D key image as grayscale float32 of shape ``(X, Y) = (columns, rows)``.
+
+    Colour images are converted with PIL's ``convert("L")`` (ITU-R 601-2 luma,
+    alpha ignored); 16-bit and float images keep their values. The affine is
+    ``affine`` if given, else the identity.
+    """
+    from PIL import Image
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError("file not found", path=str(p))
+    try:
+        with Image.open(p) as im:
+            im.load()
+            if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+                arr = np.asarray(im).astype(np.float32)
+            else:
+                arr = np.asarray(im.convert("L")).astype(np.float32)
+    except MemoryError:
+        raise
+    except Exception as e:
+        raise InputError(f"cannot read PNG image ({_describe(e)})", path=str(p)) from None
+    if arr.ndim != 2:
+        raise InputError(f"PNG image has shape {arr.shape}, expected 2D", path=str(p))
+    aff = np.eye(4) if affine is None else np.array(affine, dtype=np.float64)
+    return Series(array=np.ascontiguousarray(arr.T), affine=aff, path=str(p))
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+def load_series(path: str | os.PathLike, *, spatial_dims: int = 3) -> list[Series]:
+    """Load an image source and validate it.
+
+    ``path`` is a DICOM folder, a ``.nii``/``.nii.gz`` file or a ``.png`` file
+    (suffixes case-insensitive); every returned Series passed
+    :func:`validate_series` with ``spatial_dims``.
+    """
+    p = Path(path)
+    if p.is_dir():
+        series = load_dicom_series(p)
+    elif not p.exists():
+        raise InputError("file not found", path=str(p))
+    elif _is_nifti(p):
+        series = [load_nifti(p)]
+    elif p.name.lower().endswith(".png"):
+        series = [load_png(p)]
+    else:
+        raise InputError("unsupported file type (expected .nii, .nii.gz, .png or a DICOM "
+                         "folder)", path=str(p))
+    return [validate_series(s, spatial_dims) for s in series]
+
+
+def _drop_axis(series: Series, axis: int) -> Series:
+    """Remove singleton array ``axis``; its affine column moves to third position."""
+    arr = np.take(series.array, 0, axis=axis)
+    cols = [c for c in range(3) if c != axis] + [axis]
+    aff = np.array(series.affine, dtype=np.float64)
+    aff[:, :3] = aff[:, cols]
+    return Series(array=arr, affine=aff, path=series.path)
+
+
+def validate_series(series: Series, spatial_dims: int) -> Series:
+    """Check a loaded series; return it with a float32 array of ``spatial_dims`` dims.
+
+    Errors (InputError with the series path): an empty array (a zero-size
+    dimension); wrong dimensionality — more than one volume in a 4D image, a 2D
+    image where a volume is expected, a volume where a 2D image is expected unless
+    one of its axes is a singleton (that axis is then dropped and its affine column
+    becomes the third); NaN or infinite voxels (with counts); a constant image; an
+    affine that is not a finite, invertible 4x4 matrix.
+    """
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    path = series.path or None
+    arr = np.asarray(series.array)
+    if arr.size == 0:
+        raise InputError(f"empty image (shape {arr.shape})", path=path)
+    while arr.ndim > 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim > 3:
+        vols = int(np.prod(arr.shape[3:]))
+        what = "a 3D volume" if spatial_dims == 3 else "a 2D image"
+        raise InputError(f"{arr.ndim}D image with {vols} volumes where {what} is expected "
+                         f"(shape {arr.shape})", path=path)
+    aff = np.asarray(series.affine, dtype=np.float64)
+    if aff.shape != (4, 4) or not np.all(np.isfinite(aff)) or abs(np.linalg.det(aff[:3, :3])) < 1e-12:
+        raise InputError("invalid affine (not a finite invertible 4x4 matrix)", path=path)
+    series = Series(array=arr, affine=aff, path=series.path)
+    if spatial_dims == 3 and arr.ndim == 2:
+        raise InputError(f"2D image where a 3D volume is expected (shape {arr.shape})", path=path)
+    if spatial_dims == 2 and arr.ndim == 3:
+        singles = [a for a in (2, 1, 0) if arr.shape[a] == 1]
+        if not singles:
+            raise InputError(f"3D image where a 2D image is expected (shape {arr.shape})",
+                             path=path)
+        series = _drop_axis(series, singles[0])
+        arr = series.array
+    if arr.ndim < 2:
+        raise InputError(f"{arr.ndim}D array is not an image (shape {arr.shape})", path=path)
+    arr = np.asarray(arr, dtype=np.float32)
+    n_nan = int(np.isnan(arr).sum())
+    n_inf = int(np.isinf(arr).sum())
+    if n_nan or n_inf:
+        parts = []
+        if n_nan:
+            parts.append(f"NaN voxels ({n_nan} of {arr.size})")
+        if n_inf:
+            parts.append(f"infinite voxels ({n_inf} of {arr.size})")
+        raise InputError(" and ".join(parts), path=path)
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo == hi:
+        raise InputError(f"constant image (every voxel is {lo:g})", path=path)
+    return Series(array=arr, affine=series.affine, path=series.path)
+
+
+# --------------------------------------------------------------------------- reports
+
+
+def load_report(path: str | os.PathLike) -> str:
+    """Read a UTF-8 report (a BOM is dropped); return it stripped of outer whitespace.
+
+    Raises InputError for a missing or unreadable file, invalid UTF-8 or an
+    empty/whitespace-only report.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise InputError("report file not found", path=str(p))
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise InputError(f"report is not valid UTF-8 (byte {e.start})", path=str(p)) from None
+    except OSError as e:
+        raise InputError(f"cannot read report ({_describe(e)})", path=str(p)) from None
+    text = text.strip()
+    if not text:
+        raise InputError("empty report", path=str(p))
+    return text

@@ -1,0 +1,176 @@
+"""Modality encoders (data → Gaussian expert over the shared latent) and decoders.
+
+Shapes at the boundaries (B: batch, S: series per modality, L: latent size):
+
+* :class:`ImageEncoder`: ``(B, S, *spatial)`` + series mask ``(B, S)`` → mu, logvar ``(B, L)``
+* :class:`ImageDecoder`: ``z (N, L)`` → ``(N, *spatial)``
+* :class:`ReportEncoder`: token ids, mask ``(B, T)`` → mu, logvar ``(B, L)``
+* :class:`BagOfWordsDecoder`: ``z (N, L)`` → logits ``(N, V)``
+* :class:`ClinicalEncoder` / :class:`ClinicalDecoder`: masked tabular fields.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mmvae.models import fusion
+from mmvae.models.layers import MLP, ConvResBlock, Downsample, Upsample
+from mmvae.models.text import BertConfig, BertEncoder, mean_pool
+
+SET_POOLINGS = ("poe", "mean", "attention")
+
+
+class ImageEncoder(nnx.Module):
+    """Residual conv encoder with space-to-depth down-sampling, applied to a set of series.
+
+    Stage i: Downsample(×½, c_{i-1} → c_i) then ``blocks`` residual blocks at c_i. The
+    final ``(spatial / 2^n) × c_n`` feature map is flattened into a feature vector per
+    series; series of one case are pooled permutation-invariantly (``set_pooling``):
+
+    * ``poe``: each series gets its own Gaussian; they are multiplied (no prior);
+    * ``mean``: masked mean of the series features, then one Gaussian;
+    * ``attention``: one learned query attends over the series features (masked).
+    """
+
+    def __init__(self, shape: Sequence[int], channels: Sequence[int], latent_dim: int, *,
+                 blocks: int = 1, set_pooling: str = "poe", dtype=jnp.float32, rngs: nnx.Rngs):
+        if set_pooling not in SET_POOLINGS:
+            raise ValueError(f"unknown set_pooling {set_pooling!r}; choose one of {SET_POOLINGS}")
+        d = len(shape)
+        factor = 2 ** len(channels)
+        if any(s % factor for s in shape):
+            raise ValueError(f"image shape {tuple(shape)} must be divisible by {factor} "
+                             f"(2 ** number of stages {len(channels)})")
+        self.spatial_dims = d
+        self.set_pooling = set_pooling
+        stages = []
+        cin = 1
+        for c in channels:
+            stages.append(Downsample(cin, c, d, dtype=dtype, rngs=rngs))
+            stages.extend(ConvResBlock(c, d, dtype=dtype, rngs=rngs) for _ in range(blocks))
+            cin = c
+        self.stages = nnx.List(stages)
+        feat = int(math.prod(s // factor for s in shape)) * channels[-1]
+        self.feature = nnx.Linear(feat, 4 * latent_dim, dtype=dtype, rngs=rngs)
+        self.head = nnx.Linear(4 * latent_dim, 2 * latent_dim, rngs=rngs)
+        if set_pooling == "attention":
+            self.query = nnx.Param(jnp.zeros((4 * latent_dim,)))
+            self.key = nnx.Linear(4 * latent_dim, 4 * latent_dim, rngs=rngs)
+
+    def features(self, x: jax.Array) -> jax.Array:
+        """``(N, *spatial)`` → ``(N, F)``."""
+        h = x[..., None]
+        for layer in self.stages:
+            h = layer(h)
+        h = h.reshape(h.shape[0], -1)
+        return jax.nn.silu(self.feature(h)).astype(jnp.float32)
+
+    def __call__(self, x: jax.Array, series_mask: jax.Array) -> fusion.Gaussian:
+        b, s = x.shape[:2]
+        h = self.features(x.reshape((b * s,) + x.shape[2:])).reshape(b, s, -1)
+        m = series_mask.astype(jnp.float32)
+        if self.set_pooling == "poe":
+            out = self.head(h)
+            mu, lv = jnp.split(out, 2, axis=-1)
+            return fusion.poe(mu, lv, m, prior=False)
+        if self.set_pooling == "mean":
+            pooled = jnp.sum(h * m[..., None], 1) / jnp.maximum(jnp.sum(m, 1, keepdims=True), 1.0)
+        else:
+            scores = jnp.einsum("bsf,f->bs", self.key(h), self.query[...]) / math.sqrt(h.shape[-1])
+            scores = jnp.where(m > 0, scores, -1e9)
+            w = jax.nn.softmax(scores, axis=-1) * (jnp.sum(m, 1, keepdims=True) > 0)
+            pooled = jnp.einsum("bs,bsf->bf", w, h)
+        mu, lv = jnp.split(self.head(pooled), 2, axis=-1)
+        return fusion.Gaussian(mu, lv)
+
+
+class ImageDecoder(nnx.Module):
+    """Mirror of :class:`ImageEncoder`: dense → (residual blocks, Upsample ×2) per stage."""
+
+    def __init__(self, shape: Sequence[int], channels: Sequence[int], latent_dim: int, *,
+                 blocks: int = 1, dtype=jnp.float32, rngs: nnx.Rngs):
+        d = len(shape)
+        factor = 2 ** len(channels)
+        self.base = tuple(s // factor for s in shape)
+        self.c_last = channels[-1]
+        self.inp = nnx.Linear(latent_dim, int(math.prod(self.base)) * channels[-1], dtype=dtype, rngs=rngs)
+        layers = []
+        rev = list(channels[::-1])
+        for i, c in enumerate(rev):
+            layers.extend(ConvResBlock(c, d, dtype=dtype, rngs=rngs) for _ in range(blocks))
+            cout = rev[i + 1] if i + 1 < len(rev) else max(8, rev[-1] // 2)
+            layers.append(Upsample(c, cout, d, dtype=dtype, rngs=rngs))
+        self.layers = nnx.List(layers)
+        self.out = nnx.Linear(cout, 1, rngs=rngs)
+
+    def __call__(self, z: jax.Array) -> jax.Array:
+        h = self.inp(z).reshape((z.shape[0],) + self.base + (self.c_last,))
+        for layer in self.layers:
+            h = layer(h)
+        return self.out(jax.nn.silu(h)).astype(jnp.float32)[..., 0]
+
+
+class ReportEncoder(nnx.Module):
+    """BERT encoder → masked mean pooling → dense → Gaussian (mu, logvar)."""
+
+    def __init__(self, cfg: BertConfig, latent_dim: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.bert = BertEncoder(cfg, dtype=dtype, rngs=rngs)
+        self.head = MLP([cfg.hidden_size, 4 * latent_dim, 2 * latent_dim], rngs=rngs)
+
+    def __call__(self, ids: jax.Array, mask: jax.Array) -> fusion.Gaussian:
+        h = self.bert(ids, mask)
+        pooled = mean_pool(h, mask).astype(jnp.float32)
+        mu, lv = jnp.split(self.head(pooled), 2, axis=-1)
+        return fusion.Gaussian(mu, lv)
+
+
+class BagOfWordsDecoder(nnx.Module):
+    """``z (N, L)`` → vocabulary logits ``(N, V)`` of a multinomial over report words."""
+
+    def __init__(self, latent_dim: int, vocab_size: int, hidden: int, *, rngs: nnx.Rngs):
+        self.mlp = MLP([latent_dim, hidden, vocab_size], rngs=rngs)
+
+    def __call__(self, z):
+        return self.mlp(z)
+
+
+class ClinicalEncoder(nnx.Module):
+    """Masked tabular fields → Gaussian. Input: values·mask and the mask itself, so a
+    missing field is distinguishable from a zero value."""
+
+    def __init__(self, num_numeric: int, cardinalities: Sequence[int], latent_dim: int, hidden: int, *,
+                 rngs: nnx.Rngs):
+        self.cardinalities = tuple(int(c) for c in cardinalities)
+        din = 2 * num_numeric + sum(self.cardinalities) + len(self.cardinalities)
+        self.mlp = MLP([din, hidden, hidden, 2 * latent_dim], rngs=rngs)
+
+    def __call__(self, num, num_mask, cat, cat_mask) -> fusion.Gaussian:
+        parts = [num * num_mask, num_mask]
+        for f, card in enumerate(self.cardinalities):
+            parts.append(jax.nn.one_hot(cat[:, f], card) * cat_mask[:, f:f + 1])
+        parts.append(cat_mask)
+        mu, lv = jnp.split(self.mlp(jnp.concatenate(parts, -1)), 2, axis=-1)
+        return fusion.Gaussian(mu, lv)
+
+
+class ClinicalDecoder(nnx.Module):
+    """``z`` → (numeric predictions ``(N, Fn)``, list of per-field logits)."""
+
+    def __init__(self, num_numeric: int, cardinalities: Sequence[int], latent_dim: int, hidden: int, *,
+                 rngs: nnx.Rngs):
+        self.num_numeric = num_numeric
+        self.cardinalities = tuple(int(c) for c in cardinalities)
+        self.mlp = MLP([latent_dim, hidden, num_numeric + sum(self.cardinalities)], rngs=rngs)
+
+    def __call__(self, z):
+        out = self.mlp(z)
+        num = out[:, : self.num_numeric]
+        logits, start = [], self.num_numeric
+        for card in self.cardinalities:
+            logits.append(out[:, start:start + card])
+            start += card
+        return num, logits

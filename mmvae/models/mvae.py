@@ -1,0 +1,212 @@
+"""The multimodal VAE: one encoder and one decoder per modality, a shared latent.
+
+Batches are dicts of static-shape arrays (see :mod:`mmvae.data.pipeline`):
+
+* ``image/<m>``: ``(B, S, *spatial)`` float32, ``series_mask/<m>``: ``(B, S)``
+* ``report/ids``, ``report/mask``: ``(B, T)`` int32
+* ``clinical/num``, ``clinical/num_mask``: ``(B, Fn)``; ``clinical/cat``, ``clinical/cat_mask``: ``(B, Fc)``
+
+Which modalities a case has is data (masks), never Python control flow, so one
+compiled function serves every presence pattern.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mmvae.errors import ConfigError
+from mmvae.models import fusion
+from mmvae.models.encoders import (BagOfWordsDecoder, ClinicalDecoder, ClinicalEncoder, ImageDecoder,
+                                   ImageEncoder, ReportEncoder)
+from mmvae.models.text import BertConfig
+from mmvae.objectives import likelihoods
+
+REPORT = "report"
+CLINICAL = "clinical"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to build the model; derived from the config and the data."""
+
+    image_modalities: tuple[str, ...]
+    shape: tuple[int, ...]
+    latent_dim: int
+    fusion: str = "poe"
+    channels: tuple[int, ...] = (16, 32, 64)
+    blocks: int = 1
+    set_pooling: str = "poe"
+    report: bool = True
+    bert: BertConfig | None = None
+    bow_hidden: int = 128
+    special_ids: tuple[int, ...] = (0,)
+    clinical_numeric: tuple[str, ...] = ()
+    clinical_categorical: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    clinical_hidden: int = 64
+    likelihood: str = "laplace"
+    learn_scale: bool = False
+    init_log_scale: float = 0.0
+    dtype: str = "float32"
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        out = list(self.image_modalities)
+        if self.report:
+            out.append(REPORT)
+        if self.clinical_numeric or self.clinical_categorical:
+            out.append(CLINICAL)
+        return tuple(out)
+
+    def validate(self) -> None:
+        if self.latent_dim <= 0:
+            raise ConfigError(f"model.latent_dim must be > 0, got {self.latent_dim}")
+        if self.fusion not in fusion.FUSIONS:
+            raise ConfigError(f"model.fusion: unknown fusion {self.fusion!r}; choose one of {fusion.FUSIONS}")
+        if self.likelihood not in likelihoods.LIKELIHOODS:
+            raise ConfigError(f"objective.likelihood: unknown {self.likelihood!r}; choose one of "
+                              f"{likelihoods.LIKELIHOODS}")
+        if not self.modalities:
+            raise ConfigError("no modality configured (data.image_modalities empty, no report, no clinical)")
+        if len(set(self.modalities)) != len(self.modalities):
+            raise ConfigError(f"duplicate modality names: {self.modalities}")
+        if self.report and self.bert is None:
+            raise ConfigError("modality 'report' has no encoder configuration (model.text)")
+        if self.image_modalities and len(self.shape) not in (2, 3):
+            raise ConfigError(f"data.shape must have 2 or 3 axes, got {self.shape}")
+
+    def dims(self) -> dict[str, int]:
+        """Number of elements per modality (for the default likelihood weights)."""
+        vox = 1
+        for s in self.shape:
+            vox *= s
+        out = {m: vox for m in self.image_modalities}
+        if self.report:
+            out[REPORT] = self.bert.max_position if self.bert else 1
+        if CLINICAL in self.modalities:
+            out[CLINICAL] = len(self.clinical_numeric) + len(self.clinical_categorical)
+        return out
+
+
+class MultimodalVAE(nnx.Module):
+    def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs):
+        spec.validate()
+        self.spec = spec
+        dtype = jnp.bfloat16 if spec.dtype == "bfloat16" else jnp.float32
+        L = spec.latent_dim
+        enc, dec = {}, {}
+        for m in spec.image_modalities:
+            enc[m] = ImageEncoder(spec.shape, spec.channels, L, blocks=spec.blocks,
+                                  set_pooling=spec.set_pooling, dtype=dtype, rngs=rngs)
+            dec[m] = ImageDecoder(spec.shape, spec.channels, L, blocks=spec.blocks, dtype=dtype, rngs=rngs)
+        if spec.report:
+            enc[REPORT] = ReportEncoder(spec.bert, L, dtype=dtype, rngs=rngs)
+            dec[REPORT] = BagOfWordsDecoder(L, spec.bert.vocab_size, spec.bow_hidden, rngs=rngs)
+        if CLINICAL in spec.modalities:
+            cards = [len(v) for _, v in spec.clinical_categorical]
+            enc[CLINICAL] = ClinicalEncoder(len(spec.clinical_numeric), cards, L, spec.clinical_hidden, rngs=rngs)
+            dec[CLINICAL] = ClinicalDecoder(len(spec.clinical_numeric), cards, L, spec.clinical_hidden, rngs=rngs)
+        self.encoders = nnx.Dict(enc)
+        self.decoders = nnx.Dict(dec)
+        self.log_scale = nnx.Param(jnp.full((len(spec.image_modalities),), spec.init_log_scale, jnp.float32))
+
+    # ------------------------------------------------------------------ encode
+    def encode(self, batch: dict) -> tuple[fusion.Gaussian, jax.Array, jax.Array]:
+        """Unimodal experts of every modality.
+
+        Returns:
+          (experts with fields ``(B, M, L)``, present ``(B, M)`` float, nonfinite ``()``
+          count of series/reports dropped because they held NaN/Inf).
+        """
+        mus, lvs, present = [], [], []
+        nonfinite = jnp.zeros((), jnp.int32)
+        for m in self.spec.modalities:
+            if m == REPORT:
+                mask = batch["report/mask"]
+                g = self.encoders[m](batch["report/ids"], mask)
+                p = (jnp.sum(mask, -1) > 0).astype(jnp.float32)
+            elif m == CLINICAL:
+                nm, cm = batch["clinical/num_mask"], batch["clinical/cat_mask"]
+                num = batch["clinical/num"]
+                finite = jnp.isfinite(num)
+                nonfinite += jnp.sum((~finite) & (nm > 0)).astype(jnp.int32)
+                nm = nm * finite
+                num = jnp.where(finite, num, 0.0)
+                g = self.encoders[m](num, nm, batch["clinical/cat"], cm)
+                p = ((jnp.sum(nm, -1) + jnp.sum(cm, -1)) > 0).astype(jnp.float32)
+            else:
+                x, sm = batch[f"image/{m}"], batch[f"series_mask/{m}"].astype(jnp.float32)
+                finite = jnp.all(jnp.isfinite(x.reshape(x.shape[:2] + (-1,))), axis=-1)
+                nonfinite += jnp.sum((~finite) & (sm > 0)).astype(jnp.int32)
+                sm = sm * finite
+                x = jnp.where(jnp.isfinite(x), x, 0.0)
+                g = self.encoders[m](x, sm)
+                p = (jnp.sum(sm, -1) > 0).astype(jnp.float32)
+            mus.append(g.mu)
+            lvs.append(fusion.clamp_logvar(g.logvar))
+            present.append(p)
+        return fusion.Gaussian(jnp.stack(mus, 1), jnp.stack(lvs, 1)), jnp.stack(present, 1), nonfinite
+
+    def posterior(self, batch: dict, mask: jax.Array | None = None) -> fusion.Gaussian:
+        """The case posterior under the configured fusion: ``(B, L)``.
+
+        ``mask (B, M)`` restricts the experts further (e.g. a query subset)."""
+        experts, present, _ = self.encode(batch)
+        if mask is not None:
+            present = present * mask
+        return fusion.fuse(experts.mu, experts.logvar, present, self.spec.fusion)
+
+    # ------------------------------------------------------------------ decode
+    def decode(self, z: jax.Array) -> dict:
+        """``z (N, L)`` → per-modality outputs (image means, report logits, clinical)."""
+        return {m: self.decoders[m](z) for m in self.spec.modalities}
+
+    def log_likelihoods(self, outputs: dict, batch: dict, reps: int) -> jax.Array:
+        """Log-likelihood of each modality of the batch under decoded outputs.
+
+        Args:
+          outputs: from :meth:`decode` of ``z`` with shape ``(reps * B, L)`` (the batch
+            repeated ``reps`` times, outer axis first).
+        Returns:
+          ``(reps, B, M)``; zero where a modality is absent.
+        """
+        cols = []
+        for i, m in enumerate(self.spec.modalities):
+            out = outputs[m]
+            if m == REPORT:
+                counts = likelihoods.bag_of_words_counts(batch["report/ids"], batch["report/mask"],
+                                                         self.spec.bert.vocab_size, self.spec.special_ids)
+                logits = out.reshape((reps, -1) + out.shape[1:])
+                ll = likelihoods.bag_of_words_log_likelihood(counts[None], logits)
+            elif m == CLINICAL:
+                num, cat_logits = out
+                b = batch["clinical/num"].shape[0]
+                num_v = jnp.where(jnp.isfinite(batch["clinical/num"]), batch["clinical/num"], 0.0)
+                num_m = batch["clinical/num_mask"] * jnp.isfinite(batch["clinical/num"])
+                ll = likelihoods.metadata_log_likelihood(
+                    jnp.tile(num_v, (reps, 1)), jnp.tile(num_m, (reps, 1)), num,
+                    jnp.tile(batch["clinical/cat"], (reps, 1)), jnp.tile(batch["clinical/cat_mask"], (reps, 1)),
+                    cat_logits).reshape(reps, b)
+            else:
+                x = batch[f"image/{m}"]                                   # (B, S, *sp)
+                sm = batch[f"series_mask/{m}"].astype(jnp.float32)
+                finite = jnp.all(jnp.isfinite(x.reshape(x.shape[:2] + (-1,))), axis=-1)
+                sm = sm * finite
+                x = jnp.where(jnp.isfinite(x), x, 0.0)
+                b, s = x.shape[:2]
+                x_hat = out.reshape((reps, b, 1) + out.shape[1:])
+                ll_rs = likelihoods.image_log_likelihood(
+                    jnp.broadcast_to(x[None], (reps,) + x.shape).reshape((reps * b * s,) + x.shape[2:]),
+                    jnp.broadcast_to(x_hat, (reps, b, s) + out.shape[1:]).reshape((reps * b * s,) + x.shape[2:]),
+                    self.log_scale[...][i] if self.spec.learn_scale else jax.lax.stop_gradient(self.log_scale[...][i]),
+                    self.spec.likelihood).reshape(reps, b, s)
+                ll = jnp.sum(ll_rs * sm[None], -1) / jnp.maximum(jnp.sum(sm, -1), 1.0)[None]
+            cols.append(ll)
+        return jnp.stack(cols, -1)
+
+
+def build_model(spec: ModelSpec, seed: int) -> MultimodalVAE:
+    return MultimodalVAE(spec, rngs=nnx.Rngs(seed))

@@ -1,0 +1,198 @@
+r"""Subset ELBOs for multimodal VAEs, in one static-shape function.
+
+For a case with present modalities P and a subset :math:`S\subseteq P`, the subset
+term reconstructs *every* present modality from the subset's posterior (cross-modal
+terms included):
+
+.. math::
+    \mathcal L_S = \mathbb E_{q_S(z)}\Big[\sum_{m\in P} \lambda_m \log p(x_m\mid z)\Big]
+                  - \beta_t\, \mathrm{KL}(q_S(z)\,\|\,\mathcal N(0, I)),
+
+with :math:`q_S` the PoE of the experts in S and the prior. The loss is
+:math:`-\frac1{|J|}\sum_{S\in J}\mathcal L_S` averaged over cases, over a family J of
+subsets (``objective.subsets``):
+
+* ``mvae``: the joint P, each unimodal {m}, and k random subsets of P (Wu & Goodman 2018);
+* ``all``: every non-empty subset of P (all :math:`2^{|P|}-1` terms);
+* ``unimodal``: each {m} (the MMVAE / MoE objective with stratified sampling,
+  Shi et al. 2019, KL to the prior per component);
+* ``mopoe``: same terms as ``all``; with ``num_subset_samples = n`` each case instead
+  draws n subsets uniformly from the family (the stochastic mixture estimate of MoPoE,
+  Sutter et al. 2021). Averaging component KLs upper-bounds the mixture's KL, so this is
+  still a lower bound on the log-likelihood.
+
+:math:`\beta_t = \beta\min(1, t / T_{\text{warm-up}})` (KL annealing). With
+``iw_samples = K > 1`` each term is the importance-weighted bound
+:math:`\log\frac1K\sum_k \frac{p(x,z_k)}{q_S(z_k)}` (Burda et al. 2016) with
+:math:`\beta` applied to :math:`\log p(z) - \log q(z)`.
+
+Optional alignment (``alignment_weight > 0``): symmetric InfoNCE between the unimodal
+posterior means of every pair of modalities, over the cases of the batch that have
+both (CLIP, Radford et al. 2021), temperature ``alignment_temperature``.
+
+Subsets are always masks (data): which modalities are present and which subsets are
+drawn never changes the compiled program.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmvae.errors import ConfigError
+from mmvae.models import fusion
+
+SUBSET_FAMILIES = ("mvae", "all", "unimodal", "mopoe")
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveSpec:
+    subsets: str = "mvae"
+    num_random_subsets: int = 1
+    num_subset_samples: int = 0
+    beta: float = 1.0
+    kl_warmup_steps: int = 0
+    iw_samples: int = 1
+    weights: tuple[float, ...] = ()
+    alignment_weight: float = 0.0
+    alignment_temperature: float = 0.1
+
+    def validate(self):
+        if self.subsets not in SUBSET_FAMILIES:
+            raise ConfigError(f"objective.subsets: unknown {self.subsets!r}; choose one of {SUBSET_FAMILIES}")
+        if self.iw_samples < 1:
+            raise ConfigError("objective.iw_samples must be >= 1")
+        if self.num_subset_samples < 0 or self.num_random_subsets < 0:
+            raise ConfigError("objective.num_subset_samples / num_random_subsets must be >= 0")
+
+
+def num_terms(spec: ObjectiveSpec, num_modalities: int) -> int:
+    """Static number J of subset terms per case."""
+    if spec.num_subset_samples > 0:
+        return spec.num_subset_samples
+    if spec.subsets == "mvae":
+        return 1 + num_modalities + spec.num_random_subsets
+    if spec.subsets == "unimodal":
+        return num_modalities
+    return 2 ** num_modalities - 1
+
+
+def _random_subsets_of(key: jax.Array, present: jax.Array, family: jax.Array, num: int) -> jax.Array:
+    """Draw ``num`` subsets per case uniformly among the family rows inside ``present``.
+
+    present: ``(B, M)``; family ``(F, M)`` → ``(num, B, M)`` (all-zero where no row fits).
+    """
+    inside = jnp.all(family[None] <= present[:, None, :], axis=-1)          # (B, F)
+    logits = jnp.where(inside, 0.0, -jnp.inf)
+    safe = jnp.where(jnp.any(inside, -1, keepdims=True), logits, 0.0)
+    idx = jax.random.categorical(key, safe, axis=-1, shape=(num, present.shape[0]))
+    picked = family[idx]                                                     # (num, B, M)
+    return picked * jnp.any(inside, -1)[None, :, None]
+
+
+def draw_subsets(key: jax.Array, present: jax.Array, spec: ObjectiveSpec) -> jax.Array:
+    """Subset masks ``(J, B, M)`` for a batch with presence ``(B, M)``."""
+    m = present.shape[-1]
+    all_rows = jnp.asarray(fusion.all_subsets(m))
+    if spec.num_subset_samples > 0:
+        family = all_rows if spec.subsets in ("all", "mopoe", "mvae") else jnp.eye(m, dtype=jnp.float32)
+        return _random_subsets_of(key, present, family, spec.num_subset_samples)
+    if spec.subsets in ("all", "mopoe"):
+        return jnp.broadcast_to(all_rows[:, None, :], (all_rows.shape[0],) + present.shape) * present[None]
+    eye = jnp.broadcast_to(jnp.eye(m, dtype=present.dtype)[:, None, :], (m,) + present.shape) * present[None]
+    if spec.subsets == "unimodal":
+        return eye
+    joint = present[None]
+    if spec.num_random_subsets == 0:
+        return jnp.concatenate([joint, eye], 0)
+    rand = _random_subsets_of(key, present, all_rows, spec.num_random_subsets)
+    return jnp.concatenate([joint, eye, rand], 0)
+
+
+def kl_weight(spec: ObjectiveSpec, step: jax.Array) -> jax.Array:
+    """β_t = β · min(1, step / kl_warmup_steps)."""
+    if spec.kl_warmup_steps <= 0:
+        return jnp.asarray(spec.beta, jnp.float32)
+    return spec.beta * jnp.minimum(1.0, step.astype(jnp.float32) / spec.kl_warmup_steps)
+
+
+def info_nce(mu: jax.Array, present: jax.Array, temperature: float) -> jax.Array:
+    """Mean symmetric InfoNCE over modality pairs.
+
+    mu: ``(B, M, L)`` unimodal means; present ``(B, M)``. For each pair (a, b) the
+    cases having both are positives on the diagonal of the cosine-similarity matrix;
+    cases lacking either are removed from rows and columns. Pairs with < 2 such cases
+    contribute nothing.
+    """
+    z = mu / jnp.maximum(jnp.linalg.norm(mu, axis=-1, keepdims=True), 1e-6)
+    b, m, _ = mu.shape
+    total, count = jnp.zeros(()), jnp.zeros(())
+    for a in range(m):
+        for c in range(a + 1, m):
+            both = present[:, a] * present[:, c]                             # (B,)
+            logits = z[:, a] @ z[:, c].T / temperature                       # (B, B)
+            valid = both[:, None] * both[None, :]
+            logits = jnp.where(valid > 0, logits, -1e9)
+            diag = jnp.diagonal(logits)
+            row = jax.nn.logsumexp(logits, axis=1) - diag
+            col = jax.nn.logsumexp(logits, axis=0) - diag
+            n = jnp.sum(both)
+            loss = jnp.sum((row + col) * 0.5 * both) / jnp.maximum(n, 1.0)
+            use = (n >= 2).astype(jnp.float32)
+            total, count = total + use * loss, count + use
+    return total / jnp.maximum(count, 1.0)
+
+
+def elbo_loss(model, batch: dict, key: jax.Array, step: jax.Array, spec: ObjectiveSpec):
+    """Negative subset ELBO (+ alignment), averaged over cases.
+
+    Returns:
+      (loss scalar, metrics dict of scalars and small arrays).
+    """
+    experts, present, nonfinite = model.encode(batch)
+    b, m, l = experts.mu.shape
+    k_sub, k_z = jax.random.split(key)
+    subsets = draw_subsets(k_sub, present, spec)                             # (J, B, M)
+    q, valid = fusion.subset_posteriors(experts.mu, experts.logvar, present, subsets)  # (J,B,L), (J,B)
+    j = subsets.shape[0]
+    kk = spec.iw_samples
+    z = fusion.sample(k_z, q, kk)                                            # (K, J, B, L)
+    outputs = model.decode(z.reshape(kk * j * b, l))
+    ll = model.log_likelihoods(outputs, batch, kk * j).reshape(kk, j, b, m)  # (K, J, B, M)
+    weights = jnp.asarray(spec.weights, jnp.float32) if spec.weights else jnp.ones((m,), jnp.float32)
+    rec = jnp.sum(ll * weights * present, axis=-1)                           # (K, J, B)
+    beta = kl_weight(spec, step)
+    if kk == 1:
+        kl = fusion.kl_to_standard_normal(q)                                 # (J, B)
+        term = rec[0] - beta * kl
+    else:
+        log_pz = -0.5 * jnp.sum(z ** 2 + jnp.log(2 * jnp.pi), -1)
+        log_qz = fusion.gaussian_log_density(z, fusion.Gaussian(q.mu[None], q.logvar[None]))
+        log_w = rec + beta * (log_pz - log_qz)
+        term = jax.nn.logsumexp(log_w, axis=0) - jnp.log(kk)
+        kl = jnp.mean(log_qz - log_pz, 0)
+    n_valid = jnp.maximum(jnp.sum(valid, 0), 1.0)                            # (B,)
+    per_case = jnp.sum(term * valid, 0) / n_valid
+    has_any = (jnp.sum(present, -1) > 0).astype(jnp.float32)
+    denom = jnp.maximum(jnp.sum(has_any), 1.0)
+    elbo = jnp.sum(per_case * has_any) / denom
+    loss = -elbo
+    align = jnp.zeros(())
+    if spec.alignment_weight > 0:
+        align = info_nce(experts.mu, present, spec.alignment_temperature)
+        loss = loss + spec.alignment_weight * align
+    # Diagnostics: per-modality reconstruction (averaged over terms and cases where
+    # present) and each unimodal expert's KL.
+    rec_m = jnp.sum(ll[0] * valid[..., None] * present[None], (0, 1)) / jnp.maximum(
+        jnp.sum(valid[..., None] * present[None], (0, 1)), 1.0)
+    kl_uni = fusion.kl_to_standard_normal(experts)                          # (B, M)
+    kl_m = jnp.sum(kl_uni * present, 0) / jnp.maximum(jnp.sum(present, 0), 1.0)
+    term_mean = jnp.sum(term * valid, 1) / jnp.maximum(jnp.sum(valid, 1), 1.0)   # (J,)
+    metrics = {
+        "loss": loss, "elbo": elbo, "kl": jnp.sum(jnp.sum(kl * valid, 0) / n_valid * has_any) / denom,
+        "beta": beta, "alignment": align, "nonfinite_inputs": nonfinite,
+        "recon_per_modality": rec_m, "kl_per_modality": kl_m, "elbo_per_term": term_mean,
+    }
+    return loss, metrics

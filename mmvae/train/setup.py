@@ -1,0 +1,83 @@
+"""From a config (and the data's tokenizer) to model, objective and optimiser specs."""
+from __future__ import annotations
+
+import jax
+import optax
+
+from mmvae.errors import ConfigError
+from mmvae.models.mvae import ModelSpec
+from mmvae.models.text import BertConfig
+from mmvae.objectives import likelihoods
+from mmvae.objectives.elbo import ObjectiveSpec
+
+
+def model_spec(config, vocab_size: int = 0, special_ids: tuple[int, ...] = (0,)) -> ModelSpec:
+    """Build the :class:`ModelSpec` a config describes.
+
+    ``vocab_size``: the tokenizer's size (needed when ``data.report``). When
+    ``model.text.pretrained_dir`` is set the BERT shape is read from its config.json.
+    """
+    d, m, o = config.data, config.model, config.objective
+    bert = None
+    if d.report:
+        if m.text.pretrained_dir:
+            bert = BertConfig.from_hf_json(m.text.pretrained_dir)
+            if bert.max_position < d.text.max_len:
+                raise ConfigError(f"data.text.max_len {d.text.max_len} exceeds the pretrained model's "
+                                  f"max_position {bert.max_position}")
+        else:
+            if vocab_size <= 0:
+                raise ConfigError("modality 'report' needs a tokenizer (vocab size unknown)")
+            bert = BertConfig(vocab_size=int(vocab_size), hidden_size=int(m.text.hidden),
+                              num_layers=int(m.text.layers), num_heads=int(m.text.heads),
+                              intermediate_size=int(m.text.intermediate), max_position=int(d.text.max_len))
+    if d.image_modalities and len(d.shape) != int(d.spatial_dims):
+        raise ConfigError(f"data.shape {tuple(d.shape)} must have data.spatial_dims={d.spatial_dims} axes")
+    spec = ModelSpec(
+        image_modalities=tuple(d.image_modalities), shape=tuple(int(s) for s in d.shape),
+        latent_dim=int(m.latent_dim), fusion=m.fusion, channels=tuple(int(c) for c in m.image.channels),
+        blocks=int(m.image.blocks), set_pooling=m.image.set_pooling, report=bool(d.report), bert=bert,
+        bow_hidden=int(m.report_decoder.hidden), special_ids=tuple(special_ids),
+        clinical_numeric=tuple(d.clinical.numeric),
+        clinical_categorical=tuple((k, tuple(v)) for k, v in dict(d.clinical.categorical).items()),
+        clinical_hidden=int(m.clinical.hidden), likelihood=o.likelihood, learn_scale=bool(o.learn_scale),
+        init_log_scale=float(o.init_log_scale), dtype=m.dtype)
+    spec.validate()
+    return spec
+
+
+def objective_spec(config, spec: ModelSpec) -> ObjectiveSpec:
+    o = config.objective
+    if o.weights == "dimension":
+        dims = spec.dims()
+        w = likelihoods.default_weights(dims)
+        weights = tuple(w[m] for m in spec.modalities)
+    elif o.weights == "uniform":
+        weights = tuple(1.0 for _ in spec.modalities)
+    else:
+        raise ConfigError(f"objective.weights must be 'dimension' or 'uniform', got {o.weights!r}")
+    obj = ObjectiveSpec(subsets=o.subsets, num_random_subsets=int(o.num_random_subsets),
+                        num_subset_samples=int(o.num_subset_samples), beta=float(o.beta),
+                        kl_warmup_steps=int(o.kl_warmup_steps), iw_samples=int(o.iw_samples),
+                        weights=weights, alignment_weight=float(o.alignment_weight),
+                        alignment_temperature=float(o.alignment_temperature))
+    obj.validate()
+    return obj
+
+
+def optimizer(config) -> optax.GradientTransformation:
+    """AdamW with warm-up + cosine (or constant) schedule and global-norm clipping."""
+    o, steps = config.optim, int(config.train.steps)
+    if o.schedule == "cosine":
+        lr = optax.warmup_cosine_decay_schedule(0.0, o.lr, max(1, int(o.warmup_steps)), max(steps, int(o.warmup_steps) + 1),
+                                                end_value=o.lr * o.end_lr_factor)
+    elif o.schedule == "constant":
+        lr = optax.join_schedules([optax.linear_schedule(0.0, o.lr, max(1, int(o.warmup_steps))),
+                                   optax.constant_schedule(o.lr)], [max(1, int(o.warmup_steps))])
+    else:
+        raise ConfigError(f"optim.schedule must be 'cosine' or 'constant', got {o.schedule!r}")
+    parts = []
+    if o.clip_norm and o.clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(o.clip_norm))
+    parts.append(optax.adamw(lr, weight_decay=o.weight_decay))
+    return optax.chain(*parts), lr

@@ -1,0 +1,54 @@
+"""The jitted train step: loss, gradients, a guarded optimiser update, EMA.
+
+State is a plain pytree ``{"params", "opt_state", "step", "ema"}`` so it shards,
+checkpoints and donates without framework magic. A non-finite loss or gradient skips
+the update (parameters and optimiser state unchanged) and is counted.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from mmvae.objectives.elbo import ObjectiveSpec, elbo_loss
+
+
+def init_state(model: nnx.Module, tx: optax.GradientTransformation, ema_decay: float = 0.0):
+    graphdef, params = nnx.split(model, nnx.Param)
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+             "nonfinite_steps": jnp.zeros((), jnp.int32)}
+    if ema_decay > 0:
+        state["ema"] = jax.tree.map(jnp.copy, params)
+    return graphdef, state
+
+
+def make_train_step(graphdef, tx, obj: ObjectiveSpec, lr_schedule, ema_decay: float = 0.0):
+    """Return ``step(state, batch, key) -> (state, metrics)`` (not yet jitted)."""
+
+    def loss_fn(params, batch, key, step):
+        model = nnx.merge(graphdef, params)
+        return elbo_loss(model, batch, key, step, obj)
+
+    def train_step(state, batch, key):
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state["params"], batch, key, state["step"])
+        gnorm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+        grads = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grads)
+        updates, new_opt = tx.update(grads, state["opt_state"], state["params"])
+        new_params = optax.apply_updates(state["params"], updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        out = dict(state)
+        out["params"] = keep(new_params, state["params"])
+        out["opt_state"] = keep(new_opt, state["opt_state"])
+        out["step"] = state["step"] + 1
+        out["nonfinite_steps"] = jnp.where(finite, 0, state["nonfinite_steps"] + 1)
+        if "ema" in state:
+            out["ema"] = keep(jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p,
+                                           state["ema"], out["params"]), state["ema"])
+        metrics = dict(metrics, grad_norm=gnorm, lr=lr_schedule(state["step"]),
+                       skipped=(~finite).astype(jnp.int32))
+        return out, metrics
+
+    return train_step
