@@ -56,6 +56,7 @@ class Cohort:
     shape: tuple[int, ...]
     max_series: int
     skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    clinical_stats: dict = dataclasses.field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.case_ids)
@@ -232,12 +233,12 @@ def prepare_cohort(manifest: str | Path, data_cfg, cache: PreprocessCache, token
         token_mask = np.zeros_like(tokens)
     num, num_mask, cat, cat_mask = _clinical_arrays(kept, list(data_cfg.clinical.numeric),
                                                     dict(data_cfg.clinical.categorical))
-    num, _ = standardize_clinical(num, num_mask, clinical_stats)
+    num, clinical_stats = standardize_clinical(num, num_mask, clinical_stats)
     return Cohort(case_ids=[c.case_id for c in kept], image_modalities=tuple(modalities), images=images,
                   reports=reports, tokens=tokens, token_mask=token_mask, clinical_num=num,
                   clinical_num_mask=num_mask, clinical_cat=cat, clinical_cat_mask=cat_mask,
                   labels=[dict(c.labels) for c in kept], shape=cfg.shape, max_series=int(data_cfg.max_series),
-                  skipped=skipped)
+                  skipped=skipped, clinical_stats=clinical_stats)
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -37,9 +37,10 @@ class PreprocessConfig:
     """How a series becomes a model input.
 
     Attributes:
-      shape: output array shape in voxels (2 or 3 ints, one per spatial axis).
       spacing: target voxel size in mm per axis (after reorientation, i.e. R, A, S),
         or None to keep the native spacing.
+      shape: output array shape in voxels (2 or 3 ints, one per spatial axis);
+        required (the default ``()`` is rejected).
       crop: "foreground" centres the crop/pad window on the foreground bounding-box
         centre, "center" on the array centre.
       clip_percentiles: (low, high) percentiles of the foreground intensities to clip
@@ -51,8 +52,8 @@ class PreprocessConfig:
       order: spline interpolation order for resampling (0 = nearest, 1 = linear).
     """
 
-    shape: tuple[int, ...]
     spacing: tuple[float, ...] | None = None
+    shape: tuple[int, ...] = ()
     crop: str = "foreground"
     clip_percentiles: tuple[float, float] | None = (0.5, 99.5)
     normalize: str = "zscore"
@@ -68,6 +69,8 @@ class PreprocessConfig:
             shape = tuple(int(s) for s in self.shape)
         except (TypeError, ValueError):
             raise ConfigError(f"preprocess.shape must be a list of ints, got {self.shape!r}") from None
+        if not shape:
+            raise ConfigError("preprocess.shape is required")
         if len(shape) not in (2, 3) or any(s < 1 for s in shape):
             raise ConfigError(f"preprocess.shape must be 2 or 3 positive ints, got {self.shape!r}")
         setf("shape", shape)
@@ -130,8 +133,6 @@ class PreprocessConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise ConfigError(f"unknown preprocess field(s) {unknown}; known: {sorted(names)}")
-        if "shape" not in d:
-            raise ConfigError("preprocess.shape is required")
         return cls(**dict(d))
 
 

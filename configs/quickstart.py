@@ -1,0 +1,29 @@
+"""Quickstart: the synthetic cohort, a small PoE VAE, CPU-friendly (minutes on 2 cores).
+
+    mmvae train --config configs/quickstart.py --workdir runs/qs
+    mmvae train --config configs/quickstart.py:fusion=mopoe,latent=64 --workdir runs/qs-mopoe
+"""
+from mmvae.config import base_config, parse_arg
+
+
+def get_config(arg=None):
+    args = parse_arg(arg)
+    c = base_config()
+    c.data.image_modalities = ["t1", "t2", "dwi"]
+    c.data.shape = (32, 32, 32)
+    c.data.spacing = (2.0, 2.0, 2.0)
+    c.data.text.max_len = 64
+    c.data.clinical.numeric = ["age"]
+    c.data.clinical.categorical = {"sex": ["F", "M"], "smoking": ["no", "yes"]}
+    c.synth.cases = int(args.get("cases", 300))
+    c.model.latent_dim = int(args.get("latent", 32))
+    c.model.fusion = args.get("fusion", "poe")
+    c.model.image.channels = (16, 32, 64)
+    c.objective.subsets = args.get("subsets", "mvae")
+    c.objective.alignment_weight = float(args.get("align", 0.0))
+    c.optim.lr = 2e-3
+    c.optim.warmup_steps = 30
+    c.train.batch_size = 16
+    c.train.steps = int(args.get("steps", 400))
+    c.train.log_every = 10
+    return c

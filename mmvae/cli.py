@@ -1,0 +1,172 @@
+"""The ``mmvae`` command line.
+
+Every sub-command has ``--help``. Errors caused by input (``MmvaeError``) print one
+line naming the case, modality and file, and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from mmvae.errors import MmvaeError
+
+REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _config(spec: str | None, overrides: list[str], default: str):
+    from mmvae.config import load_config
+    if spec is None:
+        spec = str(REPO_CONFIGS / default)
+    return load_config(spec, overrides)
+
+
+def cmd_synth(a, extra):
+    from mmvae.data.synth import make_cohort
+    path = make_cohort(a.out, a.cases, seed=a.seed, shape=tuple(a.shape), spacing=tuple(a.spacing),
+                       spatial_dims=len(a.shape))
+    print(f"wrote {a.cases} cases; manifest {path}")
+
+
+def cmd_train(a, extra):
+    from mmvae.train.loop import train_and_evaluate
+    config = _config(a.config, extra, "quickstart.py")
+    if a.manifest:
+        with config.unlocked():
+            config.data.manifest = a.manifest
+    if not config.data.manifest:
+        from mmvae.quickstart import synthesize
+        with config.unlocked():
+            config.data.manifest = str(synthesize(config, Path(a.workdir) / "data"))
+    s = train_and_evaluate(config, a.workdir, show_progress=not a.quiet)
+    print(json.dumps({k: v for k, v in s.items() if k != "metrics"}))
+
+
+def cmd_embed(a, extra):
+    from mmvae.retrieval.embed import embed_cohort
+    from mmvae.train.loop import load_cohort, load_trained
+    from mmvae.train.run import fingerprint
+    config, spec, model, tok = load_trained(a.workdir)
+    stats = json.loads((Path(a.workdir) / "clinical_stats.json").read_text())
+    cohort, _, _ = load_cohort(config, Path(a.workdir), a.manifest, tokenizer=tok, clinical_stats=stats)
+    emb = embed_cohort(model, cohort, identity={"model_fingerprint": fingerprint(spec)})
+    emb.save(a.out)
+    print(f"embedded {len(emb.case_ids)} cases -> {a.out}" + (f" ({len(cohort.skipped)} skipped)" if cohort.skipped else ""))
+
+
+def cmd_index(a, extra):
+    from mmvae.retrieval.embed import Embeddings
+    from mmvae.retrieval.index import build_index
+    emb = Embeddings.load(a.embeddings)
+    meta = [{"modalities": [m for m, p in zip(emb.modalities, row) if p > 0], "labels": lab}
+            for row, lab in zip(emb.present, emb.labels)]
+    idx = build_index(emb.mu, emb.logvar, emb.case_ids, meta, kind=a.kind, metric=a.metric,
+                      identity=dict(emb.identity))
+    idx.save(a.out)
+    print(f"{a.kind} index of {len(emb.case_ids)} cases -> {a.out}")
+
+
+def cmd_evaluate(a, extra):
+    from mmvae.quickstart import rows_to_csv
+    from mmvae.data.atomic import atomic_write_text
+    from mmvae.retrieval.embed import Embeddings
+    from mmvae.retrieval.evaluate import evaluate_subsets, markdown_table, parse_subset
+    emb = Embeddings.load(a.embeddings)
+    subsets = [parse_subset(s, emb.modalities) for s in a.subsets] if a.subsets else None
+    rows = evaluate_subsets(emb, a.label, a.k, subsets=subsets, metric=a.metric)
+    table = markdown_table(rows, a.k)
+    if a.out:
+        atomic_write_text(Path(a.out).with_suffix(".csv"), rows_to_csv(rows))
+        atomic_write_text(Path(a.out).with_suffix(".md"), table)
+    print(table)
+
+
+def cmd_quickstart(a, extra):
+    from mmvae.quickstart import run_quickstart
+    config = _config(a.config, extra, "quickstart.py")
+    with config.unlocked():
+        if a.cases:
+            config.synth.cases = a.cases
+        if a.steps:
+            config.train.steps = a.steps
+    run_quickstart(config, a.workdir, show_progress=not a.quiet)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmvae", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("synth", help="write a synthetic cohort (NIfTI + reports + manifest)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--cases", type=int, default=300)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--shape", type=int, nargs="+", default=[32, 32, 32])
+    s.add_argument("--spacing", type=float, nargs="+", default=[2.0, 2.0, 2.0])
+    s.set_defaults(fn=cmd_synth)
+
+    s = sub.add_parser("train", help="train a model; --config.a.b=value overrides any config field")
+    s.add_argument("--config", help="config file[:args], default configs/quickstart.py")
+    s.add_argument("--workdir", required=True)
+    s.add_argument("--manifest", help="cohort manifest (overrides data.manifest)")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("embed", help="encode every case of a manifest with a trained model")
+    s.add_argument("--workdir", required=True, help="trained work dir")
+    s.add_argument("--manifest", required=True)
+    s.add_argument("--out", required=True, help="embeddings file (.npz)")
+    s.set_defaults(fn=cmd_embed)
+
+    s = sub.add_parser("index", help="build a FAISS index from embeddings")
+    s.add_argument("--embeddings", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--kind", default="flat", choices=["flat", "ivf", "ivfpq", "hnsw", "binary"])
+    s.add_argument("--metric", default="cosine", choices=["cosine", "l2"])
+    s.set_defaults(fn=cmd_index)
+
+    s = sub.add_parser("evaluate", help="leave-one-case-out retrieval metrics for query subsets")
+    s.add_argument("--embeddings", required=True)
+    s.add_argument("--label", default="class")
+    s.add_argument("--k", type=int, default=10)
+    s.add_argument("--metric", default="cosine", choices=["cosine", "l2"])
+    s.add_argument("--subsets", nargs="*", help="e.g. t2 t1+t2 (default: every non-empty subset)")
+    s.add_argument("--out", help="write OUT.csv and OUT.md")
+    s.set_defaults(fn=cmd_evaluate)
+
+    s = sub.add_parser("quickstart", help="synth → train → embed → index → evaluate, offline, on CPU")
+    s.add_argument("--workdir", default="runs/quickstart")
+    s.add_argument("--config", help="config file[:args], default configs/quickstart.py")
+    s.add_argument("--cases", type=int)
+    s.add_argument("--steps", type=int)
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=cmd_quickstart)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --config.a.b=value overrides are collected apart from argparse's own options.
+    extra = [x for x in argv if x.startswith("--config.")]
+    argv = [x for x in argv if not x.startswith("--config.")]
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        args.fn(args, extra)
+    except MmvaeError as e:
+        print(f"mmvae {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Case embeddings: every case's unimodal experts and its fused posterior.
+
+An embedding file (``.npz``, no pickle) holds, for N cases with M modalities and
+latent size L: ``experts_mu``/``experts_logvar`` ``(N, M, L)``, ``present`` ``(N, M)``,
+``mu``/``logvar`` ``(N, L)`` (the posterior over every modality the case has, under
+the model's fusion), ``case_ids``, ``modalities``, ``labels`` (JSON per case) and the
+model identity (fingerprint, latent size, checkpoint step). Keeping the experts lets
+any query subset be evaluated without re-encoding: the posterior of subset S is
+``fuse(experts, present · S)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mmvae.data.atomic import atomic_write_bytes
+from mmvae.data.dataset import Cohort
+from mmvae.data.pipeline import eval_batches
+from mmvae.errors import InputError
+from mmvae.models import fusion as F
+from mmvae.progress import progress_bar
+
+
+@dataclasses.dataclass
+class Embeddings:
+    case_ids: list[str]
+    modalities: list[str]
+    experts_mu: np.ndarray
+    experts_logvar: np.ndarray
+    present: np.ndarray
+    mu: np.ndarray
+    logvar: np.ndarray
+    labels: list[dict]
+    identity: dict
+    fusion: str = "poe"
+
+    def subset_posterior(self, subset: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Posterior of each case from the modalities in ``subset`` (M,) or (N, M) only."""
+        mask = self.present * np.asarray(subset, np.float32)
+        g = fused(self.experts_mu, self.experts_logvar, mask, self.fusion)
+        return g
+
+    def save(self, path: str | Path) -> Path:
+        buf = io.BytesIO()
+        np.savez(buf, experts_mu=self.experts_mu, experts_logvar=self.experts_logvar, present=self.present,
+                 mu=self.mu, logvar=self.logvar,
+                 case_ids=np.asarray(self.case_ids, dtype=str), modalities=np.asarray(self.modalities, dtype=str),
+                 labels=np.asarray([json.dumps(x) for x in self.labels], dtype=str),
+                 identity=np.asarray(json.dumps(dict(self.identity, fusion=self.fusion))))
+        return atomic_write_bytes(path, buf.getvalue())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Embeddings":
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                identity = json.loads(str(z["identity"]))
+                return cls(case_ids=[str(x) for x in z["case_ids"]], modalities=[str(x) for x in z["modalities"]],
+                           experts_mu=z["experts_mu"], experts_logvar=z["experts_logvar"], present=z["present"],
+                           mu=z["mu"], logvar=z["logvar"], labels=[json.loads(str(x)) for x in z["labels"]],
+                           identity=identity, fusion=identity.get("fusion", "poe"))
+        except (OSError, ValueError, KeyError) as e:
+            raise InputError(f"cannot read embeddings: {e}", path=str(path)) from None
+
+
+@jax.jit
+def _fuse_poe(mu, logvar, mask):
+    return F.poe(mu, logvar, mask)
+
+
+def fused(mu: np.ndarray, logvar: np.ndarray, mask: np.ndarray, fusion: str) -> tuple[np.ndarray, np.ndarray]:
+    g = _fuse_poe(mu, logvar, mask) if fusion == "poe" else jax.jit(F.fuse, static_argnums=3)(mu, logvar, mask, fusion)
+    return np.asarray(g.mu), np.asarray(g.logvar)
+
+
+def make_encode_fn(model: nnx.Module):
+    """Jitted ``batch -> (experts_mu, experts_logvar, present)`` for a fixed model."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def encode(state, batch):
+        m = nnx.merge(graphdef, state)
+        experts, present, _ = m.encode(batch)
+        return experts.mu, experts.logvar, present
+
+    return lambda batch: encode(state, batch)
+
+
+def embed_cohort(model, cohort: Cohort, *, batch_size: int = 32, identity: dict | None = None,
+                 show_progress: bool = True) -> Embeddings:
+    """Encode every case of ``cohort`` (batched, jitted; the last batch padded)."""
+    encode = make_encode_fn(model)
+    mus, lvs, pres = [], [], []
+    n_batches = -(-len(cohort) // batch_size)
+    for batch, valid in progress_bar(eval_batches(cohort, batch_size), total=n_batches, desc="embed",
+                                     enable=show_progress):
+        mu, lv, p = jax.device_get(encode(batch))
+        mus.append(np.asarray(mu)[valid]); lvs.append(np.asarray(lv)[valid]); pres.append(np.asarray(p)[valid])
+    mu, lv, present = np.concatenate(mus), np.concatenate(lvs), np.concatenate(pres)
+    fusion = model.spec.fusion
+    jmu, jlv = fused(mu, lv, present, fusion)
+    return Embeddings(case_ids=list(cohort.case_ids), modalities=list(model.spec.modalities), experts_mu=mu,
+                      experts_logvar=lv, present=present, mu=jmu, logvar=jlv, labels=list(cohort.labels),
+                      identity=dict(identity or {}, latent_dim=model.spec.latent_dim), fusion=fusion)

@@ -1,0 +1,78 @@
+"""Run artifacts: everything a trained work dir holds besides checkpoints.
+
+``<workdir>/config.json`` (resolved config), ``run_info.json`` (package version, git
+commit, devices), ``model_spec.json``, ``tokenizer/`` (the report tokenizer) and
+``clinical_stats.json`` (standardisation of numeric clinical fields). With these a
+model can be rebuilt and its checkpoint restored without the original config file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import platform
+import subprocess
+from pathlib import Path
+
+import jax
+import ml_collections
+
+import mmvae
+from mmvae.data.atomic import atomic_write_text
+from mmvae.errors import CheckpointError
+from mmvae.models.mvae import ModelSpec
+from mmvae.models.text import BertConfig
+
+
+def spec_to_dict(spec: ModelSpec) -> dict:
+    return dataclasses.asdict(spec)
+
+
+def spec_from_dict(d: dict) -> ModelSpec:
+    d = dict(d)
+    if d.get("bert") is not None:
+        d["bert"] = BertConfig(**d["bert"])
+    for k in ("image_modalities", "shape", "channels", "special_ids", "clinical_numeric"):
+        d[k] = tuple(d[k])
+    d["clinical_categorical"] = tuple((k, tuple(v)) for k, v in d["clinical_categorical"])
+    return ModelSpec(**d)
+
+
+def fingerprint(spec: ModelSpec) -> str:
+    return hashlib.sha256(json.dumps(spec_to_dict(spec), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def write_run_files(workdir: Path, config: ml_collections.ConfigDict, spec: ModelSpec,
+                    clinical_stats: dict) -> None:
+    workdir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(workdir / "config.json", json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list))
+    atomic_write_text(workdir / "model_spec.json", json.dumps(spec_to_dict(spec), indent=2))
+    atomic_write_text(workdir / "clinical_stats.json", json.dumps(clinical_stats))
+    info = {
+        "mmvae_version": mmvae.__version__, "git_commit": git_commit(), "jax_version": jax.__version__,
+        "python": platform.python_version(), "host": platform.node(),
+        "process_count": jax.process_count(), "process_index": jax.process_index(),
+        "devices": [str(d) for d in jax.devices()], "device_kind": jax.devices()[0].device_kind,
+        "model_fingerprint": fingerprint(spec),
+    }
+    atomic_write_text(workdir / "run_info.json", json.dumps(info, indent=2))
+
+
+def read_run_files(workdir: Path) -> tuple[ml_collections.ConfigDict, ModelSpec, dict]:
+    workdir = Path(workdir)
+    for name in ("config.json", "model_spec.json", "clinical_stats.json"):
+        if not (workdir / name).is_file():
+            raise CheckpointError(f"{workdir} is not a trained work dir: {name} is missing")
+    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    spec = spec_from_dict(json.loads((workdir / "model_spec.json").read_text()))
+    stats = json.loads((workdir / "clinical_stats.json").read_text())
+    return config, spec, stats
