@@ -18,12 +18,15 @@ def get_config(arg=None):
     c.synth.cases = int(args.get("cases", 300))
     c.model.latent_dim = int(args.get("latent", 32))
     c.model.fusion = args.get("fusion", "poe")
-    c.model.image.channels = (16, 32, 64)
+    c.model.image.channels = (8, 16, 32)
     c.objective.subsets = args.get("subsets", "mvae")
+    # Two subsets per case drawn from all non-empty subsets of its modalities (the
+    # stochastic subset ELBO): 3.5x cheaper per step than the 7 exact MVAE terms.
+    c.objective.num_subset_samples = int(args.get("subset_samples", 2))
     c.objective.alignment_weight = float(args.get("align", 0.0))
     c.optim.lr = 2e-3
     c.optim.warmup_steps = 30
     c.train.batch_size = 16
-    c.train.steps = int(args.get("steps", 400))
+    c.train.steps = int(args.get("steps", 200))
     c.train.log_every = 10
     return c

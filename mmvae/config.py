@@ -51,7 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
         latent_dim=32,
         fusion="poe",                 # poe | moe | mopoe
         dtype="float32",              # float32 | bfloat16 (compute; params stay float32)
-        image=dict(channels=(16, 32, 64), blocks=1, set_pooling="poe"),
+        image=dict(channels=(16, 32, 64), blocks=1, full_res_blocks=False, set_pooling="poe"),
         text=dict(hidden=64, layers=2, heads=2, intermediate=128, pretrained_dir=""),
         report_decoder=dict(hidden=128),
         clinical=dict(hidden=64),

@@ -27,7 +27,9 @@ SET_POOLINGS = ("poe", "mean", "attention")
 class ImageEncoder(nnx.Module):
     """Residual conv encoder with space-to-depth down-sampling, applied to a set of series.
 
-    Stage i: Downsample(×½, c_{i-1} → c_i) then ``blocks`` residual blocks at c_i. The
+    Stage i: Downsample(×½, c_{i-1} → c_i) then ``blocks`` residual blocks at c_i (none
+    at stage 0 unless ``full_res_blocks``: 3^d convolutions at the finest resolution cost
+    most of the FLOPs and run at a fraction of matmul speed on CPU). The
     final ``(spatial / 2^n) × c_n`` feature map is flattened into a feature vector per
     series; series of one case are pooled permutation-invariantly (``set_pooling``):
 
@@ -37,7 +39,8 @@ class ImageEncoder(nnx.Module):
     """
 
     def __init__(self, shape: Sequence[int], channels: Sequence[int], latent_dim: int, *,
-                 blocks: int = 1, set_pooling: str = "poe", dtype=jnp.float32, rngs: nnx.Rngs):
+                 blocks: int = 1, full_res_blocks: bool = False, set_pooling: str = "poe",
+                 dtype=jnp.float32, rngs: nnx.Rngs):
         if set_pooling not in SET_POOLINGS:
             raise ValueError(f"unknown set_pooling {set_pooling!r}; choose one of {SET_POOLINGS}")
         d = len(shape)
@@ -49,9 +52,10 @@ class ImageEncoder(nnx.Module):
         self.set_pooling = set_pooling
         stages = []
         cin = 1
-        for c in channels:
+        for i, c in enumerate(channels):
             stages.append(Downsample(cin, c, d, dtype=dtype, rngs=rngs))
-            stages.extend(ConvResBlock(c, d, dtype=dtype, rngs=rngs) for _ in range(blocks))
+            n_blocks = blocks if (i > 0 or full_res_blocks) else 0
+            stages.extend(ConvResBlock(c, d, dtype=dtype, rngs=rngs) for _ in range(n_blocks))
             cin = c
         self.stages = nnx.List(stages)
         feat = int(math.prod(s // factor for s in shape)) * channels[-1]
@@ -92,7 +96,7 @@ class ImageDecoder(nnx.Module):
     """Mirror of :class:`ImageEncoder`: dense → (residual blocks, Upsample ×2) per stage."""
 
     def __init__(self, shape: Sequence[int], channels: Sequence[int], latent_dim: int, *,
-                 blocks: int = 1, dtype=jnp.float32, rngs: nnx.Rngs):
+                 blocks: int = 1, full_res_blocks: bool = False, dtype=jnp.float32, rngs: nnx.Rngs):
         d = len(shape)
         factor = 2 ** len(channels)
         self.base = tuple(s // factor for s in shape)
@@ -101,7 +105,8 @@ class ImageDecoder(nnx.Module):
         layers = []
         rev = list(channels[::-1])
         for i, c in enumerate(rev):
-            layers.extend(ConvResBlock(c, d, dtype=dtype, rngs=rngs) for _ in range(blocks))
+            n_blocks = blocks if (i < len(rev) - 1 or full_res_blocks) else 0
+            layers.extend(ConvResBlock(c, d, dtype=dtype, rngs=rngs) for _ in range(n_blocks))
             cout = rev[i + 1] if i + 1 < len(rev) else max(8, rev[-1] // 2)
             layers.append(Upsample(c, cout, d, dtype=dtype, rngs=rngs))
         self.layers = nnx.List(layers)

@@ -39,6 +39,7 @@ class ModelSpec:
     fusion: str = "poe"
     channels: tuple[int, ...] = (16, 32, 64)
     blocks: int = 1
+    full_res_blocks: bool = False
     set_pooling: str = "poe"
     report: bool = True
     bert: BertConfig | None = None
@@ -100,8 +101,9 @@ class MultimodalVAE(nnx.Module):
         enc, dec = {}, {}
         for m in spec.image_modalities:
             enc[m] = ImageEncoder(spec.shape, spec.channels, L, blocks=spec.blocks,
-                                  set_pooling=spec.set_pooling, dtype=dtype, rngs=rngs)
-            dec[m] = ImageDecoder(spec.shape, spec.channels, L, blocks=spec.blocks, dtype=dtype, rngs=rngs)
+                                  full_res_blocks=spec.full_res_blocks, set_pooling=spec.set_pooling, dtype=dtype, rngs=rngs)
+            dec[m] = ImageDecoder(spec.shape, spec.channels, L, blocks=spec.blocks,
+                                  full_res_blocks=spec.full_res_blocks, dtype=dtype, rngs=rngs)
         if spec.report:
             enc[REPORT] = ReportEncoder(spec.bert, L, dtype=dtype, rngs=rngs)
             dec[REPORT] = BagOfWordsDecoder(L, spec.bert.vocab_size, spec.bow_hidden, rngs=rngs)
