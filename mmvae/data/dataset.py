@@ -176,7 +176,7 @@ def prepare_cohort(manifest: str | Path, data_cfg, cache: PreprocessCache, token
     warning and recorded in ``Cohort.skipped``; otherwise its :class:`InputError` is raised.
     """
     modalities = list(data_cfg.image_modalities)
-    known = modalities + ([REPORT] if data_cfg.report else [])
+    known = modalities + [REPORT]   # report rows are read (and ignored) even when data.report is off
     entries = read_manifest(manifest)
     cases = group_cases(entries, known)
     cfg = preprocess_config(data_cfg)
@@ -191,13 +191,13 @@ def prepare_cohort(manifest: str | Path, data_cfg, cache: PreprocessCache, token
             ref = case.images.get(ref_mod, [None])[0] if ref_mod else None
             imgs = {m: load_case_images(case, m, case.images[m], cache, cfg, spatial_dims, ref)
                     for m in modalities if case.images.get(m)}
-            report = case.report_text
-            if report is None and case.report_path is not None:
+            report = case.report_text if data_cfg.report else None
+            if data_cfg.report and report is None and case.report_path is not None:
                 try:
                     report = mio.load_report(case.report_path)
                 except InputError as e:
                     raise e.with_context(case_id=case.case_id, modality=REPORT) from None
-            if report is not None and not report.strip():
+            if data_cfg.report and report is not None and not report.strip():
                 raise InputError("empty report", case_id=case.case_id, modality=REPORT,
                                  path=case.report_path)
             if not imgs and report is None and not case.metadata:

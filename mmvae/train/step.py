@@ -33,7 +33,7 @@ def make_train_step(graphdef, tx, obj: ObjectiveSpec, lr_schedule, ema_decay: fl
     def train_step(state, batch, key):
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state["params"], batch, key, state["step"])
-        gnorm = optax.global_norm(grads)
+        gnorm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
         grads = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grads)
         updates, new_opt = tx.update(grads, state["opt_state"], state["params"])

@@ -1,0 +1,220 @@
+"""Manifests, the preprocessing cache, cohort preparation, batches and bad input."""
+import json
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from mmvae.config import base_config
+from mmvae.data.cache import PreprocessCache
+from mmvae.data.dataset import prepare_cohort, split_indices
+from mmvae.data.manifest import ManifestEntry, group_cases, read_manifest, write_manifest
+from mmvae.data.pipeline import Position, batch_indices, eval_batches
+from mmvae.errors import InputError
+
+
+def data_cfg(**kw):
+    c = base_config().data
+    c.shape = (8, 8, 8)
+    c.spacing = (4.0, 4.0, 4.0)
+    c.workers = 1
+    c.report = True
+    for k, v in kw.items():
+        c[k] = v
+    return c
+
+
+def blob(seed, shape=(12, 12, 12)):
+    rng = np.random.default_rng(seed)
+    x = np.zeros(shape, np.float32)
+    x[3:9, 3:9, 3:9] = 100 + rng.normal(0, 5, size=(6, 6, 6))
+    return x + rng.uniform(0, 1, size=shape)
+
+
+def save_nii(path, arr, affine=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(arr, np.diag([2.0, 2.0, 2.0, 1.0]) if affine is None else affine), str(path))
+    return path
+
+
+@pytest.fixture
+def cohort_dir(tmp_path):
+    entries = []
+    for i in range(4):
+        cid = f"c{i}"
+        for j, m in enumerate(["t1", "t2", "dwi"]):
+            if i == 3 and m == "dwi":
+                continue       # a missing modality
+            p = save_nii(tmp_path / cid / f"{cid}_{m}.nii.gz", blob(10 * i + j))
+            entries.append(ManifestEntry(cid, m, str(p), labels={"class": "a" if i % 2 else "b"} if j == 0 else {}))
+        if i != 2:
+            entries.append(ManifestEntry(cid, "report", text=f"lesion number {i} seen", metadata={"age": 40.0 + i}))
+    write_manifest(entries, tmp_path / "manifest.jsonl")
+    return tmp_path
+
+
+def test_manifest_round_trip_csv_and_jsonl(cohort_dir, tmp_path):
+    entries = read_manifest(cohort_dir / "manifest.jsonl")
+    for suffix in (".csv", ".jsonl"):
+        out = tmp_path / f"copy{suffix}"
+        write_manifest(entries, out)
+        again = read_manifest(out)
+        assert [(e.case_id, e.modality, e.path, e.text, e.labels, e.metadata) for e in again] == \
+               [(e.case_id, e.modality, e.path, e.text, e.labels, e.metadata) for e in entries]
+    cases = group_cases(entries, ["t1", "t2", "dwi", "report"])
+    assert [c.case_id for c in cases] == ["c0", "c1", "c2", "c3"]
+    assert cases[3].modalities() == ["t1", "t2", "report"]
+    assert cases[2].report_text is None and cases[1].labels == {"class": "a"}
+
+
+def test_manifest_errors_name_case_and_modality(tmp_path):
+    with pytest.raises(InputError, match=r"case 'x'.*modality 'pet'.*unknown modality"):
+        group_cases([ManifestEntry("x", "pet", "/a.nii")], ["t1", "report"])
+    with pytest.raises(InputError, match=r"case 'a'.*duplicate case id"):
+        group_cases([ManifestEntry("a", "t1", "/1"), ManifestEntry("b", "t1", "/2"), ManifestEntry("a", "t2", "/3")])
+    with pytest.raises(InputError, match="conflicting"):
+        group_cases([ManifestEntry("a", "t1", "/1", labels={"class": "x"}),
+                     ManifestEntry("a", "t2", "/2", labels={"class": "y"})])
+    bad = tmp_path / "m.jsonl"
+    bad.write_text('{"case_id": "a", "modality": "t1", "path": "x.nii"}\n{not json\n')
+    with pytest.raises(InputError, match="line 2"):
+        read_manifest(bad)
+
+
+def test_prepare_cohort_shapes_masks_and_batches(cohort_dir, tmp_path):
+    from mmvae.models.text import build_word_tokenizer, load_tokenizer
+    tok = load_tokenizer(build_word_tokenizer(["lesion number 0 1 2 3 seen"], tmp_path / "tok"))
+    cache = PreprocessCache(tmp_path / "cache")
+    cfg = data_cfg()
+    cfg.clinical.numeric = ["age"]
+    cohort = prepare_cohort(cohort_dir / "manifest.jsonl", cfg, cache, tok, show_progress=False)
+    assert len(cohort) == 4 and cache.builds == 11
+    b = cohort.batch([0, 3, 2])
+    assert b["image/t1"].shape == (3, 1, 8, 8, 8)
+    np.testing.assert_array_equal(b["series_mask/dwi"][:, 0], [1, 0, 1])
+    assert b["image/dwi"][1].max() == 0.0
+    assert b["report/mask"][2].sum() == 0 and b["report/mask"][0].sum() > 0
+    np.testing.assert_array_equal(b["clinical/num_mask"][:, 0], [1, 1, 0])
+    # z-scored inside the foreground
+    x = np.asarray(cohort.images["t1"][0][0])
+    fg = x != 0
+    assert abs(x[fg].mean()) < 1e-3 and abs(x[fg].std() - 1) < 1e-2
+    assert cohort.present_modalities(3) == ["t1", "t2", "report", "clinical"]
+    # padded evaluation batches cover every case once
+    seen = []
+    for batch, valid in eval_batches(cohort, 3, prefetch=1):
+        seen += list(np.nonzero(valid)[0])
+        assert batch["image/t1"].shape[0] == 3
+    assert len(seen) == 4
+
+
+def test_cache_second_read_does_not_preprocess_and_corrupt_entry_is_rebuilt(cohort_dir, tmp_path):
+    cfg = data_cfg(report=False)
+    cache = PreprocessCache(tmp_path / "cache")
+    c1 = prepare_cohort(cohort_dir / "manifest.jsonl", cfg, cache, show_progress=False)
+    assert cache.builds == 11
+    cache2 = PreprocessCache(tmp_path / "cache")      # a new process
+    c2 = prepare_cohort(cohort_dir / "manifest.jsonl", cfg, cache2, show_progress=False)
+    assert cache2.builds == 0
+    assert isinstance(c2.images["t1"][0], np.memmap)
+    np.testing.assert_array_equal(c1.images["t2"][1], c2.images["t2"][1])
+    before = {m: [np.array(a) for a in c1.images[m]] for m in ("t1", "t2")}   # copies, not memmaps
+    # corrupt one entry (flip bytes in the middle) and truncate another
+    files = sorted((tmp_path / "cache").rglob("*.npy"))
+    data = bytearray(files[0].read_bytes())
+    data[len(data) // 2: len(data) // 2 + 16] = b"\xff" * 16
+    files[0].write_bytes(bytes(data))
+    files[1].write_bytes(files[1].read_bytes()[:100])
+    cache3 = PreprocessCache(tmp_path / "cache")
+    c3 = prepare_cohort(cohort_dir / "manifest.jsonl", cfg, cache3, show_progress=False)
+    assert cache3.builds == 2 and cache3.rebuilt_corrupt == 2
+    for m in ("t1", "t2"):
+        for a, b in zip(before[m], c3.images[m]):
+            np.testing.assert_array_equal(a, b)
+    # a changed preprocessing config is a different key
+    cache4 = PreprocessCache(tmp_path / "cache")
+    prepare_cohort(cohort_dir / "manifest.jsonl", data_cfg(report=False, normalize="minmax"), cache4,
+                   show_progress=False)
+    assert cache4.builds == 11
+    assert not list((tmp_path / "cache").rglob("*.tmp-*"))
+
+
+def _manifest_with(tmp_path, bad_path, modality="t2"):
+    good = save_nii(tmp_path / "ok" / "ok_t1.nii.gz", blob(1))
+    entries = [ManifestEntry("ok", "t1", str(good)), ManifestEntry("bad", "t1", str(good)),
+               ManifestEntry("bad", modality, str(bad_path))]
+    return write_manifest(entries, tmp_path / "manifest.jsonl")
+
+
+def _bad_inputs(tmp_path):
+    out = {}
+    nan = blob(2); nan[5, 5, 5] = np.nan
+    out["NaN"] = save_nii(tmp_path / "bad" / "nan.nii.gz", nan)
+    out["constant"] = save_nii(tmp_path / "bad" / "const.nii.gz", np.ones((8, 8, 8), np.float32))
+    out["4D"] = save_nii(tmp_path / "bad" / "four.nii.gz", np.stack([blob(3), blob(4)], -1))
+    trunc = tmp_path / "bad" / "trunc.nii.gz"
+    raw = save_nii(tmp_path / "bad" / "full.nii.gz", blob(5)).read_bytes()
+    trunc.write_bytes(raw[: len(raw) // 2])
+    out["trunc"] = trunc
+    junk = tmp_path / "bad" / "junk.nii"
+    junk.write_bytes(b"not a nifti file at all" * 20)
+    out["unread"] = junk
+    out["missing"] = tmp_path / "bad" / "does_not_exist.nii.gz"
+    return out
+
+
+def test_every_bad_image_names_case_modality_and_file(tmp_path):
+    for what, path in _bad_inputs(tmp_path).items():
+        m = _manifest_with(tmp_path, path)
+        cache = PreprocessCache(tmp_path / f"cache_{what}")
+        with pytest.raises(InputError) as e:
+            prepare_cohort(m, data_cfg(report=False), cache, show_progress=False)
+        msg = str(e.value)
+        assert "case 'bad'" in msg and "modality 't2'" in msg and Path(path).name in msg, (what, msg)
+        assert e.value.__cause__ is None or isinstance(e.value.__cause__, InputError)
+        # nothing half-written: no temp files, and no entry for the bad file
+        assert not list((tmp_path / f"cache_{what}").rglob("*.tmp-*"))
+
+
+def test_on_error_skip_skips_and_counts(tmp_path):
+    bad = _bad_inputs(tmp_path)
+    m = _manifest_with(tmp_path, bad["NaN"])
+    cohort = prepare_cohort(m, data_cfg(report=False, on_error="skip"), PreprocessCache(tmp_path / "c"),
+                            show_progress=False)
+    assert cohort.case_ids == ["ok"]
+    assert len(cohort.skipped) == 1 and cohort.skipped[0][0] == "bad" and "NaN" in cohort.skipped[0][1]
+
+
+def test_missing_and_empty_report(tmp_path):
+    img = save_nii(tmp_path / "a_t1.nii.gz", blob(1))
+    empty = tmp_path / "r.txt"
+    empty.write_text("  \n")
+    m = write_manifest([ManifestEntry("a", "t1", str(img)), ManifestEntry("a", "report", str(empty))],
+                       tmp_path / "m.jsonl")
+    with pytest.raises(InputError, match=r"case 'a'.*modality 'report'.*empty report"):
+        prepare_cohort(m, data_cfg(), PreprocessCache(tmp_path / "c"), show_progress=False)
+    m2 = write_manifest([ManifestEntry("a", "t1", str(img)), ManifestEntry("a", "report", str(tmp_path / "no.txt"))],
+                        tmp_path / "m2.jsonl")
+    with pytest.raises(InputError, match=r"case 'a'.*modality 'report'.*no.txt"):
+        prepare_cohort(m2, data_cfg(), PreprocessCache(tmp_path / "c"), show_progress=False)
+
+
+def test_batch_order_is_deterministic_and_resumable():
+    a, pos = [], Position()
+    for _ in range(7):
+        idx, pos = batch_indices(20, 6, seed=3, pos=pos)
+        a.append(idx)
+    assert pos == Position(2, 1)   # 3 batches per epoch
+    b, pos2 = [], Position(1, 1)
+    for _ in range(3):
+        idx, pos2 = batch_indices(20, 6, seed=3, pos=pos2)
+        b.append(idx)
+    for x, y in zip(a[4:7], b):
+        np.testing.assert_array_equal(x, y)
+    assert not np.array_equal(a[0], a[3])          # a new permutation each epoch
+    assert len(set(np.concatenate(a[:3]).tolist())) == 18
+    tr, va = split_indices(50, 0.2, 0)
+    assert len(va) == 10 and not set(tr) & set(va)
+    np.testing.assert_array_equal(split_indices(50, 0.2, 0)[1], va)

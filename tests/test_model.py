@@ -1,0 +1,193 @@
+"""Model core: layers, encoders, one compiled step for every presence pattern, errors."""
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mmvae.config import base_config
+from mmvae.errors import ConfigError
+from mmvae.models.encoders import ImageEncoder
+from mmvae.models.layers import depth_to_space, space_to_depth
+from mmvae.models.mvae import build_model
+from mmvae.objectives.elbo import elbo_loss, draw_subsets, ObjectiveSpec
+from mmvae.train.setup import model_spec, objective_spec, optimizer
+from mmvae.train.step import init_state, make_train_step
+
+VOCAB = 40
+
+
+def tiny_config(**obj):
+    c = base_config()
+    c.data.image_modalities = ["t1", "t2", "dwi"]
+    c.data.shape = (8, 8, 8)
+    c.data.text.max_len = 12
+    c.model.latent_dim = 4
+    c.model.image.channels = (4, 8)
+    c.model.text.hidden = 16
+    c.model.text.heads = 2
+    c.model.text.layers = 1
+    c.model.text.intermediate = 16
+    c.model.report_decoder.hidden = 16
+    c.train.steps = 5
+    for k, v in obj.items():
+        c.objective[k] = v
+    return c
+
+
+def make_batch(pattern, b=2, seed=0, shape=(8, 8, 8), t=12):
+    rng = np.random.default_rng(seed)
+    batch = {}
+    for i, m in enumerate(["t1", "t2", "dwi"]):
+        batch[f"image/{m}"] = rng.normal(size=(b, 1) + shape).astype(np.float32)
+        batch[f"series_mask/{m}"] = np.full((b, 1), float(pattern[i]), np.float32)
+    batch["report/ids"] = rng.integers(5, VOCAB, size=(b, t)).astype(np.int32)
+    batch["report/mask"] = np.full((b, t), int(pattern[3]), np.int32)
+    batch["clinical/num"] = np.zeros((b, 0), np.float32)
+    batch["clinical/num_mask"] = np.zeros((b, 0), np.float32)
+    batch["clinical/cat"] = np.zeros((b, 0), np.int32)
+    batch["clinical/cat_mask"] = np.zeros((b, 0), np.float32)
+    return batch
+
+
+def test_space_to_depth_round_trip_and_block_layout():
+    x = jnp.arange(2 * 4 * 6 * 8 * 3, dtype=jnp.float32).reshape(2, 4, 6, 8, 3)
+    y = space_to_depth(x, 2)
+    assert y.shape == (2, 2, 3, 4, 24)
+    np.testing.assert_array_equal(depth_to_space(y, 2), x)
+    np.testing.assert_array_equal(np.sort(np.asarray(y[1, 1, 2, 3])), np.sort(np.asarray(x[1, 2:4, 4:6, 6:8]).ravel()))
+    x2 = jnp.arange(2 * 4 * 6 * 3, dtype=jnp.float32).reshape(2, 4, 6, 3)
+    np.testing.assert_array_equal(depth_to_space(space_to_depth(x2, 2), 2), x2)
+    with pytest.raises(ValueError, match="divisible"):
+        space_to_depth(jnp.zeros((1, 5, 4, 4, 1)), 2)
+
+
+def test_one_compilation_for_all_15_presence_patterns():
+    c = tiny_config()
+    spec = model_spec(c, VOCAB)
+    assert spec.modalities == ("t1", "t2", "dwi", "report")
+    obj = objective_spec(c, spec)
+    tx, lr = optimizer(c)
+    gd, state = init_state(build_model(spec, 0), tx)
+    step = jax.jit(make_train_step(gd, tx, obj, lr), donate_argnums=0)
+    losses = []
+    for pattern in itertools.product([0, 1], repeat=4):
+        if sum(pattern) == 0:
+            continue
+        state, m = step(state, make_batch(pattern), jax.random.key(0))
+        losses.append(float(m["loss"]))
+    assert step._cache_size() == 1
+    assert len(losses) == 15 and np.all(np.isfinite(losses))
+    # More present modalities reconstruct more data: the all-present loss is the largest.
+    assert losses[-1] == max(losses)
+
+
+@pytest.mark.parametrize("obj", [dict(subsets="all"), dict(subsets="unimodal"), dict(subsets="mopoe", num_subset_samples=3),
+                                 dict(subsets="mvae", iw_samples=3), dict(subsets="mvae", alignment_weight=1.0,
+                                                                          kl_warmup_steps=10)])
+def test_objective_variants_are_finite_and_differentiable(obj):
+    c = tiny_config(**obj)
+    spec = model_spec(c, VOCAB)
+    model = build_model(spec, 0)
+    o = objective_spec(c, spec)
+    batch = make_batch((1, 0, 1, 1), b=3)
+    gd, params = nnx.split(model, nnx.Param)
+
+    def f(p):
+        return elbo_loss(nnx.merge(gd, p), batch, jax.random.key(1), jnp.asarray(5), o)[0]
+
+    loss, grads = jax.value_and_grad(f)(params)
+    assert np.isfinite(float(loss))
+    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+
+
+def test_draw_subsets_stay_inside_present_modalities():
+    present = jnp.array([[1, 0, 1, 1], [0, 1, 0, 0], [0, 0, 0, 0]], jnp.float32)
+    for spec in [ObjectiveSpec("mvae", 2), ObjectiveSpec("all"), ObjectiveSpec("unimodal"),
+                 ObjectiveSpec("mopoe", num_subset_samples=5)]:
+        s = np.asarray(draw_subsets(jax.random.key(0), present, spec))
+        assert np.all(s <= np.asarray(present)[None])
+        assert np.all(s[:, 2] == 0)   # a case with nothing present gets empty subsets
+        assert np.all(s[:, 1].sum(-1) <= 1)
+
+
+def test_kl_warmup_and_iw_bound_ordering():
+    c = tiny_config(subsets="mvae")
+    spec = model_spec(c, VOCAB)
+    model = build_model(spec, 0)
+    batch = make_batch((1, 1, 1, 1), b=4)
+    o1 = objective_spec(c, spec)
+    import dataclasses
+    o_iw = dataclasses.replace(o1, iw_samples=16, num_random_subsets=0)
+    o_1 = dataclasses.replace(o1, num_random_subsets=0)
+    _, m1 = elbo_loss(model, batch, jax.random.key(0), jnp.asarray(0), o_1)
+    _, miw = elbo_loss(model, batch, jax.random.key(0), jnp.asarray(0), o_iw)
+    # The importance-weighted bound is tighter (higher) than the single-sample ELBO in expectation.
+    assert float(miw["elbo"]) > float(m1["elbo"]) - 1.0
+    ow = dataclasses.replace(o1, kl_warmup_steps=100)
+    _, mw = elbo_loss(model, batch, jax.random.key(0), jnp.asarray(25), ow)
+    assert float(mw["beta"]) == pytest.approx(0.25)
+
+
+def test_nonfinite_inputs_are_masked_and_counted():
+    c = tiny_config()
+    spec = model_spec(c, VOCAB)
+    model = build_model(spec, 0)
+    o = objective_spec(c, spec)
+    batch = make_batch((1, 1, 1, 1), b=2)
+    batch["image/t2"][0, 0, 1, 2, 3] = np.nan
+    batch["image/dwi"][1, 0, 0, 0, 0] = np.inf
+    loss, m = elbo_loss(model, batch, jax.random.key(0), jnp.asarray(0), o)
+    assert np.isfinite(float(loss))
+    assert int(m["nonfinite_inputs"]) == 2
+    _, present, _ = model.encode(batch)
+    np.testing.assert_array_equal(np.asarray(present), [[1, 0, 1, 1], [1, 1, 0, 1]])
+
+
+def test_set_pooling_is_permutation_invariant_and_masked():
+    for pooling in ("poe", "mean", "attention"):
+        enc = ImageEncoder((8, 8, 8), (4, 8), 4, set_pooling=pooling, rngs=nnx.Rngs(0))
+        if pooling == "attention":
+            enc.query[...] = jnp.linspace(-1, 1, enc.query.shape[0])
+        x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 8, 8, 8)), jnp.float32)
+        mask = jnp.array([[1, 1, 0], [1, 1, 1]], jnp.float32)
+        g = enc(x, mask)
+        g_perm = enc(x[:, [1, 0, 2]], mask[:, [1, 0, 2]])
+        np.testing.assert_allclose(g.mu, g_perm.mu, rtol=1e-4, atol=1e-5)
+        # Masked series content must not matter.
+        g_junk = enc(x.at[0, 2].set(100.0), mask)
+        np.testing.assert_allclose(g.mu[0], g_junk.mu[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("model.fusion", "sum", "unknown fusion"),
+    ("model.latent_dim", 0, "latent_dim"),
+    ("objective.likelihood", "poisson", "likelihood"),
+    ("objective.subsets", "some", "subsets"),
+])
+def test_bad_model_config_fails_at_build_naming_the_field(field, value, match):
+    c = tiny_config()
+    group, key = field.split(".")
+    c[group][key] = value
+    with pytest.raises(ConfigError, match=match):
+        spec = model_spec(c, VOCAB)
+        objective_spec(c, spec)
+
+
+def test_report_modality_without_encoder_config_fails():
+    c = tiny_config()
+    with pytest.raises(ConfigError, match="report"):
+        model_spec(c, 0)   # no tokenizer → no encoder for 'report'
+
+
+def test_cross_modal_generation_shapes():
+    c = tiny_config()
+    spec = model_spec(c, VOCAB)
+    model = build_model(spec, 0)
+    batch = make_batch((1, 0, 0, 0), b=2)
+    g = model.posterior(batch)
+    out = model.decode(g.mu)
+    assert out["t2"].shape == (2, 8, 8, 8)        # a missing sequence synthesised from T1
+    assert out["report"].shape == (2, VOCAB)      # report word logits from images alone
