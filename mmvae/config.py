@@ -41,6 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
         val_fraction=0.2,
         split_seed=0,
         on_error="raise",             # raise | skip
+        extra_modalities="error",     # manifest modality not in the config: error | ignore
         text=dict(max_len=64, tokenizer_dir="", vocab_max=4096),
         clinical=dict(numeric=[], categorical={}),   # e.g. numeric=['age'], categorical={'sex': ['F','M']}
         prefetch=2,

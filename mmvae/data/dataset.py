@@ -178,6 +178,9 @@ def prepare_cohort(manifest: str | Path, data_cfg, cache: PreprocessCache, token
     modalities = list(data_cfg.image_modalities)
     known = modalities + [REPORT]   # report rows are read (and ignored) even when data.report is off
     entries = read_manifest(manifest)
+    if data_cfg.extra_modalities == "ignore":   # e.g. ablations that train on fewer sequences
+        entries = [e if (not e.modality or e.modality in known) else dataclasses.replace(e, modality="", path=None)
+                   for e in entries]   # keep the row's labels and metadata
     cases = group_cases(entries, known)
     cfg = preprocess_config(data_cfg)
     spatial_dims = int(data_cfg.spatial_dims)

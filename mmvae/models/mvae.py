@@ -113,7 +113,7 @@ class MultimodalVAE(nnx.Module):
             dec[CLINICAL] = ClinicalDecoder(len(spec.clinical_numeric), cards, L, spec.clinical_hidden, rngs=rngs)
         self.encoders = nnx.Dict(enc)
         self.decoders = nnx.Dict(dec)
-        self.log_scale = nnx.Param(jnp.full((len(spec.image_modalities),), spec.init_log_scale, jnp.float32))
+        self.log_scale = nnx.Param(jnp.full((max(1, len(spec.image_modalities)),), spec.init_log_scale, jnp.float32))
 
     # ------------------------------------------------------------------ encode
     def encode(self, batch: dict) -> tuple[fusion.Gaussian, jax.Array, jax.Array]:

@@ -72,9 +72,8 @@ def load_cohort(config, workdir: Path, manifest: str | None = None, *, tokenizer
     cache = PreprocessCache(config.data.cache_dir or (workdir / "cache"))
     if tokenizer is None and config.data.report:
         # Reports first (cheap), to build the tokenizer before tokenising.
-        from mmvae.data.manifest import group_cases, read_manifest
-        cases = group_cases(read_manifest(manifest), list(config.data.image_modalities) + ["report"])
-        texts = [c.report_text for c in cases]
+        from mmvae.data.manifest import read_manifest
+        texts = [e.text for e in read_manifest(manifest) if e.modality == "report" and e.text]
         tokenizer = get_tokenizer(config, workdir, texts)
     cohort = prepare_cohort(manifest, config.data, cache, tokenizer, clinical_stats=clinical_stats,
                             show_progress=show_progress)
