@@ -84,6 +84,24 @@ def cmd_evaluate(a, extra):
     print(table)
 
 
+def cmd_query(a, extra):
+    from mmvae.retrieval.query import query_main
+    query_main(a.query_args)
+
+
+class _QueryArgs(argparse.ArgumentParser):
+    """``mmvae query`` options depend on the model (one ``--<modality>`` per image
+    modality of ``--workdir``'s config): hand every argument to :func:`cmd_query`,
+    which parses them in two passes."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        ns = argparse.Namespace() if namespace is None else namespace
+        for key, value in self._defaults.items():
+            setattr(ns, key, value)
+        ns.query_args = list(args or [])
+        return ns, []
+
+
 def cmd_quickstart(a, extra):
     from mmvae.quickstart import run_quickstart
     config = _config(a.config, extra, "quickstart.py")
@@ -136,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--subsets", nargs="*", help="e.g. t2 t1+t2 (default: every non-empty subset)")
     s.add_argument("--out", help="write OUT.csv and OUT.md")
     s.set_defaults(fn=cmd_evaluate)
+
+    s = sub.add_parser("query", add_help=False,
+                       help="find the indexed cases most similar to a new case's files (--workdir RUN --help)")
+    s.__class__ = _QueryArgs
+    s.set_defaults(fn=cmd_query)
 
     s = sub.add_parser("quickstart", help="synth → train → embed → index → evaluate, offline, on CPU")
     s.add_argument("--workdir", default="runs/quickstart")

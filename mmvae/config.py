@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import ml_collections
 
-from mmvae.errors import ConfigError
+from mmvae.errors import ConfigError, MmvaeError
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -54,7 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
         dtype="float32",              # float32 | bfloat16 (compute; params stay float32)
         image=dict(channels=(16, 32, 64), blocks=1, full_res_blocks=False, set_pooling="poe"),
         text=dict(hidden=64, layers=2, heads=2, intermediate=128, pretrained_dir=""),
-        report_decoder=dict(hidden=128),
+        report_decoder=dict(kind="bow", hidden=128),   # bow | tokens
         clinical=dict(hidden=64),
     )
     c.objective = dict(
@@ -73,8 +73,29 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.optim = dict(lr=1e-3, warmup_steps=50, schedule="cosine", end_lr_factor=0.05,
                    weight_decay=0.0, clip_norm=1.0, ema_decay=0.0)
-    c.train = dict(batch_size=16, steps=500, log_every=10, eval_every=0, checkpoint_every=0,
-                   keep_checkpoints=3, max_nonfinite_in_row=20)
+    c.train = dict(
+        batch_size=16,                # global batch (all devices, all processes)
+        steps=500,
+        log_every=10,                 # metrics row every N steps (JSONL + TensorBoard)
+        eval_every=0,                 # validation ELBO + retrieval mAP every N steps (0 = never)
+        eval_n_boot=0,                # bootstrap resamples for the validation mAP CI (0 = none)
+        checkpoint_every=0,           # 0 = only at the end (and at evaluations when keep_best > 0)
+        keep_checkpoints=3,           # the N most recent checkpoints are kept ...
+        keep_best=1,                  # ... plus the N best by validation mAP (all-modality query)
+        async_checkpoint=False,       # write checkpoints in a background thread
+        resume=True,                  # continue from the work dir's latest checkpoint
+        max_nonfinite_in_row=20,      # stop (after checkpointing) after this many skipped updates in a row
+        fsdp=False,                   # shard large parameters (+ optimiser state) along 'data'
+        fsdp_min_size=2 ** 18,        # ... those with at least this many elements
+        tensorboard=True,
+    )
+    # Multi-process runs (several hosts, or one process per GPU): see docs/training.md.
+    c.distributed = dict(
+        initialize="auto",            # auto | yes | no: call jax.distributed.initialize()
+        coordinator_address="",       # host:port of process 0 ('' = $JAX_COORDINATOR_ADDRESS / cluster)
+        num_processes=0,              # 0 = from $JAX_NUM_PROCESSES / the cluster environment
+        process_id=-1,                # -1 = from $JAX_PROCESS_ID / the cluster environment
+    )
     c.retrieval = dict(k=10, metric="cosine", rocchio=dict(alpha=1.0, beta=0.75, gamma=0.25))
     return c
 
@@ -84,8 +105,78 @@ def lock(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return c
 
 
+# Groups whose keys are data, not fields (any key may be added by a config file or override).
+FREE_FORM_GROUPS = ("data.clinical.categorical",)
+
+# Fields with a fixed set of values, checked by :func:`validate`.
+CHOICES = {
+    "data.crop": ("foreground", "center"),
+    "data.normalize": ("zscore", "minmax", "none"),
+    "data.on_error": ("raise", "skip"),
+    "data.extra_modalities": ("error", "ignore"),
+    "data.spatial_dims": (2, 3),
+    "model.fusion": ("poe", "moe", "mopoe"),
+    "model.dtype": ("float32", "bfloat16"),
+    "model.image.set_pooling": ("poe", "mean", "attention"),
+    "objective.subsets": ("mvae", "all", "unimodal", "mopoe"),
+    "objective.likelihood": ("gaussian", "laplace"),
+    "objective.weights": ("dimension", "uniform"),
+    "optim.schedule": ("cosine", "constant"),
+    "retrieval.metric": ("cosine", "l2"),
+    "distributed.initialize": ("auto", "yes", "no"),
+}
+POSITIVE = ("train.batch_size", "train.log_every", "train.keep_checkpoints", "train.max_nonfinite_in_row",
+            "model.latent_dim", "data.max_series", "data.text.max_len", "retrieval.k")
+NON_NEGATIVE = ("train.steps", "train.eval_every", "train.checkpoint_every", "train.keep_best",
+                "train.eval_n_boot", "train.fsdp_min_size", "optim.warmup_steps", "optim.weight_decay",
+                "optim.clip_norm", "objective.kl_warmup_steps", "objective.beta", "data.prefetch")
+
+
+def _get(config, dotted: str):
+    node = config
+    for p in dotted.split("."):
+        node = node[p]
+    return node
+
+
+class _ArgTracker:
+    """Records which ``FILE:ARGS`` keys a config file read (see :func:`parse_arg`)."""
+
+    active: list[dict] | None = None
+
+
+class ConfigArgs(dict):
+    """The dict :func:`parse_arg` returns; remembers the keys the config file looked at."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.used: set[str] = set()
+
+    def __getitem__(self, k):
+        self.used.add(k)
+        return super().__getitem__(k)
+
+    def get(self, k, default=None):
+        self.used.add(k)
+        return super().get(k, default)
+
+    def __contains__(self, k):
+        self.used.add(k)
+        return super().__contains__(k)
+
+    def pop(self, k, *default):
+        self.used.add(k)
+        return super().pop(k, *default)
+
+
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-    """Load ``path/to/config.py[:ARGS]`` and apply ``--config.a.b=value`` overrides."""
+    """Load ``path/to/config.py[:ARGS]`` and apply ``--config.a.b=value`` overrides.
+
+    Fails with :class:`ConfigError`, before anything runs, on: a missing file, a file
+    without ``get_config``, an ``ARGS`` key the file does not read, a field the
+    file adds that :func:`base_config` does not have (a typo), an override of an
+    unknown key or with a value of the wrong type, and values :func:`validate` rejects.
+    """
     path, _, arg = spec.partition(":")
     p = Path(path)
     if not p.is_file():
@@ -98,24 +189,80 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
         raise ConfigError(f"config file {path} failed to import: {e}") from e
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {path} has no get_config(arg=None)")
-    config = module.get_config(arg or None)
+    _ArgTracker.active = []
+    try:
+        config = module.get_config(arg or None)
+    except MmvaeError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"config file {path}: get_config({arg!r}) failed: {type(e).__name__}: {e}") from e
+    finally:
+        parsed, _ArgTracker.active = _ArgTracker.active, None
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"config file {path}: get_config must return an ml_collections.ConfigDict")
+    if arg and parsed:
+        unused = sorted(set().union(*(set(a) - a.used for a in parsed)))
+        if unused:
+            known = sorted(set().union(*(a.used for a in parsed)))
+            raise ConfigError(f"config argument(s) {unused} not used by {path}"
+                              + (f" (it reads: {known})" if known else ""))
+    check_known_keys(config)
     config.lock()
     for o in overrides:
         apply_override(config, o)
+    validate(config)
     return config
 
 
 def parse_arg(arg: str | None) -> dict[str, str]:
     """``'fusion=mopoe,latent=64'`` → ``{'fusion': 'mopoe', 'latent': '64'}``."""
-    out = {}
+    out = ConfigArgs()
     for part in (arg or "").split(","):
         if not part:
             continue
         k, sep, v = part.partition("=")
         if not sep:
             raise ConfigError(f"config argument {part!r} must be key=value")
-        out[k.strip()] = v.strip()
+        dict.__setitem__(out, k.strip(), v.strip())
+    if _ArgTracker.active is not None:
+        _ArgTracker.active.append(out)
     return out
+
+
+def _paths(c: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in c.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, ml_collections.ConfigDict) and key not in FREE_FORM_GROUPS:
+            out.update(_paths(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def check_known_keys(config: ml_collections.ConfigDict) -> None:
+    """Reject fields a config file added that :func:`base_config` does not define (typos)."""
+    known = _paths(base_config())
+    have = _paths(config)
+    unknown = sorted(set(have) - set(known))
+    if unknown:
+        import difflib
+        hints = []
+        for u in unknown:
+            close = difflib.get_close_matches(u, list(known), n=1)
+            hints.append(f"{u!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ConfigError("unknown config field(s): " + ", ".join(hints))
+
+
+def _coerce_item(x: Any, like: Any, key: str, value: str) -> Any:
+    if isinstance(like, bool) or isinstance(x, bool):
+        if isinstance(like, bool) and isinstance(x, bool):
+            return x
+    elif isinstance(like, float) and isinstance(x, (int, float)):
+        return float(x)
+    elif isinstance(x, type(like)):
+        return x
+    raise ConfigError(f"--config.{key}: expected elements of type {type(like).__name__}, got {value!r}")
 
 
 def _convert(value: str, current: Any, key: str) -> Any:
@@ -127,39 +274,119 @@ def _convert(value: str, current: Any, key: str) -> Any:
         raise ConfigError(f"--config.{key}: expected a boolean, got {value!r}")
     if isinstance(current, str):
         return value
+    if isinstance(current, (list, tuple)):
+        stripped = value.strip()
+        if stripped == "":
+            return type(current)()
+        if stripped[0] in "[(":
+            try:
+                parsed = ast.literal_eval(stripped)
+            except (ValueError, SyntaxError):
+                raise ConfigError(f"--config.{key}: cannot parse {value!r} as a list") from None
+            if not isinstance(parsed, (list, tuple)):
+                raise ConfigError(f"--config.{key}: expected a list, got {value!r}")
+        else:   # a,b,c
+            parts = [p.strip() for p in stripped.split(",") if p.strip()]
+            parsed = []
+            for p in parts:
+                try:
+                    parsed.append(ast.literal_eval(p))
+                except (ValueError, SyntaxError):
+                    parsed.append(p)
+        like = current[0] if len(current) else None
+        if like is not None:
+            if isinstance(like, str):
+                parsed = [str(x) for x in parsed]
+            else:
+                parsed = [_coerce_item(x, like, key, value) for x in parsed]
+        return type(current)(parsed)
     try:
         parsed = ast.literal_eval(value)
     except (ValueError, SyntaxError):
         raise ConfigError(f"--config.{key}: cannot parse {value!r} as {type(current).__name__}") from None
     if isinstance(current, float) and isinstance(parsed, int) and not isinstance(parsed, bool):
         parsed = float(parsed)
-    if isinstance(current, (list, tuple)) and isinstance(parsed, (list, tuple)):
-        return type(current)(parsed)
-    if current is not None and not isinstance(parsed, type(current)):
+    if current is not None and (not isinstance(parsed, type(current)) or
+                                (isinstance(parsed, bool) and not isinstance(current, bool))):
         raise ConfigError(f"--config.{key}: expected {type(current).__name__}, got {value!r}")
     return parsed
 
 
 def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
-    """Apply one ``[--config.]a.b=value`` override in place; unknown keys raise."""
+    """Apply one ``[--config.]a.b=value`` override in place; unknown keys raise.
+
+    Values are Python literals (``3e-4``, ``(64,64,64)``, ``"['t1','t2']"``); lists
+    may also be given as ``a,b,c``; booleans as true/false/1/0/yes/no; strings as is.
+    A free-form group (``data.clinical.categorical``) takes a dict literal.
+    """
     text = override[len("--config."):] if override.startswith("--config.") else override
     key, sep, value = text.partition("=")
-    if not sep:
+    key = key.strip()
+    if not sep or not key:
         raise ConfigError(f"override {override!r} must look like --config.a.b=value")
     node = config
     parts = key.split(".")
     for p in parts[:-1]:
         if not isinstance(node, ml_collections.ConfigDict) or p not in node:
-            raise ConfigError(f"unknown config key {key!r}")
+            raise ConfigError(f"unknown config key {key!r}" + _suggest(config, key))
         node = node[p]
     leaf = parts[-1]
     if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-        raise ConfigError(f"unknown config key {key!r}")
+        raise ConfigError(f"unknown config key {key!r}" + _suggest(config, key))
     current = node[leaf]
     if isinstance(current, ml_collections.ConfigDict):
-        raise ConfigError(f"config key {key!r} is a group, not a field")
-    with node.unlocked():
-        node[leaf] = _convert(value, current, key)
+        if key not in FREE_FORM_GROUPS:
+            raise ConfigError(f"config key {key!r} is a group, not a field; set one of its fields "
+                              f"({', '.join(sorted(current.keys()))})")
+        try:
+            parsed = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise ConfigError(f"--config.{key}: expected a dict literal, got {value!r}")
+        with node.unlocked():
+            node[leaf] = ml_collections.ConfigDict(parsed)
+        return
+    new = _convert(value, current, key)
+    try:
+        with node.unlocked():
+            node[leaf] = new
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"--config.{key}: {e}") from None
+
+
+def _suggest(config, key: str) -> str:
+    import difflib
+    close = difflib.get_close_matches(key, list(_paths(config)), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Check value ranges and choices that types alone do not catch (ConfigError)."""
+    for key, choices in CHOICES.items():
+        try:
+            v = _get(config, key)
+        except (KeyError, AttributeError):
+            continue
+        if v not in choices:
+            raise ConfigError(f"{key} must be one of {list(choices)}, got {v!r}")
+    for key in POSITIVE:
+        if _get(config, key) <= 0:
+            raise ConfigError(f"{key} must be > 0, got {_get(config, key)!r}")
+    for key in NON_NEGATIVE:
+        if _get(config, key) < 0:
+            raise ConfigError(f"{key} must be >= 0, got {_get(config, key)!r}")
+    d = config.data
+    if d.image_modalities and len(d.shape) != int(d.spatial_dims):
+        raise ConfigError(f"data.shape {tuple(d.shape)} must have data.spatial_dims={d.spatial_dims} entries")
+    if d.spacing and len(d.spacing) != len(d.shape):
+        raise ConfigError(f"data.spacing {tuple(d.spacing)} must have as many entries as data.shape {tuple(d.shape)}")
+    if not 0.0 <= float(d.val_fraction) < 1.0:
+        raise ConfigError(f"data.val_fraction must be in [0, 1), got {d.val_fraction!r}")
+    if config.optim.lr <= 0:
+        raise ConfigError(f"optim.lr must be > 0, got {config.optim.lr!r}")
+    if not 0.0 <= float(config.optim.ema_decay) < 1.0:
+        raise ConfigError(f"optim.ema_decay must be in [0, 1), got {config.optim.ema_decay!r}")
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

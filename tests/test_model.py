@@ -86,9 +86,13 @@ def test_one_compilation_for_all_15_presence_patterns():
 
 @pytest.mark.parametrize("obj", [dict(subsets="all"), dict(subsets="unimodal"), dict(subsets="mopoe", num_subset_samples=3),
                                  dict(subsets="mvae", iw_samples=3), dict(subsets="mvae", alignment_weight=1.0,
-                                                                          kl_warmup_steps=10)])
+                                                                          kl_warmup_steps=10),
+                                 dict(subsets="mvae", likelihood="gaussian", learn_scale=True, report="tokens")])
 def test_objective_variants_are_finite_and_differentiable(obj):
+    obj = dict(obj)
+    report_kind = obj.pop("report", "bow")
     c = tiny_config(**obj)
+    c.model.report_decoder.kind = report_kind
     spec = model_spec(c, VOCAB)
     model = build_model(spec, 0)
     o = objective_spec(c, spec)
@@ -98,7 +102,7 @@ def test_objective_variants_are_finite_and_differentiable(obj):
     def f(p):
         return elbo_loss(nnx.merge(gd, p), batch, jax.random.key(1), jnp.asarray(5), o)[0]
 
-    loss, grads = jax.value_and_grad(f)(params)
+    loss, grads = jax.jit(jax.value_and_grad(f))(params)
     assert np.isfinite(float(loss))
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
 
@@ -191,3 +195,37 @@ def test_cross_modal_generation_shapes():
     out = model.decode(g.mu)
     assert out["t2"].shape == (2, 8, 8, 8)        # a missing sequence synthesised from T1
     assert out["report"].shape == (2, VOCAB)      # report word logits from images alone
+
+
+def test_2d_model_trains_one_step():
+    c = tiny_config()
+    c.data.spatial_dims = 2
+    c.data.shape = (16, 16)
+    spec = model_spec(c, VOCAB)
+    obj = objective_spec(c, spec)
+    tx, lr = optimizer(c)
+    gd, state = init_state(build_model(spec, 0), tx)
+    step = jax.jit(make_train_step(gd, tx, obj, lr))
+    batch = make_batch((1, 1, 0, 1), b=2, shape=(16, 16))
+    state, m = step(state, batch, jax.random.key(0))
+    assert np.isfinite(float(m["loss"])) and int(state["step"]) == 1
+
+
+def test_top_report_terms_from_images_alone():
+    from mmvae.models.generate import top_report_terms
+
+    class Tok:
+        def convert_ids_to_tokens(self, ids):
+            return [f"w{i}" for i in ids]
+
+    c = tiny_config()
+    spec = model_spec(c, VOCAB, special_ids=(0, 1, 2))
+    model = build_model(spec, 0)
+    batch = make_batch((1, 1, 1, 1), b=2)
+    terms = top_report_terms(model, batch, Tok(), given=["t1", "t2", "dwi"], k=5)
+    assert len(terms) == 2 and len(terms[0]) == 5
+    assert all(w not in ("w0", "w1", "w2") for w, _ in terms[0])
+    probs = [p for _, p in terms[0]]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1
+    with pytest.raises(ConfigError, match="unknown modality"):
+        top_report_terms(model, batch, Tok(), given=["pet"])

@@ -143,6 +143,22 @@ class BagOfWordsDecoder(nnx.Module):
         return self.mlp(z)
 
 
+class TokenDecoder(nnx.Module):
+    """``z (N, L)`` → per-position vocabulary logits ``(N, T, V)`` (non-autoregressive).
+
+    Each position gets ``MLP(z) + position embedding`` → SiLU → dense to the vocabulary.
+    """
+
+    def __init__(self, latent_dim: int, vocab_size: int, max_len: int, hidden: int, *, rngs: nnx.Rngs):
+        self.inp = MLP([latent_dim, hidden, hidden], rngs=rngs)
+        self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (max_len, hidden)))
+        self.out = nnx.Linear(hidden, vocab_size, rngs=rngs)
+
+    def __call__(self, z):
+        h = self.inp(z)[:, None, :] + self.pos[...][None]
+        return self.out(jax.nn.silu(h))
+
+
 class ClinicalEncoder(nnx.Module):
     """Masked tabular fields → Gaussian. Input: values·mask and the mask itself, so a
     missing field is distinguishable from a zero value."""

@@ -48,6 +48,9 @@ def top_report_terms(model, batch: dict, tokenizer, given: Sequence[str], k: int
     if "report" not in model.spec.modalities:
         raise ConfigError("this model has no report modality")
     logits = np.asarray(generate(model, batch, given)["report"], np.float64)
+    if logits.ndim == 3:   # token-level decoder: average the per-position distributions
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        logits = np.log((p / p.sum(-1, keepdims=True)).mean(1))
     logits[:, list(model.spec.special_ids)] = -np.inf
     probs = np.exp(logits - logits.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)

@@ -21,11 +21,12 @@ from flax import nnx
 from mmvae.errors import ConfigError
 from mmvae.models import fusion
 from mmvae.models.encoders import (BagOfWordsDecoder, ClinicalDecoder, ClinicalEncoder, ImageDecoder,
-                                   ImageEncoder, ReportEncoder)
+                                   ImageEncoder, ReportEncoder, TokenDecoder)
 from mmvae.models.text import BertConfig
 from mmvae.objectives import likelihoods
 
 REPORT = "report"
+REPORT_DECODERS = ("bow", "tokens")
 CLINICAL = "clinical"
 
 
@@ -44,6 +45,7 @@ class ModelSpec:
     report: bool = True
     bert: BertConfig | None = None
     bow_hidden: int = 128
+    report_decoder: str = "bow"          # bow | tokens
     special_ids: tuple[int, ...] = (0,)
     clinical_numeric: tuple[str, ...] = ()
     clinical_categorical: tuple[tuple[str, tuple[str, ...]], ...] = ()
@@ -74,6 +76,9 @@ class ModelSpec:
             raise ConfigError("no modality configured (data.image_modalities empty, no report, no clinical)")
         if len(set(self.modalities)) != len(self.modalities):
             raise ConfigError(f"duplicate modality names: {self.modalities}")
+        if self.report_decoder not in REPORT_DECODERS:
+            raise ConfigError(f"model.report_decoder.kind: unknown {self.report_decoder!r}; choose one of "
+                              f"{REPORT_DECODERS}")
         if self.report and self.bert is None:
             raise ConfigError("modality 'report' has no encoder configuration (model.text)")
         if self.image_modalities and len(self.shape) not in (2, 3):
@@ -106,7 +111,10 @@ class MultimodalVAE(nnx.Module):
                                   full_res_blocks=spec.full_res_blocks, dtype=dtype, rngs=rngs)
         if spec.report:
             enc[REPORT] = ReportEncoder(spec.bert, L, dtype=dtype, rngs=rngs)
-            dec[REPORT] = BagOfWordsDecoder(L, spec.bert.vocab_size, spec.bow_hidden, rngs=rngs)
+            if spec.report_decoder == "tokens":
+                dec[REPORT] = TokenDecoder(L, spec.bert.vocab_size, spec.bert.max_position, spec.bow_hidden, rngs=rngs)
+            else:
+                dec[REPORT] = BagOfWordsDecoder(L, spec.bert.vocab_size, spec.bow_hidden, rngs=rngs)
         if CLINICAL in spec.modalities:
             cards = [len(v) for _, v in spec.clinical_categorical]
             enc[CLINICAL] = ClinicalEncoder(len(spec.clinical_numeric), cards, L, spec.clinical_hidden, rngs=rngs)
@@ -178,7 +186,10 @@ class MultimodalVAE(nnx.Module):
         cols = []
         for i, m in enumerate(self.spec.modalities):
             out = outputs[m]
-            if m == REPORT:
+            if m == REPORT and self.spec.report_decoder == "tokens":
+                logits = out.reshape((reps, -1) + out.shape[1:])               # (reps, B, T, V)
+                ll = likelihoods.token_log_likelihood(batch["report/ids"][None], batch["report/mask"][None], logits)
+            elif m == REPORT:
                 counts = likelihoods.bag_of_words_counts(batch["report/ids"], batch["report/mask"],
                                                          self.spec.bert.vocab_size, self.spec.special_ids)
                 logits = out.reshape((reps, -1) + out.shape[1:])

@@ -59,6 +59,16 @@ def bag_of_words_log_likelihood(counts: jax.Array, logits: jax.Array) -> jax.Arr
     return jnp.sum(counts * jax.nn.log_softmax(logits, axis=-1), axis=-1)
 
 
+def token_log_likelihood(ids: jax.Array, mask: jax.Array, logits: jax.Array) -> jax.Array:
+    """Token-level categorical log-likelihood Σ_t mask_t log softmax(logits_t)[ids_t].
+
+    ids, mask: ``(..., T)``; logits ``(..., T, V)`` → ``(...)``.
+    """
+    lp = jax.nn.log_softmax(logits, axis=-1)
+    picked = jnp.take_along_axis(lp, ids[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return jnp.sum(picked * mask, axis=-1)
+
+
 def metadata_log_likelihood(num_values: jax.Array, num_mask: jax.Array, num_pred: jax.Array,
                             cat_targets: jax.Array, cat_mask: jax.Array,
                             cat_logits: Sequence[jax.Array]) -> jax.Array:

@@ -37,7 +37,7 @@ def model_spec(config, vocab_size: int = 0, special_ids: tuple[int, ...] = (0,))
         image_modalities=tuple(d.image_modalities), shape=tuple(int(s) for s in d.shape),
         latent_dim=int(m.latent_dim), fusion=m.fusion, channels=tuple(int(c) for c in m.image.channels),
         blocks=int(m.image.blocks), full_res_blocks=bool(m.image.full_res_blocks), set_pooling=m.image.set_pooling, report=bool(d.report), bert=bert,
-        bow_hidden=int(m.report_decoder.hidden), special_ids=tuple(special_ids),
+        bow_hidden=int(m.report_decoder.hidden), report_decoder=m.report_decoder.kind, special_ids=tuple(special_ids),
         clinical_numeric=tuple(d.clinical.numeric),
         clinical_categorical=tuple((k, tuple(v)) for k, v in dict(d.clinical.categorical).items()),
         clinical_hidden=int(m.clinical.hidden), likelihood=o.likelihood, learn_scale=bool(o.learn_scale),

@@ -1,0 +1,592 @@
+"""Query-by-example case retrieval: files of a new case in, similar indexed cases out.
+
+:class:`Retriever` ties a trained work dir (model, tokenizer, clinical statistics,
+preprocessing configuration) to a case index (:mod:`mmvae.retrieval.index`)::
+
+    r = Retriever.load("runs/quickstart", "runs/quickstart/index")
+    hits = r.search({"t2": ["a_t2.nii.gz"], "dwi": ["dicom/dwi_series/"]},
+                    report="Ring-enhancing lesion ...", k=10, filter={"has": "dwi"})
+    hits = r.search(..., feedback={"relevant": ["c0012"], "nonrelevant": ["c0007"]})
+
+A query goes through exactly what a cohort case goes through in
+:func:`mmvae.data.dataset.prepare_cohort`: every file (NIfTI file, DICOM series
+folder, PNG) is loaded, validated and preprocessed by
+:func:`mmvae.data.dataset.load_case_images` with the run's
+:func:`~mmvae.data.dataset.preprocess_config` and ``data.reference_modality``; several
+series of one modality fill the padded set dimension (up to ``data.max_series``, extra
+ones dropped in the order given); the report is tokenised with the run's tokenizer;
+clinical fields are encoded and standardised with the run's ``clinical_stats.json``. The
+one-case batch is built by :meth:`mmvae.data.dataset.Cohort.batch` and encoded by the
+jitted :func:`mmvae.retrieval.embed.make_encode_fn` (compiled once per
+:class:`Retriever`); the experts are fused over the given modalities with the model's
+fusion (:func:`mmvae.retrieval.embed.fused`, as for the indexed cases).
+
+Relevance feedback moves the query mean by Rocchio
+(:func:`mmvae.retrieval.feedback.rocchio`, weights ``retrieval.rocchio`` of the run's
+config) towards the stored means of the cases marked relevant and away from those
+marked non-relevant, then searches again.
+
+Nothing here writes to the index folder unless :meth:`Retriever.save` is called.
+The ``mmvae query`` command (:func:`query_main`) exposes the same options.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from mmvae.data import io as mio
+from mmvae.data.cache import PreprocessCache
+from mmvae.data.dataset import (CLINICAL, Cohort, _clinical_arrays, load_case_images, preprocess_config,
+                                standardize_clinical)
+from mmvae.data.manifest import REPORT, CaseEntries
+from mmvae.errors import ConfigError, InputError
+from mmvae.retrieval.embed import fused, make_encode_fn
+from mmvae.retrieval.feedback import rocchio
+from mmvae.retrieval.index import RERANKS, CaseIndex, Result, load_index
+
+__all__ = ["Retriever", "Result", "model_identity", "parse_filter", "parse_feedback", "query_main"]
+
+log = logging.getLogger(__name__)
+
+QUERY_CASE = "query"
+FEEDBACK_KEYS = ("relevant", "nonrelevant")
+
+
+def model_identity(spec) -> dict:
+    """The identity an index must have been built with to be searched with ``spec``'s model."""
+    from mmvae.train.run import fingerprint
+    return {"model_fingerprint": fingerprint(spec), "latent_dim": int(spec.latent_dim)}
+
+
+def _strip_case(e: InputError) -> InputError:
+    """The query is not a cohort case: keep modality and file, drop the case id."""
+    return InputError(e.reason, modality=e.modality, path=e.path)
+
+
+class Retriever:
+    """A trained model + its preprocessing + a case index, ready for queries.
+
+    Build it with :meth:`load`. Not thread-safe (the index is not).
+
+    Attributes:
+      config, spec, model, tokenizer, clinical_stats: of the trained work dir.
+      index: the :class:`~mmvae.retrieval.index.CaseIndex` searched.
+      index_dir: where the index was loaded from (the default of :meth:`save`).
+    """
+
+    def __init__(self, *, config, spec, model, tokenizer, clinical_stats: dict, index: CaseIndex,
+                 workdir: str | os.PathLike | None = None, index_dir: str | os.PathLike | None = None,
+                 cache_dir: str | os.PathLike | None = None):
+        self.config = config
+        self.spec = spec
+        self.model = model
+        self.tokenizer = tokenizer
+        self.clinical_stats = clinical_stats
+        self.index = index
+        self.workdir = None if workdir is None else Path(workdir)
+        self.index_dir = None if index_dir is None else Path(index_dir)
+        self.preprocess = preprocess_config(config.data)
+        if self.spec.image_modalities and tuple(self.preprocess.shape) != tuple(self.spec.shape):
+            raise ConfigError(f"data.shape {self.preprocess.shape} differs from the model's input shape "
+                              f"{tuple(self.spec.shape)}")
+        if tuple(config.data.image_modalities) != tuple(spec.image_modalities):
+            raise ConfigError(f"data.image_modalities {list(config.data.image_modalities)} differ from the "
+                              f"model's {list(spec.image_modalities)}")
+        self._tmp = None
+        if cache_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="mmvae-query-cache-")
+            cache_dir = self._tmp.name
+        self.cache = PreprocessCache(cache_dir)
+        self._encode = make_encode_fn(model)   # jitted once; one-case batches keep one shape
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def load(cls, workdir: str | os.PathLike, index_dir: str | os.PathLike, *,
+             cache_dir: str | os.PathLike | None = None, use_ema: bool = True) -> "Retriever":
+        """Load the trained model of ``workdir`` and the index in ``index_dir``.
+
+        The index must have been built from this model's embeddings: its identity must
+        hold this model's ``model_fingerprint`` and ``latent_dim``, else
+        :class:`~mmvae.errors.IndexError_`. ``cache_dir``: preprocessed-array cache for
+        query files (default: a temporary folder removed with the Retriever).
+        """
+        from mmvae.train.loop import load_trained
+        from mmvae.train.run import read_run_files
+        workdir = Path(workdir)
+        _, spec, _ = read_run_files(workdir)                     # cheap: fail before loading weights
+        index = load_index(index_dir, expect_identity=model_identity(spec))
+        config, spec, model, tokenizer = load_trained(workdir, use_ema=use_ema)
+        stats = json.loads((workdir / "clinical_stats.json").read_text())
+        return cls(config=config, spec=spec, model=model, tokenizer=tokenizer, clinical_stats=stats,
+                   index=index, workdir=workdir, index_dir=index_dir, cache_dir=cache_dir)
+
+    def close(self) -> None:
+        """Remove the temporary preprocessing cache (if the Retriever made one)."""
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> "Retriever":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ modalities
+    @property
+    def image_modalities(self) -> tuple[str, ...]:
+        return tuple(self.spec.image_modalities)
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """Every modality of the model (image modalities, then 'report', 'clinical')."""
+        return tuple(self.spec.modalities)
+
+    @property
+    def max_series(self) -> int:
+        return int(self.config.data.max_series)
+
+    def _known(self) -> str:
+        extra = [x for x in (REPORT, CLINICAL) if x in self.modalities]
+        s = f"this model's image modalities are {list(self.image_modalities)}"
+        if extra:
+            s += f" (and {' and '.join(repr(x) for x in extra)}, given separately)"
+        return s
+
+    def _check_images(self, images) -> dict[str, list[str]]:
+        if images is None:
+            return {}
+        if not isinstance(images, Mapping):
+            raise InputError(f"images must be a dict modality → list of paths, got {type(images).__name__}")
+        out: dict[str, list[str]] = {}
+        for m, paths in images.items():
+            if m not in self.image_modalities:
+                hint = ""
+                if m == REPORT:
+                    hint = " (give the report text with report=...)"
+                elif m == CLINICAL:
+                    hint = " (give clinical fields with clinical=...)"
+                raise InputError(f"unknown image modality{hint}; {self._known()}", modality=str(m))
+            if paths is None:
+                continue
+            if isinstance(paths, (str, os.PathLike)):
+                paths = [paths]
+            lst = []
+            for p in paths:
+                if not isinstance(p, (str, os.PathLike)) or not os.fspath(p):
+                    raise InputError(f"expected a file or folder path, got {p!r}", modality=m)
+                lst.append(os.path.abspath(os.fspath(p)))
+            if len(lst) > self.max_series:
+                log.warning("modality %r: %d series given, the model uses the first %d (data.max_series)",
+                            m, len(lst), self.max_series)
+            if lst:
+                out[m] = lst
+        return out
+
+    def _check_clinical(self, clinical) -> dict[str, Any]:
+        if not clinical:
+            return {}
+        if CLINICAL not in self.modalities:
+            raise InputError("this model has no clinical modality", modality=CLINICAL)
+        if not isinstance(clinical, Mapping):
+            raise InputError(f"clinical must be a dict field → value, got {type(clinical).__name__}",
+                             modality=CLINICAL)
+        numeric = list(self.config.data.clinical.numeric)
+        categorical = {k: [str(x) for x in v] for k, v in dict(self.config.data.clinical.categorical).items()}
+        out: dict[str, Any] = {}
+        for name, value in clinical.items():
+            if name in numeric:
+                try:
+                    v = float(value)
+                except (TypeError, ValueError):
+                    v = math.nan
+                if not math.isfinite(v) or isinstance(value, bool):
+                    raise InputError(f"clinical field {name!r} must be a finite number, got {value!r}",
+                                     modality=CLINICAL)
+                out[name] = v
+            elif name in categorical:
+                if str(value) not in categorical[name]:
+                    raise InputError(f"clinical field {name!r}: {value!r} is not one of {categorical[name]}",
+                                     modality=CLINICAL)
+                out[name] = str(value)
+            else:
+                raise InputError(f"unknown clinical field {name!r}; known: {numeric + list(categorical)}",
+                                 modality=CLINICAL)
+        return out
+
+    # ------------------------------------------------------------------ encoding
+    def query_batch(self, images: Mapping[str, Sequence[str | os.PathLike]] | None = None,
+                    report: str | None = None, *, clinical: Mapping[str, Any] | None = None) -> dict:
+        """The one-case model batch of a query (layout of :meth:`Cohort.batch`)."""
+        imgs = self._check_images(images)
+        if report is not None:
+            if REPORT not in self.modalities:
+                raise InputError("this model has no report modality", modality=REPORT)
+            if not isinstance(report, str):
+                raise InputError(f"report must be a string, got {type(report).__name__}", modality=REPORT)
+            if not report.strip():
+                raise InputError("empty report", modality=REPORT)
+        meta = self._check_clinical(clinical)
+        if not imgs and report is None and not meta:
+            raise InputError("no query modality given: give at least one image series or a report; "
+                             + self._known())
+        case = CaseEntries(QUERY_CASE, imgs, report, None, {}, meta)
+        data = self.config.data
+        spatial_dims = int(data.spatial_dims)
+        # Exactly as prepare_cohort: the first series of the reference modality, if given.
+        ref_mod = data.reference_modality or None
+        ref = case.images.get(ref_mod, [None])[0] if ref_mod else None
+        arrays = {}
+        for m in self.image_modalities:
+            if m in imgs:
+                try:
+                    arrays[m] = load_case_images(case, m, imgs[m], self.cache, self.preprocess, spatial_dims, ref)
+                except InputError as e:
+                    raise _strip_case(e) from None
+        T = int(data.text.max_len)
+        if report is not None and self.tokenizer is not None and data.report:
+            from mmvae.models.text import tokenize
+            tokens, token_mask = tokenize(self.tokenizer, [report], T)
+        else:
+            tokens = np.zeros((1, T), np.int32)
+            token_mask = np.zeros_like(tokens)
+        num, num_mask, cat, cat_mask = _clinical_arrays([case], list(data.clinical.numeric),
+                                                        dict(data.clinical.categorical))
+        num, _ = standardize_clinical(num, num_mask, self.clinical_stats)
+        cohort = Cohort(case_ids=[QUERY_CASE], image_modalities=self.image_modalities,
+                        images={m: [arrays.get(m)] for m in self.image_modalities}, reports=[report],
+                        tokens=tokens, token_mask=token_mask, clinical_num=num, clinical_num_mask=num_mask,
+                        clinical_cat=cat, clinical_cat_mask=cat_mask, labels=[{}],
+                        shape=tuple(self.preprocess.shape), max_series=self.max_series,
+                        clinical_stats=self.clinical_stats)
+        return cohort.batch([0])
+
+    def encode(self, images=None, report=None, *, clinical=None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """Like :meth:`encode_query`, also returning the modalities the model saw."""
+        batch = self.query_batch(images, report, clinical=clinical)
+        emu, elv, present = jax.device_get(self._encode(batch))
+        present = np.asarray(present)
+        if not present.any():
+            raise InputError("no usable modality in the query (every input was dropped by the model)")
+        mu, lv = fused(np.asarray(emu), np.asarray(elv), present, self.spec.fusion)
+        names = [m for m, p in zip(self.modalities, present[0]) if p > 0]
+        return mu[0].astype(np.float32), lv[0].astype(np.float32), names
+
+    def encode_query(self, images: Mapping[str, Sequence[str | os.PathLike]] | None = None,
+                     report: str | None = None, *,
+                     clinical: Mapping[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Fused posterior ``(mu, logvar)``, each ``(L,)`` float32, of the given modalities.
+
+        Args:
+          images: image modality → list of sources (NIfTI file, DICOM series folder or
+            PNG; a single path is accepted too). Several sources of one modality are
+            several series (the first ``data.max_series`` are used).
+          report: report text (tokenised with the run's tokenizer).
+          clinical: clinical fields of the run's config, e.g. ``{'age': 63, 'sex': 'F'}``.
+
+        Raises:
+          InputError: nothing given; an unknown modality (the message lists the known
+            ones); a file that fails to load or preprocess (naming modality and file).
+        """
+        mu, lv, _ = self.encode(images, report, clinical=clinical)
+        return mu, lv
+
+    # ------------------------------------------------------------------ search
+    def _check_k(self, k) -> int:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or int(k) < 1:
+            raise InputError(f"k must be an integer ≥ 1 (got {k!r})")
+        if int(k) > self.index.size:
+            raise InputError(f"k={int(k)} is larger than the index ({self.index.size} cases)")
+        return int(k)
+
+    def apply_feedback(self, mu, feedback: Mapping[str, Sequence[str]] | None) -> np.ndarray:
+        """Rocchio-moved query mean: ``α·mu + β·mean(relevant) − γ·mean(nonrelevant)``
+        over the index's stored means of the marked cases (weights ``retrieval.rocchio``)."""
+        mu = np.asarray(mu, np.float32)
+        if not feedback:
+            return mu
+        if not isinstance(feedback, Mapping):
+            raise InputError("feedback must be a dict {'relevant': [case ids], 'nonrelevant': [case ids]}")
+        bad = [k for k in feedback if k not in FEEDBACK_KEYS]
+        if bad:
+            raise InputError(f"unknown feedback key(s) {bad}; use {list(FEEDBACK_KEYS)}")
+
+        def ids(key):
+            v = feedback.get(key) or []
+            v = [v] if isinstance(v, str) else list(v)
+            return [str(x) for x in v]
+
+        rel, non = ids("relevant"), ids("nonrelevant")
+        both = sorted(set(rel) & set(non))
+        if both:
+            raise InputError(f"case(s) marked both relevant and non-relevant: {both}")
+        if not rel and not non:
+            return mu
+        rel_mu = self.index.embeddings(rel)[0] if rel else None
+        non_mu = self.index.embeddings(non)[0] if non else None
+        r = self.config.retrieval.rocchio
+        return rocchio(mu, rel_mu, non_mu, float(r.alpha), float(r.beta), float(r.gamma)).astype(np.float32)
+
+    def search_embedding(self, mu, logvar=None, k: int = 10, filter=None, exclude=None,  # noqa: A002
+                         feedback=None, rerank: str | None = None) -> list[Result]:
+        """Search with an already encoded query posterior (see :meth:`search`)."""
+        k = self._check_k(k)
+        if rerank not in RERANKS:
+            raise InputError(f"rerank must be one of {list(RERANKS)} (got {rerank!r})")
+        q = self.apply_feedback(mu, feedback)
+        qlv = None if logvar is None else np.asarray(logvar, np.float32)[None]
+        return self.index.search(q[None], k, query_logvar=qlv, filter=filter, exclude=exclude,
+                                 rerank=rerank)[0]
+
+    def search(self, images: Mapping[str, Sequence[str | os.PathLike]] | None = None,
+               report: str | None = None, k: int = 10, filter=None, exclude=None,  # noqa: A002
+               feedback: Mapping[str, Sequence[str]] | None = None, rerank: str | None = None, *,
+               clinical: Mapping[str, Any] | None = None) -> list[Result]:
+        """The ``k`` indexed cases most similar to the query, best first.
+
+        Args:
+          images, report, clinical: the query (see :meth:`encode_query`).
+          k: results, 1 ≤ k ≤ cases left after filter/exclude (else InputError).
+          filter: index filter, e.g. ``{'has': 'dwi'}``, ``{'lacks': ['t1']}``,
+            ``{'labels': {'class': 'glioma'}}`` or ``callable(meta) -> bool``.
+          exclude: case ids never returned.
+          feedback: ``{'relevant': [case ids], 'nonrelevant': [case ids]}``: the query
+            mean is moved by Rocchio before searching (:meth:`apply_feedback`).
+          rerank: None, ``'bhattacharyya'`` or ``'expected_likelihood'``: re-rank the
+            candidates with the query's full posterior.
+        """
+        self._check_k(k)   # before the (expensive) encoding
+        mu, lv = self.encode_query(images, report, clinical=clinical)
+        return self.search_embedding(mu, lv, k=k, filter=filter, exclude=exclude, feedback=feedback,
+                                     rerank=rerank)
+
+    # ------------------------------------------------------------------ index upkeep
+    def add_case(self, case_id: str, images=None, report=None, *, clinical=None,
+                 labels: Mapping | None = None) -> list[str]:
+        """Encode a case and add it to the (in-memory) index; returns its modalities.
+        Call :meth:`save` to write the index."""
+        mu, lv, names = self.encode(images, report, clinical=clinical)
+        self.index.add(mu[None], lv[None], [case_id], [{"modalities": names, "labels": dict(labels or {})}])
+        return names
+
+    def remove(self, case_ids: Sequence[str] | str) -> None:
+        """Remove cases from the (in-memory) index."""
+        self.index.remove(case_ids)
+
+    def save(self, folder: str | os.PathLike | None = None) -> Path:
+        """Write the index (atomically) to ``folder`` (default: where it was loaded from)."""
+        folder = folder if folder is not None else self.index_dir
+        if folder is None:
+            raise InputError("no index folder to save to")
+        return self.index.save(folder)
+
+
+# ====================================================================== command line
+def parse_filter(specs: Sequence[str] | None) -> dict | None:
+    """``['has=dwi', 'lacks=t1', 'label.class=glioma,abscess']`` → an index filter dict.
+
+    Keys: ``has`` / ``has_any`` / ``lacks`` (comma-separated modalities, repeatable) and
+    ``label.NAME`` (comma-separated accepted values).
+    """
+    if not specs:
+        return None
+    out: dict[str, Any] = {}
+    for spec in specs:
+        key, sep, value = spec.partition("=")
+        key = key.strip()
+        values = [v.strip() for v in value.split(",") if v.strip()]
+        if not sep or not values:
+            raise InputError(f"--filter {spec!r} must look like KEY=VALUE[,VALUE...]")
+        if key in ("has", "has_any", "lacks"):
+            out.setdefault(key, [])
+            out[key] += [v for v in values if v not in out[key]]
+        elif key.startswith(("label.", "labels.")) and key.partition(".")[2]:
+            out.setdefault("labels", {})[key.partition(".")[2]] = values if len(values) > 1 else values[0]
+        else:
+            raise InputError(f"--filter {spec!r}: unknown key {key!r}; use has=, has_any=, lacks= or label.NAME=")
+    return out
+
+
+def parse_feedback(specs: Sequence[str] | None) -> dict | None:
+    """``['+c001,-c007', '+c012']`` → ``{'relevant': ['c001', 'c012'], 'nonrelevant': ['c007']}``."""
+    if not specs:
+        return None
+    rel: list[str] = []
+    non: list[str] = []
+    for spec in specs:
+        for item in (x.strip() for x in spec.split(",")):
+            if not item:
+                continue
+            if item[0] not in "+-" or len(item) < 2:
+                raise InputError(f"--feedback item {item!r} must be +CASE (relevant) or -CASE (non-relevant)")
+            (rel if item[0] == "+" else non).append(item[1:])
+    return {"relevant": rel, "nonrelevant": non}
+
+
+def _parse_clinical(specs: Sequence[str] | None) -> dict | None:
+    if not specs:
+        return None
+    out = {}
+    for spec in specs:
+        key, sep, value = spec.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--clinical {spec!r} must look like NAME=VALUE", modality=CLINICAL)
+        out[key.strip()] = value.strip()
+    return out
+
+
+class _ArgParser(argparse.ArgumentParser):
+    """argparse that raises InputError (→ one line, exit 2) instead of exiting."""
+
+    def error(self, message):
+        raise InputError(message)
+
+
+_STATIC = ("index", "workdir", "report", "report-file", "clinical", "k", "filter", "exclude",
+           "feedback", "rerank", "json", "cache-dir", "help")
+
+
+def _query_parser(modalities: Sequence[str] | None, max_series: int | None = None) -> argparse.ArgumentParser:
+    p = _ArgParser(prog="mmvae query", allow_abbrev=False,
+                   description="Find the indexed cases most similar to a new case (query by example).",
+                   epilog="Image options (one per image modality of the model) are read from --workdir's "
+                          "config; each takes a NIfTI file, a DICOM series folder or a PNG and may be "
+                          "repeated for several series. Exit status 2 on bad input.")
+    p.add_argument("--index", required=True, help="index folder (mmvae index / quickstart)")
+    p.add_argument("--workdir", required=True, help="trained work dir whose embeddings built the index")
+    if modalities is None:
+        p.add_argument_group("image options", "--<modality> PATH for each image modality of the model "
+                                              "(give --workdir to list them)")
+    else:
+        g = p.add_argument_group("image options (from the model)")
+        for m in modalities:
+            if m in _STATIC:
+                raise ConfigError(f"image modality {m!r} clashes with a 'mmvae query' option")
+            g.add_argument(f"--{m}", dest=f"image:{m}", action="append", metavar="PATH",
+                           help=f"{m} series: NIfTI file, DICOM folder or PNG; repeat for several series "
+                                f"(up to data.max_series={max_series})")
+    r = p.add_mutually_exclusive_group()
+    r.add_argument("--report", help="report text")
+    r.add_argument("--report-file", help="report text file (UTF-8)")
+    p.add_argument("--clinical", action="append", metavar="NAME=VALUE",
+                   help="clinical field of the model's config (repeatable), e.g. age=63")
+    p.add_argument("--k", type=int, default=None, help="number of results (default retrieval.k)")
+    p.add_argument("--filter", action="append", metavar="KEY=VALUE",
+                   help="has=dwi, has_any=t1,t2, lacks=t1, label.class=glioma (repeatable, all must hold)")
+    p.add_argument("--exclude", action="append", metavar="CASE", help="case id(s) never returned (repeatable, "
+                                                                       "comma-separated)")
+    p.add_argument("--feedback", action="append", metavar="+CASE,-CASE",
+                   help="relevance feedback: +CASE relevant, -CASE non-relevant (use --feedback=-CASE "
+                        "when the first item is non-relevant); the query moves by Rocchio")
+    p.add_argument("--rerank", choices=[x for x in RERANKS if x], help="re-rank with the query posterior")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--cache-dir", help="preprocessing cache for query files (default: temporary)")
+    return p
+
+
+def _format_labels(labels) -> str:
+    if isinstance(labels, Mapping):
+        return ", ".join(f"{k}={v}" for k, v in labels.items())
+    return "" if labels is None else json.dumps(labels)
+
+
+def _table(results: Sequence[Result]) -> str:
+    head = ("rank", "case_id", "score", "modalities", "labels")
+    rows = [(str(r.rank), r.case_id, f"{r.score:.4f}", ",".join(r.modalities), _format_labels(r.labels))
+            for r in results]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
+    right = {0, 2}
+
+    def line(cells):
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def query_main(argv: Sequence[str], out=None) -> None:
+    """``mmvae query``: parse ``argv`` in two passes (``--workdir`` first, then one
+    ``--<modality>`` option per image modality of its config), search, print."""
+    from mmvae.train.run import read_run_files
+    out = sys.stdout if out is None else out
+    argv = list(argv)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--workdir")
+    pre.add_argument("-h", "--help", action="store_true")
+    first, _ = pre.parse_known_args(argv)
+    if first.workdir is None:
+        if first.help:
+            _query_parser(None).parse_args(["--help"])      # prints help, SystemExit(0)
+        raise InputError("the following arguments are required: --workdir (a trained work dir)")
+    config, _, _ = read_run_files(Path(first.workdir))
+    mods = list(config.data.image_modalities)
+    parser = _query_parser(mods, int(config.data.max_series))
+    a, rest = parser.parse_known_args(argv)
+    if rest:
+        opts = [x for x in rest if x.startswith("-")]
+        if opts:
+            raise InputError(f"unknown option {opts[0].split('=')[0]!r}; {_known_flags(config)}")
+        raise InputError(f"unexpected argument(s) {rest}")
+    images = {m: getattr(a, f"image:{m}") for m in mods if getattr(a, f"image:{m}")}
+    report = a.report
+    if a.report_file is not None:
+        try:
+            report = mio.load_report(a.report_file)
+        except InputError as e:
+            raise e.with_context(modality=REPORT) from None
+    clinical = _parse_clinical(a.clinical)
+    flt = parse_filter(a.filter)
+    exclude = [c.strip() for x in (a.exclude or []) for c in x.split(",") if c.strip()] or None
+    feedback = parse_feedback(a.feedback)
+    if not images and report is None and not clinical:
+        raise InputError("no query modality given: give at least one image option "
+                         f"({', '.join('--' + m for m in mods)}) or --report/--report-file")
+
+    if a.k is not None and a.k < 1:
+        raise InputError(f"k must be an integer ≥ 1 (got {a.k})")
+    t0 = time.perf_counter()
+    r = Retriever.load(a.workdir, a.index, cache_dir=a.cache_dir)
+    t_load = time.perf_counter() - t0
+    k = int(config.retrieval.k) if a.k is None else a.k
+    r._check_k(k)
+    t1 = time.perf_counter()
+    mu, lv, used = r.encode(images, report, clinical=clinical)
+    t2 = time.perf_counter()
+    results = r.search_embedding(mu, lv, k=k, filter=flt, exclude=exclude, feedback=feedback, rerank=a.rerank)
+    t3 = time.perf_counter()
+    r.close()
+    timing = {"load_s": t_load, "encode_s": t2 - t1, "search_s": t3 - t2, "query_s": t3 - t1}
+    if a.json:
+        doc = {"results": [dataclasses.asdict(x) for x in results],
+               "query": {"images": images, "report": report is not None, "clinical": clinical,
+                         "modalities": used, "k": k, "filter": flt, "exclude": exclude,
+                         "feedback": feedback, "rerank": a.rerank},
+               "index": {"path": str(a.index), "kind": r.index.kind, "metric": r.index.metric,
+                         "size": r.index.size},
+               "timing": timing}
+        print(json.dumps(doc, indent=2), file=out)
+        return
+    print(_table(results), file=out)
+    print(f"{len(results)} of {r.index.size} cases ({r.index.kind} index, {r.index.metric}); query by "
+          f"{'+'.join(used)}; query time {1e3 * timing['query_s']:.1f} ms (encode "
+          f"{1e3 * timing['encode_s']:.1f} ms incl. first-call compile, search {1e3 * timing['search_s']:.1f} ms); "
+          f"model+index load {t_load:.1f} s", file=out)
+
+
+def _known_flags(config) -> str:
+    mods = list(config.data.image_modalities)
+    return ("this model's image modality options are " + ", ".join("--" + m for m in mods)
+            + " (see mmvae query --workdir RUN --help)")
