@@ -1,0 +1,42 @@
+"""BraTS glioma MRI: T1, T1ce, T2, FLAIR (no report); retrieval label 'grade' (HGG/LGG).
+
+The manifest comes from scanning a BraTS-layout folder (``<case>/<case>_<seq>.nii.gz``
+plus an optional ``grades.csv`` giving the ``grade`` label)::
+
+    python -c "from mmvae.data.scan import scan_folder; from mmvae.data.manifest import write_manifest; \
+write_manifest(scan_folder('../shared/data/brats18-sample', layout='brats', \
+modalities=['t1', 't1ce', 't2', 'flair']), 'runs/brats/manifest.jsonl')"
+    mmvae train --config configs/brats.py --manifest runs/brats/manifest.jsonl --workdir runs/brats
+
+Volumes (240x240x155 at 1 mm, skull-stripped) are resampled to 3 mm and cropped/padded
+to 64³ (192 mm) around the brain. ARGS: ``manifest=PATH``, ``latent=N``,
+``fusion=poe|moe|mopoe``, ``steps=N``, ``batch=N``.
+For the 6-case sample use a batch of at most the training cases, e.g. ``batch=4``.
+"""
+from mmvae.config import base_config, parse_arg
+
+
+def get_config(arg=None):
+    args = parse_arg(arg)
+    c = base_config()
+    c.data.manifest = args.get("manifest", "")
+    c.data.image_modalities = ["t1", "t1ce", "t2", "flair"]
+    c.data.report = False
+    c.data.shape = (64, 64, 64)
+    c.data.spacing = (3.0, 3.0, 3.0)
+    c.data.crop = "foreground"
+    c.data.label = "grade"
+    c.data.extra_modalities = "ignore"     # e.g. *_seg rows in hand-made manifests
+    c.synth.cases = 0                      # real data only: no synthetic fallback
+    c.model.latent_dim = int(args.get("latent", 64))
+    c.model.fusion = args.get("fusion", "poe")
+    c.model.image.channels = (16, 32, 64)
+    c.objective.subsets = "all"            # 15 subsets of 4 sequences
+    c.optim.lr = 1e-3
+    c.optim.warmup_steps = 100
+    c.train.batch_size = int(args.get("batch", 8))
+    c.train.steps = int(args.get("steps", 5000))
+    c.train.log_every = 20
+    c.train.eval_every = 500
+    c.train.checkpoint_every = 500
+    return c
