@@ -26,7 +26,6 @@ def get_config(arg=None):
     c.data.label = args.get("label", "clinsig")
     c.data.extra_modalities = "ignore"     # sagittal/coronal T2, PD... rows of a scanned study
     c.data.text.max_len = 128
-    c.data.clinical.numeric = ["age", "psa"]
     c.synth.cases = 0                      # real data only: no synthetic fallback
     c.model.latent_dim = int(args.get("latent", 32))
     c.model.fusion = args.get("fusion", "poe")

@@ -31,9 +31,16 @@ def cmd_synth(a, extra):
     print(f"wrote {a.cases} cases; manifest {path}")
 
 
+def _on_error(config, a):
+    if getattr(a, "on_error", None):
+        with config.unlocked():
+            config.data.on_error = a.on_error
+    return config
+
+
 def cmd_train(a, extra):
     from mmvae.train.loop import train_and_evaluate
-    config = _config(a.config, extra, "quickstart.py")
+    config = _on_error(_config(a.config, extra, "quickstart.py"), a)
     if a.manifest:
         with config.unlocked():
             config.data.manifest = a.manifest
@@ -50,6 +57,7 @@ def cmd_embed(a, extra):
     from mmvae.train.loop import load_cohort, load_trained
     from mmvae.train.run import fingerprint
     config, spec, model, tok = load_trained(a.workdir)
+    config = _on_error(config, a)
     stats = json.loads((Path(a.workdir) / "clinical_stats.json").read_text())
     cohort, _, _ = load_cohort(config, Path(a.workdir), a.manifest, tokenizer=tok, clinical_stats=stats)
     emb = embed_cohort(model, cohort, identity={"model_fingerprint": fingerprint(spec)})
@@ -104,7 +112,7 @@ class _QueryArgs(argparse.ArgumentParser):
 
 def cmd_quickstart(a, extra):
     from mmvae.quickstart import run_quickstart
-    config = _config(a.config, extra, "quickstart.py")
+    config = _on_error(_config(a.config, extra, "quickstart.py"), a)
     with config.unlocked():
         if a.cases:
             config.synth.cases = a.cases
@@ -131,12 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workdir", required=True)
     s.add_argument("--manifest", help="cohort manifest (overrides data.manifest)")
     s.add_argument("--quiet", action="store_true")
+    s.add_argument("--on-error", choices=["raise", "skip"], help="bad cases: stop (default) or skip with a warning")
     s.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("embed", help="encode every case of a manifest with a trained model")
     s.add_argument("--workdir", required=True, help="trained work dir")
     s.add_argument("--manifest", required=True)
     s.add_argument("--out", required=True, help="embeddings file (.npz)")
+    s.add_argument("--on-error", choices=["raise", "skip"], help="bad cases: stop (default) or skip with a warning")
     s.set_defaults(fn=cmd_embed)
 
     s = sub.add_parser("index", help="build a FAISS index from embeddings")
@@ -166,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cases", type=int)
     s.add_argument("--steps", type=int)
     s.add_argument("--quiet", action="store_true")
+    s.add_argument("--on-error", choices=["raise", "skip"], help="bad cases: stop (default) or skip with a warning")
     s.set_defaults(fn=cmd_quickstart)
     return p
 

@@ -90,6 +90,15 @@ def test_bad_volume_in_manifest_exits_2_naming_case_modality_file(tmp_path, caps
     err = capsys.readouterr().err
     assert "case 'b'" in err and "modality 't2'" in err and "bad t2.nii.gz" in err and "NaN" in err
     assert "Traceback" not in err
+    # --on-error skip: the bad case is skipped with a warning and a final count
+    import logging
+    logging.getLogger().handlers.clear()
+    rc = main(["train", "--config", TINY, "--workdir", str(tmp_path / "wd2"), "--manifest", str(m), "--quiet",
+               "--on-error", "skip", "--config.train.steps=0", "--config.data.val_fraction=0.0",
+               "--config.train.batch_size=1", "--config.data.report=False"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "skipped 1 of 2 cases" in err and "bad t2.nii.gz" in err
 
 
 def test_unknown_config_key_and_wrong_type_fail_before_running(tmp_path, capsys):

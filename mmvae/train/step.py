@@ -1,8 +1,13 @@
-"""The jitted train step: loss, gradients, a guarded optimiser update, EMA.
+"""The jitted train step: loss, gradients, a guarded optimiser update, EMA; the eval step.
 
-State is a plain pytree ``{"params", "opt_state", "step", "ema"}`` so it shards,
-checkpoints and donates without framework magic. A non-finite loss or gradient skips
-the update (parameters and optimiser state unchanged) and is counted.
+State is a plain pytree ``{"params", "opt_state", "step", "nonfinite_steps",
+"skipped_total"[, "ema"]}`` so it shards, checkpoints and donates without framework
+magic. A non-finite loss or gradient skips the update (parameters, optimiser state and
+EMA unchanged), is counted in ``skipped_total`` and in ``nonfinite_steps`` (the
+current run of skipped steps, reset by the next finite one).
+
+With ``model.dtype='bfloat16'`` the model computes in bfloat16 while parameters,
+gradients, optimiser state and the loss stay float32 (mixed precision).
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from mmvae.objectives.elbo import ObjectiveSpec, elbo_loss
 def init_state(model: nnx.Module, tx: optax.GradientTransformation, ema_decay: float = 0.0):
     graphdef, params = nnx.split(model, nnx.Param)
     state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
-             "nonfinite_steps": jnp.zeros((), jnp.int32)}
+             "nonfinite_steps": jnp.zeros((), jnp.int32), "skipped_total": jnp.zeros((), jnp.int32)}
     if ema_decay > 0:
         state["ema"] = jax.tree.map(jnp.copy, params)
     return graphdef, state
@@ -28,7 +33,8 @@ def make_train_step(graphdef, tx, obj: ObjectiveSpec, lr_schedule, ema_decay: fl
 
     def loss_fn(params, batch, key, step):
         model = nnx.merge(graphdef, params)
-        return elbo_loss(model, batch, key, step, obj)
+        loss, metrics = elbo_loss(model, batch, key, step, obj)
+        return loss.astype(jnp.float32), metrics
 
     def train_step(state, batch, key):
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -44,11 +50,30 @@ def make_train_step(graphdef, tx, obj: ObjectiveSpec, lr_schedule, ema_decay: fl
         out["opt_state"] = keep(new_opt, state["opt_state"])
         out["step"] = state["step"] + 1
         out["nonfinite_steps"] = jnp.where(finite, 0, state["nonfinite_steps"] + 1)
+        out["skipped_total"] = state.get("skipped_total", jnp.zeros((), jnp.int32)) + (~finite).astype(jnp.int32)
         if "ema" in state:
             out["ema"] = keep(jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p,
                                            state["ema"], out["params"]), state["ema"])
         metrics = dict(metrics, grad_norm=gnorm, lr=lr_schedule(state["step"]),
-                       skipped=(~finite).astype(jnp.int32))
+                       skipped=(~finite).astype(jnp.int32), skipped_total=out["skipped_total"])
         return out, metrics
 
     return train_step
+
+
+def make_eval_step(graphdef, obj: ObjectiveSpec):
+    """Return ``eval(params, batch, key, step) -> (metrics, experts_mu, experts_logvar, present)``.
+
+    The metrics are :func:`elbo_loss`'s (the subset ELBO terms of the batch); the experts
+    (``(B, M, L)``) and presence ``(B, M)`` feed the retrieval evaluation.
+    """
+
+    def eval_step(params, batch, key, step):
+        model = nnx.merge(graphdef, params)
+        _, metrics = elbo_loss(model, batch, key, step, obj)
+        experts, present, _ = model.encode(batch)
+        metrics = jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                               metrics)
+        return metrics, experts.mu.astype(jnp.float32), experts.logvar.astype(jnp.float32), present
+
+    return eval_step
