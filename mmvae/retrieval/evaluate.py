@@ -6,11 +6,11 @@ over all of its modalities; the query case itself is excluded. Relevance: same l
 """
 from __future__ import annotations
 
-import itertools
 from typing import Sequence
 
 import numpy as np
 
+from mmvae.models.fusion import all_subsets
 from mmvae.retrieval.embed import Embeddings
 from mmvae.retrieval.metrics import retrieval_metrics
 
@@ -31,14 +31,8 @@ def parse_subset(name: str, modalities: Sequence[str]) -> np.ndarray:
 
 
 def all_query_subsets(modalities: Sequence[str]) -> list[np.ndarray]:
-    m = len(modalities)
-    rows = []
-    for size in range(1, m + 1):
-        for combo in itertools.combinations(range(m), size):
-            r = np.zeros(m, np.float32)
-            r[list(combo)] = 1
-            rows.append(r)
-    return rows
+    """Every non-empty subset, singletons first (see :func:`mmvae.models.fusion.all_subsets`)."""
+    return list(all_subsets(len(modalities)))
 
 
 def evaluate_subsets(emb: Embeddings, label: str, k: int = 10, *, subsets: Sequence[np.ndarray] | None = None,

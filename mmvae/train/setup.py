@@ -65,8 +65,12 @@ def objective_spec(config, spec: ModelSpec) -> ObjectiveSpec:
     return obj
 
 
-def optimizer(config) -> optax.GradientTransformation:
-    """AdamW with warm-up + cosine (or constant) schedule and global-norm clipping."""
+def optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with linear warm-up + cosine (or constant) schedule and global-norm clipping.
+
+    Returns ``(transformation, learning-rate schedule)``. EMA of the parameters
+    (``optim.ema_decay``) is applied by the train step, not here.
+    """
     o, steps = config.optim, int(config.train.steps)
     if o.schedule == "cosine":
         lr = optax.warmup_cosine_decay_schedule(0.0, o.lr, max(1, int(o.warmup_steps)), max(steps, int(o.warmup_steps) + 1),
