@@ -23,7 +23,10 @@ def get_config(arg=None):
     # Two subsets per case drawn from all non-empty subsets of its modalities (the
     # stochastic subset ELBO): 3.5x cheaper per step than the 7 exact MVAE terms.
     c.objective.num_subset_samples = int(args.get("subset_samples", 2))
-    c.objective.alignment_weight = float(args.get("align", 0.0))
+    # InfoNCE between the unimodal posteriors of a case (nats; the ELBO here is ~2e5 nats
+    # per case, dominated by per-voxel terms). Measured on the default cohort, 200 steps:
+    # all-modality mAP@10 0.080 without it, 0.114 with 5000.
+    c.objective.alignment_weight = float(args.get("align", 5000.0))
     c.optim.lr = 2e-3
     c.optim.warmup_steps = 30
     c.train.batch_size = 16

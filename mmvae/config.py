@@ -118,6 +118,7 @@ CHOICES = {
     "model.fusion": ("poe", "moe", "mopoe"),
     "model.dtype": ("float32", "bfloat16"),
     "model.image.set_pooling": ("poe", "mean", "attention"),
+    "model.report_decoder.kind": ("bow", "tokens"),
     "objective.subsets": ("mvae", "all", "unimodal", "mopoe"),
     "objective.likelihood": ("gaussian", "laplace"),
     "objective.weights": ("dimension", "uniform"),

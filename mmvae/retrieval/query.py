@@ -561,13 +561,16 @@ def query_main(argv: Sequence[str], out=None) -> None:
     r = Retriever.load(a.workdir, a.index, cache_dir=a.cache_dir)
     t_load = time.perf_counter() - t0
     k = int(config.retrieval.k) if a.k is None else a.k
-    r._check_k(k)
-    t1 = time.perf_counter()
-    mu, lv, used = r.encode(images, report, clinical=clinical)
-    t2 = time.perf_counter()
-    results = r.search_embedding(mu, lv, k=k, filter=flt, exclude=exclude, feedback=feedback, rerank=a.rerank)
-    t3 = time.perf_counter()
-    r.close()
+    try:
+        r._check_k(k)
+        t1 = time.perf_counter()
+        mu, lv, used = r.encode(images, report, clinical=clinical)
+        t2 = time.perf_counter()
+        results = r.search_embedding(mu, lv, k=k, filter=flt, exclude=exclude, feedback=feedback,
+                                     rerank=a.rerank)
+        t3 = time.perf_counter()
+    finally:
+        r.close()
     timing = {"load_s": t_load, "encode_s": t2 - t1, "search_s": t3 - t2, "query_s": t3 - t1}
     if a.json:
         doc = {"results": [dataclasses.asdict(x) for x in results],

@@ -137,6 +137,21 @@ def restore_latest(mgr: ocp.CheckpointManager, abstract_state: Any, *,
     return result
 
 
+def restore_step(mgr: ocp.CheckpointManager, step: int, abstract_state: Any) -> tuple[int, Any, dict]:
+    """Restore one given step (CheckpointError if it is missing or damaged)."""
+    if step not in mgr.all_steps():
+        raise CheckpointError(f"no checkpoint for step {step} in {mgr.directory} (have {list(mgr.all_steps())})")
+    try:
+        out = mgr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    except Exception as e:
+        raise CheckpointError(f"checkpoint step {step} in {mgr.directory} is unreadable: {e}") from e
+    meta = dict(out["meta"])
+    if meta.get("digest") and digest(out["state"]) != meta["digest"]:
+        raise CheckpointError(f"checkpoint step {step} in {mgr.directory} is damaged (digest mismatch)")
+    return step, out["state"], meta
+
+
 def _quarantine(mgr: ocp.CheckpointManager, steps: list[int]) -> None:
     root = Path(str(mgr.directory))
     dest = root.parent / "checkpoints_corrupt"

@@ -1,12 +1,28 @@
 """``train_and_evaluate(config, workdir)``: the whole training run.
 
-Data → (cached) preprocessing → model → jitted, donated, data-parallel train step over
-a ``jax.sharding.Mesh`` of all devices (batch sharded along ``data``, parameters
-replicated) → metrics (JSONL + TensorBoard) → orbax checkpoints with exact resume.
+Data → (cached) preprocessing → model → one jitted, donated train step over a 1-D
+``jax.sharding.Mesh`` of every device of every process (axis ``data``):
+
+* the global batch (``train.batch_size``) is sharded along ``data``; each process
+  assembles only the rows its own devices hold (:func:`local_rows`) and
+  :func:`shard_batch` stitches them into one global array;
+* parameters, optimiser state and EMA are replicated, or with ``train.fsdp`` the large
+  ones (≥ ``train.fsdp_min_size`` elements, one axis divisible by the device count)
+  are sharded along ``data`` on that axis (:func:`state_shardings`; XLA inserts the
+  all-gathers / reduce-scatters).
+
+Then: metrics (JSONL + TensorBoard, process 0), periodic validation (subset ELBO
+terms and retrieval mAP@k, ``split='val'``), orbax checkpoints with exact resume
+(state + seed + input position; per-step keys are ``fold_in(key(seed), step)``).
+A non-finite loss skips the update; ``train.max_nonfinite_in_row`` skipped steps in
+a row stop the run with a checkpoint of the last good state and an ``MmvaeError``.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -16,10 +32,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from mmvae.data.atomic import atomic_write_text
 from mmvae.data.cache import PreprocessCache
 from mmvae.data.dataset import Cohort, prepare_cohort, split_indices
-from mmvae.data.pipeline import Position, train_batches
-from mmvae.errors import ConfigError, MmvaeError
+from mmvae.data.pipeline import Position, batch_indices, prefetched
+from mmvae.errors import CheckpointError, ConfigError, MmvaeError
+from mmvae.models import fusion as F
 from mmvae.models.mvae import build_model
 from mmvae.models.text import build_word_tokenizer, load_tokenizer
 from mmvae.progress import progress_bar
@@ -27,35 +45,153 @@ from mmvae.train import checkpoint as ckpt
 from mmvae.train.metrics import MetricWriter
 from mmvae.train.run import fingerprint, write_run_files
 from mmvae.train.setup import model_spec, objective_spec, optimizer
-from mmvae.train.step import init_state, make_train_step
+from mmvae.train.step import init_state, make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
 
+EVAL_KEY_SALT = 0x7EA1   # validation uses fold_in(key(seed), EVAL_KEY_SALT): the same noise every time
 
+
+# ---------------------------------------------------------------------------- distributed
+def maybe_initialize_distributed(config) -> bool:
+    """Call ``jax.distributed.initialize`` when the config or environment asks for it.
+
+    ``distributed.initialize``: ``yes`` always, ``no`` never, ``auto`` when a
+    coordinator address / process count is given (config or ``JAX_COORDINATOR_ADDRESS``,
+    ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``) or a multi-task SLURM / Open MPI job is
+    detected. Must run before anything touches a JAX device. Returns True if this call
+    initialised it.
+    """
+    d = config.distributed
+    mode = d.initialize
+    if mode == "no" or _distributed_initialized():
+        return False
+    addr = d.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
+    nproc = int(d.num_processes) or int(os.environ.get("JAX_NUM_PROCESSES", "0") or 0)
+    pid = int(d.process_id) if int(d.process_id) >= 0 else int(os.environ.get("JAX_PROCESS_ID", "-1") or -1)
+    cluster = (int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1
+               or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1)
+    if mode == "auto" and not (addr or nproc > 1 or cluster):
+        return False
+    kwargs = {}
+    if addr:
+        kwargs["coordinator_address"] = addr
+    if nproc > 0:
+        kwargs["num_processes"] = nproc
+    if pid >= 0:
+        kwargs["process_id"] = pid
+    log.info("jax.distributed.initialize(%s)", kwargs)
+    try:
+        jax.distributed.initialize(**kwargs)
+    except (ValueError, RuntimeError) as e:
+        raise ConfigError(f"jax.distributed.initialize({kwargs}) failed: {e}") from e
+    return True
+
+
+def _distributed_initialized() -> bool:
+    try:
+        return bool(jax.distributed.is_initialized())
+    except AttributeError:   # older jax
+        from jax._src import distributed
+        return distributed.global_state.client is not None
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+# ---------------------------------------------------------------------------- sharding
 def data_mesh() -> jax.sharding.Mesh:
     """1-D mesh over every device (all processes), axis name ``data``."""
     return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def shard_batch(batch: dict, mesh) -> dict:
-    """Place a host batch on the mesh, split along the batch axis."""
+def fsdp_spec(shape: tuple[int, ...], n: int, min_size: int) -> P:
+    """PartitionSpec of one array under FSDP: its largest axis divisible by ``n`` along
+    ``data`` if it has ≥ ``min_size`` elements, else replicated."""
+    size = int(np.prod(shape)) if shape else 1
+    if n <= 1 or not shape or size < min_size:
+        return P()
+    dims = [i for i, s in enumerate(shape) if s % n == 0 and s >= n]
+    if not dims:
+        return P()
+    d = max(dims, key=lambda i: (shape[i], -i))
+    return P(*[("data" if i == d else None) for i in range(len(shape))])
+
+
+def state_shardings(state, mesh, *, fsdp: bool = False, min_size: int = 2 ** 18):
+    """A tree of NamedShardings matching ``state``: replicated, or FSDP (see :func:`fsdp_spec`).
+
+    Optimiser moments and EMA have the parameters' shapes and so get the same layout.
+    """
+    n = mesh.shape["data"]
+    return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(tuple(x.shape), n, min_size) if fsdp else P()),
+                        state)
+
+
+def place(tree, shardings):
+    """Put host-identical values (same on every process) onto global ``shardings``."""
+    host = jax.device_get(tree)
+    return jax.tree.map(
+        lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx, x=x: np.asarray(x)[idx]),
+        host, shardings)
+
+
+def gather(tree):
+    """Full host (numpy) copy of a possibly sharded tree, on every process."""
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+            from jax.experimental import multihost_utils
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        if isinstance(x, jax.Array) and not x.is_fully_replicated:
+            x = jax.device_put(x, NamedSharding(x.sharding.mesh, P())) if hasattr(x.sharding, "mesh") else x
+        return np.asarray(x)
+    return jax.tree.map(one, tree)
+
+
+def local_rows(mesh, global_batch: int) -> slice:
+    """The contiguous rows of a ``global_batch`` sharded along ``data`` that this
+    process's devices hold (all rows with one process)."""
     sharding = NamedSharding(mesh, P("data"))
-    if jax.process_count() == 1:
-        return jax.device_put(batch, sharding)
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+    spans = sorted({(s[0].start or 0, global_batch if s[0].stop is None else s[0].stop)
+                    for s in sharding.addressable_devices_indices_map((global_batch,)).values()})
+    lo, hi = spans[0][0], spans[-1][1]
+    if any(a[1] != b[0] for a, b in zip(spans, spans[1:])):
+        raise ConfigError(f"this process's devices hold non-contiguous batch rows {spans}")
+    return slice(lo, hi)
 
 
+def shard_batch(batch: dict, mesh, global_batch: int | None = None) -> dict:
+    """Global arrays, sharded along ``data``, from this process's rows of the batch.
+
+    With one process ``batch`` is the whole batch; with several it must hold exactly the
+    rows :func:`local_rows` names (each process assembles only its own rows).
+    """
+    sharding = NamedSharding(mesh, P("data"))
+
+    def one(x):
+        gshape = ((global_batch if global_batch is not None else x.shape[0] * jax.process_count()),) + x.shape[1:]
+        return jax.make_array_from_process_local_data(sharding, np.asarray(x), gshape)
+
+    return jax.tree.map(one, batch)
+
+
+# ---------------------------------------------------------------------------- data
 def get_tokenizer(config, workdir: Path, texts):
     """The report tokenizer: ``data.text.tokenizer_dir``, the pretrained model's, or one
-    built from the training reports into ``<workdir>/tokenizer`` (reused when present)."""
+    built from the training reports into ``<workdir>/tokenizer`` (reused when present;
+    built by process 0 while the others wait)."""
     t = config.data.text
     if t.tokenizer_dir:
         return load_tokenizer(t.tokenizer_dir)
     if config.model.text.pretrained_dir:
         return load_tokenizer(config.model.text.pretrained_dir)
     out = workdir / "tokenizer"
-    if not (out / "vocab.txt").exists():
+    if not (out / "vocab.txt").exists() and jax.process_index() == 0:
         build_word_tokenizer([x for x in texts if x], out, max_vocab=int(t.vocab_max))
+    _barrier("mmvae_tokenizer")
     return load_tokenizer(out)
 
 
@@ -80,27 +216,139 @@ def load_cohort(config, workdir: Path, manifest: str | None = None, *, tokenizer
     return cohort, tokenizer, cache
 
 
+def train_batch_stream(cohort: Cohort, batch_size: int, seed: int, start: Position, rows: slice,
+                       prefetch: int = 2):
+    """Endless ``(local rows of the batch, position after it)`` from ``start``.
+
+    The batch order is that of :func:`mmvae.data.pipeline.batch_indices` (a pure function
+    of seed and position); only the ``rows`` of each global batch are loaded.
+    """
+    def produce(pos: Position):
+        while True:
+            idx, pos = batch_indices(len(cohort), batch_size, seed, pos)
+            yield cohort.batch(idx[rows]), pos
+
+    return prefetched(produce(start), prefetch)
+
+
+def eval_batch_stream(cohort: Cohort, batch_size: int, rows: slice, prefetch: int = 2):
+    """Every case once, in order, in global batches of ``batch_size`` (the last padded with
+    empty rows); yields ``(local rows of the batch, global valid mask (B,))``."""
+    def produce():
+        for start in range(0, len(cohort), batch_size):
+            idx = np.arange(start, start + batch_size)
+            valid = idx < len(cohort)
+            idx = np.where(valid, idx, 0)
+            yield cohort.batch(idx[rows], valid=valid[rows]), valid
+
+    return prefetched(produce(), prefetch)
+
+
+# ---------------------------------------------------------------------------- names
+def term_names(spec, obj) -> list[str]:
+    """Labels of ``elbo_per_term`` (the subset terms J of the objective)."""
+    mods = list(spec.modalities)
+    if obj.num_subset_samples > 0:
+        return [f"sample{i}" for i in range(obj.num_subset_samples)]
+    if obj.subsets in ("all", "mopoe"):
+        return ["+".join(m for m, r in zip(mods, row) if r > 0) for row in F.all_subsets(len(mods))]
+    if obj.subsets == "unimodal":
+        return mods
+    return ["joint"] + mods + [f"random{i}" for i in range(obj.num_random_subsets)]
+
+
 def _host_metrics(m: dict) -> dict:
     return {k: np.asarray(v) for k, v in jax.device_get(m).items()}
 
 
-def train_and_evaluate(config, workdir: str | Path, *, show_progress: bool = True,
-                       stop_after: int | None = None) -> dict:
-    """Train per ``config`` in ``workdir`` (resuming from its latest checkpoint).
+# ---------------------------------------------------------------------------- evaluation
+def _evaluate(eval_fn, params, cohort: Cohort, spec, config, mesh, rows: slice, step: int) -> dict:
+    """Validation: ELBO terms averaged over cases + retrieval mAP@k per query subset."""
+    from mmvae.retrieval.embed import Embeddings, fused
+    from mmvae.retrieval.evaluate import evaluate_subsets
 
-    ``stop_after``: stop after this many steps *of this call* (for tests of resume).
-    Returns a summary dict (final step, last metrics, timings).
+    bs = int(config.train.batch_size)
+    sums: dict[str, np.ndarray] = {}
+    n_total = 0
+    mus, lvs, pres = [], [], []
+    for batch, valid in eval_batch_stream(cohort, bs, rows, prefetch=int(config.data.prefetch)):
+        metrics, mu, lv, present = eval_fn(params, shard_batch(batch, mesh, bs), jnp.int32(step))
+        n = int(valid.sum())
+        for k, v in _host_metrics(metrics).items():
+            sums[k] = sums.get(k, 0.0) + np.asarray(v, np.float64) * n
+        n_total += n
+        mu, lv, present = gather((mu, lv, present))
+        mus.append(mu[valid]); lvs.append(lv[valid]); pres.append(present[valid])
+    out = {k: (v / max(n_total, 1)) for k, v in sums.items() if k not in ("nonfinite_inputs", "beta")}
+    out["num_cases"] = np.asarray(n_total)
+    mu, lv, present = np.concatenate(mus), np.concatenate(lvs), np.concatenate(pres)
+    jmu, jlv = fused(mu, lv, present, spec.fusion)
+    emb = Embeddings(case_ids=list(cohort.case_ids), modalities=list(spec.modalities), experts_mu=mu,
+                     experts_logvar=lv, present=present, mu=jmu, logvar=jlv, labels=list(cohort.labels),
+                     identity={}, fusion=spec.fusion)
+    m = len(spec.modalities)
+    queries = [np.ones(m, np.float32)] + [np.eye(m, dtype=np.float32)[i] for i in range(m)]
+    k = int(config.retrieval.k)
+    rows_ = evaluate_subsets(emb, config.data.label, k, subsets=queries, metric=config.retrieval.metric,
+                             n_boot=int(config.train.eval_n_boot), seed=int(config.seed))
+    for q, r in zip(["all"] + list(spec.modalities), rows_):
+        out[f"retrieval/map@{k}/{q}"] = np.asarray(r.get(f"map@{k}", np.nan))
+        out[f"retrieval/num_queries/{q}"] = np.asarray(r.get("num_queries", 0))
+        if q == "all" and f"map@{k}_lo" in r:
+            out[f"retrieval/map@{k}_lo/all"] = np.asarray(r[f"map@{k}_lo"])
+            out[f"retrieval/map@{k}_hi/all"] = np.asarray(r[f"map@{k}_hi"])
+    return out
+
+
+# ---------------------------------------------------------------------------- the run
+def _write_layout(workdir: Path, mesh, shardings, state, config, resumed_from) -> None:
+    """Add the device layout and launch details to ``run_info.json`` (process 0)."""
+    p = workdir / "run_info.json"
+    info = json.loads(p.read_text()) if p.exists() else {}
+    sharded = [x.size for x, s in zip(jax.tree.leaves(state), jax.tree.leaves(shardings)) if s.spec != P()]
+    total = sum(int(x.size) for x in jax.tree.leaves(state))
+    info.update({
+        "mesh": {"axes": list(mesh.axis_names), "shape": [int(s) for s in mesh.devices.shape],
+                 "devices": [str(d) for d in mesh.devices.ravel()]},
+        "local_device_count": jax.local_device_count(), "platform": jax.devices()[0].platform,
+        "batch_size_global": int(config.train.batch_size),
+        "batch_size_per_device": int(config.train.batch_size) // jax.device_count(),
+        "fsdp": bool(config.train.fsdp), "state_elements": int(total),
+        "state_elements_sharded": int(sum(sharded)), "state_arrays_sharded": len(sharded),
+        "argv": list(sys.argv), "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "resumed_from_step": resumed_from,
+    })
+    atomic_write_text(p, json.dumps(info, indent=2))
+
+
+def train_and_evaluate(config, workdir: str | Path, *, show_progress: bool = True,
+                       stop_after: int | None = None, return_state: bool = False) -> dict:
+    """Train per ``config`` in ``workdir``, resuming from its latest checkpoint.
+
+    ``stop_after``: stop after this many steps *of this call* (checkpointing there).
+    ``return_state``: include the final train state (device arrays) as ``"state"``.
+    Returns a summary dict (final step, last metrics, timings, best validation mAP).
     """
+    from mmvae.config import validate
+    validate(config)
+    maybe_initialize_distributed(config)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    cohort, tokenizer, _ = load_cohort(config, workdir, show_progress=show_progress)
+    lead = jax.process_index() == 0
+    cohort, tokenizer, _ = load_cohort(config, workdir, show_progress=show_progress and lead)
     train_idx, val_idx = split_indices(len(cohort), float(config.data.val_fraction), int(config.data.split_seed))
-    train = cohort.subset(train_idx)
+    train, val = cohort.subset(train_idx), cohort.subset(val_idx)
     vocab = len(tokenizer) if tokenizer is not None else 0
     spec = model_spec(config, vocab, special_ids(tokenizer) if tokenizer is not None else (0,))
     obj = objective_spec(config, spec)
-    write_run_files(workdir, config, spec, cohort.clinical_stats)
-    model = build_model(spec, int(config.seed))
+    seed = int(config.seed)
+    bs = int(config.train.batch_size)
+    if bs % jax.device_count():
+        raise ConfigError(f"train.batch_size {bs} must be divisible by the number of devices {jax.device_count()}")
+    if bs > len(train):
+        raise ConfigError(f"train.batch_size {bs} is larger than the training set ({len(train)} cases)")
+
+    model = build_model(spec, seed)
     if config.model.text.pretrained_dir and spec.report:
         from mmvae.models.text import load_hf_bert
         _, bert = load_hf_bert(config.model.text.pretrained_dir)
@@ -108,76 +356,160 @@ def train_and_evaluate(config, workdir: str | Path, *, show_progress: bool = Tru
     tx, lr = optimizer(config)
     ema = float(config.optim.ema_decay)
     graphdef, state = init_state(model, tx, ema)
+    del model
 
     mesh = data_mesh()
-    bs = int(config.train.batch_size)
-    if bs % jax.device_count():
-        raise ConfigError(f"train.batch_size {bs} must be divisible by the number of devices {jax.device_count()}")
+    shardings = state_shardings(state, mesh, fsdp=bool(config.train.fsdp), min_size=int(config.train.fsdp_min_size))
     replicated = NamedSharding(mesh, P())
-    state = jax.device_put(state, replicated)
-    mgr = ckpt.manager(workdir, int(config.train.keep_checkpoints))
-    pos = Position()
+    batch_sharding = NamedSharding(mesh, P("data"))
+    rows = local_rows(mesh, bs)
+
     fp = fingerprint(spec)
-    restored = ckpt.restore_latest(mgr, ckpt.abstract(state)) if mgr.all_steps() else None
+    keep_best = int(config.train.keep_best) if int(config.train.eval_every) > 0 and len(val) else 0
+    mgr = ckpt.manager(workdir, int(config.train.keep_checkpoints), keep_best=keep_best,
+                       async_save=bool(config.train.async_checkpoint))
+    pos = Position()
+    restored = None
+    if mgr.all_steps():
+        if not bool(config.train.resume):
+            raise ConfigError(f"{workdir} already has checkpoints (steps {list(mgr.all_steps())}); "
+                              "resume (train.resume=true) or use a new --workdir")
+        restored = ckpt.restore_latest(mgr, ckpt.abstract(state, shardings))
+        if restored is None:
+            raise CheckpointError(f"{workdir}/checkpoints has checkpoints but none is readable "
+                                  "(damaged ones were moved to checkpoints_corrupt/); use a new --workdir "
+                                  "or remove the checkpoints to start over")
     if restored is not None:
         step0, state, meta = restored
         ckpt.check_compatible(meta, fp, f"{workdir}/checkpoints/{step0}")
+        if meta.get("seed") is not None and int(meta["seed"]) != seed:
+            raise ConfigError(f"checkpoint {workdir}/checkpoints/{step0} was trained with seed {meta['seed']} "
+                              f"but the config has seed {seed}; resuming would not reproduce the run")
+        if meta.get("batch_size") is not None and int(meta["batch_size"]) != bs:
+            log.warning("resuming with train.batch_size %d (checkpoint: %s): the batch order changes", bs,
+                        meta["batch_size"])
         pos = Position(**meta["position"])
-        state = jax.device_put(state, replicated)
         log.info("resumed from step %d", step0)
-
-    step_fn = jax.jit(make_train_step(graphdef, tx, obj, lr, ema), donate_argnums=0)
-    writer = MetricWriter(workdir)
-    base_key = jax.random.key(int(config.seed))
-    total = int(config.train.steps)
+    else:
+        state = place(state, shardings)
     start = int(jax.device_get(state["step"]))
-    n_steps = total - start if stop_after is None else min(total - start, stop_after)
-    batches = train_batches(train, bs, int(config.seed), pos, prefetch=int(config.data.prefetch))
-    metric_names = {"recon_per_modality": list(spec.modalities), "kl_per_modality": list(spec.modalities)}
-    t_start, last, compile_s = time.time(), {}, None
-    log_every = max(1, int(config.train.log_every))
+    if lead:
+        write_run_files(workdir, config, spec, cohort.clinical_stats)
+        _write_layout(workdir, mesh, shardings, state, config, start if restored is not None else None)
+
+    train_step = make_train_step(graphdef, tx, obj, lr, ema)
+    base_key = jax.random.key(seed)
+
+    def step_with_key(state, batch):
+        return train_step(state, batch, jax.random.fold_in(base_key, state["step"]))
+
+    step_fn = jax.jit(step_with_key, in_shardings=(shardings, batch_sharding),
+                      out_shardings=(shardings, replicated), donate_argnums=0)
+    eval_every = int(config.train.eval_every) if len(val) else 0
+    if int(config.train.eval_every) and not len(val):
+        log.warning("train.eval_every is set but the validation split is empty (data.val_fraction=%s)",
+                    config.data.val_fraction)
+    eval_fn = None
+    if eval_every:
+        eval_step = make_eval_step(graphdef, obj)
+        eval_key = jax.random.fold_in(base_key, EVAL_KEY_SALT)
+        params_sh = shardings["ema"] if "ema" in state else shardings["params"]
+        eval_fn = jax.jit(lambda p, b, s: eval_step(p, b, eval_key, s),
+                          in_shardings=(params_sh, batch_sharding, replicated),
+                          out_shardings=(replicated, replicated, replicated, replicated))
+
+    writer = MetricWriter(workdir, tensorboard=bool(config.train.tensorboard), resume_step=start)
+    total = int(config.train.steps)
+    n_steps = max(0, total - start) if stop_after is None else max(0, min(total - start, stop_after))
+    batches = train_batch_stream(train, bs, seed, pos, rows, prefetch=int(config.data.prefetch))
+    names = {"recon_per_modality": list(spec.modalities), "kl_per_modality": list(spec.modalities),
+             "elbo_per_term": term_names(spec, obj)}
+    log_every = int(config.train.log_every)
+    check_every = max(1, min(log_every, int(config.train.max_nonfinite_in_row)))
     ckpt_every = int(config.train.checkpoint_every)
-    bar = progress_bar(range(n_steps), total=n_steps, desc="train", enable=show_progress, unit="step")
-    t_prev = time.time()
-    for i in bar:
-        batch, pos = next(batches)
-        step = start + i
-        key = jax.random.fold_in(base_key, step)
-        t0 = time.time()
-        state, metrics = step_fn(state, shard_batch(batch, mesh), key)
-        if compile_s is None:
-            jax.block_until_ready(metrics["loss"])
-            compile_s = time.time() - t0
-        done = step + 1
-        if done % log_every == 0 or done == total:
-            m = _host_metrics(metrics)
-            now = time.time()
-            m["step_time_s"] = np.asarray((now - t_prev) / log_every)
-            m["cases_per_s"] = np.asarray(bs * log_every / max(now - t_prev, 1e-9))
-            t_prev = now
-            last = writer.write(done, m, names=metric_names)
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{last['loss']:.1f}")
-            bad = int(jax.device_get(state["nonfinite_steps"]))
-            if bad >= int(config.train.max_nonfinite_in_row):
-                writer.close()
-                raise MmvaeError(f"training stopped at step {done}: {bad} non-finite losses in a row "
-                                 f"(last good state is in {workdir}/checkpoints)")
-        if ckpt_every and done % ckpt_every == 0 and done != total:
-            ckpt.save(mgr, done, state, {"position": vars(pos), "model_fingerprint": fp})
-    final = start + n_steps
-    if n_steps > 0 or not mgr.all_steps():
-        ckpt.save(mgr, final, state, {"position": vars(pos), "model_fingerprint": fp})
-    mgr.wait_until_finished()
-    writer.close()
-    return {"step": final, "metrics": last, "train_seconds": time.time() - t_start,
-            "compile_seconds": compile_s, "num_train": len(train), "num_val": len(val_idx)}
+    max_bad = int(config.train.max_nonfinite_in_row)
+    t_start, last, compile_s = time.time(), {}, None
+    best = {"step": None, "value": None}
+    last_val, val_metric = None, None
+
+    def meta_for(pos_, status="ok"):
+        return {"position": vars(pos_), "model_fingerprint": fp, "seed": seed, "batch_size": bs,
+                "num_train": len(train), "status": status}
+
+    bar = progress_bar(range(n_steps), total=n_steps, desc="train", enable=show_progress and lead, unit="step")
+    t_prev, n_since = time.time(), 0
+    done = start
+    try:
+        for i in bar:
+            batch, pos = next(batches)
+            step = start + i
+            t0 = time.time()
+            state, metrics = step_fn(state, shard_batch(batch, mesh, bs))
+            done = step + 1
+            if compile_s is None:
+                jax.block_until_ready(metrics["loss"])
+                compile_s = time.time() - t0
+                t_prev, n_since = time.time(), 0   # throughput excludes compilation
+            else:
+                n_since += 1
+            if done % log_every == 0 or done == total:
+                m = _host_metrics(metrics)
+                now = time.time()
+                if n_since > 0:
+                    m["step_time_s"] = np.asarray((now - t_prev) / n_since)
+                    m["cases_per_s"] = np.asarray(bs * n_since / max(now - t_prev, 1e-9))
+                t_prev, n_since = now, 0
+                last = writer.write(done, m, names=names)
+                if hasattr(bar, "set_postfix"):
+                    bar.set_postfix(loss=f"{last['loss']:.4g}")
+            if done % check_every == 0 or done == total:
+                bad = int(jax.device_get(state["nonfinite_steps"]))
+                if bad >= max_bad:
+                    ckpt.save(mgr, done, state, meta_for(pos, status=f"stopped: {bad} non-finite steps in a row"))
+                    mgr.wait_until_finished()
+                    raise MmvaeError(
+                        f"training stopped at step {done}: {bad} non-finite losses/gradients in a row "
+                        f"(train.max_nonfinite_in_row={max_bad}); the updates were skipped, so the checkpoint "
+                        f"written at step {done} in {workdir}/checkpoints holds the last good parameters "
+                        f"(from step {done - bad}). Lower optim.lr, check the inputs, or raise the limit.")
+            val_metric = None
+            if eval_every and (done % eval_every == 0 or done == total):
+                params = state["ema"] if "ema" in state else state["params"]
+                vm = _evaluate(eval_fn, params, val, spec, config, mesh, rows, done)
+                last_val = writer.write(done, vm, split="val", names=names)
+                v = last_val.get(f"retrieval/map@{int(config.retrieval.k)}/all")
+                if v is not None and np.isfinite(v):
+                    val_metric = float(v)
+                    if best["value"] is None or val_metric > best["value"]:
+                        best = {"step": done, "value": val_metric}
+            if done != total and ((ckpt_every and done % ckpt_every == 0) or (val_metric is not None and keep_best)):
+                ckpt.save(mgr, done, state, meta_for(pos),
+                          metrics={ckpt.BEST_METRIC: val_metric} if val_metric is not None else None)
+        final = start + n_steps
+        if n_steps > 0 or not mgr.all_steps():
+            ckpt.save(mgr, final, state, meta_for(pos),
+                      metrics={ckpt.BEST_METRIC: val_metric} if (n_steps > 0 and val_metric is not None) else None)
+        mgr.wait_until_finished()
+    finally:
+        batches.close()
+        writer.close()
+        if hasattr(bar, "close"):
+            bar.close()
+    summary = {"step": final, "metrics": last, "val_metrics": last_val, "train_seconds": time.time() - t_start,
+               "compile_seconds": compile_s, "num_train": len(train), "num_val": len(val),
+               "devices": jax.device_count(), "processes": jax.process_count(),
+               "best_val_map": best["value"], "best_step": best["step"],
+               "checkpoints": [int(s) for s in mgr.all_steps()]}
+    if return_state:
+        summary["state"] = state
+    return summary
 
 
-def load_trained(workdir: str | Path, *, use_ema: bool = True):
-    """Rebuild the model of a trained work dir with its latest checkpoint's parameters.
+def load_trained(workdir: str | Path, *, use_ema: bool = True, step: int | None = None):
+    """Rebuild the model of a trained work dir with a checkpoint's parameters.
 
-    Returns (config, spec, model, tokenizer).
+    ``step``: that checkpoint (default the latest intact one). Returns
+    ``(config, spec, model, tokenizer)``.
     """
     from mmvae.train.run import read_run_files
     workdir = Path(workdir)
@@ -185,10 +517,12 @@ def load_trained(workdir: str | Path, *, use_ema: bool = True):
     model = build_model(spec, int(config.seed))
     tx, _ = optimizer(config)
     graphdef, state = init_state(model, tx, float(config.optim.ema_decay))
-    mgr = ckpt.manager(workdir, int(config.train.keep_checkpoints))
-    restored = ckpt.restore_latest(mgr, ckpt.abstract(state))
+    mgr = ckpt.manager(workdir, int(config.train.keep_checkpoints), read_only=True)
+    if step is None:
+        restored = ckpt.restore_latest(mgr, ckpt.abstract(state), quarantine=False)
+    else:
+        restored = ckpt.restore_step(mgr, step, ckpt.abstract(state))
     if restored is None:
-        from mmvae.errors import CheckpointError
         raise CheckpointError(f"{workdir} has no readable checkpoint")
     step, state, meta = restored
     ckpt.check_compatible(meta, fingerprint(spec), f"{workdir}/checkpoints/{step}")
