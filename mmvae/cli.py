@@ -60,7 +60,10 @@ def cmd_embed(a, extra):
     config = _on_error(config, a)
     stats = json.loads((Path(a.workdir) / "clinical_stats.json").read_text())
     cohort, _, _ = load_cohort(config, Path(a.workdir), a.manifest, tokenizer=tok, clinical_stats=stats)
-    emb = embed_cohort(model, cohort, identity={"model_fingerprint": fingerprint(spec)})
+    ckpts = [int(d.name) for d in (Path(a.workdir) / "checkpoints").iterdir() if d.name.isdigit()]
+    emb = embed_cohort(model, cohort, identity={"model_fingerprint": fingerprint(spec),
+                                                "checkpoint_step": max(ckpts) if ckpts else None,
+                                                "workdir": str(Path(a.workdir).resolve())})
     emb.save(a.out)
     print(f"embedded {len(emb.case_ids)} cases -> {a.out}" + (f" ({len(cohort.skipped)} skipped)" if cohort.skipped else ""))
 
@@ -84,7 +87,8 @@ def cmd_evaluate(a, extra):
     from mmvae.retrieval.evaluate import evaluate_subsets, markdown_table, parse_subset
     emb = Embeddings.load(a.embeddings)
     subsets = [parse_subset(s, emb.modalities) for s in a.subsets] if a.subsets else None
-    rows = evaluate_subsets(emb, a.label, a.k, subsets=subsets, metric=a.metric)
+    rows = evaluate_subsets(emb, a.label, a.k, subsets=subsets, metric=a.metric, multilabel=a.multilabel,
+                            n_boot=a.bootstrap)
     table = markdown_table(rows, a.k)
     if a.out:
         atomic_write_text(Path(a.out).with_suffix(".csv"), rows_to_csv(rows))
@@ -162,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--k", type=int, default=10)
     s.add_argument("--metric", default="cosine", choices=["cosine", "l2"])
     s.add_argument("--subsets", nargs="*", help="e.g. t2 t1+t2 (default: every non-empty subset)")
+    s.add_argument("--multilabel", action="store_true", help="labels hold several values joined by '|'")
+    s.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
     s.add_argument("--out", help="write OUT.csv and OUT.md")
     s.set_defaults(fn=cmd_evaluate)
 

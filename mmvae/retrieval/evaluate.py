@@ -36,7 +36,8 @@ def all_query_subsets(modalities: Sequence[str]) -> list[np.ndarray]:
 
 
 def evaluate_subsets(emb: Embeddings, label: str, k: int = 10, *, subsets: Sequence[np.ndarray] | None = None,
-                     metric: str = "cosine", n_boot: int = 1000, seed: int = 0) -> list[dict]:
+                     metric: str = "cosine", multilabel: bool = False, n_boot: int = 1000,
+                     seed: int = 0) -> list[dict]:
     """One row per query subset: ``query``, ``num_queries`` and ``<metric>@k`` (+ ``_lo``/``_hi`` CI)."""
     labels = np.asarray([lab.get(label, "") for lab in emb.labels], dtype=object)
     rows = []
@@ -49,7 +50,7 @@ def evaluate_subsets(emb: Embeddings, label: str, k: int = 10, *, subsets: Seque
             continue
         q_mu, _ = emb.subset_posterior(s)
         res = retrieval_metrics(q_mu[q_idx], emb.mu, labels[q_idx], labels, k, exclude=q_idx,
-                                metric=metric, n_boot=n_boot, seed=seed)
+                                metric=metric, multilabel=multilabel, n_boot=n_boot, seed=seed)
         row["num_queries"] = int(res.get("num_queries", len(q_idx)))
         for name in METRICS:
             mean, lo, hi = res[f"{name}@{k}"]
