@@ -5,8 +5,8 @@ Layout: ``<workdir>/checkpoints/<step>/{state/, meta/, metrics/}``.
 * ``state``: the train-state pytree (sharded arrays are written shard by shard by
   every process; orbax coordinates multi-process saves itself);
 * ``meta``: the input-pipeline position, seed, batch size, model-spec fingerprint,
-  a digest of the state (to detect damaged files that still restore) and why the
-  checkpoint was written;
+  the state's layout (key paths, shapes, dtypes), a digest of its values (to detect
+  damaged files that still restore) and why the checkpoint was written;
 * ``metrics``: the validation metric of checkpoints written at an evaluation (used
   to keep the best ones).
 
@@ -36,6 +36,20 @@ from orbax.checkpoint import checkpoint_managers as ocm
 from mmvae.errors import CheckpointError
 
 log = logging.getLogger(__name__)
+
+
+class _QuietOrbaxNotices(logging.Filter):
+    """orbax warns on every save without metrics once best-tracking is on, and on every
+    read-only manager; both are by design here."""
+
+    NOISE = ("tracked_metric", "read_only=True, setting", "Given directory is read only")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not any(n in msg for n in self.NOISE)
+
+
+logging.getLogger("absl").addFilter(_QuietOrbaxNotices())
 
 BEST_METRIC = "val_map"
 
@@ -93,13 +107,23 @@ def digest(tree: Any) -> str:
     return hashlib.sha256(sums.tobytes()).hexdigest()[:32]
 
 
+def layout(tree: Any) -> str:
+    """Hash of the tree's key paths, shapes and dtypes (not values, not shardings)."""
+    import hashlib
+    items = [(jax.tree_util.keystr(path), tuple(int(d) for d in np.shape(x)), str(np.dtype(x.dtype)))
+             for path, x in jax.tree_util.tree_leaves_with_path(tree)]
+    return hashlib.sha256(repr(items).encode()).hexdigest()[:16]
+
+
 def save(mgr: ocp.CheckpointManager, step: int, state: Any, meta: dict,
          metrics: dict | None = None) -> None:
     """Save ``state`` + ``meta`` at ``step`` (asynchronously if the manager is async).
 
     ``metrics`` (e.g. ``{"val_map": 0.41}``) ranks the checkpoint for ``keep_best``.
     """
-    meta = dict(meta, digest=digest(state), saved_at=time.time())
+    meta = dict(meta, digest=digest(state), state_layout=layout(state), saved_at=time.time())
+    if isinstance(state, dict) and "params" in state:
+        meta["params_digest"] = digest(state["params"])
     if step in mgr.all_steps():   # e.g. the final save at a step already checkpointed
         return
     mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
@@ -117,7 +141,21 @@ def restore_latest(mgr: ocp.CheckpointManager, abstract_state: Any, *,
     """
     bad = []
     result = None
+    want_layout = layout(abstract_state)
     for step in sorted(mgr.all_steps(), reverse=True):
+        try:
+            meta = dict(mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+        except Exception as e:
+            log.warning("checkpoint step %d in %s has unreadable metadata (%s: %s); trying an older one",
+                        step, mgr.directory, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            bad.append(step)
+            continue
+        if meta.get("state_layout") not in (None, want_layout):
+            # Intact, but of another train-state structure: a config change, not damage.
+            raise CheckpointError(
+                f"checkpoint step {step} in {mgr.directory} holds a train state of another structure "
+                "(model, optimiser or EMA settings changed since it was written); resume with the "
+                "original config or use a new --workdir")
         try:
             out = mgr.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))

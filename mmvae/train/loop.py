@@ -294,7 +294,7 @@ def _evaluate(eval_fn, params, cohort: Cohort, spec, config, mesh, rows: slice, 
     for q, r in zip(["all"] + list(spec.modalities), rows_):
         out[f"retrieval/map@{k}/{q}"] = np.asarray(r.get(f"map@{k}", np.nan))
         out[f"retrieval/num_queries/{q}"] = np.asarray(r.get("num_queries", 0))
-        if q == "all" and f"map@{k}_lo" in r:
+        if q == "all" and f"map@{k}_lo" in r and int(config.train.eval_n_boot) > 0:
             out[f"retrieval/map@{k}_lo/all"] = np.asarray(r[f"map@{k}_lo"])
             out[f"retrieval/map@{k}_hi/all"] = np.asarray(r[f"map@{k}_hi"])
     return out
@@ -321,6 +321,59 @@ def _write_layout(workdir: Path, mesh, shardings, state, config, resumed_from) -
     atomic_write_text(p, json.dumps(info, indent=2))
 
 
+def initial_state(spec, seed: int, tx, ema: float, shardings, *, pretrained_dir: str = ""):
+    """A fresh train state, created directly in its ``shardings`` by one jitted init
+    (no full copy on one device first, which matters with FSDP). With a pretrained
+    report encoder the model is built eagerly, the weights loaded, then placed."""
+    if pretrained_dir and spec.report:
+        from mmvae.models.text import load_hf_bert
+        model = build_model(spec, seed)
+        _, bert = load_hf_bert(pretrained_dir)
+        model.encoders["report"].bert = bert
+        return place(init_state(model, tx, ema)[1], shardings)
+    return jax.jit(lambda: init_state(build_model(spec, seed), tx, ema)[1], out_shardings=shardings)()
+
+
+def _latest_meta(workdir: Path) -> tuple[int, dict] | None:
+    """(step, meta) of the newest checkpoint, read without restoring any array (None if
+    there is none or its metadata is unreadable: the full restore reports that)."""
+    root = workdir / "checkpoints"
+    steps = sorted((int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir()), reverse=True) \
+        if root.is_dir() else []
+    for step in steps:
+        try:
+            return step, json.loads((root / str(step) / "meta" / "metadata").read_text())
+        except (OSError, ValueError):
+            continue
+    return (steps[0], {}) if steps else None
+
+
+def _check_resumable(config, meta: dict, where: str, fp: str | None = None) -> None:
+    if fp is not None:
+        ckpt.check_compatible(meta, fp, where)
+    seed = int(config.seed)
+    if meta.get("seed") is not None and int(meta["seed"]) != seed:
+        raise ConfigError(f"checkpoint {where} was trained with seed {meta['seed']} but the config has "
+                          f"seed {seed}; resuming would not reproduce the run (use --config.seed="
+                          f"{meta['seed']} or a new --workdir)")
+    bs = int(config.train.batch_size)
+    if meta.get("batch_size") is not None and int(meta["batch_size"]) != bs:
+        log.warning("resuming with train.batch_size %d (checkpoint: %s): the batch order changes", bs,
+                    meta["batch_size"])
+
+
+def _early_resume_checks(config, workdir: Path) -> None:
+    """Refuse, before any data is read, a work dir whose checkpoints this config cannot continue."""
+    latest = _latest_meta(workdir)
+    if latest is None:
+        return
+    step, meta = latest
+    if not bool(config.train.resume):
+        raise ConfigError(f"{workdir} already has checkpoints (latest: step {step}); resume "
+                          "(train.resume=true, the default) or use a new --workdir")
+    _check_resumable(config, meta, f"{workdir}/checkpoints/{step}")
+
+
 def train_and_evaluate(config, workdir: str | Path, *, show_progress: bool = True,
                        stop_after: int | None = None, return_state: bool = False) -> dict:
     """Train per ``config`` in ``workdir``, resuming from its latest checkpoint.
@@ -335,6 +388,10 @@ def train_and_evaluate(config, workdir: str | Path, *, show_progress: bool = Tru
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     lead = jax.process_index() == 0
+    _early_resume_checks(config, workdir)
+    bs = int(config.train.batch_size)
+    if bs % jax.device_count():
+        raise ConfigError(f"train.batch_size {bs} must be divisible by the number of devices {jax.device_count()}")
     cohort, tokenizer, _ = load_cohort(config, workdir, show_progress=show_progress and lead)
     train_idx, val_idx = split_indices(len(cohort), float(config.data.val_fraction), int(config.data.split_seed))
     train, val = cohort.subset(train_idx), cohort.subset(val_idx)
@@ -342,24 +399,16 @@ def train_and_evaluate(config, workdir: str | Path, *, show_progress: bool = Tru
     spec = model_spec(config, vocab, special_ids(tokenizer) if tokenizer is not None else (0,))
     obj = objective_spec(config, spec)
     seed = int(config.seed)
-    bs = int(config.train.batch_size)
-    if bs % jax.device_count():
-        raise ConfigError(f"train.batch_size {bs} must be divisible by the number of devices {jax.device_count()}")
     if bs > len(train):
         raise ConfigError(f"train.batch_size {bs} is larger than the training set ({len(train)} cases)")
 
-    model = build_model(spec, seed)
-    if config.model.text.pretrained_dir and spec.report:
-        from mmvae.models.text import load_hf_bert
-        _, bert = load_hf_bert(config.model.text.pretrained_dir)
-        model.encoders["report"].bert = bert
     tx, lr = optimizer(config)
     ema = float(config.optim.ema_decay)
-    graphdef, state = init_state(model, tx, ema)
-    del model
+    graphdef = nnx.split(nnx.eval_shape(lambda: build_model(spec, seed)), nnx.Param)[0]
+    shapes = jax.eval_shape(lambda: init_state(build_model(spec, seed), tx, ema)[1])
 
     mesh = data_mesh()
-    shardings = state_shardings(state, mesh, fsdp=bool(config.train.fsdp), min_size=int(config.train.fsdp_min_size))
+    shardings = state_shardings(shapes, mesh, fsdp=bool(config.train.fsdp), min_size=int(config.train.fsdp_min_size))
     replicated = NamedSharding(mesh, P())
     batch_sharding = NamedSharding(mesh, P("data"))
     rows = local_rows(mesh, bs)
@@ -371,27 +420,21 @@ def train_and_evaluate(config, workdir: str | Path, *, show_progress: bool = Tru
     pos = Position()
     restored = None
     if mgr.all_steps():
-        if not bool(config.train.resume):
-            raise ConfigError(f"{workdir} already has checkpoints (steps {list(mgr.all_steps())}); "
-                              "resume (train.resume=true) or use a new --workdir")
-        restored = ckpt.restore_latest(mgr, ckpt.abstract(state, shardings))
+        latest = _latest_meta(workdir)
+        if latest is not None:   # another model shape: refuse before touching the arrays
+            ckpt.check_compatible(latest[1], fp, f"{workdir}/checkpoints/{latest[0]}")
+        restored = ckpt.restore_latest(mgr, ckpt.abstract(shapes, shardings))
         if restored is None:
             raise CheckpointError(f"{workdir}/checkpoints has checkpoints but none is readable "
                                   "(damaged ones were moved to checkpoints_corrupt/); use a new --workdir "
                                   "or remove the checkpoints to start over")
     if restored is not None:
         step0, state, meta = restored
-        ckpt.check_compatible(meta, fp, f"{workdir}/checkpoints/{step0}")
-        if meta.get("seed") is not None and int(meta["seed"]) != seed:
-            raise ConfigError(f"checkpoint {workdir}/checkpoints/{step0} was trained with seed {meta['seed']} "
-                              f"but the config has seed {seed}; resuming would not reproduce the run")
-        if meta.get("batch_size") is not None and int(meta["batch_size"]) != bs:
-            log.warning("resuming with train.batch_size %d (checkpoint: %s): the batch order changes", bs,
-                        meta["batch_size"])
+        _check_resumable(config, meta, f"{workdir}/checkpoints/{step0}", fp)
         pos = Position(**meta["position"])
         log.info("resumed from step %d", step0)
     else:
-        state = place(state, shardings)
+        state = initial_state(spec, seed, tx, ema, shardings, pretrained_dir=config.model.text.pretrained_dir)
     start = int(jax.device_get(state["step"]))
     if lead:
         write_run_files(workdir, config, spec, cohort.clinical_stats)
@@ -472,8 +515,9 @@ def train_and_evaluate(config, workdir: str | Path, *, show_progress: bool = Tru
                         f"(train.max_nonfinite_in_row={max_bad}); the updates were skipped, so the checkpoint "
                         f"written at step {done} in {workdir}/checkpoints holds the last good parameters "
                         f"(from step {done - bad}). Lower optim.lr, check the inputs, or raise the limit.")
-            val_metric = None
+            val_metric, paused = None, False
             if eval_every and (done % eval_every == 0 or done == total):
+                paused = True
                 params = state["ema"] if "ema" in state else state["params"]
                 vm = _evaluate(eval_fn, params, val, spec, config, mesh, rows, done)
                 last_val = writer.write(done, vm, split="val", names=names)
@@ -485,6 +529,9 @@ def train_and_evaluate(config, workdir: str | Path, *, show_progress: bool = Tru
             if done != total and ((ckpt_every and done % ckpt_every == 0) or (val_metric is not None and keep_best)):
                 ckpt.save(mgr, done, state, meta_for(pos),
                           metrics={ckpt.BEST_METRIC: val_metric} if val_metric is not None else None)
+                paused = True
+            if paused:   # step time and throughput exclude evaluation and checkpointing
+                t_prev, n_since = time.time(), 0
         final = start + n_steps
         if n_steps > 0 or not mgr.all_steps():
             ckpt.save(mgr, final, state, meta_for(pos),
@@ -495,33 +542,45 @@ def train_and_evaluate(config, workdir: str | Path, *, show_progress: bool = Tru
         writer.close()
         if hasattr(bar, "close"):
             bar.close()
-    summary = {"step": final, "metrics": last, "val_metrics": last_val, "train_seconds": time.time() - t_start,
+    json_safe = lambda d: None if d is None else {k: (v if np.isfinite(v) else None) for k, v in d.items()}
+    summary = {"step": final, "metrics": last, "val_metrics": json_safe(last_val), "train_seconds": time.time() - t_start,
                "compile_seconds": compile_s, "num_train": len(train), "num_val": len(val),
                "devices": jax.device_count(), "processes": jax.process_count(),
-               "best_val_map": best["value"], "best_step": best["step"],
+               "best_val_map": best["value"], "best_step": best["step"],   # of this call's evaluations
                "checkpoints": [int(s) for s in mgr.all_steps()]}
     if return_state:
         summary["state"] = state
     return summary
 
 
-def load_trained(workdir: str | Path, *, use_ema: bool = True, step: int | None = None):
+def abstract_train_state(spec, config, sharding=None):
+    """``(graphdef, ShapeDtypeStructs of the train state)`` for a model spec and config, without
+    creating any array; every leaf gets ``sharding`` (default: the first local device)."""
+    seed, ema = int(config.seed), float(config.optim.ema_decay)
+    tx, _ = optimizer(config)
+    graphdef = nnx.split(nnx.eval_shape(lambda: build_model(spec, seed)), nnx.Param)[0]
+    shapes = jax.eval_shape(lambda: init_state(build_model(spec, seed), tx, ema)[1])
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return graphdef, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
+
+
+def load_trained(workdir: str | Path, *, use_ema: bool = True, step: int | None = None,
+                 return_step: bool = False):
     """Rebuild the model of a trained work dir with a checkpoint's parameters.
 
-    ``step``: that checkpoint (default the latest intact one). Returns
-    ``(config, spec, model, tokenizer)``.
+    ``step``: that checkpoint (default the newest intact one; a damaged newer one is
+    reported and skipped). Returns ``(config, spec, model, tokenizer)``, plus the step
+    actually restored with ``return_step=True``.
     """
     from mmvae.train.run import read_run_files
     workdir = Path(workdir)
     config, spec, _ = read_run_files(workdir)
-    model = build_model(spec, int(config.seed))
-    tx, _ = optimizer(config)
-    graphdef, state = init_state(model, tx, float(config.optim.ema_decay))
+    graphdef, abstract = abstract_train_state(spec, config)
     mgr = ckpt.manager(workdir, int(config.train.keep_checkpoints), read_only=True)
     if step is None:
-        restored = ckpt.restore_latest(mgr, ckpt.abstract(state), quarantine=False)
+        restored = ckpt.restore_latest(mgr, abstract, quarantine=False)
     else:
-        restored = ckpt.restore_step(mgr, step, ckpt.abstract(state))
+        restored = ckpt.restore_step(mgr, step, abstract)
     if restored is None:
         raise CheckpointError(f"{workdir} has no readable checkpoint")
     step, state, meta = restored
@@ -531,4 +590,6 @@ def load_trained(workdir: str | Path, *, use_ema: bool = True, step: int | None 
     tokenizer = load_tokenizer(workdir / "tokenizer") if (workdir / "tokenizer").exists() else (
         load_tokenizer(config.data.text.tokenizer_dir or config.model.text.pretrained_dir)
         if spec.report else None)
+    if return_step:
+        return config, spec, model, tokenizer, step
     return config, spec, model, tokenizer
