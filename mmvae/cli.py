@@ -45,6 +45,9 @@ def cmd_train(a, extra):
         with config.unlocked():
             config.data.manifest = a.manifest
     if not config.data.manifest:
+        from mmvae.errors import ConfigError
+        if int(config.synth.cases) <= 0:
+            raise ConfigError("data.manifest is empty: pass --manifest (this config has no synthetic cohort)")
         from mmvae.quickstart import synthesize
         with config.unlocked():
             config.data.manifest = str(synthesize(config, Path(a.workdir) / "data"))
@@ -56,13 +59,12 @@ def cmd_embed(a, extra):
     from mmvae.retrieval.embed import embed_cohort
     from mmvae.train.loop import load_cohort, load_trained
     from mmvae.train.run import fingerprint
-    config, spec, model, tok = load_trained(a.workdir)
+    config, spec, model, tok, step = load_trained(a.workdir, return_step=True)
     config = _on_error(config, a)
     stats = json.loads((Path(a.workdir) / "clinical_stats.json").read_text())
     cohort, _, _ = load_cohort(config, Path(a.workdir), a.manifest, tokenizer=tok, clinical_stats=stats)
-    ckpts = [int(d.name) for d in (Path(a.workdir) / "checkpoints").iterdir() if d.name.isdigit()]
     emb = embed_cohort(model, cohort, identity={"model_fingerprint": fingerprint(spec),
-                                                "checkpoint_step": max(ckpts) if ckpts else None,
+                                                "checkpoint_step": int(step),
                                                 "workdir": str(Path(a.workdir).resolve())})
     emb.save(a.out)
     print(f"embedded {len(emb.case_ids)} cases -> {a.out}" + (f" ({len(cohort.skipped)} skipped)" if cohort.skipped else ""))
