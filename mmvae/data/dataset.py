@@ -138,7 +138,7 @@ def load_case_images(case: CaseEntries, modality: str, paths: Sequence[str], cac
     return arrays[0] if len(arrays) == 1 else np.concatenate(arrays, 0)
 
 
-def _clinical_arrays(cases: Sequence[CaseEntries], numeric: Sequence[str], categorical: dict):
+def clinical_arrays(cases: Sequence[CaseEntries], numeric: Sequence[str], categorical: dict):
     n = len(cases)
     num = np.zeros((n, len(numeric)), np.float32)
     num_mask = np.zeros((n, len(numeric)), np.float32)
@@ -234,7 +234,7 @@ def prepare_cohort(manifest: str | Path, data_cfg, cache: PreprocessCache, token
     else:
         tokens = np.zeros((len(kept), int(text_cfg.max_len)), np.int32)
         token_mask = np.zeros_like(tokens)
-    num, num_mask, cat, cat_mask = _clinical_arrays(kept, list(data_cfg.clinical.numeric),
+    num, num_mask, cat, cat_mask = clinical_arrays(kept, list(data_cfg.clinical.numeric),
                                                     dict(data_cfg.clinical.categorical))
     num, clinical_stats = standardize_clinical(num, num_mask, clinical_stats)
     return Cohort(case_ids=[c.case_id for c in kept], image_modalities=tuple(modalities), images=images,

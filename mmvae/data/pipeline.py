@@ -41,30 +41,37 @@ def batch_indices(n: int, batch_size: int, seed: int, pos: Position) -> tuple[np
     return idx, nxt
 
 
-def train_batches(cohort: Cohort, batch_size: int, seed: int, start: Position,
+def train_batches(cohort: Cohort, batch_size: int, seed: int, start: Position, rows: slice = slice(None),
                   prefetch: int = 2) -> Iterator[tuple[dict, Position]]:
-    """Endless batches from ``start``; yields (batch, position *after* this batch)."""
+    """Endless ``(batch, position after it)`` from ``start``.
+
+    Only the ``rows`` of each global batch are loaded: in a multi-process run each
+    process passes its own slice and feeds its local shard.
+    """
 
     def produce(pos: Position):
         while True:
             idx, pos = batch_indices(len(cohort), batch_size, seed, pos)
-            yield cohort.batch(idx), pos
+            yield cohort.batch(idx[rows]), pos
 
-    yield from prefetched(produce(start), prefetch)
+    return prefetched(produce(start), prefetch)
 
 
-def eval_batches(cohort: Cohort, batch_size: int, prefetch: int = 2) -> Iterator[tuple[dict, np.ndarray]]:
-    """Every case once, in order; the last batch is padded. Yields (batch, valid (B,) bool)."""
+def eval_batches(cohort: Cohort, batch_size: int, rows: slice = slice(None),
+                 prefetch: int = 2) -> Iterator[tuple[dict, np.ndarray]]:
+    """Every case once, in order; the last global batch is padded with empty rows.
+
+    Yields ``(the rows of the batch, global valid mask (B,) bool)``.
+    """
 
     def produce():
-        n = len(cohort)
-        for start in range(0, n, batch_size):
-            idx = np.arange(start, start + batch_size)
-            valid = idx < n
+        for begin in range(0, len(cohort), batch_size):
+            idx = np.arange(begin, begin + batch_size)
+            valid = idx < len(cohort)
             idx = np.where(valid, idx, 0)
-            yield cohort.batch(idx, valid=valid), valid
+            yield cohort.batch(idx[rows], valid=valid[rows]), valid
 
-    yield from prefetched(produce(), prefetch)
+    return prefetched(produce(), prefetch)
 
 
 def prefetched(it: Iterator, size: int) -> Iterator:

@@ -41,6 +41,15 @@ class Embeddings:
     identity: dict
     fusion: str = "poe"
 
+    @classmethod
+    def from_experts(cls, mu: np.ndarray, logvar: np.ndarray, present: np.ndarray, cohort: Cohort, spec,
+                     identity: dict | None = None) -> "Embeddings":
+        """Embeddings of ``cohort`` from its experts ``(N, M, L)``; the joint posterior is fused here."""
+        jmu, jlv = fused(mu, logvar, present, spec.fusion)
+        return cls(case_ids=list(cohort.case_ids), modalities=list(spec.modalities), experts_mu=mu,
+                   experts_logvar=logvar, present=present, mu=jmu, logvar=jlv, labels=list(cohort.labels),
+                   identity=dict(identity or {}, latent_dim=spec.latent_dim), fusion=spec.fusion)
+
     def subset_posterior(self, subset: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Posterior of each case from the modalities in ``subset`` (M,) or (N, M) only."""
         mask = self.present * np.asarray(subset, np.float32)
@@ -69,13 +78,12 @@ class Embeddings:
             raise InputError(f"cannot read embeddings: {e}", path=str(path)) from None
 
 
-@jax.jit
-def _fuse_poe(mu, logvar, mask):
-    return F.poe(mu, logvar, mask)
+_fuse = jax.jit(F.fuse, static_argnums=3)
 
 
 def fused(mu: np.ndarray, logvar: np.ndarray, mask: np.ndarray, fusion: str) -> tuple[np.ndarray, np.ndarray]:
-    g = _fuse_poe(mu, logvar, mask) if fusion == "poe" else jax.jit(F.fuse, static_argnums=3)(mu, logvar, mask, fusion)
+    """:func:`mmvae.models.fusion.fuse` on host arrays (one compiled function per fusion and shape)."""
+    g = _fuse(mu, logvar, mask, fusion)
     return np.asarray(g.mu), np.asarray(g.logvar)
 
 
@@ -102,9 +110,5 @@ def embed_cohort(model, cohort: Cohort, *, batch_size: int = 32, identity: dict 
                                      enable=show_progress):
         mu, lv, p = jax.device_get(encode(batch))
         mus.append(np.asarray(mu)[valid]); lvs.append(np.asarray(lv)[valid]); pres.append(np.asarray(p)[valid])
-    mu, lv, present = np.concatenate(mus), np.concatenate(lvs), np.concatenate(pres)
-    fusion = model.spec.fusion
-    jmu, jlv = fused(mu, lv, present, fusion)
-    return Embeddings(case_ids=list(cohort.case_ids), modalities=list(model.spec.modalities), experts_mu=mu,
-                      experts_logvar=lv, present=present, mu=jmu, logvar=jlv, labels=list(cohort.labels),
-                      identity=dict(identity or {}, latent_dim=model.spec.latent_dim), fusion=fusion)
+    return Embeddings.from_experts(np.concatenate(mus), np.concatenate(lvs), np.concatenate(pres), cohort,
+                                   model.spec, identity)

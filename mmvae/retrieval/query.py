@@ -49,7 +49,7 @@ import numpy as np
 
 from mmvae.data import io as mio
 from mmvae.data.cache import PreprocessCache
-from mmvae.data.dataset import (CLINICAL, Cohort, _clinical_arrays, load_case_images, preprocess_config,
+from mmvae.data.dataset import (CLINICAL, Cohort, clinical_arrays, load_case_images, preprocess_config,
                                 standardize_clinical)
 from mmvae.data.manifest import REPORT, CaseEntries
 from mmvae.errors import ConfigError, InputError
@@ -263,7 +263,7 @@ class Retriever:
         else:
             tokens = np.zeros((1, T), np.int32)
             token_mask = np.zeros_like(tokens)
-        num, num_mask, cat, cat_mask = _clinical_arrays([case], list(data.clinical.numeric),
+        num, num_mask, cat, cat_mask = clinical_arrays([case], list(data.clinical.numeric),
                                                         dict(data.clinical.categorical))
         num, _ = standardize_clinical(num, num_mask, self.clinical_stats)
         cohort = Cohort(case_ids=[QUERY_CASE], image_modalities=self.image_modalities,

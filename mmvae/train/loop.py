@@ -35,7 +35,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from mmvae.data.atomic import atomic_write_text
 from mmvae.data.cache import PreprocessCache
 from mmvae.data.dataset import Cohort, prepare_cohort, split_indices
-from mmvae.data.pipeline import Position, batch_indices, prefetched
+# Module-level names (tests substitute them to slow down or poison the stream).
+from mmvae.data.pipeline import Position, eval_batches as eval_batch_stream, train_batches as train_batch_stream
 from mmvae.errors import CheckpointError, ConfigError, MmvaeError
 from mmvae.models import fusion as F
 from mmvae.models.mvae import build_model
@@ -216,34 +217,6 @@ def load_cohort(config, workdir: Path, manifest: str | None = None, *, tokenizer
     return cohort, tokenizer, cache
 
 
-def train_batch_stream(cohort: Cohort, batch_size: int, seed: int, start: Position, rows: slice,
-                       prefetch: int = 2):
-    """Endless ``(local rows of the batch, position after it)`` from ``start``.
-
-    The batch order is that of :func:`mmvae.data.pipeline.batch_indices` (a pure function
-    of seed and position); only the ``rows`` of each global batch are loaded.
-    """
-    def produce(pos: Position):
-        while True:
-            idx, pos = batch_indices(len(cohort), batch_size, seed, pos)
-            yield cohort.batch(idx[rows]), pos
-
-    return prefetched(produce(start), prefetch)
-
-
-def eval_batch_stream(cohort: Cohort, batch_size: int, rows: slice, prefetch: int = 2):
-    """Every case once, in order, in global batches of ``batch_size`` (the last padded with
-    empty rows); yields ``(local rows of the batch, global valid mask (B,))``."""
-    def produce():
-        for start in range(0, len(cohort), batch_size):
-            idx = np.arange(start, start + batch_size)
-            valid = idx < len(cohort)
-            idx = np.where(valid, idx, 0)
-            yield cohort.batch(idx[rows], valid=valid[rows]), valid
-
-    return prefetched(produce(), prefetch)
-
-
 # ---------------------------------------------------------------------------- names
 def term_names(spec, obj) -> list[str]:
     """Labels of ``elbo_per_term`` (the subset terms J of the objective)."""
@@ -264,7 +237,7 @@ def _host_metrics(m: dict) -> dict:
 # ---------------------------------------------------------------------------- evaluation
 def _evaluate(eval_fn, params, cohort: Cohort, spec, config, mesh, rows: slice, step: int) -> dict:
     """Validation: ELBO terms averaged over cases + retrieval mAP@k per query subset."""
-    from mmvae.retrieval.embed import Embeddings, fused
+    from mmvae.retrieval.embed import Embeddings
     from mmvae.retrieval.evaluate import evaluate_subsets
 
     bs = int(config.train.batch_size)
@@ -281,11 +254,7 @@ def _evaluate(eval_fn, params, cohort: Cohort, spec, config, mesh, rows: slice, 
         mus.append(mu[valid]); lvs.append(lv[valid]); pres.append(present[valid])
     out = {k: (v / max(n_total, 1)) for k, v in sums.items() if k not in ("nonfinite_inputs", "beta")}
     out["num_cases"] = np.asarray(n_total)
-    mu, lv, present = np.concatenate(mus), np.concatenate(lvs), np.concatenate(pres)
-    jmu, jlv = fused(mu, lv, present, spec.fusion)
-    emb = Embeddings(case_ids=list(cohort.case_ids), modalities=list(spec.modalities), experts_mu=mu,
-                     experts_logvar=lv, present=present, mu=jmu, logvar=jlv, labels=list(cohort.labels),
-                     identity={}, fusion=spec.fusion)
+    emb = Embeddings.from_experts(np.concatenate(mus), np.concatenate(lvs), np.concatenate(pres), cohort, spec)
     m = len(spec.modalities)
     queries = [np.ones(m, np.float32)] + [np.eye(m, dtype=np.float32)[i] for i in range(m)]
     k = int(config.retrieval.k)
