@@ -52,7 +52,9 @@ def base_config() -> ml_collections.ConfigDict:
         latent_dim=32,
         fusion="poe",                 # poe | moe | mopoe
         dtype="float32",              # float32 | bfloat16 (compute; params stay float32)
-        image=dict(channels=(16, 32, 64), blocks=1, full_res_blocks=False, set_pooling="poe"),
+        image=dict(channels=(16, 32, 64), blocks=1, full_res_blocks=False, set_pooling="poe",
+                   patch=2,                   # stem factor: 4 = wide patch stem (fast on CPU)
+                   decoder_blocks=-1),        # -1: same as blocks
         text=dict(hidden=64, layers=2, heads=2, intermediate=128, pretrained_dir=""),
         report_decoder=dict(kind="bow", hidden=128),   # bow | tokens
         clinical=dict(hidden=64),
@@ -70,6 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
         weights="dimension",          # 'dimension' (D_max / D_m) | 'uniform'
         alignment_weight=0.0,
         alignment_temperature=0.1,
+        decode_chunks=1,              # decode the subset terms in this many sequential, rematerialised chunks (memory)
     )
     c.optim = dict(lr=1e-3, warmup_steps=50, schedule="cosine", end_lr_factor=0.05,
                    weight_decay=0.0, clip_norm=1.0, ema_decay=0.0)

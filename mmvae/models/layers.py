@@ -66,24 +66,31 @@ class ConvResBlock(nnx.Module):
 
 
 class Downsample(nnx.Module):
-    """Space-to-depth by 2 then a dense channel projection: ``(B,*S,Ci)`` → ``(B,*S/2,Co)``."""
+    """Space-to-depth by f then a dense channel projection: ``(B,*S,Ci)`` → ``(B,*S/f,Co)``.
 
-    def __init__(self, cin: int, cout: int, spatial_dims: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
-        self.proj = nnx.Linear(cin * 2 ** spatial_dims, cout, dtype=dtype, rngs=rngs)
+    With ``factor`` > 2 this is a patch stem (each f^d patch → one ``Co`` vector).
+    """
+
+    def __init__(self, cin: int, cout: int, spatial_dims: int, *, factor: int = 2, dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.factor = factor
+        self.proj = nnx.Linear(cin * factor ** spatial_dims, cout, dtype=dtype, rngs=rngs)
 
     def __call__(self, x):
-        return self.proj(space_to_depth(x, 2))
+        return self.proj(space_to_depth(x, self.factor))
 
 
 class Upsample(nnx.Module):
-    """Dense channel projection then depth-to-space by 2: ``(B,*S,Ci)`` → ``(B,*2S,Co)``."""
+    """Dense channel projection then depth-to-space by f: ``(B,*S,Ci)`` → ``(B,*fS,Co)``."""
 
-    def __init__(self, cin: int, cout: int, spatial_dims: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, cin: int, cout: int, spatial_dims: int, *, factor: int = 2, dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         self.spatial_dims = spatial_dims
-        self.proj = nnx.Linear(cin, cout * 2 ** spatial_dims, dtype=dtype, rngs=rngs)
+        self.factor = factor
+        self.proj = nnx.Linear(cin, cout * factor ** spatial_dims, dtype=dtype, rngs=rngs)
 
     def __call__(self, x):
-        return depth_to_space(self.proj(x), 2)
+        return depth_to_space(self.proj(x), self.factor)
 
 
 class MLP(nnx.Module):

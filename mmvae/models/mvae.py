@@ -41,6 +41,8 @@ class ModelSpec:
     channels: tuple[int, ...] = (16, 32, 64)
     blocks: int = 1
     full_res_blocks: bool = False
+    patch: int = 2                       # stem down-sampling factor (see ImageEncoder)
+    decoder_blocks: int = -1             # residual blocks per decoder stage; -1: same as blocks
     set_pooling: str = "poe"
     report: bool = True
     bert: BertConfig | None = None
@@ -81,6 +83,8 @@ class ModelSpec:
                               f"{REPORT_DECODERS}")
         if self.report and self.bert is None:
             raise ConfigError("modality 'report' has no encoder configuration (model.text)")
+        if self.patch < 1:
+            raise ConfigError(f"model.image.patch must be >= 1, got {self.patch}")
         if self.image_modalities and len(self.shape) not in (2, 3):
             raise ConfigError(f"data.shape must have 2 or 3 axes, got {self.shape}")
 
@@ -105,9 +109,10 @@ class MultimodalVAE(nnx.Module):
         L = spec.latent_dim
         enc, dec = {}, {}
         for m in spec.image_modalities:
-            enc[m] = ImageEncoder(spec.shape, spec.channels, L, blocks=spec.blocks,
+            enc[m] = ImageEncoder(spec.shape, spec.channels, L, blocks=spec.blocks, patch=spec.patch,
                                   full_res_blocks=spec.full_res_blocks, set_pooling=spec.set_pooling, dtype=dtype, rngs=rngs)
-            dec[m] = ImageDecoder(spec.shape, spec.channels, L, blocks=spec.blocks,
+            dec[m] = ImageDecoder(spec.shape, spec.channels, L, patch=spec.patch,
+                                  blocks=spec.blocks if spec.decoder_blocks < 0 else spec.decoder_blocks,
                                   full_res_blocks=spec.full_res_blocks, dtype=dtype, rngs=rngs)
         if spec.report:
             enc[REPORT] = ReportEncoder(spec.bert, L, dtype=dtype, rngs=rngs)

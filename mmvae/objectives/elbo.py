@@ -30,6 +30,11 @@ Optional alignment (``alignment_weight > 0``): symmetric InfoNCE between the uni
 posterior means of every pair of modalities, over the cases of the batch that have
 both (CLIP, Radford et al. 2021), temperature ``alignment_temperature``.
 
+Memory: every subset term decodes every modality, so a step decodes K·J·B cases.
+``decode_chunks = n > 1`` decodes the J terms in n sequential chunks (``lax.scan``)
+under ``jax.checkpoint``: only one chunk's decoder activations are alive at a time,
+at the price of recomputing the decoder forward pass in the backward pass.
+
 Subsets are always masks (data): which modalities are present and which subsets are
 drawn never changes the compiled program.
 """
@@ -40,6 +45,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from mmvae.errors import ConfigError
 from mmvae.models import fusion
@@ -58,6 +64,7 @@ class ObjectiveSpec:
     weights: tuple[float, ...] = ()
     alignment_weight: float = 0.0
     alignment_temperature: float = 0.1
+    decode_chunks: int = 1
 
     def validate(self):
         if self.subsets not in SUBSET_FAMILIES:
@@ -66,6 +73,8 @@ class ObjectiveSpec:
             raise ConfigError("objective.iw_samples must be >= 1")
         if self.num_subset_samples < 0 or self.num_random_subsets < 0:
             raise ConfigError("objective.num_subset_samples / num_random_subsets must be >= 0")
+        if self.decode_chunks < 1:
+            raise ConfigError(f"objective.decode_chunks must be >= 1, got {self.decode_chunks}")
 
 
 def num_terms(spec: ObjectiveSpec, num_modalities: int) -> int:
@@ -145,6 +154,31 @@ def info_nce(mu: jax.Array, present: jax.Array, temperature: float) -> jax.Array
     return total / jnp.maximum(count, 1.0)
 
 
+def subset_log_likelihoods(model, z: jax.Array, batch: dict, chunks: int = 1) -> jax.Array:
+    """Decode ``z (K, J, B, L)`` and score the batch: ``(K, J, B, M)`` log-likelihoods.
+
+    ``chunks > 1``: the J axis is padded to a multiple of ``chunks`` and decoded one
+    chunk at a time in a rematerialised scan (same values, less memory).
+    """
+    kk, j, b, l = z.shape
+    if chunks <= 1 or j == 1:
+        out = model.decode(z.reshape(kk * j * b, l))
+        return model.log_likelihoods(out, batch, kk * j).reshape(kk, j, b, -1)
+    chunks = min(chunks, j)
+    c = -(-j // chunks)
+    zp = jnp.pad(z, ((0, 0), (0, c * chunks - j), (0, 0), (0, 0)))
+    zc = jnp.moveaxis(zp.reshape(kk, chunks, c, b, l), 1, 0)                  # (chunks, K, c, B, L)
+    graphdef, state = nnx.split(model)
+
+    @jax.checkpoint
+    def one(state, batch, zi):
+        m = nnx.merge(graphdef, state)
+        return m.log_likelihoods(m.decode(zi.reshape(kk * c * b, l)), batch, kk * c).reshape(kk, c, b, -1)
+
+    _, ll = jax.lax.scan(lambda carry, zi: (carry, one(state, batch, zi)), None, zc)
+    return jnp.moveaxis(ll, 0, 1).reshape(kk, chunks * c, b, -1)[:, :j]
+
+
 def elbo_loss(model, batch: dict, key: jax.Array, step: jax.Array, spec: ObjectiveSpec):
     """Negative subset ELBO (+ alignment), averaged over cases.
 
@@ -159,8 +193,7 @@ def elbo_loss(model, batch: dict, key: jax.Array, step: jax.Array, spec: Objecti
     j = subsets.shape[0]
     kk = spec.iw_samples
     z = fusion.sample(k_z, q, kk)                                            # (K, J, B, L)
-    outputs = model.decode(z.reshape(kk * j * b, l))
-    ll = model.log_likelihoods(outputs, batch, kk * j).reshape(kk, j, b, m)  # (K, J, B, M)
+    ll = subset_log_likelihoods(model, z, batch, spec.decode_chunks)         # (K, J, B, M)
     weights = jnp.asarray(spec.weights, jnp.float32) if spec.weights else jnp.ones((m,), jnp.float32)
     rec = jnp.sum(ll * weights * present, axis=-1)                           # (K, J, B)
     beta = kl_weight(spec, step)

@@ -36,7 +36,8 @@ def model_spec(config, vocab_size: int = 0, special_ids: tuple[int, ...] = (0,))
     spec = ModelSpec(
         image_modalities=tuple(d.image_modalities), shape=tuple(int(s) for s in d.shape),
         latent_dim=int(m.latent_dim), fusion=m.fusion, channels=tuple(int(c) for c in m.image.channels),
-        blocks=int(m.image.blocks), full_res_blocks=bool(m.image.full_res_blocks), set_pooling=m.image.set_pooling, report=bool(d.report), bert=bert,
+        blocks=int(m.image.blocks), full_res_blocks=bool(m.image.full_res_blocks),
+        patch=int(m.image.get("patch", 2)), decoder_blocks=int(m.image.get("decoder_blocks", -1)), set_pooling=m.image.set_pooling, report=bool(d.report), bert=bert,
         bow_hidden=int(m.report_decoder.hidden), report_decoder=m.report_decoder.kind, special_ids=tuple(special_ids),
         clinical_numeric=tuple(d.clinical.numeric),
         clinical_categorical=tuple((k, tuple(v)) for k, v in dict(d.clinical.categorical).items()),
@@ -60,7 +61,8 @@ def objective_spec(config, spec: ModelSpec) -> ObjectiveSpec:
                         num_subset_samples=int(o.num_subset_samples), beta=float(o.beta),
                         kl_warmup_steps=int(o.kl_warmup_steps), iw_samples=int(o.iw_samples),
                         weights=weights, alignment_weight=float(o.alignment_weight),
-                        alignment_temperature=float(o.alignment_temperature))
+                        alignment_temperature=float(o.alignment_temperature),
+                        decode_chunks=int(o.get("decode_chunks", 1)))
     obj.validate()
     return obj
 

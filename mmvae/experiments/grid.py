@@ -1,0 +1,409 @@
+"""The ablation grid: train × embed × evaluate cells, resumable and parallel.
+
+A :class:`Cell` is one trained method on one cohort: a VAE (``method='vae'``) trained on
+the modalities of ``train_subset`` with a fusion and an objective variant and a seed, a
+late fusion of unimodal VAEs (``'late_fusion'``), or a baseline
+(:mod:`mmvae.experiments.baselines`). Every cell is evaluated with the shared protocol
+(:mod:`mmvae.experiments.protocol`) for every query subset of its modalities, and
+writes ``cells/<id>/result.json`` atomically: ``status`` ``ok`` (with tidy metric rows)
+or ``failed`` (with the error). A rerun skips finished cells (``retry_failed`` reruns
+the failed ones), so an interrupted grid resumes where it stopped. With ``jobs > 1``
+cells run in separate processes (spawned, so each has its own XLA runtime).
+
+All cells share the cohort (``<out>/data`` when the config synthesises one), the
+preprocessing cache (``<out>/cache``) and the held-out split of the full cohort.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import itertools
+import json
+import multiprocessing
+import time
+import traceback
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from mmvae.data.atomic import atomic_write_text
+from mmvae.errors import ConfigError
+
+# Objective variants: dotted config overrides applied on top of the base config.
+OBJECTIVES: dict[str, dict] = {
+    "default": {},
+    "no_align": {"objective.alignment_weight": 0.0},
+    "all_subsets": {"objective.subsets": "all", "objective.num_subset_samples": 0},
+    "unimodal": {"objective.subsets": "unimodal", "objective.num_subset_samples": 0},
+}
+VAE_METHODS = ("vae", "late_fusion")
+BASELINES = ("raw_pca", "handcrafted", "report_minilm", "clip", "supervised")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    method: str                       # 'vae' | 'late_fusion' | a baseline name
+    train_subset: tuple[str, ...]     # modalities the method is trained on / uses
+    fusion: str = "poe"
+    objective: str = "default"
+    seed: int = 0
+
+    @property
+    def id(self) -> str:
+        if self.method in VAE_METHODS:
+            return f"{self.method}-{self.fusion}-{self.objective}-{'+'.join(self.train_subset)}-s{self.seed}"
+        return f"{self.method}-{'+'.join(self.train_subset)}-s{self.seed}"
+
+    def columns(self) -> dict:
+        vae = self.method in VAE_METHODS
+        return {"cell": self.id, "method": self.method, "fusion": self.fusion if vae else "",
+                "objective": self.objective if vae else "", "train_subset": "+".join(self.train_subset),
+                "seed": self.seed}
+
+
+def all_modalities(config) -> list[str]:
+    """The cohort's modalities in model order: images, report, clinical."""
+    mods = list(config.data.image_modalities)
+    if config.data.report:
+        mods.append("report")
+    if list(config.data.clinical.numeric) or dict(config.data.clinical.categorical):
+        mods.append("clinical")
+    return mods
+
+
+def nonempty_subsets(modalities: Sequence[str]) -> list[tuple[str, ...]]:
+    """Every non-empty subset, in model order, smallest first."""
+    return [tuple(c) for r in range(1, len(modalities) + 1) for c in itertools.combinations(modalities, r)]
+
+
+def restrict(config, subset: Sequence[str]):
+    """A copy of ``config`` that uses only the modalities of ``subset``."""
+    c = config.copy_and_resolve_references() if hasattr(config, "copy_and_resolve_references") else config
+    with c.unlocked():
+        c.data.image_modalities = [m for m in config.data.image_modalities if m in subset]
+        c.data.report = bool(config.data.report) and "report" in subset
+        if "clinical" not in subset:
+            c.data.clinical.numeric = []
+            c.data.clinical.categorical = {}
+        c.data.extra_modalities = "ignore"
+    return c
+
+
+def apply_overrides(config, overrides: dict):
+    with config.unlocked():
+        for key, value in overrides.items():
+            node = config
+            *parents, leaf = key.split(".")
+            for p in parents:
+                node = node[p]
+            node[leaf] = value
+    return config
+
+
+def cell_config(base, cell: Cell, manifest: str, cache_dir: str):
+    if cell.objective not in OBJECTIVES:
+        raise ConfigError(f"unknown objective variant {cell.objective!r}; known: {sorted(OBJECTIVES)}")
+    c = restrict(base, cell.train_subset)
+    apply_overrides(c, OBJECTIVES[cell.objective])
+    with c.unlocked():
+        c.model.fusion = cell.fusion
+        c.seed = int(cell.seed)
+        c.data.manifest = manifest
+        c.data.cache_dir = cache_dir
+    return c
+
+
+# --------------------------------------------------------------------------- context
+@dataclasses.dataclass
+class GridContext:
+    """What every cell of a grid shares."""
+    config_path: str
+    overrides: list[str]
+    out: Path
+    label: str
+    k: int = 10
+    baseline_steps: int = 0           # 0: each baseline's default
+
+    def base_config(self):
+        from mmvae.config import load_config
+        return load_config(self.config_path, list(self.overrides))
+
+    def prepare(self, show_progress: bool = False) -> str:
+        """Synthesise the cohort when the config asks for one; return the manifest path."""
+        base = self.base_config()
+        if base.data.manifest:
+            return str(base.data.manifest)
+        from mmvae.quickstart import synthesize
+        return str(synthesize(base, self.out / "data", show_progress=show_progress))
+
+    def cell_dir(self, cell: Cell) -> Path:
+        return self.out / "cells" / cell.id
+
+
+def _read_result(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _query_ids(full_cohort, config) -> list[str]:
+    from mmvae.experiments.protocol import held_out
+    _, q = held_out(len(full_cohort), config)
+    return [full_cohort.case_ids[i] for i in q]
+
+
+def _index_of(case_ids: Sequence[str], wanted: Sequence[str]) -> np.ndarray:
+    pos = {c: i for i, c in enumerate(case_ids)}
+    return np.asarray(sorted(pos[c] for c in wanted if c in pos), int)
+
+
+def _train_vae(config, workdir: Path):
+    """Train (or resume) a VAE run and embed its whole cohort → ``Embeddings``."""
+    from mmvae.retrieval.embed import Embeddings, embed_cohort
+    from mmvae.train.loop import load_cohort, load_trained, train_and_evaluate
+    emb_path = workdir / "embeddings.npz"
+    if emb_path.exists() and (workdir / "train_done.json").exists():
+        return Embeddings.load(emb_path), json.loads((workdir / "train_done.json").read_text())
+    summary = train_and_evaluate(config, workdir, show_progress=False)
+    config_t, spec, model, tok = load_trained(workdir)
+    cohort, _, _ = load_cohort(config_t, workdir, config.data.manifest, tokenizer=tok, show_progress=False)
+    emb = embed_cohort(model, cohort, show_progress=False)
+    emb.save(emb_path)
+    info = {"train_seconds": summary.get("train_seconds"), "steps": summary.get("step"),
+            "compile_seconds": summary.get("compile_seconds")}
+    atomic_write_text(workdir / "train_done.json", json.dumps(info))
+    return emb, info
+
+
+def run_cell(ctx: GridContext, cell: Cell, manifest: str) -> dict:
+    """Run one cell (no skipping; see :func:`run_grid`) → its result dict."""
+    from mmvae.experiments import protocol
+    from mmvae.train.loop import load_cohort
+    base = ctx.base_config()
+    wd = ctx.cell_dir(cell)
+    wd.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    full_cfg = cell_config(base, Cell("vae", tuple(all_modalities(base))), manifest, str(ctx.out / "cache"))
+    info: dict = {}
+    if cell.method == "vae":
+        emb, info = _train_vae(cell_config(base, cell, manifest, str(ctx.out / "cache")), wd)
+    elif cell.method == "late_fusion":
+        emb = _late_fusion(ctx, base, cell, manifest)
+    elif cell.method in BASELINES:
+        from mmvae.experiments.baselines import run_baseline
+        cfg = cell_config(base, Cell("vae", cell.train_subset, seed=cell.seed), manifest, str(ctx.out / "cache"))
+        cohort, _, _ = load_cohort(cfg, wd, manifest, show_progress=False)
+        train_idx, _ = protocol.held_out(len(cohort), cfg)
+        kwargs = {"steps": ctx.baseline_steps} if ctx.baseline_steps else {}
+        emb = run_baseline(cell.method, cohort, train_idx, cfg, label=ctx.label, seed=cell.seed, **kwargs)
+    else:
+        raise ConfigError(f"unknown method {cell.method!r}; known: {VAE_METHODS + BASELINES}")
+    # The held-out queries of the full cohort, mapped into this cell's case order.
+    from mmvae.data.manifest import group_cases, read_manifest
+    full_ids = [c.case_id for c in group_cases(read_manifest(manifest))]
+    _, q = protocol.held_out(len(full_ids), full_cfg)
+    q_idx = _index_of(emb.case_ids, [full_ids[i] for i in q])
+    rows = protocol.evaluate(emb, ctx.label, q_idx, ctx.k, seed=cell.seed)
+    return {"status": "ok", **cell.columns(), "seconds": time.time() - t0, "train": info,
+            "rows": protocol.tidy(rows, ctx.k, **cell.columns())}
+
+
+def _late_fusion(ctx: GridContext, base, cell: Cell, manifest: str):
+    """Baseline 4: one VAE per modality of the cell, each embedding L2-normalised and concatenated."""
+    from mmvae.experiments.protocol import BlockEmbeddings
+    embs = []
+    for m in cell.train_subset:
+        uni = Cell("vae", (m,), cell.fusion, cell.objective, cell.seed)
+        wd = ctx.cell_dir(uni)        # shared with the grid's own unimodal cell, if any
+        emb, _ = _train_vae(cell_config(base, uni, manifest, str(ctx.out / "cache")), wd)
+        embs.append(emb)
+    ids = embs[0].case_ids
+    for e in embs[1:]:
+        if e.case_ids != ids:
+            raise ConfigError("unimodal runs embedded different cohorts; cannot fuse them late")
+    blocks = np.stack([e.mu for e in embs], 1)                                  # (N, M, L)
+    present = np.concatenate([e.present for e in embs], 1)                      # (N, M)
+    return BlockEmbeddings(list(ids), list(cell.train_subset), blocks, present, list(embs[0].labels))
+
+
+def _run_and_record(ctx: GridContext, cell: Cell, manifest: str) -> dict:
+    path = ctx.cell_dir(cell) / "result.json"
+    try:
+        result = run_cell(ctx, cell, manifest)
+    except Exception as e:   # a failed cell is recorded and the grid goes on
+        result = {"status": "failed", **cell.columns(), "error": f"{type(e).__name__}: {e}",
+                  "traceback": traceback.format_exc(limit=20)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(result, indent=1))
+    return result
+
+
+def _worker(ctx_dict: dict, cell_dict: dict, manifest: str) -> dict:
+    ctx = GridContext(**{**ctx_dict, "out": Path(ctx_dict["out"])})
+    cell = Cell(**{**cell_dict, "train_subset": tuple(cell_dict["train_subset"])})
+    return _run_and_record(ctx, cell, manifest)
+
+
+def run_grid(ctx: GridContext, cells: Iterable[Cell], *, jobs: int = 1, retry_failed: bool = False,
+             log=print) -> list[dict]:
+    """Run every unfinished cell; return the results of all cells (finished before or now)."""
+    cells = list(dict.fromkeys(cells))
+    manifest = ctx.prepare()
+    todo, results = [], {}
+    for cell in cells:
+        prev = _read_result(ctx.cell_dir(cell) / "result.json")
+        if prev and (prev.get("status") == "ok" or (prev.get("status") == "failed" and not retry_failed)):
+            results[cell.id] = prev
+        else:
+            todo.append(cell)
+    log(f"grid: {len(cells)} cells, {len(cells) - len(todo)} finished before, {len(todo)} to run")
+
+    def report(cell, r):
+        results[cell.id] = r
+        msg = f"{r.get('seconds', 0):.0f}s" if r["status"] == "ok" else r["error"]
+        log(f"  [{len(results)}/{len(cells)}] {cell.id}: {r['status']} ({msg})")
+
+    if jobs <= 1:
+        for cell in todo:
+            report(cell, _run_and_record(ctx, cell, manifest))
+    else:
+        ctx_dict = dict(dataclasses.asdict(ctx), out=str(ctx.out))
+        with cf.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_worker, ctx_dict, dataclasses.asdict(c), manifest): c for c in todo}
+            for fut in cf.as_completed(futures):
+                cell = futures[fut]
+                try:
+                    r = fut.result()
+                except Exception as e:   # the worker process died
+                    r = {"status": "failed", **cell.columns(), "error": f"worker died: {type(e).__name__}: {e}"}
+                    atomic_write_text(ctx.cell_dir(cell) / "result.json", json.dumps(r))
+                report(cell, r)
+    return [results[c.id] for c in cells]
+
+
+# --------------------------------------------------------------------------- outputs
+def tidy_rows(results: Sequence[dict]) -> list[dict]:
+    """All metric rows of the ok cells, plus one row per failed cell (``status``, ``error``)."""
+    out = []
+    for r in results:
+        if r["status"] == "ok":
+            out.extend(dict(row, status="ok", error="") for row in r["rows"])
+        else:
+            cols = {k: r.get(k, "") for k in ("cell", "method", "fusion", "objective", "train_subset", "seed")}
+            out.append(dict(cols, query="", num_queries=0, metric="", value="", lo="", hi="",
+                            status="failed", error=r.get("error", "")))
+    return out
+
+
+CSV_COLUMNS = ("cell", "method", "fusion", "objective", "train_subset", "seed", "query", "num_queries",
+               "metric", "value", "lo", "hi", "status", "error")
+
+
+def write_csv(rows: Sequence[dict], path: Path) -> Path:
+    import csv
+    import io
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    return atomic_write_text(path, buf.getvalue())
+
+
+def summarise(rows: Sequence[dict], metric: str = "map@10") -> list[dict]:
+    """Mean ± sd over seeds of ``metric`` per (method, fusion, objective, train subset, query).
+
+    Each entry: the group's columns, ``mean``, ``sd`` (0 for one seed), ``n_seeds``,
+    ``lo``/``hi`` (mean of the per-seed bootstrap CI bounds) and ``num_queries``.
+    """
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r.get("status") == "ok" and r["metric"] == metric:
+            key = (r["method"], r["fusion"], r["objective"], r["train_subset"], r["query"])
+            groups.setdefault(key, []).append(r)
+    out = []
+    for key, rs in groups.items():
+        v = np.asarray([float(r["value"]) for r in rs])
+        out.append({"method": key[0], "fusion": key[1], "objective": key[2], "train_subset": key[3],
+                    "query": key[4], "mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+                    "n_seeds": len(v), "lo": float(np.mean([float(r["lo"]) for r in rs])),
+                    "hi": float(np.mean([float(r["hi"]) for r in rs])),
+                    "num_queries": int(rs[0]["num_queries"])})
+    return out
+
+
+def method_label(s: dict) -> str:
+    if s["method"] in VAE_METHODS:
+        return f"{s['method']} {s['fusion']} {s['objective']} [{s['train_subset']}]"
+    return f"{s['method']} [{s['train_subset']}]"
+
+
+def markdown(summary: Sequence[dict], queries: Sequence[str], metric: str = "map@10") -> str:
+    """One row per method; one column per query subset: ``mean ± sd`` (or ``mean`` for one seed)."""
+    by_method: dict[str, dict] = {}
+    for s in summary:
+        by_method.setdefault(method_label(s), {})[s["query"]] = s
+    head = f"| method ({metric}, mean ± sd over seeds) | " + " | ".join(queries) + " |\n"
+    head += "|---|" + "---:|" * len(queries) + "\n"
+    lines = []
+    for name, qs in by_method.items():
+        cells = []
+        for q in queries:
+            s = qs.get(q)
+            cells.append("–" if s is None else (f"{s['mean']:.3f} ± {s['sd']:.3f}" if s["n_seeds"] > 1
+                                                 else f"{s['mean']:.3f}"))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return head + "\n".join(lines) + "\n"
+
+
+def heatmaps(summary: Sequence[dict], modalities: Sequence[str], out_dir: Path, metric: str = "map@10") -> list[Path]:
+    """One PNG per (fusion, objective) of VAE cells: training subset (rows) × query subset (columns)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    paths = []
+    subsets = ["+".join(s) for s in nonempty_subsets(modalities)]
+    for fusion, objective in sorted({(s["fusion"], s["objective"]) for s in summary if s["method"] == "vae"}):
+        rows_s = [s for s in summary if s["method"] == "vae" and s["fusion"] == fusion and s["objective"] == objective]
+        trains = [t for t in subsets if any(s["train_subset"] == t for s in rows_s)]
+        queries = [q for q in subsets if any(s["query"] == q for s in rows_s)]
+        grid = np.full((len(trains), len(queries)), np.nan)
+        for s in rows_s:
+            grid[trains.index(s["train_subset"]), queries.index(s["query"])] = s["mean"]
+        fig, ax = plt.subplots(figsize=(1.0 + 0.45 * len(queries), 1.2 + 0.35 * len(trains)))
+        im = ax.imshow(np.ma.masked_invalid(grid), vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+        ax.set_xticks(range(len(queries)), queries, rotation=75, ha="right", fontsize=7)
+        ax.set_yticks(range(len(trains)), trains, fontsize=7)
+        ax.set_xlabel("query subset")
+        ax.set_ylabel("training subset")
+        ax.set_title(f"{metric}: {fusion}, {objective}", fontsize=9)
+        for i, j in zip(*np.nonzero(np.isfinite(grid))):
+            ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=5,
+                    color="white" if grid[i, j] < 0.5 else "black")
+        fig.colorbar(im, ax=ax, fraction=0.03)
+        fig.tight_layout()
+        path = out_dir / f"heatmap_{fusion}_{objective}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp.png")
+        fig.savefig(tmp, dpi=120)
+        plt.close(fig)
+        tmp.replace(path)
+        paths.append(path)
+    return paths
+
+
+def write_outputs(results: Sequence[dict], modalities: Sequence[str], out: Path, metric: str = "map@10") -> dict:
+    """results.csv (tidy), results.md (table + failures) and the heat maps, under ``out``."""
+    rows = tidy_rows(results)
+    write_csv(rows, out / "results.csv")
+    summary = summarise(rows, metric)
+    queries = [q for q in ("+".join(s) for s in nonempty_subsets(modalities)) if any(s["query"] == q for s in summary)]
+    md = markdown(summary, queries, metric)
+    failed = [r for r in results if r["status"] != "ok"]
+    if failed:
+        md += "\nFailed cells:\n\n" + "\n".join(f"- `{r['cell']}`: {r.get('error', '')}" for r in failed) + "\n"
+    atomic_write_text(out / "results.md", md)
+    figs = heatmaps(summary, modalities, out, metric)
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+    return {"csv": out / "results.csv", "markdown": out / "results.md", "heatmaps": figs, "summary": summary}
