@@ -73,7 +73,10 @@ def parse(argv=None):
     p.add_argument("--objectives", default="default", help=f"variants: {', '.join(OBJECTIVES)}")
     p.add_argument("--seeds", default="0")
     p.add_argument("--baselines", default="", help=f"comma list of {', '.join(BASELINES + ('late_fusion',))}")
-    p.add_argument("--label", default="", help="retrieval label (default: the config's data.label)")
+    p.add_argument("--label", default="", help="retrieval label(s), comma-separated (default: the config's data.label)")
+    p.add_argument("--queries", default="held_out", choices=("held_out", "all"),
+                   help="held_out: the training split's held-out cases query the cohort; all: every case "
+                        "queries the others (leave-one-out, for tiny cohorts)")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--baseline-steps", type=int, default=0, help="training steps of clip/supervised (0: default)")
     p.add_argument("--jobs", type=int, default=1, help="cells run in this many processes")
@@ -84,7 +87,8 @@ def parse(argv=None):
 def main(argv=None) -> int:
     args, overrides = parse(argv)
     try:
-        ctx = GridContext(args.config, overrides, Path(args.out), args.label, args.k, args.baseline_steps)
+        ctx = GridContext(args.config, overrides, Path(args.out), args.label, args.k, args.baseline_steps,
+                          args.queries)
         base = ctx.base_config()
         if not ctx.label:
             ctx.label = str(base.data.label)
@@ -101,7 +105,7 @@ def main(argv=None) -> int:
         seeds = [int(s) for s in args.seeds.split(",") if s]
         cells = build_cells(mods, training_subsets(args.train_subsets, mods), fusions, objectives, seeds, baselines)
         results = run_grid(ctx, cells, jobs=args.jobs, retry_failed=args.retry_failed)
-        out = write_outputs(results, mods, ctx.out)
+        out = write_outputs(results, mods, ctx.out, f"map@{ctx.k}", ctx.labels)
     except MmvaeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -229,3 +229,86 @@ def test_top_report_terms_from_images_alone():
     assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1
     with pytest.raises(ConfigError, match="unknown modality"):
         top_report_terms(model, batch, Tok(), given=["pet"])
+
+
+def _conv_params(jaxpr):
+    """Every conv_general_dilated equation in a (closed) jaxpr, sub-jaxprs included."""
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "conv_general_dilated":
+            out.append(eqn.params)
+        for v in eqn.params.values():
+            for sub in (v if isinstance(v, (list, tuple)) else [v]):
+                if hasattr(sub, "jaxpr"):
+                    out += _conv_params(sub.jaxpr if hasattr(sub.jaxpr, "eqns") else sub.jaxpr.jaxpr)
+                elif hasattr(sub, "eqns"):
+                    out += _conv_params(sub)
+    return out
+
+
+def test_default_blocks_are_the_fast_ones_no_strided_or_transposed_convs():
+    """Forward and backward of the default model use stride-1, undilated convs only:
+    sampling is space-to-depth / depth-to-space (strided and transposed conv gradients
+    are 35-70x slower on XLA CPU)."""
+    c = tiny_config()
+    spec = model_spec(c, VOCAB)
+    model = build_model(spec, 0)
+    o = objective_spec(c, spec)
+    gd, params = nnx.split(model, nnx.Param)
+    batch = make_batch((1, 1, 1, 1))
+
+    def f(p):
+        return elbo_loss(nnx.merge(gd, p), batch, jax.random.key(1), jnp.asarray(5), o)[0]
+
+    convs = _conv_params(jax.make_jaxpr(jax.grad(f))(params).jaxpr)
+    assert len(convs) >= 6          # encoder + decoder convs, forward and gradients
+    for p in convs:
+        # Gradients of a stride-1 'SAME' conv are stride-1 convs too; anything strided or
+        # dilated in the lhs (a transposed conv) would show here.
+        assert tuple(p["window_strides"]) == (1, 1, 1), p["window_strides"]
+        assert tuple(p["lhs_dilation"]) == (1, 1, 1), p["lhs_dilation"]
+
+
+@pytest.mark.parametrize("chunks", [2, 3])
+def test_chunked_subset_decoding_matches_one_pass(chunks):
+    """objective.decode_chunks only trades memory for recomputation: same loss, same gradients."""
+    grads_and_loss = []
+    for n in (1, chunks):
+        c = tiny_config(subsets="all", decode_chunks=n)
+        spec = model_spec(c, VOCAB)
+        model = build_model(spec, 0)
+        o = objective_spec(c, spec)
+        gd, params = nnx.split(model, nnx.Param)
+        batch = make_batch((1, 0, 1, 1), b=3)
+
+        def f(p):
+            return elbo_loss(nnx.merge(gd, p), batch, jax.random.key(1), jnp.asarray(5), o)[0]
+
+        grads_and_loss.append(jax.jit(jax.value_and_grad(f))(params))
+    (l1, g1), (l2, g2) = grads_and_loss
+    np.testing.assert_allclose(float(l1), float(l2), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-5)
+
+
+def test_patch_stem_shapes_and_bad_patch():
+    c = tiny_config()
+    c.data.shape = (16, 16, 16)
+    c.model.image.patch = 4
+    c.model.image.decoder_blocks = 0
+    spec = model_spec(c, VOCAB)
+    assert spec.patch == 4 and spec.decoder_blocks == 0
+    model = build_model(spec, 0)
+    batch = make_batch((1, 1, 1, 1), shape=(16, 16, 16))
+    experts, present, _ = model.encode(batch)
+    assert experts.mu.shape == (2, 4, 4)
+    out = model.decode(jnp.zeros((5, 4)))
+    assert out["t1"].shape == (5, 16, 16, 16) and out["report"].shape == (5, VOCAB)
+    # The encoder down-samples by patch 4 x 2 ** (2 stages - 1) = 8: 12 does not divide.
+    c.data.shape = (12, 12, 12)
+    with pytest.raises(ConfigError, match=r"data.shape \(12, 12, 12\) must be divisible by 8"):
+        model_spec(c, VOCAB)
+    c.data.shape = (16, 16, 16)
+    c.model.image.patch = 0
+    with pytest.raises(ConfigError, match="patch"):
+        model_spec(c, VOCAB)

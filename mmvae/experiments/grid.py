@@ -121,9 +121,16 @@ class GridContext:
     config_path: str
     overrides: list[str]
     out: Path
-    label: str
+    label: str                        # retrieval label; several comma-separated, e.g. "grade,volume"
     k: int = 10
     baseline_steps: int = 0           # 0: each baseline's default
+    queries: str = "held_out"         # 'held_out': the training split's held-out cases;
+                                      # 'all': every case queries the rest (leave-one-out; for
+                                      # cohorts too small to hold cases out; baselines fit on all)
+
+    @property
+    def labels(self) -> list[str]:
+        return [x.strip() for x in str(self.label).split(",") if x.strip()]
 
     def base_config(self):
         from mmvae.config import load_config
@@ -148,10 +155,14 @@ def _read_result(path: Path) -> dict | None:
         return None
 
 
-def _query_ids(full_cohort, config) -> list[str]:
+def _split(ctx: GridContext, n: int, config) -> tuple[np.ndarray, np.ndarray]:
+    """``(fit_idx, query_idx)`` of a cohort of ``n`` cases under the grid's query mode."""
     from mmvae.experiments.protocol import held_out
-    _, q = held_out(len(full_cohort), config)
-    return [full_cohort.case_ids[i] for i in q]
+    if ctx.queries == "all":
+        return np.arange(n), np.arange(n)
+    if ctx.queries != "held_out":
+        raise ConfigError(f"queries must be 'held_out' or 'all', got {ctx.queries!r}")
+    return held_out(n, config)
 
 
 def _index_of(case_ids: Sequence[str], wanted: Sequence[str]) -> np.ndarray:
@@ -195,19 +206,21 @@ def run_cell(ctx: GridContext, cell: Cell, manifest: str) -> dict:
         from mmvae.experiments.baselines import run_baseline
         cfg = cell_config(base, Cell("vae", cell.train_subset, seed=cell.seed), manifest, str(ctx.out / "cache"))
         cohort, _, _ = load_cohort(cfg, wd, manifest, show_progress=False)
-        train_idx, _ = protocol.held_out(len(cohort), cfg)
+        train_idx, _ = _split(ctx, len(cohort), cfg)
         kwargs = {"steps": ctx.baseline_steps} if ctx.baseline_steps else {}
-        emb = run_baseline(cell.method, cohort, train_idx, cfg, label=ctx.label, seed=cell.seed, **kwargs)
+        emb = run_baseline(cell.method, cohort, train_idx, cfg, label=ctx.labels[0], seed=cell.seed, **kwargs)
     else:
         raise ConfigError(f"unknown method {cell.method!r}; known: {VAE_METHODS + BASELINES}")
     # The held-out queries of the full cohort, mapped into this cell's case order.
     from mmvae.data.manifest import group_cases, read_manifest
     full_ids = [c.case_id for c in group_cases(read_manifest(manifest))]
-    _, q = protocol.held_out(len(full_ids), full_cfg)
+    _, q = _split(ctx, len(full_ids), full_cfg)
     q_idx = _index_of(emb.case_ids, [full_ids[i] for i in q])
-    rows = protocol.evaluate(emb, ctx.label, q_idx, ctx.k, seed=cell.seed)
-    return {"status": "ok", **cell.columns(), "seconds": time.time() - t0, "train": info,
-            "rows": protocol.tidy(rows, ctx.k, **cell.columns())}
+    tidy = []
+    for label in ctx.labels:
+        rows = protocol.evaluate(emb, label, q_idx, ctx.k, seed=cell.seed)
+        tidy += protocol.tidy(rows, ctx.k, **cell.columns(), label=label)
+    return {"status": "ok", **cell.columns(), "seconds": time.time() - t0, "train": info, "rows": tidy}
 
 
 def _late_fusion(ctx: GridContext, base, cell: Cell, manifest: str):
@@ -284,20 +297,23 @@ def run_grid(ctx: GridContext, cells: Iterable[Cell], *, jobs: int = 1, retry_fa
 
 
 # --------------------------------------------------------------------------- outputs
-def tidy_rows(results: Sequence[dict]) -> list[dict]:
-    """All metric rows of the ok cells, plus one row per failed cell (``status``, ``error``)."""
+def tidy_rows(results: Sequence[dict], default_label: str = "") -> list[dict]:
+    """All metric rows of the ok cells, plus one row per failed cell (``status``, ``error``).
+
+    Rows recorded without a ``label`` (one-label grids) get ``default_label``.
+    """
     out = []
     for r in results:
         if r["status"] == "ok":
-            out.extend(dict(row, status="ok", error="") for row in r["rows"])
+            out.extend(dict({"label": default_label}, **row, status="ok", error="") for row in r["rows"])
         else:
             cols = {k: r.get(k, "") for k in ("cell", "method", "fusion", "objective", "train_subset", "seed")}
-            out.append(dict(cols, query="", num_queries=0, metric="", value="", lo="", hi="",
+            out.append(dict(cols, label="", query="", num_queries=0, metric="", value="", lo="", hi="",
                             status="failed", error=r.get("error", "")))
     return out
 
 
-CSV_COLUMNS = ("cell", "method", "fusion", "objective", "train_subset", "seed", "query", "num_queries",
+CSV_COLUMNS = ("cell", "method", "fusion", "objective", "train_subset", "seed", "label", "query", "num_queries",
                "metric", "value", "lo", "hi", "status", "error")
 
 
@@ -311,21 +327,24 @@ def write_csv(rows: Sequence[dict], path: Path) -> Path:
     return atomic_write_text(path, buf.getvalue())
 
 
-def summarise(rows: Sequence[dict], metric: str = "map@10") -> list[dict]:
+def summarise(rows: Sequence[dict], metric: str = "map@10", label: str | None = None) -> list[dict]:
     """Mean ± sd over seeds of ``metric`` per (method, fusion, objective, train subset, query).
+
+    ``label``: only the rows of that retrieval label (default: every row, which suits a
+    grid with one label).
 
     Each entry: the group's columns, ``mean``, ``sd`` (0 for one seed), ``n_seeds``,
     ``lo``/``hi`` (mean of the per-seed bootstrap CI bounds) and ``num_queries``.
     """
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        if r.get("status") == "ok" and r["metric"] == metric:
+        if r.get("status") == "ok" and r["metric"] == metric and (label is None or r.get("label") == label):
             key = (r["method"], r["fusion"], r["objective"], r["train_subset"], r["query"])
             groups.setdefault(key, []).append(r)
     out = []
     for key, rs in groups.items():
         v = np.asarray([float(r["value"]) for r in rs])
-        out.append({"method": key[0], "fusion": key[1], "objective": key[2], "train_subset": key[3],
+        out.append({"label": rs[0].get("label", ""), "method": key[0], "fusion": key[1], "objective": key[2], "train_subset": key[3],
                     "query": key[4], "mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
                     "n_seeds": len(v), "lo": float(np.mean([float(r["lo"]) for r in rs])),
                     "hi": float(np.mean([float(r["hi"]) for r in rs])),
@@ -357,8 +376,12 @@ def markdown(summary: Sequence[dict], queries: Sequence[str], metric: str = "map
     return head + "\n".join(lines) + "\n"
 
 
-def heatmaps(summary: Sequence[dict], modalities: Sequence[str], out_dir: Path, metric: str = "map@10") -> list[Path]:
-    """One PNG per (fusion, objective) of VAE cells: training subset (rows) × query subset (columns)."""
+def heatmaps(summary: Sequence[dict], modalities: Sequence[str], out_dir: Path, metric: str = "map@10",
+             tag: str = "") -> list[Path]:
+    """One PNG per (fusion, objective) of VAE cells: training subset (rows) × query subset (columns).
+
+    Files: ``heatmap_[<tag>_]<fusion>_<objective>.png``; cells hold the mean over seeds.
+    """
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -377,13 +400,13 @@ def heatmaps(summary: Sequence[dict], modalities: Sequence[str], out_dir: Path, 
         ax.set_yticks(range(len(trains)), trains, fontsize=7)
         ax.set_xlabel("query subset")
         ax.set_ylabel("training subset")
-        ax.set_title(f"{metric}: {fusion}, {objective}", fontsize=9)
+        ax.set_title(f"{metric}{' (' + tag + ')' if tag else ''}: {fusion}, {objective}", fontsize=9)
         for i, j in zip(*np.nonzero(np.isfinite(grid))):
             ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=5,
                     color="white" if grid[i, j] < 0.5 else "black")
         fig.colorbar(im, ax=ax, fraction=0.03)
         fig.tight_layout()
-        path = out_dir / f"heatmap_{fusion}_{objective}.png"
+        path = out_dir / f"heatmap_{tag + '_' if tag else ''}{fusion}_{objective}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp.png")
         fig.savefig(tmp, dpi=120)
@@ -393,17 +416,27 @@ def heatmaps(summary: Sequence[dict], modalities: Sequence[str], out_dir: Path, 
     return paths
 
 
-def write_outputs(results: Sequence[dict], modalities: Sequence[str], out: Path, metric: str = "map@10") -> dict:
-    """results.csv (tidy), results.md (table + failures) and the heat maps, under ``out``."""
-    rows = tidy_rows(results)
+def write_outputs(results: Sequence[dict], modalities: Sequence[str], out: Path, metric: str = "map@10",
+                  labels: Sequence[str] = ()) -> dict:
+    """results.csv (tidy), results.md (a table per label + failures), summary.json and heat maps.
+
+    With several labels, each gets its own table and heat maps (``heatmap_<label>_...``).
+    """
+    rows = tidy_rows(results, default_label=labels[0] if labels else "")
     write_csv(rows, out / "results.csv")
-    summary = summarise(rows, metric)
-    queries = [q for q in ("+".join(s) for s in nonempty_subsets(modalities)) if any(s["query"] == q for s in summary)]
-    md = markdown(summary, queries, metric)
+    labels = list(labels) or sorted({r["label"] for r in rows if r["status"] == "ok"})
+    md, summary, figs = "", [], []
+    for label in labels:
+        s_label = summarise(rows, metric, label)
+        queries = [q for q in ("+".join(s) for s in nonempty_subsets(modalities)) if any(s["query"] == q for s in s_label)]
+        if len(labels) > 1:
+            md += f"\n### Label `{label}`\n\n"
+        md += markdown(s_label, queries, metric)
+        figs += heatmaps(s_label, modalities, out, metric, tag=label if len(labels) > 1 else "")
+        summary += s_label
     failed = [r for r in results if r["status"] != "ok"]
     if failed:
         md += "\nFailed cells:\n\n" + "\n".join(f"- `{r['cell']}`: {r.get('error', '')}" for r in failed) + "\n"
     atomic_write_text(out / "results.md", md)
-    figs = heatmaps(summary, modalities, out, metric)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
     return {"csv": out / "results.csv", "markdown": out / "results.md", "heatmaps": figs, "summary": summary}

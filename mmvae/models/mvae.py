@@ -87,6 +87,12 @@ class ModelSpec:
             raise ConfigError(f"model.image.patch must be >= 1, got {self.patch}")
         if self.image_modalities and len(self.shape) not in (2, 3):
             raise ConfigError(f"data.shape must have 2 or 3 axes, got {self.shape}")
+        if self.image_modalities and self.channels:
+            from mmvae.models.encoders import total_factor
+            f = total_factor(self.channels, self.patch)
+            if any(int(s) % f for s in self.shape):
+                raise ConfigError(f"data.shape {tuple(self.shape)} must be divisible by {f} = model.image.patch "
+                                  f"{self.patch} × 2 ** (len(model.image.channels) {len(self.channels)} - 1)")
 
     def dims(self) -> dict[str, int]:
         """Number of elements per modality (for the default likelihood weights)."""
