@@ -259,10 +259,27 @@ def _worker(ctx_dict: dict, cell_dict: dict, manifest: str) -> dict:
     return _run_and_record(ctx, cell, manifest)
 
 
+def check_settings(ctx: GridContext) -> None:
+    """Record the settings that decide a cell's result in ``<out>/grid.json``; refuse to
+    resume a grid folder made with other settings (its finished cells would be reused)."""
+    settings = {"config": str(Path(ctx.config_path).resolve()), "overrides": list(ctx.overrides),
+                "label": ctx.labels, "k": int(ctx.k), "queries": ctx.queries, "baseline_steps": int(ctx.baseline_steps)}
+    path = ctx.out / "grid.json"
+    prev = _read_result(path)
+    if prev is not None and prev != settings:
+        diff = {k: (prev.get(k), v) for k, v in settings.items() if prev.get(k) != v}
+        raise ConfigError(f"{ctx.out} holds a grid run with other settings {diff} (before, now); "
+                          "finished cells would be reused: choose another --out")
+    if prev is None:
+        ctx.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(settings, indent=1))
+
+
 def run_grid(ctx: GridContext, cells: Iterable[Cell], *, jobs: int = 1, retry_failed: bool = False,
              log=print) -> list[dict]:
     """Run every unfinished cell; return the results of all cells (finished before or now)."""
     cells = list(dict.fromkeys(cells))
+    check_settings(ctx)
     manifest = ctx.prepare()
     todo, results = [], {}
     for cell in cells:
@@ -405,11 +422,10 @@ def heatmaps(summary: Sequence[dict], modalities: Sequence[str], out_dir: Path, 
             ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=5,
                     color="white" if grid[i, j] < 0.5 else "black")
         fig.colorbar(im, ax=ax, fraction=0.03)
-        fig.tight_layout()
         path = out_dir / f"heatmap_{tag + '_' if tag else ''}{fusion}_{objective}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp.png")
-        fig.savefig(tmp, dpi=120)
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
         plt.close(fig)
         tmp.replace(path)
         paths.append(path)

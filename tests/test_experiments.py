@@ -1,0 +1,160 @@
+"""The ablation grid end to end on the tiny config: outputs' content, an independent
+check of one metric, resume, failed cells, settings guard, leave-one-out with two labels."""
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mmvae.config import load_config
+from mmvae.errors import ConfigError
+from mmvae.experiments import grid as G
+from mmvae.retrieval.embed import Embeddings
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny.py")
+FULL = ("t1", "t2", "dwi", "report", "clinical")
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _csv(path):
+    with open(path, newline="") as f:
+        r = csv.DictReader(f)
+        return r.fieldnames, list(r)
+
+
+@pytest.fixture(scope="module")
+def grid_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ablation")
+    rc = _script("ablate_modalities").main(["--config", TINY, "--out", str(out), "--train-subsets", "full",
+                                             "--fusions", "poe", "--seeds", "0", "--baselines", "raw_pca"])
+    return out, rc
+
+
+def test_grid_outputs_hold_every_cell_query_and_metric(grid_run):
+    out, rc = grid_run
+    assert rc == 0
+    header, rows = _csv(out / "results.csv")
+    assert tuple(header) == G.CSV_COLUMNS
+    assert {r["status"] for r in rows} == {"ok"}
+    vae = [r for r in rows if r["method"] == "vae"]
+    pca = [r for r in rows if r["method"] == "raw_pca"]
+    assert {r["cell"] for r in vae} == {"vae-poe-default-t1+t2+dwi+report+clinical-s0"}
+    assert {r["label"] for r in rows} == {"class"}
+    every = {"+".join(s) for s in G.nonempty_subsets(FULL)}
+    vae_queries = {r["query"] for r in vae}
+    # Queries are subsets of the training modalities; the held-out cases have most of them.
+    assert vae_queries <= every and len(vae_queries) >= 20 and "t1+t2+dwi+report+clinical" in vae_queries
+    # The image-only baseline answers image-only queries.
+    assert {r["query"] for r in pca} <= {"+".join(s) for s in G.nonempty_subsets(("t1", "t2", "dwi"))}
+    assert len({r["query"] for r in pca}) == 7
+    for q in vae_queries:
+        assert sorted(r["metric"] for r in vae if r["query"] == q) == ["map@10", "ndcg@10", "precision@10", "recall@10"]
+    for r in rows:
+        v, lo, hi = float(r["value"]), float(r["lo"]), float(r["hi"])
+        assert 0.0 <= lo <= v + 1e-9 and v <= hi + 1e-9 and hi <= 1.0 + 1e-9
+        assert int(r["num_queries"]) > 0
+
+    # Summary, Markdown table and heat map agree with the CSV (one seed: sd 0).
+    summary = json.loads((out / "summary.json").read_text())
+    full = next(s for s in summary if s["method"] == "vae" and s["query"] == "t1+t2+dwi+report+clinical")
+    csv_full = next(r for r in vae if r["query"] == full["query"] and r["metric"] == "map@10")
+    assert full["mean"] == pytest.approx(float(csv_full["value"])) and full["sd"] == 0.0 and full["n_seeds"] == 1
+    md = (out / "results.md").read_text()
+    line = next(ln for ln in md.splitlines() if ln.startswith("| vae poe default [t1+t2+dwi+report+clinical]"))
+    cols = [c.strip() for c in md.splitlines()[0].strip("|").split("|")]
+    assert line.strip("|").split("|")[cols.index("t1+t2+dwi+report+clinical")].strip() == f"{full['mean']:.3f}"
+    assert "raw_pca [t1+t2+dwi]" in md and "Failed cells" not in md
+    img = Image.open(out / "heatmap_poe_default.png")
+    assert img.size[0] > 200 and img.size[1] > 100 and np.asarray(img.convert("L")).std() > 10
+
+
+def test_precision_matches_an_independent_computation(grid_run):
+    """precision@10 of the all-modality query, recomputed by hand from the saved embeddings."""
+    out, _ = grid_run
+    _, rows = _csv(out / "results.csv")
+    cell = "vae-poe-default-t1+t2+dwi+report+clinical-s0"
+    emb = Embeddings.load(out / "cells" / cell / "embeddings.npz")
+    cfg = load_config(TINY)
+    from mmvae.data.dataset import split_indices
+    _, q = split_indices(len(emb.case_ids), float(cfg.data.val_fraction), int(cfg.data.split_seed))
+    labels = np.asarray([lab.get("class", "") for lab in emb.labels])
+    full = np.ones(len(emb.modalities), np.float32)
+    qv = np.asarray(emb.subset_posterior(full)[0])
+    db = np.asarray(emb.mu)
+    qv = qv / np.linalg.norm(qv, axis=1, keepdims=True)
+    db = db / np.linalg.norm(db, axis=1, keepdims=True)
+    precisions = []
+    for i in q:
+        if not emb.present[i].all() or labels[i] == "":
+            continue
+        others = np.delete(np.arange(len(db)), i)
+        if not np.any(labels[others] == labels[i]):
+            continue
+        top = others[np.argsort(-(db[others] @ qv[i]), kind="stable")[:10]]
+        precisions.append(np.mean(labels[top] == labels[i]))
+    r = next(r for r in rows if r["cell"] == cell and r["query"] == "+".join(FULL) and r["metric"] == "precision@10")
+    assert int(r["num_queries"]) == len(precisions) > 0
+    assert float(r["value"]) == pytest.approx(float(np.mean(precisions)), abs=1e-6)
+
+
+def test_grid_resumes_records_a_failed_cell_and_goes_on(grid_run):
+    out, _ = grid_run
+    ctx = G.GridContext(TINY, [], out, "class")
+    done = [G.Cell("vae", FULL), G.Cell("raw_pca", ("t1", "t2", "dwi"))]
+    result_file = ctx.cell_dir(done[0]) / "result.json"
+    before = result_file.stat().st_mtime_ns
+    log = []
+    bad = G.Cell("vae", FULL, objective="no_such_objective")
+    results = G.run_grid(ctx, done + [bad], log=log.append)
+    assert log[0] == "grid: 3 cells, 2 finished before, 1 to run"
+    assert result_file.stat().st_mtime_ns == before
+    assert [r["status"] for r in results] == ["ok", "ok", "failed"]
+    assert "unknown objective variant 'no_such_objective'" in results[2]["error"]
+    recorded = json.loads((ctx.cell_dir(bad) / "result.json").read_text())
+    assert recorded["status"] == "failed" and "ConfigError" in recorded["error"]
+    res = G.write_outputs(results, FULL, out / "with_failure")
+    _, rows = _csv(res["csv"])
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert len(failed) == 1 and failed[0]["cell"] == bad.id and "no_such_objective" in failed[0]["error"]
+    assert "Failed cells" in res["markdown"].read_text()
+    # A failed cell stays failed on resume unless asked to retry.
+    log.clear()
+    G.run_grid(ctx, [bad], log=log.append)
+    assert log[0] == "grid: 1 cells, 1 finished before, 0 to run"
+    # The same folder with other settings is refused: its cells would be silently reused.
+    with pytest.raises(ConfigError, match="other settings"):
+        G.run_grid(G.GridContext(TINY, [], out, "lesion_size"), done, log=log.append)
+
+
+def test_cli_errors_exit_2_without_running(grid_run, tmp_path, capsys):
+    mod = _script("ablate_modalities")
+    assert mod.main(["--config", TINY, "--out", str(tmp_path / "x"), "--objectives", "bogus"]) == 2
+    assert "unknown ['bogus']" in capsys.readouterr().err
+    assert mod.main(["--config", TINY, "--out", str(tmp_path / "x"), "--train-subsets", "t1+flair"]) == 2
+    assert not (tmp_path / "x" / "cells").exists()
+
+
+def test_leave_one_out_with_two_labels(tmp_path):
+    """queries='all': every case queries the others; each label gets its rows, table and heat maps."""
+    out = tmp_path / "loo"
+    ctx = G.GridContext(TINY, [], out, "class,lesion_size", k=5, queries="all")
+    results = G.run_grid(ctx, [G.Cell("raw_pca", ("t1", "t2", "dwi"))], log=lambda *_: None)
+    assert results[0]["status"] == "ok", results[0].get("error")
+    res = G.write_outputs(results, FULL, out, "map@5", ctx.labels)
+    _, rows = _csv(res["csv"])
+    assert {r["label"] for r in rows} == {"class", "lesion_size"}
+    t1 = [r for r in rows if r["query"] == "t1" and r["metric"] == "map@5"]
+    # Every case with a t1 queries (40 tiny cases, a few lack t1): far more than a held-out split.
+    assert all(int(r["num_queries"]) >= 30 for r in t1)
+    md = res["markdown"].read_text()
+    assert "### Label `class`" in md and "### Label `lesion_size`" in md
