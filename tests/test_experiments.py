@@ -158,3 +158,83 @@ def test_leave_one_out_with_two_labels(tmp_path):
     assert all(int(r["num_queries"]) >= 30 for r in t1)
     md = res["markdown"].read_text()
     assert "### Label `class`" in md and "### Label `lesion_size`" in md
+
+
+# ------------------------------------------------------------------------------ report
+def test_tertiles_split_by_rank_in_equal_thirds():
+    mr = _script("make_report")
+    vols = {"a": 5.0, "b": 1.0, "c": 90.0, "d": 30.0, "e": 2.0, "f": 31.0}
+    assert mr.tertiles(vols) == {"b": "small", "e": "small", "a": "medium", "d": "medium",
+                                 "f": "large", "c": "large"}
+
+
+def _entry(query, mean, lo=None, method="vae", fusion="poe", train="t1+t2+report", sd=0.01):
+    return {"method": method, "fusion": fusion if method == "vae" else "", "objective": "default" if method == "vae" else "",
+            "train_subset": train, "query": query, "mean": mean, "sd": sd, "n_seeds": 3,
+            "lo": mean - 0.05 if lo is None else lo, "hi": mean + 0.05}
+
+
+def test_targets_report_what_is_met_and_by_how_much_it_is_missed():
+    from mmvae.experiments import report as R
+    mods = ["t1", "t2", "report"]
+    summary = [_entry("t1", 0.40), _entry("t2", 0.55), _entry("report", 0.30), _entry("t1+t2", 0.60),
+               _entry("t1+report", 0.45), _entry("t2+report", 0.42, lo=0.40),
+               _entry("t1+t2+report", 0.70),
+               _entry("t1+t2", 0.65, method="raw_pca", train="t1+t2"),
+               _entry("report", 0.35, method="report_minilm", train="report")]
+    t = {x.name: x for x in R.check_targets(summary, mods)}
+    assert t["all-modality mAP@10"].met is False and t["all-modality mAP@10"].gap == "0.200 below"
+    assert t["fusion gain"].met is True and "gain +0.150" in t["fusion gain"].measured
+    # t2 (0.55, lo 0.50) → t2+report (0.42): below the CI of t2 by 0.08; t1+t2 → t1+t2+report is fine.
+    mono = t["adding a modality never hurts"]
+    assert mono.met is False and "1 of 9 pairs" in mono.measured and "`t2` → `t2+report` 0.080" in mono.measured
+    assert t["beats every baseline (all-modality query)"].met is True
+    assert t["text-only query beats MiniLM"].met is False and t["text-only query beats MiniLM"].gap == "0.050 below"
+    table = R.targets_table(t.values())
+    assert table.count("**missed**") == 3 and "0.700 ± 0.010 (poe)" in table
+
+
+def test_make_report_end_to_end_on_tiny(grid_run, tmp_path):
+    """Reuses the tiny grid's finished cells (same settings), adds figures and the BraTS part."""
+    import re
+    out, _ = grid_run
+    report_out = tmp_path / "report"
+    report_out.mkdir()
+    (report_out / "synthetic").symlink_to(out, target_is_directory=True)
+    docs = tmp_path / "docs" / "results.md"
+    brats = ROOT.parent / "shared" / "data" / "brats18-sample"
+    argv = ["--out", str(report_out), "--docs", str(docs), "--config", TINY, "--seeds", "0", "--fusions", "poe",
+            "--baselines", "raw_pca", "--figures", "pca", "--brats", str(brats), "--brats-baselines", "raw_pca",
+            "--brats-set", "data.shape=(16,16,16)", "--brats-set", "data.spacing=(12.0,12.0,12.0)",
+            "--brats-set", "model.image.channels=(4,8)", "--brats-set", "model.latent_dim=4",
+            "--brats-set", "train.steps=2", "--brats-set", "train.batch_size=2"]
+    assert _script("make_report").main(argv) == 0
+    md = docs.read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    full = next(s for s in summary if s["method"] == "vae" and s["query"] == "+".join(FULL))
+    line = next(ln for ln in md.splitlines() if ln.startswith("| all-modality mAP@10 |"))
+    assert f"{full['mean']:.3f} (poe)" in line
+    assert ("**missed**" in line) == (full["mean"] < 0.90)
+    if full["mean"] < 0.90:
+        assert f"{0.90 - full['mean']:.3f} below" in line
+    assert "| beats every baseline (all-modality query) |" in md
+    # Every figure the page links exists, is a PNG and lies beside the page.
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert any("heatmap_poe_default" in x for x in links) and any("projection_pca" in x for x in links)
+    for link in links:
+        assert (docs.parent / link).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (docs.parent / "results" / "synthetic_results.csv").read_text() == (out / "results.csv").read_text()
+    if not brats.is_dir():
+        assert "Skipped: BraTS sample not found" in md
+        pytest.skip(f"BraTS sample absent at {brats}: the real-data part was not exercised")
+    section = md.split("## BraTS 2018 sample", 1)[1]
+    rows = [ln for ln in section.splitlines() if ln.startswith("| Brats18_")]
+    assert len(rows) == 6 and sum("| HGG |" in r for r in rows) == 4
+    assert sorted(r.rsplit("|", 2)[1].strip() for r in rows) == ["large"] * 2 + ["medium"] * 2 + ["small"] * 2
+    assert "### Label `grade`" in section and "### Label `tumour_volume`" in section
+    _, brows = _csv(docs.parent / "results" / "brats_results.csv")
+    ok = [r for r in brows if r["status"] == "ok" and r["query"] == "t1+t1ce+t2+flair" and r["metric"] == "map@5"]
+    # Leave-one-out: all six cases query (a case whose label is unique would be skipped; none is here).
+    assert {(r["method"], r["label"]) for r in ok} == {("vae", "grade"), ("vae", "tumour_volume"),
+                                                      ("raw_pca", "grade"), ("raw_pca", "tumour_volume")}
+    assert all(int(r["num_queries"]) == 6 for r in ok)
