@@ -54,7 +54,8 @@ def base_config() -> ml_collections.ConfigDict:
         dtype="float32",              # float32 | bfloat16 (compute; params stay float32)
         image=dict(channels=(16, 32, 64), blocks=1, full_res_blocks=False, set_pooling="poe",
                    patch=2,                   # stem factor: 4 = wide patch stem (fast on CPU)
-                   decoder_blocks=-1),        # -1: same as blocks
+                   decoder_blocks=-1,         # -1: same as blocks
+                   full_res_channels=-1),     # decoder: -1 max(8, c0/2); 0 unpatchify head (no full-res maps)
         text=dict(hidden=64, layers=2, heads=2, intermediate=128, pretrained_dir=""),
         report_decoder=dict(kind="bow", hidden=128),   # bow | tokens
         clinical=dict(hidden=64),

@@ -296,14 +296,17 @@ def test_patch_stem_shapes_and_bad_patch():
     c.data.shape = (16, 16, 16)
     c.model.image.patch = 4
     c.model.image.decoder_blocks = 0
+    c.model.image.full_res_channels = 0          # unpatchify head: no full-resolution feature maps
     spec = model_spec(c, VOCAB)
-    assert spec.patch == 4 and spec.decoder_blocks == 0
+    assert spec.patch == 4 and spec.decoder_blocks == 0 and spec.full_res_channels == 0
     model = build_model(spec, 0)
     batch = make_batch((1, 1, 1, 1), shape=(16, 16, 16))
     experts, present, _ = model.encode(batch)
     assert experts.mu.shape == (2, 4, 4)
     out = model.decode(jnp.zeros((5, 4)))
     assert out["t1"].shape == (5, 16, 16, 16) and out["report"].shape == (5, VOCAB)
+    dec = model.decoders["t1"]
+    assert dec.out is None and dec.layers[-1].proj.kernel.shape == (4, 4 ** 3)   # c_0 = 4 -> 4³ voxels
     # The encoder down-samples by patch 4 x 2 ** (2 stages - 1) = 8: 12 does not divide.
     c.data.shape = (12, 12, 12)
     with pytest.raises(ConfigError, match=r"data.shape \(12, 12, 12\) must be divisible by 8"):

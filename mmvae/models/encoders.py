@@ -103,11 +103,18 @@ class ImageEncoder(nnx.Module):
 
 class ImageDecoder(nnx.Module):
     """Mirror of :class:`ImageEncoder`: dense → (residual blocks, Upsample ×2) per stage, the
-    last Upsample by ``patch`` then a per-voxel dense layer to intensities."""
+    last Upsample by ``patch``.
+
+    ``full_res_channels`` > 0: the last Upsample makes a full-resolution feature map of that
+    many channels, then a per-voxel dense layer gives intensities (-1: ``max(8, c_0 // 2)``).
+    0: the last Upsample emits the intensities itself (SiLU → dense to ``patch^d`` values
+    per coarse voxel → depth-to-space, an "unpatchify" head): no full-resolution
+    activations, which with many subset decodes per case dominate memory and time.
+    """
 
     def __init__(self, shape: Sequence[int], channels: Sequence[int], latent_dim: int, *,
-                 blocks: int = 1, full_res_blocks: bool = False, patch: int = 2, dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 blocks: int = 1, full_res_blocks: bool = False, patch: int = 2, full_res_channels: int = -1,
+                 dtype=jnp.float32, rngs: nnx.Rngs):
         d = len(shape)
         factor = total_factor(channels, patch)
         self.base = tuple(s // factor for s in shape)
@@ -118,16 +125,23 @@ class ImageDecoder(nnx.Module):
         for i, c in enumerate(rev):
             n_blocks = blocks if (i < len(rev) - 1 or full_res_blocks) else 0
             layers.extend(ConvResBlock(c, d, dtype=dtype, rngs=rngs) for _ in range(n_blocks))
-            cout = rev[i + 1] if i + 1 < len(rev) else max(8, rev[-1] // 2)
             last = i == len(rev) - 1
+            if not last:
+                cout = rev[i + 1]
+            else:
+                cout = max(8, rev[-1] // 2) if full_res_channels < 0 else (full_res_channels or 1)
             layers.append(Upsample(c, cout, d, factor=patch if last else 2, dtype=dtype, rngs=rngs))
         self.layers = nnx.List(layers)
-        self.out = nnx.Linear(cout, 1, rngs=rngs)
+        self.direct = full_res_channels == 0
+        self.out = None if self.direct else nnx.Linear(cout, 1, rngs=rngs)
 
     def __call__(self, z: jax.Array) -> jax.Array:
         h = self.inp(z).reshape((z.shape[0],) + self.base + (self.c_last,))
-        for layer in self.layers:
+        for layer in self.layers[:-1]:
             h = layer(h)
+        if self.direct:
+            return self.layers[-1](jax.nn.silu(h)).astype(jnp.float32)[..., 0]
+        h = self.layers[-1](h)
         return self.out(jax.nn.silu(h)).astype(jnp.float32)[..., 0]
 
 

@@ -43,6 +43,7 @@ class ModelSpec:
     full_res_blocks: bool = False
     patch: int = 2                       # stem down-sampling factor (see ImageEncoder)
     decoder_blocks: int = -1             # residual blocks per decoder stage; -1: same as blocks
+    full_res_channels: int = -1          # decoder's full-resolution channels; 0: unpatchify head (ImageDecoder)
     set_pooling: str = "poe"
     report: bool = True
     bert: BertConfig | None = None
@@ -83,6 +84,8 @@ class ModelSpec:
                               f"{REPORT_DECODERS}")
         if self.report and self.bert is None:
             raise ConfigError("modality 'report' has no encoder configuration (model.text)")
+        if self.full_res_channels < -1:
+            raise ConfigError(f"model.image.full_res_channels must be -1, 0 or > 0, got {self.full_res_channels}")
         if self.patch < 1:
             raise ConfigError(f"model.image.patch must be >= 1, got {self.patch}")
         if self.image_modalities and len(self.shape) not in (2, 3):
@@ -119,7 +122,8 @@ class MultimodalVAE(nnx.Module):
                                   full_res_blocks=spec.full_res_blocks, set_pooling=spec.set_pooling, dtype=dtype, rngs=rngs)
             dec[m] = ImageDecoder(spec.shape, spec.channels, L, patch=spec.patch,
                                   blocks=spec.blocks if spec.decoder_blocks < 0 else spec.decoder_blocks,
-                                  full_res_blocks=spec.full_res_blocks, dtype=dtype, rngs=rngs)
+                                  full_res_blocks=spec.full_res_blocks, full_res_channels=spec.full_res_channels,
+                                  dtype=dtype, rngs=rngs)
         if spec.report:
             enc[REPORT] = ReportEncoder(spec.bert, L, dtype=dtype, rngs=rngs)
             if spec.report_decoder == "tokens":

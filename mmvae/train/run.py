@@ -38,8 +38,14 @@ def spec_from_dict(d: dict) -> ModelSpec:
     return ModelSpec(**d)
 
 
+# Spec fields added after runs existed, with the value that reproduces the older model:
+# at that value they stay out of the fingerprint, so older checkpoints still load.
+_NEUTRAL_LATER_FIELDS = {"full_res_channels": -1}
+
+
 def fingerprint(spec: ModelSpec) -> str:
-    return hashlib.sha256(json.dumps(spec_to_dict(spec), sort_keys=True).encode()).hexdigest()[:16]
+    d = {k: v for k, v in spec_to_dict(spec).items() if _NEUTRAL_LATER_FIELDS.get(k, object()) != v}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def git_commit() -> str | None:
