@@ -12,6 +12,7 @@ modality-presence pattern, embedding throughput, and peak resident memory.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import sys
 import time
@@ -20,11 +21,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from common import machine, peak_matmul_flops, peak_rss_mb, write_json
 from mmvae.config import load_config
 from mmvae.models.mvae import build_model
+from mmvae.objectives.elbo import subset_log_likelihoods
 from mmvae.retrieval.embed import make_encode_fn
 from mmvae.train.setup import model_spec, objective_spec, optimizer
 from mmvae.train.step import init_state, make_train_step
@@ -47,12 +50,58 @@ def random_batch(spec, config, b, pattern, rng):
     return batch
 
 
+def _flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+
+def _median_time(fn, *args, repeats: int = 3) -> float:
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def component_profile(model, batch, num_subsets: int, chunks: int, repeats: int = 3) -> dict:
+    """Forward + backward time, XLA FLOPs and FLOP/s of the step's two big parts.
+
+    ``encode``: every encoder (images, report, clinical) → experts. ``decode``: every
+    decoder and likelihood for ``num_subsets`` latent samples per case (the subset ELBO's
+    reconstruction terms). The rest of the step (fusion, KL, optimizer) is the difference.
+    """
+    from flax import nnx
+    gd, params = nnx.split(model, nnx.Param)
+    b = next(v for k, v in batch.items() if k.startswith("image/")).shape[0]
+    z = jax.random.normal(jax.random.key(0), (1, num_subsets, b, model.spec.latent_dim))
+
+    def enc(p):
+        experts, _, _ = nnx.merge(gd, p).encode(batch)
+        return jnp.sum(experts.mu) + jnp.sum(experts.logvar)
+
+    def dec(p):
+        return jnp.sum(subset_log_likelihoods(nnx.merge(gd, p), z, batch, chunks))
+
+    out = {}
+    for name, f in (("encode", enc), ("decode", dec)):
+        g = jax.jit(jax.grad(f))
+        t = _median_time(g, params, repeats=repeats)
+        fl = _flops(jax.jit(jax.grad(f)).lower(params).compile()) if chunks <= 1 or name == "encode" else float("nan")
+        out[name] = {"seconds": t, "flops": fl, "gflops_per_s": fl / t / 1e9}
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/bench.py")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--vocab", type=int, default=2000)
     p.add_argument("--patterns", action="store_true", help="also count compilations over all presence patterns")
+    p.add_argument("--profile", action="store_true",
+                   help="time the encode and decode (all subset terms) parts separately, with their FLOP/s")
     p.add_argument("--out")
     args, extra = p.parse_known_args(argv)
     config = load_config(args.config, extra)
@@ -71,9 +120,12 @@ def main(argv=None):
     t0 = time.perf_counter()
     compiled = step.lower(state, full, key).compile()
     compile_s = time.perf_counter() - t0
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+    flops = _flops(compiled)
+    if obj.decode_chunks > 1:
+        # XLA's cost analysis counts a while loop's body once: take the model FLOPs from
+        # the same step decoded in one pass (compiled, never run), without the remat.
+        one = make_train_step(graphdef, tx, dataclasses.replace(obj, decode_chunks=1), lr)
+        flops = _flops(jax.jit(one).lower(state, full, key).compile())
     state, m = step(state, full, key)
     jax.block_until_ready(m["loss"])
     times = []
@@ -92,6 +144,13 @@ def main(argv=None):
         "step_times_s": times, "cases_per_s": b / p50, "flops_per_step": flops,
         "achieved_gflops": flops / p50 / 1e9, "mfu": flops / p50 / peak,
     }
+    if args.profile:
+        from flax import nnx
+        from mmvae.objectives.elbo import draw_subsets
+        j = int(draw_subsets(jax.random.key(0), jnp.ones((b, len(spec.modalities))), obj).shape[0])
+        parts = component_profile(nnx.merge(graphdef, state["params"]), full, j, obj.decode_chunks)
+        parts["rest"] = {"seconds": p50 - parts["encode"]["seconds"] - parts["decode"]["seconds"]}
+        result["profile"] = parts
     if args.patterns:
         n_patterns = 0
         for pattern in itertools.product([0, 1], repeat=len(spec.modalities)):
