@@ -307,6 +307,12 @@ def test_patch_stem_shapes_and_bad_patch():
     assert out["t1"].shape == (5, 16, 16, 16) and out["report"].shape == (5, VOCAB)
     dec = model.decoders["t1"]
     assert dec.out is None and dec.layers[-1].proj.kernel.shape == (4, 4 ** 3)   # c_0 = 4 -> 4³ voxels
+    # The loss path scores the patched layout (no depth-to-space): same log-likelihoods.
+    z = jax.random.normal(jax.random.key(3), (2 * 2, 4))
+    patched = model.decode(z, patched=True)
+    assert patched["t1"].shape == (4, 4, 4, 4, 64) and patched["report"].shape == (4, VOCAB)
+    np.testing.assert_allclose(np.asarray(model.log_likelihoods(patched, batch, 2)),
+                               np.asarray(model.log_likelihoods(model.decode(z), batch, 2)), rtol=1e-5)
     # The encoder down-samples by patch 4 x 2 ** (2 stages - 1) = 8: 12 does not divide.
     c.data.shape = (12, 12, 12)
     with pytest.raises(ConfigError, match=r"data.shape \(12, 12, 12\) must be divisible by 8"):

@@ -135,11 +135,25 @@ class ImageDecoder(nnx.Module):
         self.direct = full_res_channels == 0
         self.out = None if self.direct else nnx.Linear(cout, 1, rngs=rngs)
 
-    def __call__(self, z: jax.Array) -> jax.Array:
+    @property
+    def out_patch(self) -> int | None:
+        """With the unpatchify head, the factor f of :meth:`__call__`'s ``patched`` layout."""
+        return self.layers[-1].factor if self.direct else None
+
+    def __call__(self, z: jax.Array, patched: bool = False) -> jax.Array:
+        """``z (N, L)`` → ``(N, *shape)`` intensities.
+
+        ``patched`` (unpatchify head only; ignored otherwise): ``(N, *shape/f, f^d)``, the
+        layout :func:`space_to_depth` gives the image, skipping the depth-to-space. A
+        likelihood summed over voxels is the same in either layout; this one saves the
+        transpose of every subset's full-resolution output and its gradient.
+        """
         h = self.inp(z).reshape((z.shape[0],) + self.base + (self.c_last,))
         for layer in self.layers[:-1]:
             h = layer(h)
         if self.direct:
+            if patched:
+                return self.layers[-1].proj(jax.nn.silu(h)).astype(jnp.float32)
             return self.layers[-1](jax.nn.silu(h)).astype(jnp.float32)[..., 0]
         h = self.layers[-1](h)
         return self.out(jax.nn.silu(h)).astype(jnp.float32)[..., 0]

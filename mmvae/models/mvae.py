@@ -22,6 +22,7 @@ from mmvae.errors import ConfigError
 from mmvae.models import fusion
 from mmvae.models.encoders import (BagOfWordsDecoder, ClinicalDecoder, ClinicalEncoder, ImageDecoder,
                                    ImageEncoder, ReportEncoder, TokenDecoder)
+from mmvae.models.layers import space_to_depth
 from mmvae.models.text import BertConfig
 from mmvae.objectives import likelihoods
 
@@ -185,9 +186,14 @@ class MultimodalVAE(nnx.Module):
         return fusion.fuse(experts.mu, experts.logvar, present, self.spec.fusion)
 
     # ------------------------------------------------------------------ decode
-    def decode(self, z: jax.Array) -> dict:
-        """``z (N, L)`` → per-modality outputs (image means, report logits, clinical)."""
-        return {m: self.decoders[m](z) for m in self.spec.modalities}
+    def decode(self, z: jax.Array, patched: bool = False) -> dict:
+        """``z (N, L)`` → per-modality outputs (image means, report logits, clinical).
+
+        ``patched``: image decoders with an unpatchify head return the space-to-depth
+        layout (see :class:`ImageDecoder`); :meth:`log_likelihoods` accepts either.
+        """
+        return {m: (self.decoders[m](z, patched=True) if patched and m in self.spec.image_modalities
+                    else self.decoders[m](z)) for m in self.spec.modalities}
 
     def log_likelihoods(self, outputs: dict, batch: dict, reps: int) -> jax.Array:
         """Log-likelihood of each modality of the batch under decoded outputs.
@@ -225,6 +231,10 @@ class MultimodalVAE(nnx.Module):
                 sm = sm * finite
                 x = jnp.where(jnp.isfinite(x), x, 0.0)
                 b, s = x.shape[:2]
+                f = self.decoders[m].out_patch
+                if f is not None and out.shape[1:] != x.shape[2:]:       # patched decoder output
+                    x = space_to_depth(x.reshape((b * s,) + x.shape[2:] + (1,)), f)
+                    x = x.reshape((b, s) + x.shape[1:])
                 x_hat = out.reshape((reps, b, 1) + out.shape[1:])
                 ll_rs = likelihoods.image_log_likelihood(
                     jnp.broadcast_to(x[None], (reps,) + x.shape).reshape((reps * b * s,) + x.shape[2:]),

@@ -162,7 +162,7 @@ def subset_log_likelihoods(model, z: jax.Array, batch: dict, chunks: int = 1) ->
     """
     kk, j, b, l = z.shape
     if chunks <= 1 or j == 1:
-        out = model.decode(z.reshape(kk * j * b, l))
+        out = model.decode(z.reshape(kk * j * b, l), patched=True)
         return model.log_likelihoods(out, batch, kk * j).reshape(kk, j, b, -1)
     chunks = min(chunks, j)
     c = -(-j // chunks)
@@ -173,7 +173,7 @@ def subset_log_likelihoods(model, z: jax.Array, batch: dict, chunks: int = 1) ->
     @jax.checkpoint
     def one(state, batch, zi):
         m = nnx.merge(graphdef, state)
-        return m.log_likelihoods(m.decode(zi.reshape(kk * c * b, l)), batch, kk * c).reshape(kk, c, b, -1)
+        return m.log_likelihoods(m.decode(zi.reshape(kk * c * b, l), patched=True), batch, kk * c).reshape(kk, c, b, -1)
 
     _, ll = jax.lax.scan(lambda carry, zi: (carry, one(state, batch, zi)), None, zc)
     return jnp.moveaxis(ll, 0, 1).reshape(kk, chunks * c, b, -1)[:, :j]
