@@ -30,9 +30,7 @@ import argparse
 import dataclasses
 import datetime
 import json
-import platform
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -199,23 +197,11 @@ def _copy(src: Path, dst: Path) -> Path:
 
 
 def _machine() -> str:
-    import jax
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    import os
-    return (f"{cpu}, {os.cpu_count()} cores, jax {jax.__version__} ({jax.devices()[0].platform})"
-            + (f", commit {commit}" if commit else ""))
+    from benchmarks.common import machine
+    from mmvae.train.run import git_commit
+    m, commit = machine(), git_commit()
+    return (f"{m['cpu']}, {m['cores']} cores, jax {m['jax']} ({m['backend']})"
+            + (f", commit {commit[:7]}" if commit else ""))
 
 
 def _cost_table(results) -> str:

@@ -26,17 +26,21 @@ def machine() -> dict:
             "device_kind": jax.devices()[0].device_kind, "device_count": jax.device_count()}
 
 
-def peak_matmul_flops(n: int = 2048, repeats: int = 5) -> float:
-    """Measured FLOP/s of a large float32 matmul (the MFU denominator)."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    jax.block_until_ready(f(a))
+def median_seconds(fn, *args, repeats: int = 5) -> float:
+    """Median wall time of ``fn(*args)`` (results blocked on) over ``repeats`` calls after one warm-up."""
+    jax.block_until_ready(fn(*args))
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        jax.block_until_ready(f(a))
+        jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t)
-    return 2 * n ** 3 / float(np.median(times))
+    return float(np.median(times))
+
+
+def peak_matmul_flops(n: int = 2048, repeats: int = 5) -> float:
+    """Measured FLOP/s of a large float32 matmul (the MFU denominator)."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    return 2 * n ** 3 / median_seconds(jax.jit(lambda x: x @ x), a, repeats=repeats)
 
 
 def peak_rss_mb() -> float:

@@ -196,7 +196,14 @@ def run_cell(ctx: GridContext, cell: Cell, manifest: str) -> dict:
     wd = ctx.cell_dir(cell)
     wd.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
+    # The split of the full cohort, by case id: a cell whose modalities leave some cases out
+    # has fewer cases, and a split recomputed over those would differ (and could fit a
+    # baseline on query cases).
+    from mmvae.data.manifest import group_cases, read_manifest
     full_cfg = cell_config(base, Cell("vae", tuple(all_modalities(base))), manifest, str(ctx.out / "cache"))
+    full_ids = [c.case_id for c in group_cases(read_manifest(manifest))]
+    fit, q = _split(ctx, len(full_ids), full_cfg)
+    fit_ids, query_ids = [full_ids[i] for i in fit], [full_ids[i] for i in q]
     info: dict = {}
     if cell.method == "vae":
         emb, info = _train_vae(cell_config(base, cell, manifest, str(ctx.out / "cache")), wd)
@@ -206,16 +213,12 @@ def run_cell(ctx: GridContext, cell: Cell, manifest: str) -> dict:
         from mmvae.experiments.baselines import run_baseline
         cfg = cell_config(base, Cell("vae", cell.train_subset, seed=cell.seed), manifest, str(ctx.out / "cache"))
         cohort, _, _ = load_cohort(cfg, wd, manifest, show_progress=False)
-        train_idx, _ = _split(ctx, len(cohort), cfg)
+        train_idx = _index_of(cohort.case_ids, fit_ids)
         kwargs = {"steps": ctx.baseline_steps} if ctx.baseline_steps else {}
         emb = run_baseline(cell.method, cohort, train_idx, cfg, label=ctx.labels[0], seed=cell.seed, **kwargs)
     else:
         raise ConfigError(f"unknown method {cell.method!r}; known: {VAE_METHODS + BASELINES}")
-    # The held-out queries of the full cohort, mapped into this cell's case order.
-    from mmvae.data.manifest import group_cases, read_manifest
-    full_ids = [c.case_id for c in group_cases(read_manifest(manifest))]
-    _, q = _split(ctx, len(full_ids), full_cfg)
-    q_idx = _index_of(emb.case_ids, [full_ids[i] for i in q])
+    q_idx = _index_of(emb.case_ids, query_ids)                 # into this cell's case order
     tidy = []
     for label in ctx.labels:
         rows = protocol.evaluate(emb, label, q_idx, ctx.k, seed=cell.seed)

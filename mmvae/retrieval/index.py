@@ -422,13 +422,14 @@ class CaseIndex:
             # One query: OpenMP's fork/join costs more than it saves (100k flat, 2 cores:
             # ~1 ms on one thread vs ~3 ms on two idle, 2 vs 6-16 ms with a training job running).
             threads = faiss.omp_get_max_threads()
-            if len(pending) == 1 and threads > 1:
+            one_thread = len(pending) == 1 and threads > 1
+            if one_thread:
                 faiss.omp_set_num_threads(1)
             try:
                 _, labels = self._index.search(x[pending], fetch)
             finally:
                 restore()
-                if len(pending) == 1 and threads > 1:
+                if one_thread:
                     faiss.omp_set_num_threads(threads)
             still = []
             for j, qi in enumerate(pending):
