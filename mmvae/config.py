@@ -38,6 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
         normalize="zscore",
         reference_modality="",        # resample every series onto this modality's grid first
         label="class",                # label used as retrieval ground truth
+        label_fraction=0.0,           # > 0: this fraction of training cases gives its `label` to a label expert (semi-supervised)
         val_fraction=0.2,
         split_seed=0,
         on_error="raise",             # raise | skip
@@ -54,11 +55,13 @@ def base_config() -> ml_collections.ConfigDict:
         dtype="float32",              # float32 | bfloat16 (compute; params stay float32)
         image=dict(channels=(16, 32, 64), blocks=1, full_res_blocks=False, set_pooling="poe",
                    patch=2,                   # stem factor: 4 = wide patch stem (fast on CPU)
+                   pooling="flatten",         # last feature map → vector: flatten | attention (MIL) | max
                    decoder_blocks=-1,         # -1: same as blocks
                    full_res_channels=-1),     # decoder: -1 max(8, c0/2); 0 unpatchify head (no full-res maps)
         text=dict(hidden=64, layers=2, heads=2, intermediate=128, pretrained_dir=""),
         report_decoder=dict(kind="bow", hidden=128),   # bow | tokens
         clinical=dict(hidden=64),
+        label=dict(hidden=64),        # the label expert (data.label_fraction > 0)
     )
     c.objective = dict(
         subsets="mvae",               # mvae | all | unimodal | mopoe
@@ -70,9 +73,13 @@ def base_config() -> ml_collections.ConfigDict:
         likelihood="laplace",         # gaussian | laplace
         learn_scale=False,
         init_log_scale=0.0,
-        weights="dimension",          # 'dimension' (D_max / D_m) | 'uniform'
+        weights="dimension",          # 'dimension' (D_max / D_m) | 'sqrt' (sqrt(D_max / D_m)) | 'uniform'
+        max_weight=0.0,               # > 0: cap every modality's likelihood weight at this value
+        label_weight=1000.0,          # likelihood weight of the label expert (not part of `weights`)
         alignment_weight=0.0,
         alignment_temperature=0.1,
+        ssl_weight=0.0,               # > 0: SimCLR InfoNCE between each image expert and a perturbed view (nats)
+        ssl_temperature=0.1,
         decode_chunks=1,              # decode the subset terms in this many sequential, rematerialised chunks (memory)
     )
     c.optim = dict(lr=1e-3, warmup_steps=50, schedule="cosine", end_lr_factor=0.05,
@@ -122,10 +129,11 @@ CHOICES = {
     "model.fusion": ("poe", "moe", "mopoe"),
     "model.dtype": ("float32", "bfloat16"),
     "model.image.set_pooling": ("poe", "mean", "attention"),
+    "model.image.pooling": ("flatten", "attention", "max"),
     "model.report_decoder.kind": ("bow", "tokens"),
     "objective.subsets": ("mvae", "all", "unimodal", "mopoe"),
     "objective.likelihood": ("gaussian", "laplace"),
-    "objective.weights": ("dimension", "uniform"),
+    "objective.weights": ("dimension", "sqrt", "uniform"),
     "optim.schedule": ("cosine", "constant"),
     "retrieval.metric": ("cosine", "l2"),
     "distributed.initialize": ("auto", "yes", "no"),
@@ -134,7 +142,8 @@ POSITIVE = ("train.batch_size", "train.log_every", "train.keep_checkpoints", "tr
             "model.latent_dim", "data.max_series", "data.text.max_len", "retrieval.k")
 NON_NEGATIVE = ("train.steps", "train.eval_every", "train.checkpoint_every", "train.keep_best",
                 "train.eval_n_boot", "train.fsdp_min_size", "optim.warmup_steps", "optim.weight_decay",
-                "optim.clip_norm", "objective.kl_warmup_steps", "objective.beta", "data.prefetch")
+                "optim.clip_norm", "objective.kl_warmup_steps", "objective.beta", "data.prefetch",
+                "objective.max_weight", "objective.label_weight", "objective.ssl_weight")
 
 
 def _get(config, dotted: str):
@@ -386,6 +395,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"data.shape {tuple(d.shape)} must have data.spatial_dims={d.spatial_dims} entries")
     if d.spacing and len(d.spacing) != len(d.shape):
         raise ConfigError(f"data.spacing {tuple(d.spacing)} must have as many entries as data.shape {tuple(d.shape)}")
+    if not 0.0 <= float(d.label_fraction) <= 1.0:
+        raise ConfigError(f"data.label_fraction must be in [0, 1], got {d.label_fraction!r}")
     if not 0.0 <= float(d.val_fraction) < 1.0:
         raise ConfigError(f"data.val_fraction must be in [0, 1), got {d.val_fraction!r}")
     if config.optim.lr <= 0:

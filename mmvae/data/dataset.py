@@ -8,6 +8,8 @@ and :meth:`Cohort.batch` assembles static-shape batches with presence masks:
   ``(B, S)`` (S = ``data.max_series``; extra series beyond S are dropped, in manifest order)
 * ``report/ids``, ``report/mask``: ``(B, T)`` int32 (T = ``data.text.max_len``)
 * ``clinical/num``, ``clinical/num_mask`` ``(B, Fn)``; ``clinical/cat``, ``clinical/cat_mask`` ``(B, Fc)``
+* ``label/id``, ``label/mask`` ``(B,)``: only for a cohort given label supervision
+  (:func:`with_label_supervision`, the semi-supervised label expert)
 """
 from __future__ import annotations
 
@@ -57,6 +59,8 @@ class Cohort:
     max_series: int
     skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     clinical_stats: dict = dataclasses.field(default_factory=dict)
+    label_id: np.ndarray | None = None                # (N,) int32 class index for the label expert
+    label_mask: np.ndarray | None = None              # (N,) float32, 1 where the label is given
 
     def __len__(self) -> int:
         return len(self.case_ids)
@@ -96,6 +100,9 @@ class Cohort:
         out["clinical/num_mask"] = np.where(v, self.clinical_num_mask[idx], 0).astype(np.float32)
         out["clinical/cat"] = np.where(v, self.clinical_cat[idx], 0).astype(np.int32)
         out["clinical/cat_mask"] = np.where(v, self.clinical_cat_mask[idx], 0).astype(np.float32)
+        if self.label_id is not None:
+            out["label/id"] = np.where(valid, self.label_id[idx], 0).astype(np.int32)
+            out["label/mask"] = np.where(valid, self.label_mask[idx], 0).astype(np.float32)
         return out
 
     def subset(self, indices: Sequence[int]) -> "Cohort":
@@ -106,7 +113,30 @@ class Cohort:
             reports=[self.reports[i] for i in idx], tokens=self.tokens[idx], token_mask=self.token_mask[idx],
             clinical_num=self.clinical_num[idx], clinical_num_mask=self.clinical_num_mask[idx],
             clinical_cat=self.clinical_cat[idx], clinical_cat_mask=self.clinical_cat_mask[idx],
-            labels=[self.labels[i] for i in idx], skipped=[])
+            labels=[self.labels[i] for i in idx], skipped=[],
+            label_id=None if self.label_id is None else self.label_id[idx],
+            label_mask=None if self.label_mask is None else self.label_mask[idx])
+
+
+def with_label_supervision(cohort: Cohort, label: str, classes: Sequence[str], fraction: float,
+                           seed: int) -> Cohort:
+    """The cohort with ``label`` given to the label expert on a fraction of its labelled cases.
+
+    Of the ``n`` cases whose ``label`` is one of ``classes``, ``round(fraction · n)`` are
+    chosen by a permutation seeded with ``seed`` (the same cases for the same cohort,
+    fraction and seed; a larger fraction keeps the cases of a smaller one). Returns a
+    copy with ``label_id (N,)`` (index into ``classes``) and ``label_mask (N,)``.
+    """
+    values = cohort.label_array(label)
+    index = {c: i for i, c in enumerate(classes)}
+    have = np.asarray([v in index for v in values])
+    ids = np.asarray([index.get(v, 0) for v in values], np.int32)
+    cand = np.nonzero(have)[0]
+    order = np.random.default_rng(np.random.SeedSequence([int(seed), 104729])).permutation(len(cand))
+    chosen = cand[order[: int(round(float(fraction) * len(cand)))]]
+    mask = np.zeros(len(values), np.float32)
+    mask[chosen] = 1.0
+    return dataclasses.replace(cohort, label_id=ids, label_mask=mask)
 
 
 def _load_and_preprocess(path: str, cfg: PreprocessConfig, spatial_dims: int,

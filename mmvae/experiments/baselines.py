@@ -13,6 +13,11 @@ D: block width. Absent modalities are absent blocks (``present = 0``, block zero
 * :func:`contrastive_clip` — the project's encoders trained with symmetric InfoNCE only.
 * :func:`supervised` — the same encoders + a linear classifier trained with cross-entropy
   under random modality dropout.
+* :func:`report_tfidf` — TF-IDF vectors of the report (vocabulary and IDF fitted on the
+  training reports; scikit-learn).
+* :func:`logreg_features` — a multinomial logistic regression on hand-crafted image
+  features + report TF-IDF, fitted on the labelled training cases; a case is embedded
+  by its predicted class probabilities (a shallow supervised reference).
 
 All are deterministic given their seed (PCA uses the exact SVD; JAX on one device).
 :func:`run_baseline` dispatches by name (:data:`BASELINES`).
@@ -42,7 +47,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["raw_intensity_pca", "handcrafted_features", "volume_features", "FEATURE_NAMES",
            "report_minilm", "contrastive_clip", "fit_clip", "supervised", "fit_supervised",
-           "embed_fit", "Fit", "run_baseline", "BASELINES"]
+           "embed_fit", "Fit", "run_baseline", "BASELINES", "report_tfidf", "logreg_features"]
 
 
 # ============================================================================ helpers
@@ -626,6 +631,94 @@ def supervised(cohort: Cohort, train_idx, config, label: str, *, steps: int | No
     return _fit_embeddings(fit_supervised(cohort, train_idx, config, label, steps=steps, seed=seed), cohort)
 
 
+# ============================================================================ 7/8. TF-IDF, logistic regression
+def _tfidf(cohort: Cohort, train_idx):
+    """Fitted ``TfidfVectorizer`` (training reports) and the ``(N, V)`` matrix of every report."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    reports = [r if (r and r.strip()) else "" for r in cohort.reports]
+    tr = [reports[i] for i in _train_rows(train_idx, len(cohort)) if reports[i]]
+    if not tr:
+        raise ConfigError("report_tfidf: no training case has a report")
+    vec = TfidfVectorizer(lowercase=True, ngram_range=(1, 2), min_df=2, sublinear_tf=True)
+    vec.fit(tr)
+    return vec, vec.transform(reports)
+
+
+def report_tfidf(cohort: Cohort, train_idx) -> BlockEmbeddings:
+    r"""Report baseline: TF-IDF of unigrams and bigrams, :math:`(1+\log tf)\cdot idf`, L2-normalised.
+
+    Vocabulary (terms in ≥ 2 training reports) and IDF from the training reports only
+    (scikit-learn's ``TfidfVectorizer``, smoothed IDF). Returns blocks ``(N, 1, V)``,
+    modalities ``["report"]``, present = non-blank report. Cosine on these vectors is the
+    classic keyword-search ranking a PACS text search approximates.
+    """
+    _, x = _tfidf(cohort, train_idx)
+    x = np.asarray(x.todense(), np.float32)
+    present = (np.asarray([bool(r and r.strip()) for r in cohort.reports], np.float32))[:, None]
+    return BlockEmbeddings(case_ids=list(cohort.case_ids), modalities=["report"], blocks=x[:, None, :] * present[..., None],
+                           present=present, labels=list(cohort.labels), combine="concat")
+
+
+def logreg_features(cohort: Cohort, train_idx, label: str, *, C: float = 1.0) -> BlockEmbeddings:
+    r"""Shallow supervised reference: logistic regression on hand-crafted features + report TF-IDF.
+
+    Features: per image modality the z-scored :func:`volume_features` block (zeros where the
+    sequence is absent) and a presence indicator, then the report's TF-IDF
+    (:func:`report_tfidf`) and its indicator, concatenated. A multinomial logistic
+    regression (L2, inverse strength ``C``) is fitted on the labelled training cases, each
+    under its full modalities and under each single modality (so single-modality inputs are
+    in its training distribution). A case's embedding from a query subset S is the vector
+    of predicted class probabilities from the features of S only (other blocks zeroed).
+
+    Returns a :class:`BlockEmbeddings` whose ``subset_posterior(S)`` recomputes these
+    probabilities ``(N, C)``; ``mu`` is the all-modality prediction.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    hand = handcrafted_features(cohort, train_idx)
+    _, tf = _tfidf(cohort, train_idx)
+    tf = np.asarray(tf.todense(), np.float32)
+    n = len(cohort)
+    labels = cohort.label_array(label)
+    tr = [i for i in _train_rows(train_idx, n) if labels[i] != ""]
+    if not tr:
+        raise ConfigError(f"logreg_features: no training case has the label {label!r}")
+    rep_present = np.asarray([bool(r and r.strip()) for r in cohort.reports], np.float32)
+    mods = list(hand.modalities) + ["report"]
+    present = np.concatenate([hand.present, rep_present[:, None]], 1)
+
+    def design(mask: np.ndarray) -> np.ndarray:                  # mask (N, M) of modalities used
+        img = hand.blocks * mask[:, :-1, None]
+        return np.concatenate([img.reshape(n, -1), mask[:, :-1], tf * mask[:, -1:], mask[:, -1:]], 1)
+
+    # Train on every training case under its full modalities and under each single modality,
+    # so that the model sees the inputs single-modality queries give it.
+    xs, ys = [design(present)[tr]], [labels[tr]]
+    for j in range(len(mods)):
+        only = present * np.eye(len(mods), dtype=np.float32)[j]
+        rows = [i for i in tr if present[i, j] > 0]
+        xs.append(design(only)[rows]); ys.append(labels[rows])
+    clf = LogisticRegression(C=C, max_iter=3000)
+    clf.fit(np.concatenate(xs), np.concatenate(ys).astype(str))
+    blocks = np.zeros((n, len(mods), len(clf.classes_)), np.float32)
+    for j in range(len(mods)):
+        only = present * np.eye(len(mods), dtype=np.float32)[j]
+        blocks[:, j] = clf.predict_log_proba(design(only)) * present[:, j:j + 1]
+    return _SubsetPredictions(case_ids=list(cohort.case_ids), modalities=mods, blocks=blocks, present=present,
+                              labels=list(cohort.labels), combine="concat", predict=lambda m: clf.predict_proba(design(m)))
+
+
+@dataclasses.dataclass
+class _SubsetPredictions(BlockEmbeddings):
+    """Class-probability embeddings recomputed from the features of each query subset."""
+    predict: Callable | None = None
+
+    def subset_posterior(self, subset: np.ndarray) -> tuple[np.ndarray, None]:
+        mask = (self.present * np.asarray(subset, np.float32)[None]).astype(np.float32)
+        return self.predict(mask).astype(np.float32), None
+
+
 # ============================================================================ dispatch
 BASELINES: dict[str, Callable] = {
     "raw_pca": lambda cohort, train_idx, config, *, label, seed, steps: raw_intensity_pca(cohort, train_idx, seed=seed),
@@ -635,6 +728,9 @@ BASELINES: dict[str, Callable] = {
         cohort, train_idx, config, steps=steps, seed=seed),
     "supervised": lambda cohort, train_idx, config, *, label, seed, steps: supervised(
         cohort, train_idx, config, label, steps=steps, seed=seed),
+    "report_tfidf": lambda cohort, train_idx, config, *, label, seed, steps: report_tfidf(cohort, train_idx),
+    "logreg_tfidf": lambda cohort, train_idx, config, *, label, seed, steps: logreg_features(
+        cohort, train_idx, label),
 }
 
 

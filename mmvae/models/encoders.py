@@ -22,6 +22,7 @@ from mmvae.models.layers import MLP, ConvResBlock, Downsample, Upsample
 from mmvae.models.text import BertConfig, BertEncoder, mean_pool
 
 SET_POOLINGS = ("poe", "mean", "attention")
+POOLINGS = ("flatten", "attention", "max")
 
 
 def total_factor(channels: Sequence[int], patch: int = 2) -> int:
@@ -49,9 +50,12 @@ class ImageEncoder(nnx.Module):
 
     def __init__(self, shape: Sequence[int], channels: Sequence[int], latent_dim: int, *,
                  blocks: int = 1, full_res_blocks: bool = False, set_pooling: str = "poe", patch: int = 2,
-                 dtype=jnp.float32, rngs: nnx.Rngs):
+                 pooling: str = "flatten", dtype=jnp.float32, rngs: nnx.Rngs):
         if set_pooling not in SET_POOLINGS:
             raise ValueError(f"unknown set_pooling {set_pooling!r}; choose one of {SET_POOLINGS}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
+        self.pooling = pooling
         d = len(shape)
         factor = total_factor(channels, patch)
         if any(s % factor for s in shape):
@@ -67,7 +71,15 @@ class ImageEncoder(nnx.Module):
             stages.extend(ConvResBlock(c, d, dtype=dtype, rngs=rngs) for _ in range(n_blocks))
             cin = c
         self.stages = nnx.List(stages)
-        feat = int(math.prod(s // factor for s in shape)) * channels[-1]
+        c_n = channels[-1]
+        if pooling == "flatten":
+            feat = int(math.prod(s // factor for s in shape)) * c_n
+        else:
+            feat = 2 * c_n
+        if pooling == "attention":
+            self.att_v = nnx.Linear(c_n, c_n, rngs=rngs)
+            self.att_u = nnx.Linear(c_n, c_n, rngs=rngs)
+            self.att_w = nnx.Linear(c_n, 1, rngs=rngs)
         self.feature = nnx.Linear(feat, 4 * latent_dim, dtype=dtype, rngs=rngs)
         self.head = nnx.Linear(4 * latent_dim, 2 * latent_dim, rngs=rngs)
         if set_pooling == "attention":
@@ -79,7 +91,17 @@ class ImageEncoder(nnx.Module):
         h = x[..., None]
         for layer in self.stages:
             h = layer(h)
-        h = h.reshape(h.shape[0], -1)
+        if self.pooling == "flatten":
+            h = h.reshape(h.shape[0], -1)
+        else:
+            h = h.reshape(h.shape[0], -1, h.shape[-1]).astype(jnp.float32)          # (N, P, C)
+            mean = jnp.mean(h, axis=1)
+            if self.pooling == "max":
+                h = jnp.concatenate([jnp.max(h, axis=1), mean], -1)
+            else:
+                gate = jnp.tanh(self.att_v(h)) * jax.nn.sigmoid(self.att_u(h))
+                a = jax.nn.softmax(self.att_w(gate)[..., 0], axis=1)              # (N, P)
+                h = jnp.concatenate([jnp.einsum("np,npc->nc", a, h), mean], -1)
         return jax.nn.silu(self.feature(h)).astype(jnp.float32)
 
     def __call__(self, x: jax.Array, series_mask: jax.Array) -> fusion.Gaussian:
@@ -171,6 +193,32 @@ class ReportEncoder(nnx.Module):
         pooled = mean_pool(h, mask).astype(jnp.float32)
         mu, lv = jnp.split(self.head(pooled), 2, axis=-1)
         return fusion.Gaussian(mu, lv)
+
+
+class LabelEncoder(nnx.Module):
+    """Class index ``(B,)`` → Gaussian expert: embedding → MLP → (mu, logvar) ``(B, L)``.
+
+    The label is one more modality (semi-supervised multimodal VAE): where a case has no
+    label its expert is masked out of the fusion, so queries never need one.
+    """
+
+    def __init__(self, num_classes: int, latent_dim: int, hidden: int, *, rngs: nnx.Rngs):
+        self.embed = nnx.Embed(num_classes, hidden, rngs=rngs)
+        self.mlp = MLP([hidden, hidden, 2 * latent_dim], rngs=rngs)
+
+    def __call__(self, ids: jax.Array) -> fusion.Gaussian:
+        mu, lv = jnp.split(self.mlp(jax.nn.silu(self.embed(ids))), 2, axis=-1)
+        return fusion.Gaussian(mu, lv)
+
+
+class LabelDecoder(nnx.Module):
+    """``z (N, L)`` → class logits ``(N, C)`` of a categorical likelihood."""
+
+    def __init__(self, num_classes: int, latent_dim: int, hidden: int, *, rngs: nnx.Rngs):
+        self.mlp = MLP([latent_dim, hidden, num_classes], rngs=rngs)
+
+    def __call__(self, z):
+        return self.mlp(z)
 
 
 class BagOfWordsDecoder(nnx.Module):

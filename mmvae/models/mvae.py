@@ -5,6 +5,8 @@ Batches are dicts of static-shape arrays (see :mod:`mmvae.data.pipeline`):
 * ``image/<m>``: ``(B, S, *spatial)`` float32, ``series_mask/<m>``: ``(B, S)``
 * ``report/ids``, ``report/mask``: ``(B, T)`` int32
 * ``clinical/num``, ``clinical/num_mask``: ``(B, Fn)``; ``clinical/cat``, ``clinical/cat_mask``: ``(B, Fc)``
+* ``label/id`` ``(B,)`` int32 class index, ``label/mask`` ``(B,)`` (only with a label expert;
+  a batch without these keys has no label)
 
 Which modalities a case has is data (masks), never Python control flow, so one
 compiled function serves every presence pattern.
@@ -21,7 +23,8 @@ from flax import nnx
 from mmvae.errors import ConfigError
 from mmvae.models import fusion
 from mmvae.models.encoders import (BagOfWordsDecoder, ClinicalDecoder, ClinicalEncoder, ImageDecoder,
-                                   ImageEncoder, ReportEncoder, TokenDecoder)
+                                   ImageEncoder, LabelDecoder, LabelEncoder, ReportEncoder, TokenDecoder)
+from mmvae.models.encoders import POOLINGS
 from mmvae.models.layers import space_to_depth
 from mmvae.models.text import BertConfig
 from mmvae.objectives import likelihoods
@@ -29,6 +32,7 @@ from mmvae.objectives import likelihoods
 REPORT = "report"
 REPORT_DECODERS = ("bow", "tokens")
 CLINICAL = "clinical"
+LABEL = "label"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +50,7 @@ class ModelSpec:
     decoder_blocks: int = -1             # residual blocks per decoder stage; -1: same as blocks
     full_res_channels: int = -1          # decoder's full-resolution channels; 0: unpatchify head (ImageDecoder)
     set_pooling: str = "poe"
+    pooling: str = "flatten"             # spatial pooling of the last feature map (see ImageEncoder)
     report: bool = True
     bert: BertConfig | None = None
     bow_hidden: int = 128
@@ -58,9 +63,20 @@ class ModelSpec:
     learn_scale: bool = False
     init_log_scale: float = 0.0
     dtype: str = "float32"
+    label_classes: tuple[str, ...] = ()  # non-empty: a label expert over these classes (semi-supervised)
+    label_hidden: int = 64
 
     @property
     def modalities(self) -> tuple[str, ...]:
+        """Every expert of the model: image modalities, 'report', 'clinical', then 'label'."""
+        out = list(self.query_modalities)
+        if self.label_classes:
+            out.append(LABEL)
+        return tuple(out)
+
+    @property
+    def query_modalities(self) -> tuple[str, ...]:
+        """The observed modalities a case or a query is made of (every expert but the label)."""
         out = list(self.image_modalities)
         if self.report:
             out.append(REPORT)
@@ -85,6 +101,10 @@ class ModelSpec:
                               f"{REPORT_DECODERS}")
         if self.report and self.bert is None:
             raise ConfigError("modality 'report' has no encoder configuration (model.text)")
+        if self.pooling not in POOLINGS:
+            raise ConfigError(f"model.image.pooling: unknown {self.pooling!r}; choose one of {POOLINGS}")
+        if self.label_classes and len(set(self.label_classes)) != len(self.label_classes):
+            raise ConfigError(f"duplicate label classes: {self.label_classes}")
         if self.full_res_channels < -1:
             raise ConfigError(f"model.image.full_res_channels must be -1, 0 or > 0, got {self.full_res_channels}")
         if self.patch < 1:
@@ -108,6 +128,8 @@ class ModelSpec:
             out[REPORT] = self.bert.max_position if self.bert else 1
         if CLINICAL in self.modalities:
             out[CLINICAL] = len(self.clinical_numeric) + len(self.clinical_categorical)
+        if LABEL in self.modalities:
+            out[LABEL] = 1
         return out
 
 
@@ -120,7 +142,8 @@ class MultimodalVAE(nnx.Module):
         enc, dec = {}, {}
         for m in spec.image_modalities:
             enc[m] = ImageEncoder(spec.shape, spec.channels, L, blocks=spec.blocks, patch=spec.patch,
-                                  full_res_blocks=spec.full_res_blocks, set_pooling=spec.set_pooling, dtype=dtype, rngs=rngs)
+                                  full_res_blocks=spec.full_res_blocks, set_pooling=spec.set_pooling,
+                                  pooling=spec.pooling, dtype=dtype, rngs=rngs)
             dec[m] = ImageDecoder(spec.shape, spec.channels, L, patch=spec.patch,
                                   blocks=spec.blocks if spec.decoder_blocks < 0 else spec.decoder_blocks,
                                   full_res_blocks=spec.full_res_blocks, full_res_channels=spec.full_res_channels,
@@ -135,6 +158,9 @@ class MultimodalVAE(nnx.Module):
             cards = [len(v) for _, v in spec.clinical_categorical]
             enc[CLINICAL] = ClinicalEncoder(len(spec.clinical_numeric), cards, L, spec.clinical_hidden, rngs=rngs)
             dec[CLINICAL] = ClinicalDecoder(len(spec.clinical_numeric), cards, L, spec.clinical_hidden, rngs=rngs)
+        if spec.label_classes:
+            enc[LABEL] = LabelEncoder(len(spec.label_classes), L, spec.label_hidden, rngs=rngs)
+            dec[LABEL] = LabelDecoder(len(spec.label_classes), L, spec.label_hidden, rngs=rngs)
         self.encoders = nnx.Dict(enc)
         self.decoders = nnx.Dict(dec)
         self.log_scale = nnx.Param(jnp.full((max(1, len(spec.image_modalities)),), spec.init_log_scale, jnp.float32))
@@ -150,7 +176,10 @@ class MultimodalVAE(nnx.Module):
         mus, lvs, present = [], [], []
         nonfinite = jnp.zeros((), jnp.int32)
         for m in self.spec.modalities:
-            if m == REPORT:
+            if m == LABEL:
+                ids, p = _label_inputs(batch)
+                g = self.encoders[m](ids)
+            elif m == REPORT:
                 mask = batch["report/mask"]
                 g = self.encoders[m](batch["report/ids"], mask)
                 p = (jnp.sum(mask, -1) > 0).astype(jnp.float32)
@@ -207,7 +236,11 @@ class MultimodalVAE(nnx.Module):
         cols = []
         for i, m in enumerate(self.spec.modalities):
             out = outputs[m]
-            if m == REPORT and self.spec.report_decoder == "tokens":
+            if m == LABEL:
+                ids, _ = _label_inputs(batch)
+                logits = out.reshape((reps, -1) + out.shape[1:])                # (reps, B, C)
+                ll = likelihoods.categorical_log_likelihood(jnp.broadcast_to(ids[None], logits.shape[:2]), logits)
+            elif m == REPORT and self.spec.report_decoder == "tokens":
                 logits = out.reshape((reps, -1) + out.shape[1:])               # (reps, B, T, V)
                 ll = likelihoods.token_log_likelihood(batch["report/ids"][None], batch["report/mask"][None], logits)
             elif m == REPORT:
@@ -244,6 +277,14 @@ class MultimodalVAE(nnx.Module):
                 ll = jnp.sum(ll_rs * sm[None], -1) / jnp.maximum(jnp.sum(sm, -1), 1.0)[None]
             cols.append(ll)
         return jnp.stack(cols, -1)
+
+
+def _label_inputs(batch: dict) -> tuple[jax.Array, jax.Array]:
+    """``(label/id (B,) int32, presence (B,) float)``; a batch without label keys has none."""
+    if "label/id" not in batch:
+        b = next(iter(batch.values())).shape[0]
+        return jnp.zeros((b,), jnp.int32), jnp.zeros((b,), jnp.float32)
+    return batch["label/id"].astype(jnp.int32), batch["label/mask"].astype(jnp.float32)
 
 
 def build_model(spec: ModelSpec, seed: int) -> MultimodalVAE:

@@ -30,6 +30,14 @@ Optional alignment (``alignment_weight > 0``): symmetric InfoNCE between the uni
 posterior means of every pair of modalities, over the cases of the batch that have
 both (CLIP, Radford et al. 2021), temperature ``alignment_temperature``.
 
+Optional self-supervision within a modality (``ssl_weight > 0``): each image of the
+batch gets a second, randomly perturbed view (:mod:`mmvae.data.augment`: gain, bias
+field, noise, flip, shift); the same symmetric InfoNCE pairs each image modality's
+expert mean of a case with that of its view, against the other cases of the batch
+(SimCLR, Chen et al. 2020), temperature ``ssl_temperature``. It rewards expert means
+that identify a case under scanner-like changes, i.e. its anatomy and findings, not its
+intensity scale or bias field.
+
 Memory: every subset term decodes every modality, so a step decodes K·J·B cases.
 ``decode_chunks = n > 1`` decodes the J terms in n sequential chunks (``lax.scan``)
 under ``jax.checkpoint``: only one chunk's decoder activations are alive at a time,
@@ -47,6 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mmvae.data.augment import augment_batch
 from mmvae.errors import ConfigError
 from mmvae.models import fusion
 
@@ -65,6 +74,8 @@ class ObjectiveSpec:
     alignment_weight: float = 0.0
     alignment_temperature: float = 0.1
     decode_chunks: int = 1
+    ssl_weight: float = 0.0
+    ssl_temperature: float = 0.1
 
     def validate(self):
         if self.subsets not in SUBSET_FAMILIES:
@@ -135,22 +146,47 @@ def info_nce(mu: jax.Array, present: jax.Array, temperature: float) -> jax.Array
     cases lacking either are removed from rows and columns. Pairs with < 2 such cases
     contribute nothing.
     """
-    z = mu / jnp.maximum(jnp.linalg.norm(mu, axis=-1, keepdims=True), 1e-6)
     b, m, _ = mu.shape
     total, count = jnp.zeros(()), jnp.zeros(())
     for a in range(m):
         for c in range(a + 1, m):
-            both = present[:, a] * present[:, c]                             # (B,)
-            logits = z[:, a] @ z[:, c].T / temperature                       # (B, B)
-            valid = both[:, None] * both[None, :]
-            logits = jnp.where(valid > 0, logits, -1e9)
-            diag = jnp.diagonal(logits)
-            row = jax.nn.logsumexp(logits, axis=1) - diag
-            col = jax.nn.logsumexp(logits, axis=0) - diag
-            n = jnp.sum(both)
-            loss = jnp.sum((row + col) * 0.5 * both) / jnp.maximum(n, 1.0)
-            use = (n >= 2).astype(jnp.float32)
+            loss, use = paired_info_nce(mu[:, a], mu[:, c], present[:, a] * present[:, c], temperature)
             total, count = total + use * loss, count + use
+    return total / jnp.maximum(count, 1.0)
+
+
+def paired_info_nce(a: jax.Array, b: jax.Array, both: jax.Array, temperature: float) -> tuple[jax.Array, jax.Array]:
+    """Symmetric InfoNCE between paired rows of ``a`` and ``b`` ``(B, L)`` (cosine / temperature).
+
+    Row i of ``a`` and row i of ``b`` are positives; rows with ``both (B,)`` = 0 are left
+    out. Returns ``(loss, use)``: ``use`` is 1.0 when at least 2 pairs exist, else 0.0
+    (and the loss is then meaningless).
+    """
+    za = a / jnp.maximum(jnp.linalg.norm(a, axis=-1, keepdims=True), 1e-6)
+    zb = b / jnp.maximum(jnp.linalg.norm(b, axis=-1, keepdims=True), 1e-6)
+    logits = za @ zb.T / temperature                                         # (B, B)
+    valid = both[:, None] * both[None, :]
+    logits = jnp.where(valid > 0, logits, -1e9)
+    diag = jnp.diagonal(logits)
+    row = jax.nn.logsumexp(logits, axis=1) - diag
+    col = jax.nn.logsumexp(logits, axis=0) - diag
+    n = jnp.sum(both)
+    loss = jnp.sum((row + col) * 0.5 * both) / jnp.maximum(n, 1.0)
+    return loss, (n >= 2).astype(jnp.float32)
+
+
+def self_supervised_nce(model, batch: dict, experts: fusion.Gaussian, present: jax.Array, key: jax.Array,
+                        temperature: float) -> jax.Array:
+    """Mean over image modalities of :func:`paired_info_nce` between each expert mean and
+    that of a perturbed view of the same images (:func:`mmvae.data.augment.augment_batch`)."""
+    images = model.spec.image_modalities
+    if not images:
+        return jnp.zeros(())
+    view, view_present, _ = model.encode(augment_batch(key, batch, images))
+    total, count = jnp.zeros(()), jnp.zeros(())
+    for i in range(len(images)):
+        loss, use = paired_info_nce(experts.mu[:, i], view.mu[:, i], present[:, i] * view_present[:, i], temperature)
+        total, count = total + use * loss, count + use
     return total / jnp.maximum(count, 1.0)
 
 
@@ -216,6 +252,10 @@ def elbo_loss(model, batch: dict, key: jax.Array, step: jax.Array, spec: Objecti
     if spec.alignment_weight > 0:
         align = info_nce(experts.mu, present, spec.alignment_temperature)
         loss = loss + spec.alignment_weight * align
+    ssl = jnp.zeros(())
+    if spec.ssl_weight > 0:
+        ssl = self_supervised_nce(model, batch, experts, present, jax.random.fold_in(key, 0x55A), spec.ssl_temperature)
+        loss = loss + spec.ssl_weight * ssl
     # Diagnostics: per-modality reconstruction (averaged over terms and cases where
     # present) and each unimodal expert's KL.
     rec_m = jnp.sum(ll[0] * valid[..., None] * present[None], (0, 1)) / jnp.maximum(
@@ -225,7 +265,7 @@ def elbo_loss(model, batch: dict, key: jax.Array, step: jax.Array, spec: Objecti
     term_mean = jnp.sum(term * valid, 1) / jnp.maximum(jnp.sum(valid, 1), 1.0)   # (J,)
     metrics = {
         "loss": loss, "elbo": elbo, "kl": jnp.sum(jnp.sum(kl * valid, 0) / n_valid * has_any) / denom,
-        "beta": beta, "alignment": align, "nonfinite_inputs": nonfinite,
+        "beta": beta, "alignment": align, "self_supervised": ssl, "nonfinite_inputs": nonfinite,
         "recon_per_modality": rec_m, "kl_per_modality": kl_m, "elbo_per_term": term_mean,
     }
     return loss, metrics

@@ -69,6 +69,12 @@ def token_log_likelihood(ids: jax.Array, mask: jax.Array, logits: jax.Array) -> 
     return jnp.sum(picked * mask, axis=-1)
 
 
+def categorical_log_likelihood(ids: jax.Array, logits: jax.Array) -> jax.Array:
+    """``log softmax(logits)[ids]``: ids ``(...)`` int, logits ``(..., C)`` → ``(...)``."""
+    lp = jax.nn.log_softmax(logits, axis=-1)
+    return jnp.take_along_axis(lp, ids[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
 def metadata_log_likelihood(num_values: jax.Array, num_mask: jax.Array, num_pred: jax.Array,
                             cat_targets: jax.Array, cat_mask: jax.Array,
                             cat_logits: Sequence[jax.Array]) -> jax.Array:

@@ -44,9 +44,14 @@ class Embeddings:
     @classmethod
     def from_experts(cls, mu: np.ndarray, logvar: np.ndarray, present: np.ndarray, cohort: Cohort, spec,
                      identity: dict | None = None) -> "Embeddings":
-        """Embeddings of ``cohort`` from its experts ``(N, M, L)``; the joint posterior is fused here."""
+        """Embeddings of ``cohort`` from its experts ``(N, M, L)``; the joint posterior is fused here.
+
+        Only the observed modalities (``spec.query_modalities``) are kept: a label expert,
+        used in training, is never part of a case's embedding."""
+        m = len(spec.query_modalities)
+        mu, logvar, present = mu[:, :m], logvar[:, :m], present[:, :m]
         jmu, jlv = fused(mu, logvar, present, spec.fusion)
-        return cls(case_ids=list(cohort.case_ids), modalities=list(spec.modalities), experts_mu=mu,
+        return cls(case_ids=list(cohort.case_ids), modalities=list(spec.query_modalities), experts_mu=mu,
                    experts_logvar=logvar, present=present, mu=jmu, logvar=jlv, labels=list(cohort.labels),
                    identity=dict(identity or {}, latent_dim=spec.latent_dim), fusion=spec.fusion)
 

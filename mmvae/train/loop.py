@@ -34,7 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mmvae.data.atomic import atomic_write_text
 from mmvae.data.cache import PreprocessCache
-from mmvae.data.dataset import Cohort, prepare_cohort, split_indices
+from mmvae.data.dataset import Cohort, prepare_cohort, split_indices, with_label_supervision
 # Module-level names (tests substitute them to slow down or poison the stream).
 from mmvae.data.pipeline import Position, eval_batches as eval_batch_stream, train_batches as train_batch_stream
 from mmvae.errors import CheckpointError, ConfigError, MmvaeError
@@ -217,6 +217,22 @@ def load_cohort(config, workdir: Path, manifest: str | None = None, *, tokenizer
     return cohort, tokenizer, cache
 
 
+def label_supervision(config, train: Cohort) -> tuple[Cohort, tuple[str, ...]]:
+    """``data.label_fraction > 0``: the training cohort with labels for the label expert,
+    and its classes (sorted label values of the training cases); otherwise ``(train, ())``."""
+    frac = float(config.data.get("label_fraction", 0.0))
+    if frac <= 0:
+        return train, ()
+    classes = tuple(sorted({v for v in train.label_array(config.data.label) if v}))
+    if not classes:
+        raise ConfigError(f"data.label_fraction={frac} but no training case has the label "
+                          f"{config.data.label!r} (data.label)")
+    train = with_label_supervision(train, config.data.label, classes, frac, int(config.data.split_seed))
+    log.info("label expert: %d classes, label given on %d of %d training cases", len(classes),
+             int(train.label_mask.sum()), len(train))
+    return train, classes
+
+
 # ---------------------------------------------------------------------------- names
 def term_names(spec, obj) -> list[str]:
     """Labels of ``elbo_per_term`` (the subset terms J of the objective)."""
@@ -255,12 +271,12 @@ def _evaluate(eval_fn, params, cohort: Cohort, spec, config, mesh, rows: slice, 
     out = {k: (v / max(n_total, 1)) for k, v in sums.items() if k not in ("nonfinite_inputs", "beta")}
     out["num_cases"] = np.asarray(n_total)
     emb = Embeddings.from_experts(np.concatenate(mus), np.concatenate(lvs), np.concatenate(pres), cohort, spec)
-    m = len(spec.modalities)
+    m = len(spec.query_modalities)
     queries = [np.ones(m, np.float32)] + [np.eye(m, dtype=np.float32)[i] for i in range(m)]
     k = int(config.retrieval.k)
     rows_ = evaluate_subsets(emb, config.data.label, k, subsets=queries, metric=config.retrieval.metric,
                              n_boot=int(config.train.eval_n_boot), seed=int(config.seed))
-    for q, r in zip(["all"] + list(spec.modalities), rows_):
+    for q, r in zip(["all"] + list(spec.query_modalities), rows_):
         out[f"retrieval/map@{k}/{q}"] = np.asarray(r.get(f"map@{k}", np.nan))
         out[f"retrieval/num_queries/{q}"] = np.asarray(r.get("num_queries", 0))
         if q == "all" and f"map@{k}_lo" in r and int(config.train.eval_n_boot) > 0:
@@ -365,7 +381,8 @@ def train_and_evaluate(config, workdir: str | Path, *, show_progress: bool = Tru
     train_idx, val_idx = split_indices(len(cohort), float(config.data.val_fraction), int(config.data.split_seed))
     train, val = cohort.subset(train_idx), cohort.subset(val_idx)
     vocab = len(tokenizer) if tokenizer is not None else 0
-    spec = model_spec(config, vocab, special_ids(tokenizer) if tokenizer is not None else (0,))
+    train, classes = label_supervision(config, train)
+    spec = model_spec(config, vocab, special_ids(tokenizer) if tokenizer is not None else (0,), classes)
     obj = objective_spec(config, spec)
     seed = int(config.seed)
     if bs > len(train):

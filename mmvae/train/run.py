@@ -32,15 +32,16 @@ def spec_from_dict(d: dict) -> ModelSpec:
     d = dict(d)
     if d.get("bert") is not None:
         d["bert"] = BertConfig(**d["bert"])
-    for k in ("image_modalities", "shape", "channels", "special_ids", "clinical_numeric"):
-        d[k] = tuple(d[k])
+    for k in ("image_modalities", "shape", "channels", "special_ids", "clinical_numeric", "label_classes"):
+        if k in d:
+            d[k] = tuple(d[k])
     d["clinical_categorical"] = tuple((k, tuple(v)) for k, v in d["clinical_categorical"])
     return ModelSpec(**d)
 
 
 # Spec fields added after runs existed, with the value that reproduces the older model:
 # at that value they stay out of the fingerprint, so older checkpoints still load.
-_NEUTRAL_LATER_FIELDS = {"full_res_channels": -1}
+_NEUTRAL_LATER_FIELDS = {"full_res_channels": -1, "pooling": "flatten", "label_classes": (), "label_hidden": 64}
 
 
 def fingerprint(spec: ModelSpec) -> str:

@@ -11,10 +11,12 @@ from mmvae.objectives import likelihoods
 from mmvae.objectives.elbo import ObjectiveSpec
 
 
-def model_spec(config, vocab_size: int = 0, special_ids: tuple[int, ...] = (0,)) -> ModelSpec:
+def model_spec(config, vocab_size: int = 0, special_ids: tuple[int, ...] = (0,),
+               label_classes: tuple[str, ...] = ()) -> ModelSpec:
     """Build the :class:`ModelSpec` a config describes.
 
-    ``vocab_size``: the tokenizer's size (needed when ``data.report``). When
+    ``vocab_size``: the tokenizer's size (needed when ``data.report``). ``label_classes``:
+    the classes of the label expert (from the training cases; empty: no label expert). When
     ``model.text.pretrained_dir`` is set the BERT shape is read from its config.json.
     """
     d, m, o = config.data, config.model, config.objective
@@ -43,27 +45,37 @@ def model_spec(config, vocab_size: int = 0, special_ids: tuple[int, ...] = (0,))
         clinical_numeric=tuple(d.clinical.numeric),
         clinical_categorical=tuple((k, tuple(v)) for k, v in dict(d.clinical.categorical).items()),
         clinical_hidden=int(m.clinical.hidden), likelihood=o.likelihood, learn_scale=bool(o.learn_scale),
-        init_log_scale=float(o.init_log_scale), dtype=m.dtype)
+        init_log_scale=float(o.init_log_scale), dtype=m.dtype,
+        pooling=m.image.get("pooling", "flatten"), label_classes=tuple(label_classes),
+        label_hidden=int(m.get("label", {}).get("hidden", 64)))
     spec.validate()
     return spec
 
 
 def objective_spec(config, spec: ModelSpec) -> ObjectiveSpec:
     o = config.objective
-    if o.weights == "dimension":
+    mods = spec.query_modalities
+    if o.weights in ("dimension", "sqrt"):
         dims = spec.dims()
-        w = likelihoods.default_weights(dims)
-        weights = tuple(w[m] for m in spec.modalities)
+        w = likelihoods.default_weights({m: dims[m] for m in mods})
+        weights = [w[m] ** (0.5 if o.weights == "sqrt" else 1.0) for m in mods]
     elif o.weights == "uniform":
-        weights = tuple(1.0 for _ in spec.modalities)
+        weights = [1.0 for _ in mods]
     else:
-        raise ConfigError(f"objective.weights must be 'dimension' or 'uniform', got {o.weights!r}")
+        raise ConfigError(f"objective.weights must be 'dimension', 'sqrt' or 'uniform', got {o.weights!r}")
+    if float(o.get("max_weight", 0.0)) > 0:
+        weights = [min(w, float(o.max_weight)) for w in weights]
+    if spec.label_classes:
+        weights.append(float(o.get("label_weight", 1000.0)))
+    weights = tuple(weights)
     obj = ObjectiveSpec(subsets=o.subsets, num_random_subsets=int(o.num_random_subsets),
                         num_subset_samples=int(o.num_subset_samples), beta=float(o.beta),
                         kl_warmup_steps=int(o.kl_warmup_steps), iw_samples=int(o.iw_samples),
                         weights=weights, alignment_weight=float(o.alignment_weight),
                         alignment_temperature=float(o.alignment_temperature),
-                        decode_chunks=int(o.get("decode_chunks", 1)))
+                        decode_chunks=int(o.get("decode_chunks", 1)),
+                        ssl_weight=float(o.get("ssl_weight", 0.0)),
+                        ssl_temperature=float(o.get("ssl_temperature", 0.1)))
     obj.validate()
     return obj
 

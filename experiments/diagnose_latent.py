@@ -1,0 +1,108 @@
+"""Diagnose a trained run's latent space: is the class signal in it, and what else is?
+
+    python experiments/diagnose_latent.py --workdir RUN [--manifest M] [--label class] [--out DIR]
+
+For the run's held-out split (the training run's own split) and the whole cohort:
+
+* retrieval mAP@k (held-out queries against every case, the shared protocol) of the
+  all-modality query and of each single-modality query, next to the chance level
+  (random rankings under the same protocol);
+* linear-probe accuracy (5-fold logistic regression) of the fused posterior mean and of
+  each unimodal expert's mean, next to the majority-class rate;
+* the share of latent variance that the clinical fields (e.g. age, sex) explain.
+
+Writes ``diagnostics.json`` and ``diagnostics.md`` into ``--out`` (default the work dir)
+and prints the Markdown table. Exit 2 on bad arguments (a missing work dir, an unknown
+label).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+PROG = "diagnose_latent.py"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p.add_argument("--workdir", required=True, help="trained run (mmvae train --workdir)")
+    p.add_argument("--manifest", default="", help="cohort manifest (default: the run's data.manifest)")
+    p.add_argument("--label", default="", help="label to probe and retrieve (default: the run's data.label)")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--out", default="", help="output folder (default: the work dir)")
+    return p
+
+
+def diagnose(workdir: Path, manifest: str = "", label: str = "", k: int = 10, show_progress: bool = False) -> dict:
+    from mmvae.experiments.diagnose import chance_map, clinical_covariates, linear_probe, variance_explained
+    from mmvae.experiments.protocol import evaluate, held_out
+    from mmvae.retrieval.embed import embed_cohort
+    from mmvae.train.loop import load_cohort, load_trained
+
+    config, spec, model, tokenizer = load_trained(workdir)
+    label = label or config.data.label
+    cohort, _, _ = load_cohort(config, workdir, manifest or None, tokenizer=tokenizer, show_progress=show_progress)
+    emb = embed_cohort(model, cohort, show_progress=show_progress)
+    labels = cohort.label_array(label)
+    if not np.any(labels != ""):
+        raise SystemExit(f"{PROG}: error: no case has the label {label!r}")
+    _, q_idx = held_out(len(cohort), config)
+    mods = list(emb.modalities)
+    m = len(mods)
+    subsets = [np.ones(m, np.float32)] + [np.eye(m, dtype=np.float32)[i] for i in range(m)]
+    rows = evaluate(emb, label, q_idx, k, subsets=subsets, metric=config.retrieval.metric, n_boot=1000)
+    out = {"workdir": str(workdir), "label": label, "k": k, "num_cases": len(cohort), "num_queries_heldout": len(q_idx),
+           "chance_map": chance_map(labels, q_idx, k), "retrieval": {}, "probe": {}}
+    for name, r in zip(["all"] + mods, rows):
+        out["retrieval"][name] = {"map": r.get(f"map@{k}"), "lo": r.get(f"map@{k}_lo"), "hi": r.get(f"map@{k}_hi"),
+                                  "num_queries": r["num_queries"]}
+    out["probe"]["fused"] = linear_probe(emb.mu, labels)
+    for j, name in enumerate(mods):
+        have = emb.present[:, j] > 0
+        out["probe"][name] = linear_probe(emb.experts_mu[have, j], labels[have])
+    cov, cov_names = clinical_covariates(cohort)
+    out["clinical_fields"] = cov_names
+    out["clinical_variance_explained"] = variance_explained(emb.mu, cov) if cov.shape[1] else None
+    return out
+
+
+def markdown(d: dict) -> str:
+    k = d["k"]
+    lines = [f"Label `{d['label']}`, {d['num_cases']} cases, {d['num_queries_heldout']} held-out queries; "
+             f"chance mAP@{k} = {d['chance_map']:.3f}.", "",
+             f"| embedding | mAP@{k} held-out [95% CI] | probe accuracy (5-fold) | majority |", "|---|---|---|---|"]
+    for name in ["all"] + [x for x in d["retrieval"] if x != "all"]:
+        r = d["retrieval"][name]
+        p = d["probe"]["fused" if name == "all" else name]
+        mp = "n/a" if r["map"] is None else f"{r['map']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}]"
+        lines.append(f"| {'fused (all modalities)' if name == 'all' else name} | {mp} | "
+                     f"{p['accuracy']:.3f} ± {p['sd']:.3f} | {p['majority']:.3f} |")
+    ve = d["clinical_variance_explained"]
+    lines += ["", "Latent variance explained by the clinical fields "
+              f"({', '.join(d['clinical_fields']) or 'none'}): " + ("n/a" if ve is None else f"{100 * ve:.1f} %")]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    wd = Path(args.workdir)
+    if not (wd / "model_spec.json").is_file():
+        print(f"{PROG}: error: {wd} is not a trained work dir (no model_spec.json)", file=sys.stderr)
+        return 2
+    from mmvae.data.atomic import atomic_write_text
+    d = diagnose(wd, args.manifest, args.label, args.k)
+    out = Path(args.out or wd)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "diagnostics.json", json.dumps(d, indent=2))
+    md = markdown(d)
+    atomic_write_text(out / "diagnostics.md", md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
