@@ -80,6 +80,8 @@ def base_config() -> ml_collections.ConfigDict:
         alignment_temperature=0.1,
         ssl_weight=0.0,               # > 0: SimCLR InfoNCE between each image expert and a perturbed view (nats)
         ssl_temperature=0.1,
+        supcon_weight=0.0,            # > 0: SupCon on the subset posterior means of labelled cases (data.label_fraction > 0)
+        supcon_temperature=0.1,
         decode_chunks=1,              # decode the subset terms in this many sequential, rematerialised chunks (memory)
     )
     c.optim = dict(lr=1e-3, warmup_steps=50, schedule="cosine", end_lr_factor=0.05,
@@ -143,7 +145,8 @@ POSITIVE = ("train.batch_size", "train.log_every", "train.keep_checkpoints", "tr
 NON_NEGATIVE = ("train.steps", "train.eval_every", "train.checkpoint_every", "train.keep_best",
                 "train.eval_n_boot", "train.fsdp_min_size", "optim.warmup_steps", "optim.weight_decay",
                 "optim.clip_norm", "objective.kl_warmup_steps", "objective.beta", "data.prefetch",
-                "objective.max_weight", "objective.label_weight", "objective.ssl_weight")
+                "objective.max_weight", "objective.label_weight", "objective.ssl_weight",
+                "objective.supcon_weight")
 
 
 def _get(config, dotted: str):

@@ -53,7 +53,7 @@ def linear_probe(x: np.ndarray, y: Sequence, *, folds: int = 5, seed: int = 0) -
 
 
 def variance_explained(x: np.ndarray, covariates: np.ndarray) -> float:
-    """Pooled R² of a least-squares regression (with intercept) of ``x (N, D)`` on ``covariates (N, F)``.
+    r"""Pooled R² of a least-squares regression (with intercept) of ``x (N, D)`` on ``covariates (N, F)``.
 
     Returns the fraction of :math:`\sum_j \operatorname{Var}(x_j)` explained, in [0, 1]
     (0 for a constant ``x`` or no covariates).

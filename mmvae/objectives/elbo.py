@@ -38,6 +38,14 @@ expert mean of a case with that of its view, against the other cases of the batc
 that identify a case under scanner-like changes, i.e. its anatomy and findings, not its
 intensity scale or bias field.
 
+Optional supervised contrast (``supcon_weight > 0``, needs labels in the batch, i.e.
+``data.label_fraction > 0``): the subset posterior means :math:`\mu_{S,i}` of all drawn
+subsets S of the labelled cases i are pulled towards those of other cases with the same
+label and away from the rest (SupCon, Khosla et al. 2020, temperature
+``supcon_temperature``): :math:`-\frac1{|P(a)|}\sum_{p\in P(a)} \log \frac{e^{s_{ap}/\tau}}{\sum_{b\ne a} e^{s_{ab}/\tau}}`
+over anchors a, with cosine similarities s and positives P(a) the other views with the
+anchor's label (including other subsets of the same case).
+
 Memory: every subset term decodes every modality, so a step decodes K·J·B cases.
 ``decode_chunks = n > 1`` decodes the J terms in n sequential chunks (``lax.scan``)
 under ``jax.checkpoint``: only one chunk's decoder activations are alive at a time,
@@ -76,6 +84,8 @@ class ObjectiveSpec:
     decode_chunks: int = 1
     ssl_weight: float = 0.0
     ssl_temperature: float = 0.1
+    supcon_weight: float = 0.0
+    supcon_temperature: float = 0.1
 
     def validate(self):
         if self.subsets not in SUBSET_FAMILIES:
@@ -190,6 +200,23 @@ def self_supervised_nce(model, batch: dict, experts: fusion.Gaussian, present: j
     return total / jnp.maximum(count, 1.0)
 
 
+def supervised_contrastive(views: jax.Array, labels: jax.Array, valid: jax.Array, temperature: float) -> jax.Array:
+    """SupCon loss (Khosla et al. 2020) over views ``(V, L)`` with integer ``labels (V,)``;
+    ``valid (V,)`` 0 leaves a view out. Anchors without a positive contribute nothing;
+    0 when no anchor has one."""
+    z = views / jnp.maximum(jnp.linalg.norm(views, axis=-1, keepdims=True), 1e-6)
+    n = views.shape[0]
+    eye = jnp.eye(n, dtype=bool)
+    ok = (valid[:, None] > 0) & (valid[None, :] > 0) & ~eye
+    logits = jnp.where(ok, z @ z.T / temperature, -1e9)
+    log_prob = logits - jax.nn.logsumexp(logits, axis=1, keepdims=True)
+    pos = ok & (labels[:, None] == labels[None, :])
+    n_pos = jnp.sum(pos, 1)
+    per = -jnp.sum(jnp.where(pos, log_prob, 0.0), 1) / jnp.maximum(n_pos, 1)
+    use = (n_pos > 0) & (valid > 0)
+    return jnp.sum(jnp.where(use, per, 0.0)) / jnp.maximum(jnp.sum(use), 1)
+
+
 def subset_log_likelihoods(model, z: jax.Array, batch: dict, chunks: int = 1) -> jax.Array:
     """Decode ``z (K, J, B, L)`` and score the batch: ``(K, J, B, M)`` log-likelihoods.
 
@@ -252,6 +279,12 @@ def elbo_loss(model, batch: dict, key: jax.Array, step: jax.Array, spec: Objecti
     if spec.alignment_weight > 0:
         align = info_nce(experts.mu, present, spec.alignment_temperature)
         loss = loss + spec.alignment_weight * align
+    supcon = jnp.zeros(())
+    if spec.supcon_weight > 0 and "label/id" in batch:
+        lab = jnp.broadcast_to(batch["label/id"][None], (j, b)).reshape(-1)
+        ok = (valid * batch["label/mask"][None]).reshape(-1)
+        supcon = supervised_contrastive(q.mu.reshape(j * b, l), lab, ok, spec.supcon_temperature)
+        loss = loss + spec.supcon_weight * supcon
     ssl = jnp.zeros(())
     if spec.ssl_weight > 0:
         ssl = self_supervised_nce(model, batch, experts, present, jax.random.fold_in(key, 0x55A), spec.ssl_temperature)
@@ -265,7 +298,7 @@ def elbo_loss(model, batch: dict, key: jax.Array, step: jax.Array, spec: Objecti
     term_mean = jnp.sum(term * valid, 1) / jnp.maximum(jnp.sum(valid, 1), 1.0)   # (J,)
     metrics = {
         "loss": loss, "elbo": elbo, "kl": jnp.sum(jnp.sum(kl * valid, 0) / n_valid * has_any) / denom,
-        "beta": beta, "alignment": align, "self_supervised": ssl, "nonfinite_inputs": nonfinite,
+        "beta": beta, "alignment": align, "self_supervised": ssl, "supcon": supcon, "nonfinite_inputs": nonfinite,
         "recon_per_modality": rec_m, "kl_per_modality": kl_m, "elbo_per_term": term_mean,
     }
     return loss, metrics

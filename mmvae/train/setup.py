@@ -75,7 +75,9 @@ def objective_spec(config, spec: ModelSpec) -> ObjectiveSpec:
                         alignment_temperature=float(o.alignment_temperature),
                         decode_chunks=int(o.get("decode_chunks", 1)),
                         ssl_weight=float(o.get("ssl_weight", 0.0)),
-                        ssl_temperature=float(o.get("ssl_temperature", 0.1)))
+                        ssl_temperature=float(o.get("ssl_temperature", 0.1)),
+                        supcon_weight=float(o.get("supcon_weight", 0.0)),
+                        supcon_temperature=float(o.get("supcon_temperature", 0.1)))
     obj.validate()
     return obj
 

@@ -1,0 +1,223 @@
+"""Options for retrieval quality: pooling, the label expert, self-supervision, weights,
+diagnostics and the TF-IDF / logistic-regression baselines."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mmvae.config import load_config
+from mmvae.data.augment import AugmentSpec, augment_batch, augment_images
+from mmvae.data.dataset import with_label_supervision
+from mmvae.experiments import baselines as B
+from mmvae.experiments.diagnose import chance_map, linear_probe, variance_explained
+from mmvae.experiments.protocol import evaluate, held_out
+from mmvae.models.encoders import ImageEncoder
+from mmvae.models.mvae import LABEL, ModelSpec, build_model
+from mmvae.objectives.elbo import ObjectiveSpec, elbo_loss, paired_info_nce
+from mmvae.quickstart import synthesize
+from mmvae.retrieval.embed import embed_cohort
+from mmvae.train.loop import load_cohort, load_trained, train_and_evaluate
+from mmvae.train.setup import model_spec, objective_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny.py")
+
+
+# ------------------------------------------------------------------ pooling
+def _blob(shape, centre, value=3.0):
+    x = np.zeros(shape, np.float32)
+    sl = tuple(slice(c - 1, c + 2) for c in centre)
+    x[sl] = value
+    return x
+
+
+@pytest.mark.parametrize("pooling", ["max", "attention"])
+def test_pooling_is_translation_invariant(pooling):
+    """A lesion moved by a multiple of the down-sampling factor gives the same features."""
+    enc = ImageEncoder((16, 16, 16), (4, 8), 4, patch=2, pooling=pooling, rngs=nnx.Rngs(0))
+    a = _blob((16, 16, 16), (5, 5, 5))
+    b = _blob((16, 16, 16), (9, 5, 9))          # shifted by (4, 0, 4): multiples of the factor 4
+    fa, fb = enc.features(jnp.asarray(a[None])), enc.features(jnp.asarray(b[None]))
+    np.testing.assert_allclose(np.asarray(fa), np.asarray(fb), rtol=1e-5, atol=1e-6)
+    c = _blob((16, 16, 16), (5, 5, 5), value=-3.0)   # the contrast sign is not lost
+    assert float(jnp.max(jnp.abs(enc.features(jnp.asarray(c[None])) - fa))) > 1e-3
+
+
+def test_flatten_pooling_is_not_translation_invariant():
+    enc = ImageEncoder((16, 16, 16), (4, 8), 4, patch=2, pooling="flatten", rngs=nnx.Rngs(0))
+    a, b = _blob((16, 16, 16), (5, 5, 5)), _blob((16, 16, 16), (9, 5, 9))
+    assert float(jnp.max(jnp.abs(enc.features(jnp.asarray(a[None])) - enc.features(jnp.asarray(b[None]))))) > 1e-4
+
+
+def test_unknown_pooling_rejected():
+    with pytest.raises(Exception, match="pooling"):
+        load_config(TINY, ["--config.model.image.pooling=mean"])
+
+
+# ------------------------------------------------------------------ augmentation
+def test_augmentation_is_deterministic_and_keeps_background():
+    x = np.zeros((2, 1, 16, 16, 16), np.float32)
+    x[0, 0, 4:12, 4:12, 4:12] = np.random.default_rng(0).normal(size=(8, 8, 8))
+    k = jax.random.key(3)
+    a1, a2 = augment_images(k, jnp.asarray(x)), augment_images(k, jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(a1), np.asarray(a2))
+    a3 = augment_images(jax.random.key(4), jnp.asarray(x))
+    assert float(jnp.max(jnp.abs(a1 - a3))) > 1e-3
+    assert a1.shape == x.shape and a1.dtype == x.dtype
+    assert float(jnp.max(jnp.abs(a1[1]))) == 0.0                     # an absent image stays zero
+    assert int(jnp.sum(a1[0] != 0)) == int(np.sum(x[0] != 0))        # foreground size kept (flip/shift move it)
+    nothing = augment_images(k, jnp.asarray(x), AugmentSpec(gain=0.0, bias=0.0, noise=0.0, flip=False, shift=0.0))
+    np.testing.assert_allclose(np.asarray(nothing), x, atol=1e-6)
+
+
+def test_augment_batch_touches_images_only():
+    batch = {"image/t1": jnp.ones((2, 1, 8, 8, 8)), "report/ids": jnp.ones((2, 4), jnp.int32)}
+    out = augment_batch(jax.random.key(0), batch, ["t1"])
+    assert out["report/ids"] is batch["report/ids"]
+    assert not np.allclose(np.asarray(out["image/t1"]), 1.0)
+
+
+def test_paired_info_nce_prefers_matching_pairs():
+    a = jax.random.normal(jax.random.key(0), (8, 16))
+    good, use = paired_info_nce(a, a, jnp.ones(8), 0.1)
+    bad, _ = paired_info_nce(a, jnp.roll(a, 1, 0), jnp.ones(8), 0.1)
+    assert float(use) == 1.0 and float(good) < 0.05 < float(bad)
+    _, use1 = paired_info_nce(a, a, jnp.zeros(8).at[0].set(1), 0.1)
+    assert float(use1) == 0.0
+
+
+# ------------------------------------------------------------------ label expert
+def _spec(**kw):
+    return ModelSpec(image_modalities=("t1",), shape=(8, 8, 8), latent_dim=4, channels=(4,), report=False,
+                     clinical_numeric=("age",), **kw)
+
+
+def test_label_expert_with_missing_labels():
+    spec = _spec(label_classes=("a", "b", "c"))
+    assert spec.modalities == ("t1", "clinical", LABEL) and spec.query_modalities == ("t1", "clinical")
+    model = build_model(spec, 0)
+    rng = np.random.default_rng(0)
+    batch = {"image/t1": jnp.asarray(rng.normal(size=(4, 1, 8, 8, 8)), jnp.float32),
+             "series_mask/t1": jnp.ones((4, 1)), "clinical/num": jnp.zeros((4, 1)), "clinical/num_mask": jnp.ones((4, 1)),
+             "clinical/cat": jnp.zeros((4, 0), jnp.int32), "clinical/cat_mask": jnp.zeros((4, 0)),
+             "label/id": jnp.asarray([0, 2, 1, 0], jnp.int32), "label/mask": jnp.asarray([1.0, 0.0, 1.0, 0.0])}
+    experts, present, _ = model.encode(batch)
+    np.testing.assert_array_equal(np.asarray(present[:, 2]), [1, 0, 1, 0])
+    # A case whose label is missing has the posterior of its other modalities only.
+    no_label = {k: v for k, v in batch.items() if not k.startswith("label/")}
+    np.testing.assert_allclose(np.asarray(model.posterior(batch).mu[1]), np.asarray(model.posterior(no_label).mu[1]),
+                               rtol=1e-6)
+    assert not np.allclose(np.asarray(model.posterior(batch).mu[0]), np.asarray(model.posterior(no_label).mu[0]))
+    # The label's likelihood enters the ELBO only where the label is given.
+    obj = ObjectiveSpec(weights=(1.0, 1.0, 100.0))
+    loss, m = elbo_loss(model, batch, jax.random.key(0), jnp.int32(0), obj)
+    assert np.isfinite(float(loss)) and float(m["recon_per_modality"][2]) < 0
+
+
+def test_with_label_supervision_fractions_nest(tmp_path):
+    config = load_config(TINY + ":cases=40")
+    config.data.manifest = str(synthesize(config, tmp_path / "data", show_progress=False))
+    cohort, _, _ = load_cohort(config, tmp_path, show_progress=False)
+    classes = tuple(sorted(set(cohort.label_array("class"))))
+    small = with_label_supervision(cohort, "class", classes, 0.1, seed=0)
+    large = with_label_supervision(cohort, "class", classes, 0.5, seed=0)
+    assert int(small.label_mask.sum()) == 4 and int(large.label_mask.sum()) == 20
+    assert np.all(large.label_mask[small.label_mask > 0] == 1)                   # nested
+    again = with_label_supervision(cohort, "class", classes, 0.5, seed=0)
+    np.testing.assert_array_equal(again.label_mask, large.label_mask)
+    assert [classes[i] for i in large.label_id] == list(cohort.label_array("class"))
+    b = large.batch([0, 1, 2])
+    assert b["label/id"].shape == (3,) and b["label/mask"].shape == (3,)
+    assert "label/id" not in cohort.batch([0])
+
+
+def test_semi_supervised_training_embeds_without_label(tmp_path):
+    """Train with labels on half the training cases: the embeddings hold no label expert."""
+    config = load_config(TINY + ":cases=40,steps=4", ["--config.data.label_fraction=0.5",
+                                                      "--config.model.image.pooling=max",
+                                                      "--config.objective.ssl_weight=1.0",
+                                                      "--config.train.tensorboard=false"])
+    config.data.manifest = str(synthesize(config, tmp_path / "data", show_progress=False))
+    summary = train_and_evaluate(config, tmp_path, show_progress=False)
+    assert summary["step"] == 4
+    spec_d = json.loads((tmp_path / "model_spec.json").read_text())
+    assert len(spec_d["label_classes"]) == 7 and spec_d["pooling"] == "max"
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any("recon_per_modality/label" in r for r in rows)
+    assert all(np.isfinite(r["self_supervised"]) and r["self_supervised"] > 0 for r in rows if "self_supervised" in r)
+    _, spec, model, tok = load_trained(tmp_path)
+    cohort, _, _ = load_cohort(config, tmp_path, tokenizer=tok, show_progress=False)
+    emb = embed_cohort(model, cohort, show_progress=False)
+    assert LABEL not in emb.modalities and emb.experts_mu.shape[1] == len(spec.query_modalities)
+
+
+def test_weights_sqrt_and_cap_and_label_weight():
+    config = load_config(TINY, ["--config.objective.weights=sqrt", "--config.objective.max_weight=20",
+                                "--config.objective.label_weight=50"])
+    spec = model_spec(config, vocab_size=30, label_classes=("a", "b"))
+    obj = objective_spec(config, spec)
+    d = spec.dims()
+    expect = [min((4096 / d[m]) ** 0.5, 20.0) for m in spec.query_modalities] + [50.0]
+    np.testing.assert_allclose(obj.weights, expect)
+
+
+# ------------------------------------------------------------------ diagnostics
+def test_linear_probe_and_chance():
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(4), 25).astype(str)
+    sep = np.eye(4)[y.astype(int)] * 5 + rng.normal(size=(100, 4)) * 0.1
+    assert linear_probe(sep, y)["accuracy"] == 1.0
+    noise = linear_probe(rng.normal(size=(100, 4)), y)
+    assert noise["accuracy"] < 0.5 and noise["majority"] == 0.25
+    ch = chance_map(y, np.arange(0, 100, 5), k=10, draws=30)
+    # 24 of 99 database cases relevant (p); AP@10 = (1/10) sum_i P@i rel_i, and for a random
+    # ranking E[P@i rel_i] ~ p (1 + (i - 1) p) / i.
+    p = 24 / 99
+    expect = sum(p * (1 + (i - 1) * p) / i for i in range(1, 11)) / 10
+    assert abs(ch - expect) < 0.015
+
+
+def test_variance_explained_by_hand():
+    rng = np.random.default_rng(1)
+    c = rng.normal(size=(200, 1))
+    x = np.concatenate([3 * c, rng.normal(size=(200, 1))], 1)     # dim 0 fully explained, dim 1 not
+    ve = variance_explained(x, c)
+    expect = np.var(3 * c) / (np.var(3 * c) + np.var(x[:, 1]))
+    assert abs(ve - expect) < 0.02
+    assert variance_explained(x, np.zeros((200, 0))) == 0.0
+
+
+# ------------------------------------------------------------------ baselines
+def test_tfidf_and_logreg_baselines(tmp_path):
+    config = load_config(TINY + ":cases=70")
+    config.data.manifest = str(synthesize(config, tmp_path / "data", show_progress=False))
+    cohort, _, _ = load_cohort(config, tmp_path, show_progress=False)
+    tr, q = held_out(len(cohort), config)
+    tf = B.run_baseline("report_tfidf", cohort, tr, config)
+    assert tf.modalities == ["report"]
+    norms = np.linalg.norm(tf.blocks[:, 0], axis=1)
+    np.testing.assert_allclose(norms[tf.present[:, 0] > 0], 1.0, rtol=1e-5)
+    lr = B.run_baseline("logreg_tfidf", cohort, tr, config, label="class")
+    probs = lr.mu
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
+    rows = evaluate(lr, "class", q, 10, n_boot=50)
+    labels = cohort.label_array("class")
+    assert rows[0]["query"] == "t1+t2+dwi+report" and rows[0]["map@10"] > chance_map(labels, q, 10)
+
+
+def test_supervised_contrastive_rewards_clusters():
+    from mmvae.objectives.elbo import supervised_contrastive
+    labels = jnp.asarray([0, 0, 1, 1, 2, 2])
+    clustered = jnp.eye(3)[labels] * 5.0
+    mixed = jnp.eye(3)[jnp.asarray([0, 1, 2, 0, 1, 2])] * 5.0
+    ok = jnp.ones(6)
+    assert float(supervised_contrastive(clustered, labels, ok, 0.1)) < 0.01
+    assert float(supervised_contrastive(mixed, labels, ok, 0.1)) > 1.0
+    # Views left out do not count; with no positive left, the loss is 0.
+    assert float(supervised_contrastive(mixed, labels, jnp.asarray([1, 0, 1, 0, 1, 0.0]), 0.1)) == 0.0
