@@ -5,8 +5,9 @@ images cut through the lesion centre, with reports), so this runs out of the box
 
     mmvae train --config configs/keyimage2d.py --workdir runs/key2d
 
-PNG files carry no voxel size, so images keep their pixel grid (``spacing=()``) and are
-cropped/padded to 64 x 64 around the foreground. ARGS: ``manifest=PATH``, ``cases=N``,
+PNG files carry no voxel size, so images keep their pixel grid (``spacing=()``) and the
+foreground's bounding box is resized to fit 64 x 64 (``data.crop = 'fit'``, aspect ratio
+kept): the whole key image reaches the model, not a 64-pixel patch of its centre. ARGS: ``manifest=PATH``, ``cases=N``,
 ``latent=N``, ``fusion=...``, ``steps=N``.
 """
 from mmvae.config import base_config, parse_arg
@@ -20,6 +21,7 @@ def get_config(arg=None):
     c.data.spatial_dims = 2
     c.data.shape = (64, 64)
     c.data.spacing = ()
+    c.data.crop = "fit"
     c.data.report = True
     c.data.text.max_len = 64
     c.data.clinical.numeric = ["age"]

@@ -33,7 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
         shape=(32, 32, 32),           # fixed preprocessed shape (voxels)
         spacing=(2.0, 2.0, 2.0),      # target voxel size in mm; () keeps the native spacing
         max_series=1,                 # series kept per modality (padded set dimension)
-        crop="foreground",
+        crop="foreground",            # foreground | center (crop/pad windows) | fit (resize the foreground box to shape)
         clip_percentiles=(0.5, 99.5),
         normalize="zscore",
         reference_modality="",        # resample every series onto this modality's grid first
@@ -58,7 +58,9 @@ def base_config() -> ml_collections.ConfigDict:
                    pooling="flatten",         # last feature map → vector: flatten | attention (MIL) | max
                    decoder_blocks=-1,         # -1: same as blocks
                    full_res_channels=-1),     # decoder: -1 max(8, c0/2); 0 unpatchify head (no full-res maps)
-        text=dict(hidden=64, layers=2, heads=2, intermediate=128, pretrained_dir=""),
+        # pretrained_dir: a Hugging Face BERT folder, or 'minilm' (the installed all-MiniLM-L6-v2);
+        # freeze: keep the pretrained BERT's weights fixed (only the head above it trains)
+        text=dict(hidden=64, layers=2, heads=2, intermediate=128, pretrained_dir="", freeze=False),
         report_decoder=dict(kind="bow", hidden=128),   # bow | tokens
         clinical=dict(hidden=64),
         label=dict(hidden=64),        # the label expert (data.label_fraction > 0)
@@ -123,7 +125,7 @@ FREE_FORM_GROUPS = ("data.clinical.categorical",)
 
 # Fields with a fixed set of values, checked by :func:`validate`.
 CHOICES = {
-    "data.crop": ("foreground", "center"),
+    "data.crop": ("foreground", "center", "fit"),
     "data.normalize": ("zscore", "minmax", "none"),
     "data.on_error": ("raise", "skip"),
     "data.extra_modalities": ("error", "ignore"),

