@@ -55,7 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
         dtype="float32",              # float32 | bfloat16 (compute; params stay float32)
         image=dict(channels=(16, 32, 64), blocks=1, full_res_blocks=False, set_pooling="poe",
                    patch=2,                   # stem factor: 4 = wide patch stem (fast on CPU)
-                   pooling="flatten",         # last feature map → vector: flatten | attention (MIL) | max
+                   pooling="flatten",         # last feature map → vector: flatten | attention (MIL) | max | multiscale
                    decoder_blocks=-1,         # -1: same as blocks
                    full_res_channels=-1),     # decoder: -1 max(8, c0/2); 0 unpatchify head (no full-res maps)
         # pretrained_dir: a Hugging Face BERT folder, or 'minilm' (the installed all-MiniLM-L6-v2);
@@ -133,7 +133,7 @@ CHOICES = {
     "model.fusion": ("poe", "moe", "mopoe"),
     "model.dtype": ("float32", "bfloat16"),
     "model.image.set_pooling": ("poe", "mean", "attention"),
-    "model.image.pooling": ("flatten", "attention", "max"),
+    "model.image.pooling": ("flatten", "attention", "max", "multiscale"),
     "model.report_decoder.kind": ("bow", "tokens"),
     "objective.subsets": ("mvae", "all", "unimodal", "mopoe"),
     "objective.likelihood": ("gaussian", "laplace"),

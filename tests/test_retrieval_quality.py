@@ -37,7 +37,7 @@ def _blob(shape, centre, value=3.0):
     return x
 
 
-@pytest.mark.parametrize("pooling", ["max", "attention"])
+@pytest.mark.parametrize("pooling", ["max", "attention", "multiscale"])
 def test_pooling_is_translation_invariant(pooling):
     """A lesion moved by a multiple of the down-sampling factor gives the same features."""
     enc = ImageEncoder((16, 16, 16), (4, 8), 4, patch=2, pooling=pooling, rngs=nnx.Rngs(0))

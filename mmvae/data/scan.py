@@ -58,7 +58,8 @@ from mmvae.errors import InputError
 
 logger = logging.getLogger(__name__)
 
-LAYOUTS = ("auto", "brats", "bids", "dicom")
+LAYOUTS = ("auto", "brats", "bids", "dicom", "keyimages")
+_KEYIMAGE_RE = re.compile(r"^(?P<seq>[a-z0-9]+?)(_(?P<n>\d+))?\.png$", re.IGNORECASE)
 BRATS_SEQUENCES = {"t1": "t1", "t1ce": "t1ce", "t2": "t2", "flair": "flair",
                    "t1n": "t1", "t1c": "t1ce", "t2w": "t2", "t2f": "flair"}
 DEFAULT_DICOM_RULES: tuple[tuple[str, str], ...] = (
@@ -261,6 +262,43 @@ def _scan_dicom(root: Path, res: ScanResult, rules: Sequence[tuple[str, str]]) -
             res.entries.append(ManifestEntry(case_id=case_dir.name, modality=mod, path=str(folder)))
 
 
+# --------------------------------------------------------------------------- key images
+
+
+def _scan_keyimages(root: Path, res: ScanResult) -> None:
+    """One folder per case: ``<sequence>.png`` and further ``<sequence>_<n>.png`` key images
+    (each one series of that sequence, in order of n), ``report.txt`` (the report), and an
+    optional ``labels.csv`` beside the folders (``case_id`` + label columns; ``age`` and
+    ``sex`` columns become clinical metadata, every other column a label)."""
+    labels: dict[str, dict[str, str]] = {}
+    lab_path = root / "labels.csv"
+    if lab_path.is_file():
+        import csv
+        with open(lab_path, newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                cid = (row.pop("case_id", "") or "").strip()
+                if cid:
+                    labels[cid] = {k: (v or "").strip() for k, v in row.items() if k}
+    for case_dir in _dirs(root):
+        cid = case_dir.name
+        fields = labels.get(cid, {})
+        meta = {k: _coerce(v) for k, v in fields.items() if k in ("age", "sex") and v}
+        labs = {k: v for k, v in fields.items() if k not in ("age", "sex") and v}
+        images = []
+        for p in _files(case_dir):
+            m = _KEYIMAGE_RE.match(p.name)
+            if m:
+                images.append((m.group("seq").lower(), int(m.group("n") or 0), p))
+            elif p.name != "report.txt":
+                res.skipped.append((str(p), "not a key image (<sequence>[_n].png) or report.txt"))
+        for seq, _, p in sorted(images):
+            res.entries.append(ManifestEntry(case_id=cid, modality=seq, path=str(p), labels=labs, metadata=meta))
+        rep = case_dir / "report.txt"
+        if rep.is_file():
+            res.entries.append(ManifestEntry(case_id=cid, modality="report", path=str(rep), labels=labs,
+                                             metadata=meta))
+
+
 # --------------------------------------------------------------------------- detection
 
 
@@ -283,7 +321,9 @@ def detect_layout(root: str | os.PathLike) -> str:
             dirnames.sort()
             if _first_dicom(Path(dirpath)) is not None:
                 return "dicom"
-    raise InputError("cannot detect the folder layout (expected BIDS, BraTS or DICOM folders)",
+    if dirs and any(_KEYIMAGE_RE.match(p.name) for d in dirs[:20] for p in _files(d)):
+        return "keyimages"
+    raise InputError("cannot detect the folder layout (expected BIDS, BraTS, DICOM or key-image folders)",
                      path=str(root))
 
 
@@ -294,7 +334,7 @@ def scan_folder_detailed(root: str | os.PathLike, layout: str = "auto",
 
     Args:
       root: the dataset folder.
-      layout: "auto", "brats", "bids" or "dicom".
+      layout: "auto", "brats", "bids", "dicom" or "keyimages".
       modalities: keep only rows of these modalities (others reported as skipped).
       dicom_rules: ``(regex, modality)`` pairs for the dicom layout, tried in order
         on normalised SeriesDescription then folder name; default
@@ -315,6 +355,8 @@ def scan_folder_detailed(root: str | os.PathLike, layout: str = "auto",
         _scan_brats(root, res)
     elif layout == "bids":
         _scan_bids(root, res)
+    elif layout == "keyimages":
+        _scan_keyimages(root, res)
     else:
         _scan_dicom(root, res, DEFAULT_DICOM_RULES if dicom_rules is None else dicom_rules)
     if modalities is not None:

@@ -36,9 +36,14 @@ OBJECTIVES: dict[str, dict] = {
     "no_align": {"objective.alignment_weight": 0.0},
     "all_subsets": {"objective.subsets": "all", "objective.num_subset_samples": 0},
     "unimodal": {"objective.subsets": "unimodal", "objective.num_subset_samples": 0},
+    "no_ssl": {"objective.ssl_weight": 0.0},
+    # semi-supervised: the label expert sees the label of this fraction of training cases
+    "labels10": {"data.label_fraction": 0.1},
+    "labels20": {"data.label_fraction": 0.2},
+    "labels100": {"data.label_fraction": 1.0},
 }
 VAE_METHODS = ("vae", "late_fusion")
-BASELINES = ("raw_pca", "handcrafted", "report_minilm", "clip", "supervised")
+BASELINES = ("raw_pca", "handcrafted", "report_minilm", "report_tfidf", "clip", "supervised", "logreg_tfidf")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,7 +22,7 @@ from mmvae.models.layers import MLP, ConvResBlock, Downsample, Upsample
 from mmvae.models.text import BertConfig, BertEncoder, mean_pool
 
 SET_POOLINGS = ("poe", "mean", "attention")
-POOLINGS = ("flatten", "attention", "max")
+POOLINGS = ("flatten", "attention", "max", "multiscale")
 
 
 def total_factor(channels: Sequence[int], patch: int = 2) -> int:
@@ -74,6 +74,8 @@ class ImageEncoder(nnx.Module):
         c_n = channels[-1]
         if pooling == "flatten":
             feat = int(math.prod(s // factor for s in shape)) * c_n
+        elif pooling == "multiscale":
+            feat = 2 * sum(int(c) for c in channels)
         else:
             feat = 2 * c_n
         if pooling == "attention":
@@ -89,9 +91,14 @@ class ImageEncoder(nnx.Module):
     def features(self, x: jax.Array) -> jax.Array:
         """``(N, *spatial)`` → ``(N, F)``."""
         h = x[..., None]
+        pooled = []
         for layer in self.stages:
+            if self.pooling == "multiscale" and isinstance(layer, Downsample) and h.shape[-1] > 1:
+                pooled.append(_max_mean(h))                     # the previous stage's output
             h = layer(h)
-        if self.pooling == "flatten":
+        if self.pooling == "multiscale":
+            h = jnp.concatenate(pooled + [_max_mean(h)], -1)
+        elif self.pooling == "flatten":
             h = h.reshape(h.shape[0], -1)
         else:
             h = h.reshape(h.shape[0], -1, h.shape[-1]).astype(jnp.float32)          # (N, P, C)
@@ -121,6 +128,12 @@ class ImageEncoder(nnx.Module):
             pooled = jnp.einsum("bs,bsf->bf", w, h)
         mu, lv = jnp.split(self.head(pooled), 2, axis=-1)
         return fusion.Gaussian(mu, lv)
+
+
+def _max_mean(h: jax.Array) -> jax.Array:
+    """``(N, *spatial, C)`` → ``(N, 2C)``: global max and mean over the spatial axes."""
+    h = h.reshape(h.shape[0], -1, h.shape[-1]).astype(jnp.float32)
+    return jnp.concatenate([jnp.max(h, axis=1), jnp.mean(h, axis=1)], -1)
 
 
 class ImageDecoder(nnx.Module):

@@ -1,0 +1,49 @@
+"""MedPix-style 2-D key images (T1, T1c, T2, FLAIR PNGs of mixed sizes) + report text.
+
+The manifest comes from scanning a key-image folder (one folder per case with
+``<sequence>[_n].png`` and ``report.txt``, and a ``labels.csv`` beside them)::
+
+    python -c "from mmvae.data.scan import scan_folder; from mmvae.data.manifest import write_manifest; \
+write_manifest(scan_folder('../shared/data/medpix-dev', layout='keyimages'), 'runs/medpix/manifest.jsonl')"
+    mmvae train --config configs/medpix.py:manifest=runs/medpix/manifest.jsonl --workdir runs/medpix
+
+Key images carry no pixel size: each image's foreground box is resized to 128 x 128
+(``data.crop='fit'``, aspect kept), so the whole image reaches the model. Up to two key
+images per sequence are used (``data.max_series``). Retrieval label ``category``
+(``location`` is the other label of the shared sample). ARGS: ``manifest=PATH``,
+``latent=N``, ``steps=N``, ``label=NAME``, ``label_fraction=F``.
+"""
+from mmvae.config import base_config, parse_arg
+
+
+def get_config(arg=None):
+    args = parse_arg(arg)
+    c = base_config()
+    c.data.manifest = args.get("manifest", "")
+    c.data.image_modalities = ["t1", "t1c", "t2", "flair"]
+    c.data.extra_modalities = "ignore"     # dwi/adc key images are too rare in the sample
+    c.data.spatial_dims = 2
+    c.data.shape = (128, 128)
+    c.data.spacing = ()
+    c.data.crop = "fit"
+    c.data.max_series = 2
+    c.data.label = args.get("label", "category")
+    c.data.label_fraction = float(args.get("label_fraction", 0.0))
+    c.data.val_fraction = 0.0              # tiny cohort: leave-one-out evaluation over every case
+    c.data.text.max_len = 128
+    c.data.clinical.numeric = ["age"]
+    c.data.clinical.categorical = {"sex": ["female", "male"]}
+    c.synth.cases = 0                      # real data only
+    c.model.latent_dim = int(args.get("latent", 32))
+    c.model.image.channels = (32, 64, 128)
+    c.model.image.patch = 4
+    c.model.image.full_res_channels = 0
+    c.model.image.pooling = "max"
+    c.objective.weights = "sqrt"
+    c.objective.num_subset_samples = 2
+    c.optim.lr = 1e-3
+    c.optim.warmup_steps = 30
+    c.train.batch_size = 16
+    c.train.steps = int(args.get("steps", 300))
+    c.train.log_every = 10
+    return c
