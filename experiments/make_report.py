@@ -71,6 +71,12 @@ def parse(argv=None):
     p.add_argument("--brats-set", action="append", default=[], metavar="KEY=VALUE",
                    help="override of the BraTS config (after the report's CPU defaults)")
     p.add_argument("--brats-baselines", default="raw_pca,handcrafted")
+    p.add_argument("--medpix", default=str(ROOT.parent / "shared" / "data" / "medpix-dev"))
+    p.add_argument("--no-medpix", action="store_true")
+    p.add_argument("--medpix-config", default=str(ROOT / "configs" / "medpix.py"))
+    p.add_argument("--medpix-set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--medpix-baselines", default="report_tfidf,raw_pca,handcrafted")
+    p.add_argument("--medpix-seeds", default="0,1,2")
     p.add_argument("--figures", default="pca,tsne", help="projections of the latent-space figures ('' for none)")
     p.add_argument("--jobs", type=int, default=1)
     return p.parse_args(argv)
@@ -167,6 +173,34 @@ def run_figures(args, syn: dict, assets: Path, log) -> list[Path]:
     return out
 
 
+def medpix_manifest(root: Path, path: Path) -> Path:
+    from mmvae.data.manifest import write_manifest
+    from mmvae.data.scan import scan_folder
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_manifest(scan_folder(root, layout="keyimages"), path)
+    return path
+
+
+def run_medpix(args, log) -> dict | None:
+    """MedPix-style key images + reports: the VAE (no labels) and the baselines, leave-one-out,
+    labels ``category`` and ``location``."""
+    root = Path(args.medpix)
+    if args.no_medpix:
+        return {"skipped": "--no-medpix given"}
+    if not (root / "labels.csv").exists():
+        return {"skipped": f"MedPix sample not found at {root}"}
+    out = Path(args.out) / "medpix"
+    manifest = medpix_manifest(root, out / "manifest.jsonl")
+    overrides = [f"data.manifest={manifest}"] + list(args.medpix_set)
+    ctx = G.GridContext(args.medpix_config, overrides, out, "category,location", k=10, queries="all")
+    mods = G.all_modalities(ctx.base_config())
+    baselines = [b for b in args.medpix_baselines.split(",") if b]
+    cells = _cells(mods, ["poe"], [int(s) for s in args.medpix_seeds.split(",") if s], baselines)
+    results = G.run_grid(ctx, cells, jobs=1, log=log)
+    res = G.write_outputs(results, mods, out, "map@10", ctx.labels)
+    return {"ctx": ctx, "modalities": mods, "results": results, "overrides": overrides[1:], **res}
+
+
 def run_brats(args, log) -> dict | None:
     root = Path(args.brats)
     if args.no_brats:
@@ -185,6 +219,19 @@ def run_brats(args, log) -> dict | None:
     res = G.write_outputs(results, mods, out, "map@5", ctx.labels)
     return {"ctx": ctx, "modalities": mods, "results": results, "cases": info, "overrides": list(effective.values()),
             **res}
+
+
+def medpix_chance(ctx) -> dict[str, float]:
+    """Chance mAP@k of each label under leave-one-out (random rankings)."""
+    from mmvae.data.manifest import group_cases, read_manifest
+    from mmvae.experiments.diagnose import chance_map
+    cfg = ctx.base_config()
+    cases = group_cases(read_manifest(cfg.data.manifest), None)
+    out = {}
+    for label in ctx.labels:
+        labels = [c.labels.get(label, "") for c in cases]
+        out[label] = chance_map(labels, list(range(len(labels))), int(ctx.k))
+    return out
 
 
 # --------------------------------------------------------------------------- rendering
@@ -219,7 +266,8 @@ def _rel(path: Path, docs: Path) -> str:
     return path.resolve().relative_to(docs.parent.resolve()).as_posix()
 
 
-def render(args, syn: dict, figs: list[Path], brats: dict | None, assets: Path, docs: Path) -> str:
+def render(args, syn: dict, figs: list[Path], brats: dict | None, assets: Path, docs: Path,
+           medpix: dict | None = None) -> str:
     mods = syn["modalities"]
     full = "+".join(mods)
     summary = syn["summary"]
@@ -306,6 +354,21 @@ def render(args, syn: dict, figs: list[Path], brats: dict | None, assets: Path, 
                            for c, v in brats["cases"].items()) + "\n")
         L.append(brats["markdown"].read_text())
         L.append(_cost_table(brats["results"]))
+    L.append("## MedPix key images + reports\n")
+    if medpix is None or "skipped" in medpix:
+        L.append(f"Skipped: {medpix['skipped'] if medpix else 'not run'}.\n")
+    else:
+        L.append("119 MR teaching cases from MedPix 2.0 (`../shared/data/medpix-dev`; U.S. National Library of "
+                 "Medicine; Siragusa et al., MedPix 2.0, Data Science and Engineering 2025): 2-D key images per "
+                 "sequence (T1, T1c, T2, FLAIR; each image's foreground resized whole to the model's field of "
+                 "view, `data.crop='fit'`), the report text (history and findings) and age/sex. Labels "
+                 "`category` (e.g. 'Neoplasm, glial', 'Vascular') and `location` (body region). Config "
+                 f"`configs/medpix.py`{' with ' + ', '.join(medpix['overrides']) if medpix['overrides'] else ''}; "
+                 "the VAE never sees labels. Every case queries the other 118 (leave-one-out), with the modalities "
+                 "of the query subset it has; metric mAP@10 (mean ± sd over seeds). Chance (random ranking, same "
+                 "protocol): " + ", ".join(f"`{k}` {v:.3f}" for k, v in medpix.get("chance", {}).items()) + ".\n")
+        L.append(medpix["markdown"].read_text())
+        L.append(_cost_table(medpix["results"]))
     L.append("## Reproduce\n")
     L.append("```\npython experiments/make_report.py --out runs/report\n```\n"
              "Cells finished before are reused (same folder, same settings). A wider ablation (drop-one, "
@@ -325,7 +388,11 @@ def main(argv=None) -> int:
         brats = run_brats(args, log)
         if brats and "csv" in brats:
             _copy(brats["csv"], assets / "brats_results.csv")
-        text = render(args, syn, figs, brats, assets, docs)
+        medpix = run_medpix(args, log)
+        if medpix and "csv" in medpix:
+            _copy(medpix["csv"], assets / "medpix_results.csv")
+            medpix["chance"] = medpix_chance(medpix["ctx"])
+        text = render(args, syn, figs, brats, assets, docs, medpix)
     except MmvaeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
