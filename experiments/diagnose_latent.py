@@ -9,7 +9,10 @@ For the run's held-out split (the training run's own split) and the whole cohort
   (random rankings under the same protocol);
 * linear-probe accuracy (5-fold logistic regression) of the fused posterior mean and of
   each unimodal expert's mean, next to the majority-class rate;
-* the share of latent variance that the clinical fields (e.g. age, sex) explain.
+* the share of latent variance that the clinical fields (e.g. age, sex) explain;
+* the same retrieval on the concatenated unimodal expert means (each standardised with
+  the training cases' mean and sd, L2-normalised, absent experts zero), with and without
+  the clinical expert: how much the product of experts itself loses.
 
 Writes ``diagnostics.json`` and ``diagnostics.md`` into ``--out`` (default the work dir)
 and prints the Markdown table. Exit 2 on bad arguments (a missing work dir, an unknown
@@ -64,6 +67,17 @@ def diagnose(workdir: Path, manifest: str = "", label: str = "", k: int = 10, sh
     for j, name in enumerate(mods):
         have = emb.present[:, j] > 0
         out["probe"][name] = linear_probe(emb.experts_mu[have, j], labels[have])
+    tr_idx, _ = held_out(len(cohort), config)
+    from mmvae.experiments.protocol import BlockEmbeddings
+    e = emb.experts_mu
+    mean, sd = e[tr_idx].mean(0), e[tr_idx].std(0) + 1e-6
+    blocks = (e - mean) / sd * emb.present[..., None]
+    for name, keep in (("experts", mods), ("experts_no_clinical", [x for x in mods if x != "clinical"])):
+        idx = [mods.index(x) for x in keep]
+        be = BlockEmbeddings(list(emb.case_ids), keep, blocks[:, idx], emb.present[:, idx], list(emb.labels))
+        r = evaluate(be, label, q_idx, k, subsets=[np.ones(len(keep), np.float32)], metric="cosine", n_boot=1000)[0]
+        out["retrieval"][name] = {"map": r.get(f"map@{k}"), "lo": r.get(f"map@{k}_lo"), "hi": r.get(f"map@{k}_hi"),
+                                  "num_queries": r["num_queries"]}
     cov, cov_names = clinical_covariates(cohort)
     out["clinical_fields"] = cov_names
     out["clinical_variance_explained"] = variance_explained(emb.mu, cov) if cov.shape[1] else None
@@ -77,10 +91,12 @@ def markdown(d: dict) -> str:
              f"| embedding | mAP@{k} held-out [95% CI] | probe accuracy (5-fold) | majority |", "|---|---|---|---|"]
     for name in ["all"] + [x for x in d["retrieval"] if x != "all"]:
         r = d["retrieval"][name]
-        p = d["probe"]["fused" if name == "all" else name]
+        p = d["probe"].get("fused" if name == "all" else name)
         mp = "n/a" if r["map"] is None else f"{r['map']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}]"
-        lines.append(f"| {'fused (all modalities)' if name == 'all' else name} | {mp} | "
-                     f"{p['accuracy']:.3f} ± {p['sd']:.3f} | {p['majority']:.3f} |")
+        title = {"all": "fused posterior (all modalities)", "experts": "experts concatenated (z-scored)",
+                 "experts_no_clinical": "experts concatenated, no clinical"}.get(name, f"{name} expert")
+        probe = f"{p['accuracy']:.3f} ± {p['sd']:.3f} | {p['majority']:.3f}" if p else "– | –"
+        lines.append(f"| {title} | {mp} | {probe} |")
     ve = d["clinical_variance_explained"]
     lines += ["", "Latent variance explained by the clinical fields "
               f"({', '.join(d['clinical_fields']) or 'none'}): " + ("n/a" if ve is None else f"{100 * ve:.1f} %")]

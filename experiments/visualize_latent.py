@@ -205,7 +205,7 @@ def run(args) -> dict:
             axes = tuple(FG._pca_axis_names(basis)) if m == "pca" else (f"{titles[m]} 1", f"{titles[m]} 2")
             save_fig(FG.plot_projection(coords[m], labels, patterns, axis_names=axes, label_name=label_name,
                                         title=f"{titles[m]} of the fused posterior means ({n} cases, "
-                                              f"{spec.fusion}, latent {spec.latent_dim})"),
+                                              f"{spec.fusion}, latent {spec.embedding_dim})"),
                      f"projection_{m}.png")
     _save_npz(out / "projections.npz", case_ids=np.asarray(emb.case_ids, str), labels=np.asarray(labels, str),
               patterns=np.asarray(patterns, str), modalities=np.asarray(mods, str),
@@ -333,7 +333,7 @@ def run(args) -> dict:
     body = []
     body.append("<p>" + html.escape(
         f"Run {wd.resolve()} (checkpoint step {step}); {n} cases of {config.data.manifest}; modalities "
-        f"{', '.join(mods)}; latent {spec.latent_dim}; fusion {spec.fusion}; coloured by label "
+        f"{', '.join(mods)}; latent {spec.embedding_dim}; fusion {spec.fusion}; coloured by label "
         f"'{label_name}'; seed {args.seed}.") + "</p>")
     body.append(f"<p class=\"note\">Ellipses are the {k_sigma:g}-σ contours of each diagonal Gaussian "
                 f"posterior N(μ, diag(σ²)) projected onto the two PCA axes W (rows of a 2×L matrix): "

@@ -51,6 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.synth = dict(cases=300, seed=0, missing_prob=0.15, report_missing_prob=0.1)
     c.model = dict(
         latent_dim=32,
+        private_dim=0,                # > 0: a private latent block per observed modality (PoE only; MMVAE+-style split)
         fusion="poe",                 # poe | moe | mopoe
         dtype="float32",              # float32 | bfloat16 (compute; params stay float32)
         image=dict(channels=(16, 32, 64), blocks=1, full_res_blocks=False, set_pooling="poe",

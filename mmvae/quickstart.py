@@ -78,11 +78,11 @@ def run_quickstart(config, workdir: str | Path, *, show_progress: bool = True, l
     ident = {"model_fingerprint": fingerprint(spec), "checkpoint_step": summary["step"]}
     emb = embed_cohort(model, cohort, identity=ident, show_progress=show_progress)
     emb.save(workdir / "embeddings.npz")
-    log(f"[3/5] embedded {len(emb.case_ids)} cases (latent {spec.latent_dim}, fusion {spec.fusion})")
+    log(f"[3/5] embedded {len(emb.case_ids)} cases (latent {spec.embedding_dim}, fusion {spec.fusion})")
     meta = [{"modalities": [m for m, p in zip(emb.modalities, row) if p > 0], "labels": lab}
             for row, lab in zip(emb.present, emb.labels)]
     index = build_index(emb.mu, emb.logvar, emb.case_ids, meta, kind="flat", metric=config.retrieval.metric,
-                        identity=dict(ident, latent_dim=spec.latent_dim))
+                        identity=dict(ident, latent_dim=spec.embedding_dim))
     index.save(workdir / "index")
     log(f"[4/5] exact FAISS index of {len(emb.case_ids)} cases -> {workdir / 'index'}")
     k = int(config.retrieval.k)

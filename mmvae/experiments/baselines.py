@@ -352,7 +352,7 @@ class _Classifier(nnx.Module):
 
     def __init__(self, vae: nnx.Module, num_classes: int, *, rngs: nnx.Rngs):
         self.vae = vae
-        self.head = nnx.Linear(vae.spec.latent_dim, num_classes, rngs=rngs)
+        self.head = nnx.Linear(vae.spec.embedding_dim, num_classes, rngs=rngs)
 
     def encode(self, batch):
         return self.vae.encode(batch)

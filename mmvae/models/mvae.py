@@ -65,6 +65,22 @@ class ModelSpec:
     dtype: str = "float32"
     label_classes: tuple[str, ...] = ()  # non-empty: a label expert over these classes (semi-supervised)
     label_hidden: int = 64
+    private_dim: int = 0                 # > 0: a private latent block of this size per observed modality (PoE)
+
+    @property
+    def embedding_dim(self) -> int:
+        """Size of the fused posterior: shared ``latent_dim`` + one private block per observed modality."""
+        return self.latent_dim + self.private_dim * len(self.query_modalities)
+
+    def ownership(self) -> "np.ndarray":
+        """``(M, embedding_dim)`` 0/1: which latent dimensions each expert informs (all share
+        the first ``latent_dim``; observed modality i also owns private block i)."""
+        import numpy as np
+        own = np.zeros((len(self.modalities), self.embedding_dim), np.float32)
+        own[:, : self.latent_dim] = 1.0
+        for i in range(len(self.query_modalities)):
+            own[i, self.latent_dim + i * self.private_dim: self.latent_dim + (i + 1) * self.private_dim] = 1.0
+        return own
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -101,6 +117,11 @@ class ModelSpec:
                               f"{REPORT_DECODERS}")
         if self.report and self.bert is None:
             raise ConfigError("modality 'report' has no encoder configuration (model.text)")
+        if self.private_dim < 0:
+            raise ConfigError(f"model.private_dim must be >= 0, got {self.private_dim}")
+        if self.private_dim and self.fusion != "poe":
+            raise ConfigError(f"model.private_dim > 0 needs model.fusion='poe' (a private block is informed by "
+                              f"one expert only; a mixture would sample the others' blocks), got {self.fusion!r}")
         if self.pooling not in POOLINGS:
             raise ConfigError(f"model.image.pooling: unknown {self.pooling!r}; choose one of {POOLINGS}")
         if self.label_classes and len(set(self.label_classes)) != len(self.label_classes):
@@ -138,7 +159,7 @@ class MultimodalVAE(nnx.Module):
         spec.validate()
         self.spec = spec
         dtype = jnp.bfloat16 if spec.dtype == "bfloat16" else jnp.float32
-        L = spec.latent_dim
+        L = spec.latent_dim + spec.private_dim    # an observed modality's own dimensions: shared + private
         enc, dec = {}, {}
         for m in spec.image_modalities:
             enc[m] = ImageEncoder(spec.shape, spec.channels, L, blocks=spec.blocks, patch=spec.patch,
@@ -159,8 +180,8 @@ class MultimodalVAE(nnx.Module):
             enc[CLINICAL] = ClinicalEncoder(len(spec.clinical_numeric), cards, L, spec.clinical_hidden, rngs=rngs)
             dec[CLINICAL] = ClinicalDecoder(len(spec.clinical_numeric), cards, L, spec.clinical_hidden, rngs=rngs)
         if spec.label_classes:
-            enc[LABEL] = LabelEncoder(len(spec.label_classes), L, spec.label_hidden, rngs=rngs)
-            dec[LABEL] = LabelDecoder(len(spec.label_classes), L, spec.label_hidden, rngs=rngs)
+            enc[LABEL] = LabelEncoder(len(spec.label_classes), spec.latent_dim, spec.label_hidden, rngs=rngs)
+            dec[LABEL] = LabelDecoder(len(spec.label_classes), spec.latent_dim, spec.label_hidden, rngs=rngs)
         self.encoders = nnx.Dict(enc)
         self.decoders = nnx.Dict(dec)
         self.log_scale = nnx.Param(jnp.full((max(1, len(spec.image_modalities)),), spec.init_log_scale, jnp.float32))
@@ -170,8 +191,11 @@ class MultimodalVAE(nnx.Module):
         """Unimodal experts of every modality.
 
         Returns:
-          (experts with fields ``(B, M, L)``, present ``(B, M)`` float, nonfinite ``()``
-          count of series/reports dropped because they held NaN/Inf).
+          (experts with fields ``(B, M, E)``, present ``(B, M)`` float, nonfinite ``()``
+          count of series/reports dropped because they held NaN/Inf). ``E`` =
+          ``spec.embedding_dim``; with private blocks an expert's dimensions outside
+          :meth:`ModelSpec.ownership` have mean 0 and log-variance ``LOGVAR_MAX``
+          (no information: precision e^-10 next to the prior's 1).
         """
         mus, lvs, present = [], [], []
         nonfinite = jnp.zeros((), jnp.int32)
@@ -200,10 +224,38 @@ class MultimodalVAE(nnx.Module):
                 x = jnp.where(jnp.isfinite(x), x, 0.0)
                 g = self.encoders[m](x, sm)
                 p = (jnp.sum(sm, -1) > 0).astype(jnp.float32)
-            mus.append(g.mu)
-            lvs.append(fusion.clamp_logvar(g.logvar))
+            mu, lv = self._place(m, g.mu, fusion.clamp_logvar(g.logvar))
+            mus.append(mu)
+            lvs.append(lv)
             present.append(p)
         return fusion.Gaussian(jnp.stack(mus, 1), jnp.stack(lvs, 1)), jnp.stack(present, 1), nonfinite
+
+    def _place(self, m: str, mu: jax.Array, lv: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """An expert's own dimensions ``(B, L [+ P])`` → the full ``(B, E)`` layout."""
+        P = self.spec.private_dim
+        if not P:
+            return mu, lv
+        L, obs = self.spec.latent_dim, self.spec.query_modalities
+        i = obs.index(m) if m in obs else -1
+        b = mu.shape[0]
+        mus, lvs = [mu[:, :L]], [lv[:, :L]]
+        for j in range(len(obs)):
+            if j == i:
+                mus.append(mu[:, L:]); lvs.append(lv[:, L:])
+            else:
+                mus.append(jnp.zeros((b, P), mu.dtype)); lvs.append(jnp.full((b, P), fusion.LOGVAR_MAX, lv.dtype))
+        return jnp.concatenate(mus, -1), jnp.concatenate(lvs, -1)
+
+    def _own_z(self, m: str, z: jax.Array) -> jax.Array:
+        """The part of ``z (N, E)`` modality ``m``'s decoder reads: shared (+ its private block)."""
+        P = self.spec.private_dim
+        if not P:
+            return z
+        L, obs = self.spec.latent_dim, self.spec.query_modalities
+        if m not in obs:
+            return z[:, :L]
+        i = obs.index(m)
+        return jnp.concatenate([z[:, :L], z[:, L + i * P: L + (i + 1) * P]], -1)
 
     def posterior(self, batch: dict, mask: jax.Array | None = None) -> fusion.Gaussian:
         """The case posterior under the configured fusion: ``(B, L)``.
@@ -216,13 +268,14 @@ class MultimodalVAE(nnx.Module):
 
     # ------------------------------------------------------------------ decode
     def decode(self, z: jax.Array, patched: bool = False) -> dict:
-        """``z (N, L)`` → per-modality outputs (image means, report logits, clinical).
+        """``z (N, E)`` → per-modality outputs (image means, report logits, clinical); each decoder
+        reads the shared dimensions and its modality's private block.
 
         ``patched``: image decoders with an unpatchify head return the space-to-depth
         layout (see :class:`ImageDecoder`); :meth:`log_likelihoods` accepts either.
         """
-        return {m: (self.decoders[m](z, patched=True) if patched and m in self.spec.image_modalities
-                    else self.decoders[m](z)) for m in self.spec.modalities}
+        return {m: (self.decoders[m](self._own_z(m, z), patched=True) if patched and m in self.spec.image_modalities
+                    else self.decoders[m](self._own_z(m, z))) for m in self.spec.modalities}
 
     def log_likelihoods(self, outputs: dict, batch: dict, reps: int) -> jax.Array:
         """Log-likelihood of each modality of the batch under decoded outputs.

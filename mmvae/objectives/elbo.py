@@ -277,7 +277,7 @@ def elbo_loss(model, batch: dict, key: jax.Array, step: jax.Array, spec: Objecti
     loss = -elbo
     align = jnp.zeros(())
     if spec.alignment_weight > 0:
-        align = info_nce(experts.mu, present, spec.alignment_temperature)
+        align = info_nce(experts.mu[..., : model.spec.latent_dim], present, spec.alignment_temperature)
         loss = loss + spec.alignment_weight * align
     supcon = jnp.zeros(())
     if spec.supcon_weight > 0 and "label/id" in batch:
@@ -293,7 +293,9 @@ def elbo_loss(model, batch: dict, key: jax.Array, step: jax.Array, spec: Objecti
     # present) and each unimodal expert's KL.
     rec_m = jnp.sum(ll[0] * valid[..., None] * present[None], (0, 1)) / jnp.maximum(
         jnp.sum(valid[..., None] * present[None], (0, 1)), 1.0)
-    kl_uni = fusion.kl_to_standard_normal(experts)                          # (B, M)
+    own = jnp.asarray(model.spec.ownership())                               # (M, E): dims each expert informs
+    lv_uni = fusion.clamp_logvar(experts.logvar)
+    kl_uni = 0.5 * jnp.sum(own * (jnp.exp(lv_uni) + experts.mu ** 2 - 1.0 - lv_uni), -1)   # (B, M)
     kl_m = jnp.sum(kl_uni * present, 0) / jnp.maximum(jnp.sum(present, 0), 1.0)
     term_mean = jnp.sum(term * valid, 1) / jnp.maximum(jnp.sum(valid, 1), 1.0)   # (J,)
     metrics = {

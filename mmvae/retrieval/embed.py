@@ -53,7 +53,7 @@ class Embeddings:
         jmu, jlv = fused(mu, logvar, present, spec.fusion)
         return cls(case_ids=list(cohort.case_ids), modalities=list(spec.query_modalities), experts_mu=mu,
                    experts_logvar=logvar, present=present, mu=jmu, logvar=jlv, labels=list(cohort.labels),
-                   identity=dict(identity or {}, latent_dim=spec.latent_dim), fusion=spec.fusion)
+                   identity=dict(identity or {}, latent_dim=spec.embedding_dim), fusion=spec.fusion)
 
     def subset_posterior(self, subset: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Posterior of each case from the modalities in ``subset`` (M,) or (N, M) only."""

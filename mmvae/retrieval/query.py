@@ -68,7 +68,7 @@ FEEDBACK_KEYS = ("relevant", "nonrelevant")
 def model_identity(spec) -> dict:
     """The identity an index must have been built with to be searched with ``spec``'s model."""
     from mmvae.train.run import fingerprint
-    return {"model_fingerprint": fingerprint(spec), "latent_dim": int(spec.latent_dim)}
+    return {"model_fingerprint": fingerprint(spec), "latent_dim": int(spec.embedding_dim)}
 
 
 def _strip_case(e: InputError) -> InputError:

@@ -41,7 +41,8 @@ def spec_from_dict(d: dict) -> ModelSpec:
 
 # Spec fields added after runs existed, with the value that reproduces the older model:
 # at that value they stay out of the fingerprint, so older checkpoints still load.
-_NEUTRAL_LATER_FIELDS = {"full_res_channels": -1, "pooling": "flatten", "label_classes": (), "label_hidden": 64}
+_NEUTRAL_LATER_FIELDS = {"full_res_channels": -1, "pooling": "flatten", "label_classes": (), "label_hidden": 64,
+                         "private_dim": 0}
 
 
 def fingerprint(spec: ModelSpec) -> str:
