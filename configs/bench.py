@@ -40,6 +40,7 @@ def get_config(arg=None):
     c.model.image.full_res_blocks = True
     c.model.image.decoder_blocks = 0
     c.model.image.full_res_channels = 0
+    c.model.image.pooling = "flatten"      # the network the PyTorch side of ../shared/peers ports
     c.model.text.hidden = 128
     c.model.text.layers = 2
     c.model.text.heads = 4

@@ -12,7 +12,12 @@ For the run's held-out split (the training run's own split) and the whole cohort
 * the share of latent variance that the clinical fields (e.g. age, sex) explain;
 * the same retrieval on the concatenated unimodal expert means (each standardised with
   the training cases' mean and sd, L2-normalised, absent experts zero), with and without
-  the clinical expert: how much the product of experts itself loses.
+  the clinical expert: how much the product of experts itself loses;
+* on a synthetic cohort (``synth_truth.jsonl`` beside the manifest): for each image
+  modality, the lesion-minus-white-matter contrast (z units, true masks carried through
+  the preprocessing) of the input and of the reconstruction from the fused posterior
+  mean, and their correlation and slope over the cases (does the decoder learn the
+  lesion?).
 
 Writes ``diagnostics.json`` and ``diagnostics.md`` into ``--out`` (default the work dir)
 and prints the Markdown table. Exit 2 on bad arguments (a missing work dir, an unknown
@@ -78,9 +83,48 @@ def diagnose(workdir: Path, manifest: str = "", label: str = "", k: int = 10, sh
         r = evaluate(be, label, q_idx, k, subsets=[np.ones(len(keep), np.float32)], metric="cosine", n_boot=1000)[0]
         out["retrieval"][name] = {"map": r.get(f"map@{k}"), "lo": r.get(f"map@{k}_lo"), "hi": r.get(f"map@{k}_hi"),
                                   "num_queries": r["num_queries"]}
+    out["lesion_contrast"] = lesion_contrast(config, spec, model, cohort, emb, manifest or config.data.manifest)
     cov, cov_names = clinical_covariates(cohort)
     out["clinical_fields"] = cov_names
     out["clinical_variance_explained"] = variance_explained(emb.mu, cov) if cov.shape[1] else None
+    return out
+
+
+def lesion_contrast(config, spec, model, cohort, emb, manifest: str, max_cases: int = 120) -> dict | None:
+    """Per image modality: input vs reconstructed lesion-minus-WM contrast agreement (synthetic cohorts)."""
+    from mmvae.data.dataset import preprocess_config
+    from mmvae.data.io import load_nifti
+    from mmvae.data.manifest import group_cases, read_manifest
+    from mmvae.data.preprocess import preprocess_with_maps
+    from mmvae.data.synth import read_truth, tissue_maps
+    from mmvae.experiments.diagnose import contrast_agreement, region_contrast
+
+    folder = Path(manifest).parent
+    if not (folder / "synth_truth.jsonl").is_file() or int(config.data.spatial_dims) != 3 or not spec.image_modalities:
+        return None
+    truth = read_truth(folder)
+    params = json.loads((folder / "synth_params.json").read_text()) if (folder / "synth_params.json").is_file() else {}
+    shape, spacing = params.get("shape", list(config.data.shape)), params.get("spacing", list(config.data.spacing))
+    cases = {c.case_id: c for c in group_cases(read_manifest(manifest), None)}
+    cfg = preprocess_config(config.data)
+    index = {cid: i for i, cid in enumerate(emb.case_ids)}
+    rows = [index[c] for c in emb.case_ids if c in truth][:max_cases]
+    z = np.asarray(emb.mu[rows], np.float32)
+    recon = model.decode(z)
+    out = {}
+    for m in spec.image_modalities:
+        xin, xout = [], []
+        for r, i in enumerate(rows):
+            case = cases.get(emb.case_ids[i])
+            if case is None or not case.images.get(m):
+                continue
+            maps = tissue_maps(truth[emb.case_ids[i]], shape, spacing)
+            x, warped = preprocess_with_maps(load_nifti(case.images[m][0]), cfg,
+                                             {"lesion": maps["lesion"], "wm": maps["wm"]})
+            les, wm = warped["lesion"] > 0.5, warped["wm"] > 0.5
+            xin.append(region_contrast(x, les, wm))
+            xout.append(region_contrast(np.asarray(recon[m][r]), les, wm))
+        out[m] = dict(contrast_agreement(xin, xout), input_sd=float(np.nanstd(xin)) if xin else float("nan"))
     return out
 
 
@@ -97,6 +141,12 @@ def markdown(d: dict) -> str:
                  "experts_no_clinical": "experts concatenated, no clinical"}.get(name, f"{name} expert")
         probe = f"{p['accuracy']:.3f} ± {p['sd']:.3f} | {p['majority']:.3f}" if p else "– | –"
         lines.append(f"| {title} | {mp} | {probe} |")
+    if d.get("lesion_contrast"):
+        lines += ["", "Lesion reconstruction (synthetic cohort; lesion minus white-matter contrast of the "
+                  "reconstruction from the fused posterior mean vs. that of the input, over cases):", "",
+                  "| modality | correlation | slope | cases | input contrast sd |", "|---|---:|---:|---:|---:|"]
+        for m, v in d["lesion_contrast"].items():
+            lines.append(f"| {m} | {v['r']:.2f} | {v['slope']:.3f} | {v['n']} | {v['input_sd']:.2f} |")
     ve = d["clinical_variance_explained"]
     lines += ["", "Latent variance explained by the clinical fields "
               f"({', '.join(d['clinical_fields']) or 'none'}): " + ("n/a" if ve is None else f"{100 * ve:.1f} %")]

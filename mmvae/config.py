@@ -56,7 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
         dtype="float32",              # float32 | bfloat16 (compute; params stay float32)
         image=dict(channels=(16, 32, 64), blocks=1, full_res_blocks=False, set_pooling="poe",
                    patch=2,                   # stem factor: 4 = wide patch stem (fast on CPU)
-                   pooling="flatten",         # last feature map → vector: flatten | attention (MIL) | max | multiscale
+                   pooling="multiscale",      # feature maps → vector: flatten | attention (MIL) | max | multiscale
                    decoder_blocks=-1,         # -1: same as blocks
                    full_res_channels=-1),     # decoder: -1 max(8, c0/2); 0 unpatchify head (no full-res maps)
         # pretrained_dir: a Hugging Face BERT folder, or 'minilm' (the installed all-MiniLM-L6-v2);
@@ -76,7 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
         likelihood="laplace",         # gaussian | laplace
         learn_scale=False,
         init_log_scale=0.0,
-        weights="dimension",          # 'dimension' (D_max / D_m) | 'sqrt' (sqrt(D_max / D_m)) | 'uniform'
+        weights="sqrt",               # 'sqrt' (sqrt(D_max / D_m)) | 'dimension' (D_max / D_m) | 'uniform' (docs/model.md)
         max_weight=0.0,               # > 0: cap every modality's likelihood weight at this value
         label_weight=1000.0,          # likelihood weight of the label expert (not part of `weights`)
         alignment_weight=0.0,

@@ -231,3 +231,34 @@ def test_supervised_contrastive_rewards_clusters():
     assert float(supervised_contrastive(mixed, labels, ok, 0.1)) > 1.0
     # Views left out do not count; with no positive left, the loss is 0.
     assert float(supervised_contrastive(mixed, labels, jnp.asarray([1, 0, 1, 0, 1, 0.0]), 0.1)) == 0.0
+
+
+# ------------------------------------------------------------------ private latent blocks
+def test_private_blocks_belong_to_their_modality():
+    spec = ModelSpec(image_modalities=("t1", "t2"), shape=(8, 8, 8), latent_dim=4, channels=(4,), report=False,
+                     private_dim=3)
+    assert spec.embedding_dim == 4 + 2 * 3
+    own = spec.ownership()
+    np.testing.assert_array_equal(own, [[1] * 4 + [1] * 3 + [0] * 3, [1] * 4 + [0] * 3 + [1] * 3])
+    model = build_model(spec, 0)
+    rng = np.random.default_rng(0)
+    batch = {"image/t1": jnp.asarray(rng.normal(size=(2, 1, 8, 8, 8)), jnp.float32), "series_mask/t1": jnp.ones((2, 1)),
+             "image/t2": jnp.asarray(rng.normal(size=(2, 1, 8, 8, 8)), jnp.float32),
+             "series_mask/t2": jnp.asarray([[1.0], [0.0]])}
+    experts, present, _ = model.encode(batch)
+    assert experts.mu.shape == (2, 2, 10)
+    post = model.posterior(batch)
+    # case 1 has no t2: t2's private block is the prior N(0, 1) (up to the e^-10 precision of "no information")
+    np.testing.assert_allclose(np.asarray(post.mu[1, 7:]), 0.0, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(post.logvar[1, 7:]), 0.0, atol=1e-3)
+    assert float(jnp.max(jnp.abs(post.mu[0, 7:]))) > 1e-3
+    # the t1 decoder never reads t2's private block
+    z = jax.random.normal(jax.random.key(1), (3, 10))
+    g = jax.grad(lambda z: jnp.sum(model.decode(z)["t1"]))(z)
+    assert float(jnp.max(jnp.abs(g[:, 7:]))) == 0.0 and float(jnp.max(jnp.abs(g[:, 4:7]))) > 0.0
+
+
+def test_private_blocks_need_poe():
+    config = load_config(TINY, ["--config.model.private_dim=2", "--config.model.fusion=moe"])
+    with pytest.raises(Exception, match="private_dim"):
+        model_spec(config, vocab_size=10)

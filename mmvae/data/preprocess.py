@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
 from scipy import ndimage
-
-import logging
 
 from mmvae.data.case import Series
 from mmvae.errors import ConfigError, InputError
@@ -439,6 +438,33 @@ def preprocess_series_with_mask(series: Series, cfg: PreprocessConfig, *,
                     series.path or "image", cfg.crop, tuple(cfg.shape), 100.0 * (1 - int(mask.sum()) / kept))
     out = normalize_intensity(data, mask, cfg.clip_percentiles, cfg.normalize)
     return out, mask
+
+
+def preprocess_with_maps(series: Series, cfg: PreprocessConfig,
+                         maps: Mapping[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """:func:`preprocess_series` of ``series``, carrying voxel maps on the same grid along.
+
+    Each map (an array of the series' shape, e.g. a soft lesion mask) goes through the
+    same reorientation, resampling (linear) and crop/pad window as the image, without
+    intensity normalisation, so ``out[m > 0.5]`` selects the same tissue in the model
+    input as ``series.array[m > 0.5]`` in the file. Returns ``(image, {name: map})``.
+    """
+    out, _ = preprocess_series_with_mask(series, cfg)
+    s = reorient_to_ras(series) if cfg.reorient else series
+    if cfg.spacing is not None:
+        s = resample_to_spacing(s, cfg.spacing, order=cfg.order)
+    mask = foreground_mask(np.asarray(s.array, dtype=np.float32), cfg.foreground_threshold)
+    if cfg.crop == "fit":
+        raise InputError("preprocess_with_maps does not support crop='fit'", path=series.path or None)
+    centre = _bbox_centre(mask) if cfg.crop == "foreground" else None
+    res = {}
+    for name, arr in maps.items():
+        m = Series(array=np.asarray(arr, np.float32), affine=series.affine, path=series.path)
+        m = reorient_to_ras(m) if cfg.reorient else m
+        if cfg.spacing is not None:
+            m = resample_to_spacing(m, cfg.spacing, order=1)
+        res[name] = crop_or_pad(np.asarray(m.array, np.float32), cfg.shape, centre)[0]
+    return out, res
 
 
 def preprocess_series(series: Series, cfg: PreprocessConfig, *,

@@ -9,7 +9,9 @@ Pure functions on host arrays, used by ``experiments/diagnose_latent.py``:
   :math:`1 - \sum_j \operatorname{Var}(r_j) / \sum_j \operatorname{Var}(x_j)` with
   :math:`r` the least-squares residuals (the pooled :math:`R^2` over latent dimensions);
 * :func:`chance_map` — the mAP@k of random rankings under the same protocol and labels
-  (the floor every method is compared with; it depends on the class balance and k).
+  (the floor every method is compared with; it depends on the class balance and k);
+* :func:`region_contrast` and :func:`contrast_agreement` — does a reconstruction keep a
+  finding's contrast against its surroundings (lesion minus white matter, z units)?
 """
 from __future__ import annotations
 
@@ -112,3 +114,22 @@ def clinical_covariates(cohort) -> tuple[np.ndarray, list[str]]:
     if not cols:
         return np.zeros((len(cohort), 0)), []
     return np.stack(cols, 1), names
+
+
+def region_contrast(x: np.ndarray, region: np.ndarray, reference: np.ndarray) -> float:
+    """``mean(x[region]) - mean(x[reference])`` (NaN when either region is empty)."""
+    r, ref = np.asarray(region, bool), np.asarray(reference, bool)
+    if not r.any() or not ref.any():
+        return float("nan")
+    return float(np.mean(x[r]) - np.mean(x[ref]))
+
+
+def contrast_agreement(inputs: Sequence[float], recons: Sequence[float]) -> dict:
+    """Pearson correlation and least-squares slope of reconstruction contrasts on input
+    contrasts, over the cases where both are finite: ``{"r", "slope", "n"}``."""
+    a, b = np.asarray(inputs, np.float64), np.asarray(recons, np.float64)
+    ok = np.isfinite(a) & np.isfinite(b)
+    a, b = a[ok], b[ok]
+    if len(a) < 3 or np.std(a) == 0 or np.std(b) == 0:
+        return {"r": float("nan"), "slope": float("nan"), "n": int(len(a))}
+    return {"r": float(np.corrcoef(a, b)[0, 1]), "slope": float(np.polyfit(a, b, 1)[0]), "n": int(len(a))}
