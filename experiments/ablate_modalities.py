@@ -56,8 +56,10 @@ def build_cells(modalities, train_subsets, fusions, objectives, seeds, baselines
                 cells += [Cell("late_fusion", tuple(modalities), f, objectives[0], s) for f in fusions[:1]]
             elif b in ("raw_pca", "handcrafted"):
                 cells.append(Cell(b, images, seed=s))
-            elif b == "report_minilm":
+            elif b in ("report_minilm", "report_tfidf"):
                 cells.append(Cell(b, ("report",), seed=s))
+            elif b == "logreg_tfidf":
+                cells.append(Cell(b, images + (("report",) if "report" in modalities else ()), seed=s))
             else:
                 cells.append(Cell(b, tuple(modalities), seed=s))
     return cells

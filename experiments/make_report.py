@@ -33,6 +33,7 @@ import json
 import shutil
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -61,8 +62,11 @@ def parse(argv=None):
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override of --config")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--fusions", default="poe,moe,mopoe")
-    p.add_argument("--baselines", default="raw_pca,handcrafted,report_minilm,clip,supervised,late_fusion",
+    p.add_argument("--baselines", default="raw_pca,handcrafted,report_minilm,report_tfidf,clip,supervised,"
+                                          "logreg_tfidf,late_fusion",
                    help="late_fusion runs for the first seed only")
+    p.add_argument("--semi", default="labels20,labels100",
+                   help="semi-supervised objective variants run for the first fusion ('' for none)")
     p.add_argument("--ablation", default="singletons,drop-one",
                    help="training subsets of the heat maps, first fusion and seed ('' for none)")
     p.add_argument("--brats", default=str(ROOT.parent / "shared" / "data" / "brats18-sample"))
@@ -122,12 +126,14 @@ def brats_manifest(root: Path, path: Path) -> tuple[Path, dict]:
 
 
 # --------------------------------------------------------------------------- parts
-def _cells(mods, fusions, seeds, baselines, ablation: str = ""):
+def _cells(mods, fusions, seeds, baselines, ablation: str = "", semi: Sequence[str] = ()):
     """Full-modality VAE per fusion × seed, baselines per seed; late fusion (one unimodal
     VAE per modality, so as many runs as modalities) and the training-subset ablation
     (``ablation``, e.g. ``drop-one,singletons``) for the first fusion and seed only."""
     from ablate_modalities import build_cells, training_subsets
     cells = build_cells(mods, [tuple(mods)], fusions, ["default"], seeds, [b for b in baselines if b != "late_fusion"])
+    if semi:   # semi-supervised variants (label expert on a fraction of training cases), first fusion
+        cells += build_cells(mods, [tuple(mods)], fusions[:1], list(semi), seeds, [])
     if ablation:
         cells += build_cells(mods, training_subsets(ablation, mods), fusions[:1], ["default"], seeds[:1], [])
     if "late_fusion" in baselines:
@@ -143,7 +149,8 @@ def run_synthetic(args, log) -> dict:
     fusions = [f for f in args.fusions.split(",") if f]
     seeds = [int(s) for s in args.seeds.split(",") if s]
     baselines = [b for b in args.baselines.split(",") if b]
-    cells = _cells(mods, fusions, seeds, baselines, args.ablation)
+    semi = [v for v in args.semi.split(",") if v]
+    cells = _cells(mods, fusions, seeds, baselines, args.ablation, semi)
     results = G.run_grid(ctx, cells, jobs=args.jobs, log=log)
     out = G.write_outputs(results, mods, ctx.out, "map@10", ctx.labels)
     return {"ctx": ctx, "modalities": mods, "fusions": fusions, "seeds": seeds, "results": results, **out,
@@ -296,7 +303,9 @@ def render(args, syn: dict, figs: list[Path], brats: dict | None, assets: Path, 
              "texture statistics inside the foreground; `report_minilm` — mean-pooled all-MiniLM-L6-v2 "
              "embedding of the report; `clip` — CLIP-style InfoNCE image and report encoders, no VAE; "
              "`supervised` — penultimate layer of a classifier trained on the training cases' labels (an "
-             "upper reference: it sees labels, the VAEs do not); `late_fusion` — one VAE per modality, "
+             "upper reference: it sees labels, the unsupervised VAEs do not); `report_tfidf` — TF-IDF of the "
+             "report (keyword search); `logreg_tfidf` — class probabilities of a logistic regression on "
+             "hand-crafted features + report TF-IDF (a shallow supervised reference); `late_fusion` — one VAE per modality, "
              "L2-normalised posterior means concatenated (first seed only: one run per modality). A "
              "baseline's full query uses every modality it has.\n")
     L.append("### Targets\n")

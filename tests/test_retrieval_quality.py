@@ -218,7 +218,7 @@ def test_tfidf_and_logreg_baselines(tmp_path):
     np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
     rows = evaluate(lr, "class", q, 10, n_boot=50)
     labels = cohort.label_array("class")
-    assert rows[0]["query"] == "t1+t2+dwi+report" and rows[0]["map@10"] > chance_map(labels, q, 10)
+    assert rows[-1]["query"] == "t1+t2+dwi+report" and rows[-1]["map@10"] > chance_map(labels, q, 10)
 
 
 def test_supervised_contrastive_rewards_clusters():

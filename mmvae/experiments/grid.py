@@ -37,10 +37,11 @@ OBJECTIVES: dict[str, dict] = {
     "all_subsets": {"objective.subsets": "all", "objective.num_subset_samples": 0},
     "unimodal": {"objective.subsets": "unimodal", "objective.num_subset_samples": 0},
     "no_ssl": {"objective.ssl_weight": 0.0},
-    # semi-supervised: the label expert sees the label of this fraction of training cases
-    "labels10": {"data.label_fraction": 0.1},
-    "labels20": {"data.label_fraction": 0.2},
-    "labels100": {"data.label_fraction": 1.0},
+    # semi-supervised: the label expert sees the label of this fraction of training cases,
+    # plus SupCon on the labelled cases' subset posteriors
+    "labels10": {"data.label_fraction": 0.1, "objective.supcon_weight": 5000.0},
+    "labels20": {"data.label_fraction": 0.2, "objective.supcon_weight": 5000.0},
+    "labels100": {"data.label_fraction": 1.0, "objective.supcon_weight": 5000.0},
 }
 VAE_METHODS = ("vae", "late_fusion")
 BASELINES = ("raw_pca", "handcrafted", "report_minilm", "report_tfidf", "clip", "supervised", "logreg_tfidf")
