@@ -30,7 +30,16 @@ def get_config(arg=None):
     c.synth.cases = 0                      # real data only: no synthetic fallback
     c.model.latent_dim = int(args.get("latent", 64))
     c.model.fusion = args.get("fusion", "poe")
-    c.model.image.channels = (16, 32, 64)
+    # The retrieval recipe of configs/quickstart.py (docs/results.md): fast blocks, multiscale
+    # pooling, SimCLR within modality, cross-modal InfoNCE, private blocks.
+    c.model.private_dim = 8
+    c.model.image.channels = (32, 64, 128)
+    c.model.image.patch = 4
+    c.model.image.full_res_blocks = True
+    c.model.image.decoder_blocks = 0
+    c.model.image.full_res_channels = 0
+    c.objective.ssl_weight = 5000.0
+    c.objective.alignment_weight = 5000.0
     c.objective.subsets = "all"            # 15 subsets of 4 sequences
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 100

@@ -29,7 +29,15 @@ def get_config(arg=None):
     c.synth.cases = int(args.get("cases", 500))
     c.model.latent_dim = int(args.get("latent", 32))
     c.model.fusion = args.get("fusion", "poe")
-    c.model.image.channels = (16, 32, 64)
+    # The retrieval recipe of configs/quickstart.py (docs/results.md).
+    c.model.private_dim = 8
+    c.model.image.channels = (32, 64, 128)
+    c.model.image.patch = 4
+    c.model.image.full_res_blocks = True
+    c.model.image.decoder_blocks = 0
+    c.model.image.full_res_channels = 0
+    c.objective.ssl_weight = 5000.0
+    c.objective.alignment_weight = 5000.0
     c.objective.subsets = "mvae"
     c.optim.lr = 2e-3
     c.optim.warmup_steps = 50

@@ -82,6 +82,8 @@ def parse(argv=None):
     p.add_argument("--medpix-baselines", default="report_tfidf,raw_pca,handcrafted")
     p.add_argument("--medpix-seeds", default="0,1,2")
     p.add_argument("--figures", default="pca,tsne", help="projections of the latent-space figures ('' for none)")
+    p.add_argument("--no-diagnostics", dest="diagnostics", action="store_false",
+                   help="skip diagnose_latent on the first seed's VAE cells")
     p.add_argument("--jobs", type=int, default=1)
     return p.parse_args(argv)
 
@@ -155,6 +157,23 @@ def run_synthetic(args, log) -> dict:
     out = G.write_outputs(results, mods, ctx.out, "map@10", ctx.labels)
     return {"ctx": ctx, "modalities": mods, "fusions": fusions, "seeds": seeds, "results": results, **out,
             "cells": cells}
+
+
+def run_diagnostics(syn: dict, log) -> list[tuple[str, str]]:
+    """``diagnose_latent`` of the first seed's full-modality VAE of each objective variant."""
+    from diagnose_latent import diagnose, markdown
+    out = []
+    for cell in syn["cells"]:
+        if cell.method != "vae" or cell.seed != syn["seeds"][0] or cell.fusion != syn["fusions"][0]:
+            continue
+        if tuple(cell.train_subset) != tuple(syn["modalities"]):
+            continue
+        res = next((r for r in syn["results"] if r["cell"] == cell.id), None)
+        if res is None or res["status"] != "ok":
+            continue
+        log(f"diagnostics: {cell.id}")
+        out.append((cell.objective, markdown(diagnose(syn["ctx"].cell_dir(cell)))))
+    return out
 
 
 def run_figures(args, syn: dict, assets: Path, log) -> list[Path]:
@@ -274,7 +293,7 @@ def _rel(path: Path, docs: Path) -> str:
 
 
 def render(args, syn: dict, figs: list[Path], brats: dict | None, assets: Path, docs: Path,
-           medpix: dict | None = None) -> str:
+           medpix: dict | None = None, diags: Sequence[tuple[str, str]] = ()) -> str:
     mods = syn["modalities"]
     full = "+".join(mods)
     summary = syn["summary"]
@@ -314,6 +333,16 @@ def render(args, syn: dict, figs: list[Path], brats: dict | None, assets: Path, 
     if missed:
         L.append(f"{len(missed)} of {len(targets)} targets are missed, by the gaps listed. The generator was not "
                  "tuned to pass them.\n")
+    if diags:
+        L.append("### Diagnostics (first seed, `experiments/diagnose_latent.py`)\n")
+        L.append("Is the class signal in the latent? Held-out retrieval of the fused posterior and of each "
+                 "expert alone, a 5-fold logistic-regression probe of the whole cohort's embeddings (for the "
+                 "semi-supervised variants the training cases' embeddings were trained with their labels, so "
+                 "their probe is optimistic; the held-out mAP is not), the share of latent variance the "
+                 "clinical fields explain, and whether the decoder reproduces the lesion contrast.\n")
+        for objective, md in diags:
+            L.append(f"#### Objective `{objective}`\n")
+            L.append(md)
     L.append("### Fusion\n")
     L.append(R.fusion_table(summary, mods, syn["fusions"]))
     L.append("### Methods × main query subsets\n")
@@ -394,6 +423,7 @@ def main(argv=None) -> int:
         syn = run_synthetic(args, log)
         _copy(syn["csv"], assets / "synthetic_results.csv")
         figs = run_figures(args, syn, assets, log)
+        diags = run_diagnostics(syn, log) if args.diagnostics else []
         brats = run_brats(args, log)
         if brats and "csv" in brats:
             _copy(brats["csv"], assets / "brats_results.csv")
@@ -401,7 +431,7 @@ def main(argv=None) -> int:
         if medpix and "csv" in medpix:
             _copy(medpix["csv"], assets / "medpix_results.csv")
             medpix["chance"] = medpix_chance(medpix["ctx"])
-        text = render(args, syn, figs, brats, assets, docs, medpix)
+        text = render(args, syn, figs, brats, assets, docs, medpix, diags)
     except MmvaeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

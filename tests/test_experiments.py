@@ -218,6 +218,7 @@ def test_make_report_end_to_end_on_tiny(grid_run, tmp_path):
             "--brats-set", "data.shape=(16,16,16)", "--brats-set", "data.spacing=(12.0,12.0,12.0)",
             "--brats-set", "model.image.channels=(4,8)", "--brats-set", "model.latent_dim=4",
             "--brats-set", "train.steps=2", "--brats-set", "train.batch_size=2",
+            "--semi", "labels20",
             "--medpix-seeds", "0", "--medpix-baselines", "report_tfidf",
             "--medpix-set", "data.shape=(32,32)", "--medpix-set", "model.image.channels=(8,16)",
             "--medpix-set", "model.latent_dim=4", "--medpix-set", "train.steps=2", "--medpix-set", "train.batch_size=4",
@@ -232,6 +233,9 @@ def test_make_report_end_to_end_on_tiny(grid_run, tmp_path):
     if full["mean"] < 0.60:
         assert f"{0.60 - full['mean']:.3f} below" in line
     assert "| beats every unsupervised baseline |" in md
+    assert "| semi-supervised `labels20` |" in md
+    assert "#### Objective `default`" in md and "#### Objective `labels20`" in md
+    assert "chance mAP@10 = " in md and "Lesion reconstruction" in md
     medpix = ROOT.parent / "shared" / "data" / "medpix-dev"
     if medpix.is_dir():
         part = md.split("## MedPix key images + reports", 1)[1].split("## Reproduce", 1)[0]
