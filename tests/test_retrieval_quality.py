@@ -262,3 +262,29 @@ def test_private_blocks_need_poe():
     config = load_config(TINY, ["--config.model.private_dim=2", "--config.model.fusion=moe"])
     with pytest.raises(Exception, match="private_dim"):
         model_spec(config, vocab_size=10)
+
+
+def test_query_dims_and_masked_index_search():
+    """With private blocks a query is compared on the dimensions it informs, in the
+    evaluation protocol and in the FAISS index (exactly for flat, by re-scoring otherwise)."""
+    from mmvae.retrieval.embed import query_dims
+    from mmvae.retrieval.index import build_index
+    ident = {"private_dim": 2, "shared_dim": 3}
+    dims = query_dims(ident, ["t1", "t2", "report"], ["t2"])
+    np.testing.assert_array_equal(dims, [1, 1, 1, 0, 0, 1, 1, 0, 0])
+    assert query_dims({"private_dim": 0, "shared_dim": 3}, ["t1"], ["t1"]) is None
+    rng = np.random.default_rng(0)
+    db = rng.normal(size=(200, 9)).astype(np.float32)
+    q = db[7] * dims + 0.01 * rng.normal(size=9).astype(np.float32)
+    masked = db * dims
+    want = np.argsort(-(masked / np.linalg.norm(masked, axis=1, keepdims=True)) @ (q / np.linalg.norm(q)))[:5]
+    ids = [f"c{i}" for i in range(200)]
+    for kind in ("flat", "hnsw"):
+        idx = build_index(db, np.zeros_like(db), ids, kind=kind)
+        got = [r.case_id for r in idx.search(q, 5, dims=dims)[0]]
+        if kind == "flat":
+            assert got == [ids[i] for i in want]
+        else:
+            assert got[0] == "c7"
+    with pytest.raises(Exception, match="dims"):
+        build_index(db, np.zeros_like(db), ids).search(q, 5, dims=np.ones(4))

@@ -94,7 +94,11 @@ def evaluate(emb, label: str, query_idx: np.ndarray, k: int = 10, *,
         row = {"query": subset_name(emb.modalities, s), "num_queries": int(len(q_idx))}
         if len(q_idx):
             q = np.asarray(emb.subset_posterior(s)[0])
-            res = retrieval_metrics(q[q_idx], db, labels[q_idx], labels, k, exclude=q_idx, metric=metric,
+            db_s = db
+            dims = emb.query_dims(s) if hasattr(emb, "query_dims") else None
+            if dims is not None:     # private blocks: compare on the dimensions the query informs
+                q, db_s = q * dims, db * dims
+            res = retrieval_metrics(q[q_idx], db_s, labels[q_idx], labels, k, exclude=q_idx, metric=metric,
                                     n_boot=n_boot, seed=seed)
             row["num_queries"] = int(res["num_queries"])
             for name in METRICS:

@@ -53,7 +53,13 @@ class Embeddings:
         jmu, jlv = fused(mu, logvar, present, spec.fusion)
         return cls(case_ids=list(cohort.case_ids), modalities=list(spec.query_modalities), experts_mu=mu,
                    experts_logvar=logvar, present=present, mu=jmu, logvar=jlv, labels=list(cohort.labels),
-                   identity=dict(identity or {}, latent_dim=spec.embedding_dim), fusion=spec.fusion)
+                   identity=dict(identity or {}, latent_dim=spec.embedding_dim, shared_dim=spec.latent_dim,
+                                 private_dim=spec.private_dim), fusion=spec.fusion)
+
+    def query_dims(self, subset: np.ndarray) -> np.ndarray | None:
+        """The latent dimensions a query from ``subset`` (M,) informs, as a 0/1 ``(E,)`` mask, or
+        None when every dimension is shared (no private blocks): see :func:`query_dims`."""
+        return query_dims(self.identity, self.modalities, [m for m, x in zip(self.modalities, subset) if x > 0])
 
     def subset_posterior(self, subset: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Posterior of each case from the modalities in ``subset`` (M,) or (N, M) only."""
@@ -81,6 +87,26 @@ class Embeddings:
                            identity=identity, fusion=identity.get("fusion", "poe"))
         except (OSError, ValueError, KeyError) as e:
             raise InputError(f"cannot read embeddings: {e}", path=str(path)) from None
+
+
+def query_dims(identity: dict, modalities, used) -> np.ndarray | None:
+    """0/1 mask ``(E,)`` of the shared dimensions and the private blocks of the ``used`` modalities.
+
+    With private blocks (``identity['private_dim'] > 0``) a query compares cases on the
+    dimensions it informs only: the private block of a modality the query lacks holds the
+    prior mean 0 in the query, and a database case's values there would only add noise to
+    its norm. Returns None without private blocks (every dimension is shared).
+    """
+    p = int(identity.get("private_dim", 0) or 0)
+    if p <= 0:
+        return None
+    shared = int(identity["shared_dim"])
+    mask = np.zeros(shared + p * len(modalities), np.float32)
+    mask[:shared] = 1.0
+    for i, m in enumerate(modalities):
+        if m in used:
+            mask[shared + i * p: shared + (i + 1) * p] = 1.0
+    return mask
 
 
 _fuse = jax.jit(F.fuse, static_argnums=3)

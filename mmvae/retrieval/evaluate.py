@@ -49,7 +49,11 @@ def evaluate_subsets(emb: Embeddings, label: str, k: int = 10, *, subsets: Seque
             rows.append(row)
             continue
         q_mu, _ = emb.subset_posterior(s)
-        res = retrieval_metrics(q_mu[q_idx], emb.mu, labels[q_idx], labels, k, exclude=q_idx,
+        db = emb.mu
+        dims = emb.query_dims(s)
+        if dims is not None:     # compare on the dimensions the query informs (private blocks)
+            q_mu, db = q_mu * dims, db * dims
+        res = retrieval_metrics(q_mu[q_idx], db, labels[q_idx], labels, k, exclude=q_idx,
                                 metric=metric, multilabel=multilabel, n_boot=n_boot, seed=seed)
         row["num_queries"] = int(res.get("num_queries", len(q_idx)))
         for name in METRICS:

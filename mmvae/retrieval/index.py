@@ -313,10 +313,13 @@ class CaseIndex:
             return np.ascontiguousarray(np.packbits(bits, axis=1))
         return x
 
-    def _exact_scores(self, q: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """Exact metric scores (float64, higher = better) of one query vs rows."""
+    def _exact_scores(self, q: np.ndarray, rows: np.ndarray, dims: np.ndarray | None = None) -> np.ndarray:
+        """Exact metric scores (float64, higher = better) of one query vs rows, on the
+        dimensions ``dims`` (0/1 mask) only when given."""
         d = self._mu[rows].astype(np.float64)
         q = q.astype(np.float64)
+        if dims is not None:
+            d, q = d * dims, q * dims
         if self.metric == "cosine":
             d = d / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-12)
             q = q / max(float(np.linalg.norm(q)), 1e-12)
@@ -463,7 +466,7 @@ class CaseIndex:
     def search(self, query_mu, k: int, *, query_logvar=None,
                filter: Callable[[dict], bool] | Mapping | None = None,  # noqa: A002
                exclude: Sequence | None = None, rerank: str | None = None,
-               rerank_factor: int = 4) -> list[list[Result]]:
+               rerank_factor: int = 4, dims=None) -> list[list[Result]]:
         """Top-``k`` cases for each query.
 
         Args:
@@ -480,6 +483,10 @@ class CaseIndex:
           rerank: None, ``'bhattacharyya'`` or ``'expected_likelihood'`` (module doc).
           rerank_factor: candidates re-scored = ``rerank_factor·k`` (posterior
             re-ranking, and the exact re-scoring of ``ivfpq``/``binary`` codes).
+          dims: optional 0/1 ``(L,)`` mask: score on these dimensions only (a query that
+            informs part of the latent, e.g. without some modalities' private blocks:
+            :func:`mmvae.retrieval.embed.query_dims`). ``flat`` then scores every allowed
+            case exactly; the other kinds re-score ``rerank_factor·k`` first-pass candidates.
 
         Returns:
           one list of :class:`Result` per query, best first.
@@ -510,15 +517,23 @@ class CaseIndex:
                 what += " after filter/exclude"
             raise InputError(f"k={k} is larger than {what} ({int(counts.min())} of "
                              f"{self.size} cases available)")
-        widen = self.kind in ("ivfpq", "binary") or rerank is not None
+        if dims is not None:
+            dims = np.asarray(dims, np.float64).reshape(-1)
+            if dims.shape != (self.latent_dim,):
+                raise InputError(f"dims has {dims.shape[0]} entries, the index's latent size is {self.latent_dim}")
+            if np.all(dims > 0):
+                dims = None
+        widen = self.kind in ("ivfpq", "binary") or rerank is not None or dims is not None
         need = np.minimum(rerank_factor * k, counts) if widen else np.full(Q, k)
+        if dims is not None and self.kind == "flat":
+            need = counts                        # exact: every allowed case is scored on dims
         x = self._faiss_input(qmu)
         cands = self._candidates(x, qmu, need.astype(np.int64), allowed, excl)
 
         results: list[list[Result]] = []
         for qi in range(Q):
             rows = cands[qi]
-            scores = self._exact_scores(qmu[qi], rows)
+            scores = self._exact_scores(qmu[qi], rows, dims)
             if rerank is not None:
                 top = np.argsort(-scores, kind="stable")
                 rows = rows[top]

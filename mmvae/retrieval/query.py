@@ -53,7 +53,7 @@ from mmvae.data.dataset import (CLINICAL, Cohort, clinical_arrays, load_case_ima
                                 standardize_clinical)
 from mmvae.data.manifest import REPORT, CaseEntries
 from mmvae.errors import ConfigError, InputError
-from mmvae.retrieval.embed import fused, make_encode_fn
+from mmvae.retrieval.embed import fused, make_encode_fn, query_dims
 from mmvae.retrieval.feedback import rocchio
 from mmvae.retrieval.index import RERANKS, CaseIndex, Result, load_index
 
@@ -341,15 +341,24 @@ class Retriever:
         return rocchio(mu, rel_mu, non_mu, float(r.alpha), float(r.beta), float(r.gamma)).astype(np.float32)
 
     def search_embedding(self, mu, logvar=None, k: int = 10, filter=None, exclude=None,  # noqa: A002
-                         feedback=None, rerank: str | None = None) -> list[Result]:
-        """Search with an already encoded query posterior (see :meth:`search`)."""
+                         feedback=None, rerank: str | None = None,
+                         modalities: Sequence[str] | None = None) -> list[Result]:
+        """Search with an already encoded query posterior (see :meth:`search`).
+
+        ``modalities``: the modalities the query was encoded from; with private latent
+        blocks the cases are compared on the dimensions those inform
+        (:func:`mmvae.retrieval.embed.query_dims`). None: every dimension."""
         k = self._check_k(k)
         if rerank not in RERANKS:
             raise InputError(f"rerank must be one of {list(RERANKS)} (got {rerank!r})")
         q = self.apply_feedback(mu, feedback)
         qlv = None if logvar is None else np.asarray(logvar, np.float32)[None]
+        dims = None
+        if modalities is not None:
+            dims = query_dims({"private_dim": self.spec.private_dim, "shared_dim": self.spec.latent_dim},
+                              self.spec.query_modalities, list(modalities))
         return self.index.search(q[None], k, query_logvar=qlv, filter=filter, exclude=exclude,
-                                 rerank=rerank)[0]
+                                 rerank=rerank, dims=dims)[0]
 
     def search(self, images: Mapping[str, Sequence[str | os.PathLike]] | None = None,
                report: str | None = None, k: int = 10, filter=None, exclude=None,  # noqa: A002
@@ -369,9 +378,9 @@ class Retriever:
             candidates with the query's full posterior.
         """
         self._check_k(k)   # before the (expensive) encoding
-        mu, lv = self.encode_query(images, report, clinical=clinical)
+        mu, lv, used = self.encode(images, report, clinical=clinical)
         return self.search_embedding(mu, lv, k=k, filter=filter, exclude=exclude, feedback=feedback,
-                                     rerank=rerank)
+                                     rerank=rerank, modalities=used)
 
     # ------------------------------------------------------------------ index upkeep
     def add_case(self, case_id: str, images=None, report=None, *, clinical=None,
@@ -567,7 +576,7 @@ def query_main(argv: Sequence[str], out=None) -> None:
         mu, lv, used = r.encode(images, report, clinical=clinical)
         t2 = time.perf_counter()
         results = r.search_embedding(mu, lv, k=k, filter=flt, exclude=exclude, feedback=feedback,
-                                     rerank=a.rerank)
+                                     rerank=a.rerank, modalities=used)
         t3 = time.perf_counter()
     finally:
         r.close()
