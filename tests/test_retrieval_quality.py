@@ -165,6 +165,19 @@ def test_semi_supervised_training_embeds_without_label(tmp_path):
     assert all(jax.tree.leaves(same))
     assert not np.array_equal(np.asarray(fresh.encoders["report"].head.layers[0].kernel[...]),
                               np.asarray(model.encoders["report"].head.layers[0].kernel[...]))
+    # The diagnostics tool on this run: probe, chance, variance explained, lesion contrast.
+    import sys
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from diagnose_latent import diagnose, markdown
+    d = diagnose(tmp_path)
+    assert 0.0 < d["chance_map"] < 0.5 and d["num_queries_heldout"] == 8
+    assert set(d["probe"]) == {"fused", "t1", "t2", "dwi", "report", "clinical"}
+    assert all(0.0 <= p["accuracy"] <= 1.0 for p in d["probe"].values() if np.isfinite(p["accuracy"]))
+    assert 0.0 <= d["clinical_variance_explained"] <= 1.0
+    assert set(d["lesion_contrast"]) == {"t1", "t2", "dwi"} and all(v["n"] > 10 for v in d["lesion_contrast"].values())
+    # lesions have a clear contrast against white matter in the inputs (z units)
+    assert all(v["input_sd"] > 0.3 for v in d["lesion_contrast"].values())
+    assert "chance mAP@10" in markdown(d)
 
 
 def test_weights_sqrt_and_cap_and_label_weight():
