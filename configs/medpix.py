@@ -11,7 +11,8 @@ Key images carry no pixel size: each image's foreground box is resized to 128 x 
 (``data.crop='fit'``, aspect kept), so the whole image reaches the model. Up to two key
 images per sequence are used (``data.max_series``). Retrieval label ``category``
 (``location`` is the other label of the shared sample). ARGS: ``manifest=PATH``,
-``latent=N``, ``steps=N``, ``label=NAME``, ``label_fraction=F``.
+``latent=N``, ``steps=N``, ``label=NAME``. No label expert: every case is a query
+(leave-one-out), so no label may be seen in training.
 """
 from mmvae.config import base_config, parse_arg
 
@@ -28,7 +29,6 @@ def get_config(arg=None):
     c.data.crop = "fit"
     c.data.max_series = 2
     c.data.label = args.get("label", "category")
-    c.data.label_fraction = float(args.get("label_fraction", 0.0))
     c.data.val_fraction = 0.0              # tiny cohort: leave-one-out evaluation over every case
     c.data.text.max_len = 128
     c.data.clinical.numeric = ["age"]

@@ -57,7 +57,8 @@ def diagnose(workdir: Path, manifest: str = "", label: str = "", k: int = 10, sh
     emb = embed_cohort(model, cohort, show_progress=show_progress)
     labels = cohort.label_array(label)
     if not np.any(labels != ""):
-        raise SystemExit(f"{PROG}: error: no case has the label {label!r}")
+        from mmvae.errors import ConfigError
+        raise ConfigError(f"no case has the label {label!r}")
     _, q_idx = held_out(len(cohort), config)
     mods = list(emb.modalities)
     m = len(mods)
@@ -160,7 +161,12 @@ def main(argv=None) -> int:
         print(f"{PROG}: error: {wd} is not a trained work dir (no model_spec.json)", file=sys.stderr)
         return 2
     from mmvae.data.atomic import atomic_write_text
-    d = diagnose(wd, args.manifest, args.label, args.k)
+    from mmvae.errors import MmvaeError
+    try:
+        d = diagnose(wd, args.manifest, args.label, args.k)
+    except MmvaeError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
     out = Path(args.out or wd)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "diagnostics.json", json.dumps(d, indent=2))

@@ -247,8 +247,8 @@ def run_brats(args, log) -> dict | None:
             **res}
 
 
-def medpix_chance(ctx) -> dict[str, float]:
-    """Chance mAP@k of each label under leave-one-out (random rankings)."""
+def medpix_chance(ctx) -> tuple[dict[str, float], int]:
+    """Chance mAP@k of each label under leave-one-out (random rankings), and the number of cases."""
     from mmvae.data.manifest import group_cases, read_manifest
     from mmvae.experiments.diagnose import chance_map
     cfg = ctx.base_config()
@@ -257,7 +257,7 @@ def medpix_chance(ctx) -> dict[str, float]:
     for label in ctx.labels:
         labels = [c.labels.get(label, "") for c in cases]
         out[label] = chance_map(labels, list(range(len(labels))), int(ctx.k))
-    return out
+    return out, len(cases)
 
 
 # --------------------------------------------------------------------------- rendering
@@ -396,13 +396,14 @@ def render(args, syn: dict, figs: list[Path], brats: dict | None, assets: Path, 
     if medpix is None or "skipped" in medpix:
         L.append(f"Skipped: {medpix['skipped'] if medpix else 'not run'}.\n")
     else:
-        L.append("119 MR teaching cases from MedPix 2.0 (`../shared/data/medpix-dev`; U.S. National Library of "
+        n_cases = medpix.get("num_cases", 0)
+        L.append(f"{n_cases} MR teaching cases from MedPix 2.0 (`../shared/data/medpix-dev`; U.S. National Library of "
                  "Medicine; Siragusa et al., MedPix 2.0, Data Science and Engineering 2025): 2-D key images per "
                  "sequence (T1, T1c, T2, FLAIR; each image's foreground resized whole to the model's field of "
                  "view, `data.crop='fit'`), the report text (history and findings) and age/sex. Labels "
                  "`category` (e.g. 'Neoplasm, glial', 'Vascular') and `location` (body region). Config "
                  f"`configs/medpix.py`{' with ' + ', '.join(medpix['overrides']) if medpix['overrides'] else ''}; "
-                 "the VAE never sees labels. Every case queries the other 118 (leave-one-out), with the modalities "
+                 f"the VAE never sees labels. Every case queries the other {n_cases - 1} (leave-one-out), with the modalities "
                  "of the query subset it has; metric mAP@10 (mean ± sd over seeds). Chance (random ranking, same "
                  "protocol): " + ", ".join(f"`{k}` {v:.3f}" for k, v in medpix.get("chance", {}).items()) + ".\n")
         L.append(medpix["markdown"].read_text())
@@ -430,7 +431,7 @@ def main(argv=None) -> int:
         medpix = run_medpix(args, log)
         if medpix and "csv" in medpix:
             _copy(medpix["csv"], assets / "medpix_results.csv")
-            medpix["chance"] = medpix_chance(medpix["ctx"])
+            medpix["chance"], medpix["num_cases"] = medpix_chance(medpix["ctx"])
         text = render(args, syn, figs, brats, assets, docs, medpix, diags)
     except MmvaeError as e:
         print(f"error: {e}", file=sys.stderr)

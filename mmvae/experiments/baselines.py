@@ -389,7 +389,9 @@ def _init_model(cohort: Cohort, config, seed: int, num_classes: int = 0):
     from mmvae.train.setup import model_spec
 
     vocab = max(int(cohort.tokens.max()) + 1 if cohort.tokens.size else 0, 6)
-    spec = model_spec(config, vocab)
+    # The encoders alone, without private latent blocks (a PoE construction; the baselines
+    # compare expert means directly).
+    spec = dataclasses.replace(model_spec(config, vocab), private_dim=0)
     graphdef, init = _vae_init_fn(spec)
     params = init(jnp.asarray(int(seed), jnp.int32))
     pre = str(config.model.text.pretrained_dir or "")

@@ -114,6 +114,8 @@ def cell_config(base, cell: Cell, manifest: str, cache_dir: str):
     apply_overrides(c, OBJECTIVES[cell.objective])
     with c.unlocked():
         c.model.fusion = cell.fusion
+        if cell.fusion != "poe" and int(c.model.get("private_dim", 0)) > 0:
+            c.model.private_dim = 0      # private blocks are a PoE construction (ModelSpec.validate)
         c.seed = int(cell.seed)
         c.data.manifest = manifest
         c.data.cache_dir = cache_dir
@@ -271,7 +273,11 @@ def _worker(ctx_dict: dict, cell_dict: dict, manifest: str) -> dict:
 def check_settings(ctx: GridContext) -> None:
     """Record the settings that decide a cell's result in ``<out>/grid.json``; refuse to
     resume a grid folder made with other settings (its finished cells would be reused)."""
+    import hashlib
+    from mmvae.config import to_json
+    resolved = hashlib.sha256(to_json(ctx.base_config()).encode()).hexdigest()[:16]
     settings = {"config": str(Path(ctx.config_path).resolve()), "overrides": list(ctx.overrides),
+                "resolved_config": resolved,
                 "label": ctx.labels, "k": int(ctx.k), "queries": ctx.queries, "baseline_steps": int(ctx.baseline_steps)}
     path = ctx.out / "grid.json"
     prev = _read_result(path)
@@ -288,6 +294,12 @@ def run_grid(ctx: GridContext, cells: Iterable[Cell], *, jobs: int = 1, retry_fa
              log=print) -> list[dict]:
     """Run every unfinished cell; return the results of all cells (finished before or now)."""
     cells = list(dict.fromkeys(cells))
+    if ctx.queries == "all":
+        labelled = [c.id for c in cells if c.method in VAE_METHODS
+                    and float(OBJECTIVES.get(c.objective, {}).get("data.label_fraction", 0.0)) > 0]
+        if labelled or float(ctx.base_config().data.get("label_fraction", 0.0)) > 0:
+            raise ConfigError(f"cells {labelled or 'of this config'} train with labels, but every case is a query "
+                              "(--queries all): the queries' own labels would be in training")
     check_settings(ctx)
     manifest = ctx.prepare()
     todo, results = [], {}

@@ -92,8 +92,8 @@ class ImageEncoder(nnx.Module):
         """``(N, *spatial)`` → ``(N, F)``."""
         h = x[..., None]
         pooled = []
-        for layer in self.stages:
-            if self.pooling == "multiscale" and isinstance(layer, Downsample) and h.shape[-1] > 1:
+        for i, layer in enumerate(self.stages):
+            if self.pooling == "multiscale" and isinstance(layer, Downsample) and i > 0:
                 pooled.append(_max_mean(h))                     # the previous stage's output
             h = layer(h)
         if self.pooling == "multiscale":

@@ -282,7 +282,10 @@ def elbo_loss(model, batch: dict, key: jax.Array, step: jax.Array, spec: Objecti
     supcon = jnp.zeros(())
     if spec.supcon_weight > 0 and "label/id" in batch:
         lab = jnp.broadcast_to(batch["label/id"][None], (j, b)).reshape(-1)
-        ok = (valid * batch["label/mask"][None]).reshape(-1)
+        # views whose subset holds the label expert are left out: their posterior would
+        # cluster by the label encoder, not by the observed modalities
+        no_label = 1.0 - subsets[..., -1] if "label" in model.spec.modalities else 1.0
+        ok = (valid * no_label * batch["label/mask"][None]).reshape(-1)
         supcon = supervised_contrastive(q.mu.reshape(j * b, l), lab, ok, spec.supcon_temperature)
         loss = loss + spec.supcon_weight * supcon
     ssl = jnp.zeros(())

@@ -537,8 +537,9 @@ class CaseIndex:
             if rerank is not None:
                 top = np.argsort(-scores, kind="stable")
                 rows = rows[top]
-                scores = _posterior_scores(qmu[qi], qlv[qi], self._mu[rows],
-                                           self._logvar[rows], rerank)
+                keep = slice(None) if dims is None else dims > 0      # the dimensions the query informs
+                scores = _posterior_scores(qmu[qi][keep], qlv[qi][keep], self._mu[rows][:, keep],
+                                           self._logvar[rows][:, keep], rerank)
             order = np.argsort(-scores, kind="stable")[:k]
             res = []
             for rank, o in enumerate(order, start=1):

