@@ -30,7 +30,8 @@ def get_config(arg=None):
     c.data.label_fraction = float(args.get("label_fraction", 0.0))
     c.synth.cases = int(args.get("cases", 300))
     c.model.latent_dim = int(args.get("latent", 32))
-    c.model.private_dim = int(args.get("private", 8))
+    # Private blocks help unsupervised retrieval, not the label expert (docs/results.md).
+    c.model.private_dim = int(args.get("private", 8 if c.data.label_fraction == 0 else 0))
     c.model.fusion = args.get("fusion", "poe")
     # Fast blocks: a 4³ patch stem, residual blocks at both stages, no decoder convolutions,
     # an unpatchify head; multiscale max/mean pooling (the base default).

@@ -38,10 +38,13 @@ OBJECTIVES: dict[str, dict] = {
     "unimodal": {"objective.subsets": "unimodal", "objective.num_subset_samples": 0},
     "no_ssl": {"objective.ssl_weight": 0.0},
     # semi-supervised: the label expert sees the label of this fraction of training cases,
-    # plus SupCon on the labelled cases' subset posteriors
-    "labels10": {"data.label_fraction": 0.1, "objective.supcon_weight": 5000.0},
-    "labels20": {"data.label_fraction": 0.2, "objective.supcon_weight": 5000.0},
-    "labels100": {"data.label_fraction": 1.0, "objective.supcon_weight": 5000.0},
+    # plus SupCon on the labelled cases' subset posteriors; no private blocks (the label
+    # shapes the shared block only; measured on the quickstart cohort, labels on every
+    # training case, seed 0: 0.618 mAP@10 without private blocks at 200 steps, 0.463 with 8
+    # per modality at 300 steps)
+    "labels10": {"data.label_fraction": 0.1, "objective.supcon_weight": 5000.0, "model.private_dim": 0},
+    "labels20": {"data.label_fraction": 0.2, "objective.supcon_weight": 5000.0, "model.private_dim": 0},
+    "labels100": {"data.label_fraction": 1.0, "objective.supcon_weight": 5000.0, "model.private_dim": 0},
 }
 VAE_METHODS = ("vae", "late_fusion")
 BASELINES = ("raw_pca", "handcrafted", "report_minilm", "report_tfidf", "clip", "supervised", "logreg_tfidf")
