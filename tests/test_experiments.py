@@ -234,7 +234,7 @@ def test_make_report_end_to_end_on_tiny(grid_run, tmp_path):
         assert f"{0.60 - full['mean']:.3f} below" in line
     assert "| beats every unsupervised baseline |" in md
     assert "| semi-supervised `labels20` |" in md
-    assert "#### Objective `default`" in md and "#### Objective `labels20`" in md
+    assert "#### Objective `default`" in md and "#### Objective `labels20`" in md and "In words: " in md
     assert "chance mAP@10 = " in md and "Lesion reconstruction" in md
     medpix = ROOT.parent / "shared" / "data" / "medpix-dev"
     if medpix.is_dir():
