@@ -83,6 +83,17 @@ def poe(mu: jax.Array, logvar: jax.Array, mask: jax.Array, *, prior: bool = True
     return Gaussian(joint_mu, -lse)
 
 
+def block_mask(shared_dim: int, private_dim: int, num_blocks: int, owned) -> np.ndarray:
+    """0/1 mask ``(shared_dim + private_dim · num_blocks,)`` of a latent made of a shared block
+    and one private block per modality: 1 on the shared block and on the private blocks
+    whose indices are in ``owned``."""
+    mask = np.zeros(shared_dim + private_dim * num_blocks, np.float32)
+    mask[:shared_dim] = 1.0
+    for i in owned:
+        mask[shared_dim + i * private_dim: shared_dim + (i + 1) * private_dim] = 1.0
+    return mask
+
+
 def all_subsets(num_experts: int) -> np.ndarray:
     """All non-empty subsets of ``num_experts`` as a ``(2^M - 1, M)`` 0/1 float32 matrix.
 

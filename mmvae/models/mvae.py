@@ -76,11 +76,9 @@ class ModelSpec:
         """``(M, embedding_dim)`` 0/1: which latent dimensions each expert informs (all share
         the first ``latent_dim``; observed modality i also owns private block i)."""
         import numpy as np
-        own = np.zeros((len(self.modalities), self.embedding_dim), np.float32)
-        own[:, : self.latent_dim] = 1.0
-        for i in range(len(self.query_modalities)):
-            own[i, self.latent_dim + i * self.private_dim: self.latent_dim + (i + 1) * self.private_dim] = 1.0
-        return own
+        n = len(self.query_modalities)
+        return np.stack([fusion.block_mask(self.latent_dim, self.private_dim, n, [i] if i < n else [])
+                         for i in range(len(self.modalities))])
 
     @property
     def modalities(self) -> tuple[str, ...]:

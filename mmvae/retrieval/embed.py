@@ -100,13 +100,8 @@ def query_dims(identity: dict, modalities, used) -> np.ndarray | None:
     p = int(identity.get("private_dim", 0) or 0)
     if p <= 0:
         return None
-    shared = int(identity["shared_dim"])
-    mask = np.zeros(shared + p * len(modalities), np.float32)
-    mask[:shared] = 1.0
-    for i, m in enumerate(modalities):
-        if m in used:
-            mask[shared + i * p: shared + (i + 1) * p] = 1.0
-    return mask
+    return F.block_mask(int(identity["shared_dim"]), p, len(modalities),
+                        [i for i, m in enumerate(modalities) if m in used])
 
 
 _fuse = jax.jit(F.fuse, static_argnums=3)
