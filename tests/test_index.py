@@ -235,6 +235,78 @@ def test_filter_and_exclude(data, indexes, kind):
     assert all("dwi" not in r.modalities and r.labels["class"] == want for row in res for r in row)
 
 
+def _count_faiss_calls(monkeypatch, ix) -> list[int]:
+    calls = []
+    search = ix._faiss_search
+
+    def spy(x, k, params):
+        calls.append(len(x))
+        return search(x, k, params)
+    monkeypatch.setattr(ix, "_faiss_search", spy)
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_selective_filter_is_exact_in_one_faiss_call(data, indexes, kind, monkeypatch):
+    # ~3% of the cases pass; flat, and IVF probing every list, must equal brute force
+    # on the allowed cases, and faiss returns only allowed ids (one call, no over-fetch)
+    ix = indexes["flat"] if kind == "flat" else build_index(
+        data["mu"], data["logvar"], data["ids"], data["meta"], kind="ivf", nlist=20, nprobe=20)
+    want = data["meta"][7]["labels"]["class"]
+    flt = {"lacks": "dwi", "labels": {"class": want}}
+    sub = np.array([i for i, m in enumerate(data["meta"])
+                    if m["labels"]["class"] == want and "dwi" not in m["modalities"]])
+    assert 25 < len(sub) < 0.05 * N
+    calls = _count_faiss_calls(monkeypatch, ix)
+    res = ix.search(data["q"][:8], 25, filter=flt)
+    assert calls == [8]
+    order, scores = brute_force(data["q"][:8], data["mu"][sub], 25, "cosine")
+    assert ids_of(res) == [[data["ids"][sub[j]] for j in row] for row in order]
+    np.testing.assert_allclose([[r.score for r in row] for row in res], scores, rtol=1e-5, atol=1e-5)
+    # k = every allowed case
+    assert sorted(ids_of(ix.search(data["q"][:1], len(sub), filter=flt))[0]) == \
+        sorted(data["ids"][j] for j in sub)
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw", "binary"])
+def test_per_query_exclusion_groups_queries(data, indexes, kind, monkeypatch):
+    ix = indexes[kind]
+    ids = data["ids"]
+    q = data["mu"][:5]
+    top = ids_of(ix.search(q, 3))
+    excl = [[ids[0]], [ids[1], *top[1][1:]], None, [ids[0]], [ids[0], ids[0], "unknown"]]
+    calls = _count_faiss_calls(monkeypatch, ix)
+    res = ids_of(ix.search(q, 10, exclude=excl, filter={"has": "dwi"} if kind == "flat" else None))
+    assert all(len(row) == 10 for row in res)
+    assert not set(res[0]) & {ids[0]} and not set(res[1]) & {ids[1], *top[1][1:]}
+    assert ids[0] not in res[3] + res[4]
+    if kind == "flat":
+        # queries 0, 3 and 4 share one allowed set: 3 faiss calls for 5 queries
+        assert sorted(calls) == [1, 1, 3]
+        for qi, ex in enumerate(excl):
+            keep = np.array([i for i, m in enumerate(data["meta"])
+                             if "dwi" in m["modalities"] and ids[i] not in (ex or [])])
+            order, _ = brute_force(q[qi:qi + 1], data["mu"][keep], 10, "cosine")
+            assert res[qi] == [ids[keep[j]] for j in order[0]]
+    else:
+        assert [res[i][0] for i in (2, 3, 4)] == ids[2:5]   # not excluded: finds itself
+
+
+def test_exact_fallback_without_selector_support(data, indexes, monkeypatch):
+    # a faiss whose IndexBinaryFlat ignores selectors: the filtered binary search ranks
+    # the allowed cases exactly instead
+    monkeypatch.setattr(index_mod, "_binary_selectors", lambda: False)
+    ix = indexes["binary"]
+    calls = _count_faiss_calls(monkeypatch, ix)
+    want = data["meta"][3]["labels"]["class"]
+    res = ix.search(data["q"][:4], 10, filter={"labels": {"class": want}})
+    assert calls == []
+    sub = np.array([i for i, m in enumerate(data["meta"]) if m["labels"]["class"] == want])
+    order, _ = brute_force(data["q"][:4], data["mu"][sub], 10, "cosine")
+    assert ids_of(res) == [[data["ids"][sub[j]] for j in row] for row in order]
+    assert len(ix.search(data["q"][:2], 10)[0]) == 10 and len(calls) == 1   # unfiltered: faiss
+
+
 # ----------------------------------------------------------------------------- reranking
 def test_posterior_rerank_equations():
     rng = np.random.default_rng(3)

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import csv
+import inspect
 import math
+import warnings
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from mmvae.errors import InputError, MmvaeError
 from mmvae.retrieval.metrics import (
@@ -89,6 +92,28 @@ def test_bootstrap_ci_deterministic_and_contains_mean():
     assert hi - lo == pytest.approx(2 * half, rel=0.25)
     assert bootstrap_ci(np.full(10, 0.3)) == pytest.approx((0.3, 0.3, 0.3))
     assert all(math.isnan(x) for x in bootstrap_ci([]))
+
+
+def test_bootstrap_ci_is_scipy_bca():
+    # skewed AP-like values: BCa differs from the percentile interval here
+    v = np.random.default_rng(11).beta(0.5, 2.0, 40)
+    rng_arg = "rng" if "rng" in inspect.signature(stats.bootstrap).parameters else "random_state"
+    ref, pct = (stats.bootstrap((v,), np.mean, n_resamples=2000, confidence_level=0.9, method=m,
+                                **{rng_arg: np.random.default_rng(5)}).confidence_interval
+                for m in ("BCa", "percentile"))
+    mean, lo, hi = bootstrap_ci(v, n_boot=2000, alpha=0.1, seed=5)
+    assert mean == pytest.approx(v.mean(), abs=1e-12)
+    assert lo == pytest.approx(ref.low, abs=1e-12) and hi == pytest.approx(ref.high, abs=1e-12)
+    assert abs(lo - pct.low) > 1e-3 and abs(hi - pct.high) > 1e-3
+    assert lo < mean < hi
+    # degenerate samples: no interval, and no warning from BCa
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m = float(np.full(25, 0.4).mean())
+        assert bootstrap_ci(np.full(25, 0.4), n_boot=500) == (m, m, m)
+        assert bootstrap_ci([0.7], n_boot=500) == (0.7, 0.7, 0.7)
+    with pytest.raises(InputError, match="alpha"):
+        bootstrap_ci(v, alpha=1.0)
 
 
 # ----------------------------------------------------------------------------- end to end

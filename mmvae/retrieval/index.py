@@ -22,6 +22,13 @@ L2 distance between means. Every :class:`Result` score is *higher = more similar
 the cosine similarity, or minus the squared L2 distance, computed exactly from the
 stored means (float64), whatever the kind.
 
+Filters and exclusions (``search(..., filter=, exclude=)``) are applied inside faiss: an
+``IDSelectorBitmap`` of the allowed ids in ``SearchParameters`` (``SearchParametersIVF``
+/ ``SearchParametersHNSW`` with ``nprobe`` / ``efSearch``), one faiss call per distinct
+allowed set. ``flat``, ``ivf``, ``ivfpq``, ``hnsw`` and ``binary`` (faiss ≥ 1.15) honour
+selectors; with an older faiss, a filtered ``binary`` search ranks the allowed cases
+exactly, as does an ``hnsw`` search that leaves at most ``max(ef_search, k)`` cases.
+
 Posterior-aware re-ranking (``search(..., rerank=...)``) re-scores the best
 ``rerank_factor·k`` candidates (by the metric) with the query posterior
 ``N(μq, diag σq²)`` and each candidate's ``N(μd, diag σd²)`` in raw latent space:
@@ -51,6 +58,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -65,7 +73,7 @@ from typing import Any, Callable, Sequence
 import faiss
 import numpy as np
 
-from mmvae.data.atomic import atomic_save_npy, atomic_write_bytes, atomic_write_text
+from mmvae.atomic import atomic_save_npy, atomic_write_bytes, atomic_write_text
 from mmvae.errors import IndexError_, InputError
 
 __all__ = ["Result", "CaseIndex", "build_index", "load_index", "KINDS", "METRICS",
@@ -234,6 +242,20 @@ def _posterior_scores(mq, lvq, md, lvd, method: str) -> np.ndarray:
     return -0.5 * (np.log(2.0 * np.pi * v) + d2 / v).sum(axis=1)
 
 
+@functools.cache
+def _binary_selectors() -> bool:
+    """Whether this faiss filters ``IndexBinaryFlat`` searches with an ``IDSelector``
+    (1.15 does; older releases raise "search params not supported for this index")."""
+    ix = faiss.IndexBinaryFlat(8)
+    ix.add(np.zeros((2, 1), np.uint8))
+    try:
+        sel = faiss.IDSelectorBatch(np.array([1], np.int64))
+        _, i = ix.search(np.zeros((1, 1), np.uint8), 1, params=faiss.SearchParameters(sel=sel))
+    except (RuntimeError, TypeError):
+        return False
+    return int(i[0, 0]) == 1
+
+
 # --------------------------------------------------------------------------- the index
 class CaseIndex:
     """Case embeddings + metadata + a faiss index. Build with :func:`build_index`,
@@ -374,8 +396,8 @@ class CaseIndex:
         exclude = list(exclude)
 
         def rows(ids):
-            return np.array([self._row_of_case[c] for c in ids if c in self._row_of_case],
-                            dtype=np.int64)
+            return np.unique(np.array([self._row_of_case[c] for c in ids if c in self._row_of_case],
+                                      dtype=np.int64))
 
         if exclude and all(x is None or isinstance(x, (list, tuple, set, frozenset))
                            for x in exclude):
@@ -385,80 +407,95 @@ class CaseIndex:
         r = rows(exclude)
         return [r] * Q
 
-    def _set_search_effort(self, fetch: int, it: int, exhaustive: bool):
-        """Set nprobe / efSearch for one round; returns a function that restores them."""
+    def _search_params(self, sel, k: int, it: int, n_allowed: int):
+        """faiss search parameters of round ``it`` and whether the round is final
+        (queries still short then go to :meth:`_exact_fallback`). A filter keeping a
+        fraction f of the vectors multiplies nprobe / efSearch by 1/f (and 4 a round),
+        so about as many allowed vectors are scanned as an unfiltered search scans."""
+        scale = 4 ** it * self.ntotal / max(n_allowed, 1)
         if self.kind in ("ivf", "ivfpq"):
-            ivf = faiss.extract_index_ivf(self._index)
-            old = ivf.nprobe
-            base = int(self.params["nprobe"])
-            ivf.nprobe = int(ivf.nlist if exhaustive else min(ivf.nlist, base * 4 ** it))
+            nlist = faiss.extract_index_ivf(self._index).nlist
+            nprobe = min(nlist, math.ceil(int(self.params["nprobe"]) * scale))
+            # all lists probed: every allowed vector is seen, none comes back short
+            return faiss.SearchParametersIVF(sel=sel, nprobe=nprobe), nprobe >= nlist
+        if self.kind == "hnsw":   # a graph walk can miss vectors even at efSearch = ntotal
+            ef = min(self.ntotal, math.ceil(max(int(self.params["ef_search"]), k) * scale))
+            return faiss.SearchParametersHNSW(sel=sel, efSearch=ef), ef >= self.ntotal
+        return (None if sel is None else faiss.SearchParameters(sel=sel)), True
 
-            def restore():
-                ivf.nprobe = old
-            return restore
-        if self.kind == "hnsw":
-            h = faiss.downcast_index(self._index.index)
-            old = h.hnsw.efSearch
-            h.hnsw.efSearch = int(max(int(self.params["ef_search"]), fetch))
-
-            def restore():
-                h.hnsw.efSearch = old
-            return restore
-        return lambda: None
+    def _faiss_search(self, x: np.ndarray, k: int, params) -> np.ndarray:
+        """faiss ids ``(len(x), k)``, -1 where fewer than ``k`` vectors qualify."""
+        # One query: OpenMP's fork/join costs more than it saves (100k flat, 2 cores:
+        # ~1 ms on one thread vs ~3 ms on two idle, 2 vs 6-16 ms with a training job running).
+        threads = faiss.omp_get_max_threads()
+        one_thread = len(x) == 1 and threads > 1
+        if one_thread:
+            faiss.omp_set_num_threads(1)
+        try:
+            if params is None:
+                return self._index.search(x, k)[1]
+            return self._index.search(x, k, params=params)[1]
+        finally:
+            if one_thread:
+                faiss.omp_set_num_threads(threads)
 
     def _candidates(self, x: np.ndarray, qmu: np.ndarray, need: np.ndarray,
                     allowed_base: np.ndarray, excl: list[np.ndarray]) -> list[np.ndarray]:
-        """Per query, up to ``need[i]`` allowed rows in first-pass order (grows the fetch)."""
-        Q = x.shape[0]
-        ntotal = self.ntotal
-        out: list[np.ndarray | None] = [None] * Q
-        n_allowed = int(allowed_base.sum())
-        max_excl = max((len(e) for e in excl), default=0)
-        fetch = int(min(ntotal, math.ceil((int(need.max()) + max_excl)
-                                          * ntotal / max(n_allowed, 1))))
-        fetch = max(fetch, 1)
-        pending = np.arange(Q)
-        it = 0
-        while len(pending):
-            exhaustive = fetch >= ntotal
-            restore = self._set_search_effort(fetch, it, exhaustive)
-            # One query: OpenMP's fork/join costs more than it saves (100k flat, 2 cores:
-            # ~1 ms on one thread vs ~3 ms on two idle, 2 vs 6-16 ms with a training job running).
-            threads = faiss.omp_get_max_threads()
-            one_thread = len(pending) == 1 and threads > 1
-            if one_thread:
-                faiss.omp_set_num_threads(1)
-            try:
-                _, labels = self._index.search(x[pending], fetch)
-            finally:
-                restore()
-                if one_thread:
-                    faiss.omp_set_num_threads(threads)
-            still = []
-            for j, qi in enumerate(pending):
-                ids = labels[j]
-                ids = ids[(ids >= 0) & (ids < len(self._id2row))]
-                rows = self._id2row[ids]
-                rows = rows[rows >= 0]
-                ok = allowed_base[rows]
-                if len(excl[qi]):
-                    ok &= ~np.isin(rows, excl[qi])
-                rows = rows[ok]
-                if len(rows) >= need[qi]:
-                    out[qi] = rows[: need[qi]]
-                elif exhaustive:
-                    out[qi] = self._exact_fallback(qmu[qi], need[qi], allowed_base, excl[qi])
-                else:
-                    still.append(qi)
-            pending = np.array(still, dtype=np.int64)
-            fetch = int(min(ntotal, fetch * 4))
-            it += 1
+        """Per query, the first ``need[i]`` allowed rows in first-pass order.
+
+        Queries with the same allowed set (filter minus their exclusions) share one
+        faiss search whose ``IDSelectorBitmap`` admits only the allowed ids (and never
+        an HNSW tombstone), so faiss itself returns only allowed rows: flat and binary
+        return ``need`` of them in one call; IVF probes more lists and HNSW widens
+        efSearch for queries that came back short (:meth:`_search_params`). Kinds whose
+        faiss index ignores selectors (``IndexBinaryFlat`` before faiss 1.15) rank the
+        allowed rows exactly.
+        """
+        out: list[np.ndarray | None] = [None] * x.shape[0]
+        groups: dict[bytes, tuple[np.ndarray, list[int]]] = {}
+        for qi, e in enumerate(excl):
+            e = np.unique(e[allowed_base[e]])
+            groups.setdefault(e.tobytes(), (e, []))[1].append(qi)
+        base_bits = None
+        for e, members in groups.values():
+            allowed = allowed_base.copy()
+            allowed[e] = False
+            n_allowed, k = int(allowed_base.sum()) - len(e), int(need[members].max())
+            sel = None
+            if n_allowed < self.ntotal:          # a filter, exclusions or tombstones
+                # exact instead when faiss cannot filter this kind, or when so few rows
+                # are allowed that an HNSW walk would need efSearch ≥ ntotal
+                if (self.kind == "binary" and not _binary_selectors()) or (
+                        self.kind == "hnsw" and n_allowed <= max(int(self.params["ef_search"]), k)):
+                    for qi in members:
+                        out[qi] = self._exact_fallback(qmu[qi], need[qi], allowed)
+                    continue
+                if base_bits is None:                # allowed_base over the faiss ids
+                    base_bits = np.zeros(len(self._id2row), dtype=bool)
+                    base_bits[self._ids[allowed_base]] = True
+                bits = base_bits.copy()
+                bits[self._ids[e]] = False
+                sel = faiss.IDSelectorBitmap(np.packbits(bits, bitorder="little"))
+            pending, it = np.array(members, dtype=np.int64), 0
+            while len(pending):
+                params, final = self._search_params(sel, k, it, n_allowed)
+                labels = self._faiss_search(x[pending], k, params)
+                still = []
+                for j, qi in enumerate(pending):
+                    ids = labels[j]
+                    rows = self._id2row[ids[ids >= 0]]
+                    if len(rows) >= need[qi]:
+                        out[qi] = rows[: need[qi]]
+                    elif final:
+                        out[qi] = self._exact_fallback(qmu[qi], need[qi], allowed)
+                    else:
+                        still.append(qi)
+                pending = np.array(still, dtype=np.int64)
+                it += 1
         return out  # type: ignore[return-value]
 
-    def _exact_fallback(self, q, need, allowed_base, excl) -> np.ndarray:
-        """The approximate index ran dry: rank all allowed rows exactly."""
-        allowed = allowed_base.copy()
-        allowed[excl] = False
+    def _exact_fallback(self, q, need, allowed) -> np.ndarray:
+        """Rank all allowed rows exactly (no selector support, or an HNSW walk came up short)."""
         rows = np.nonzero(allowed)[0]
         s = self._exact_scores(q, rows)
         return rows[np.argsort(-s, kind="stable")[:need]]
@@ -769,14 +806,14 @@ def build_index(mu, logvar, case_ids: Sequence[str], meta: Sequence[dict] | None
     hash_proj = hash_center = None
     x = _normalise(mu) if metric == "cosine" else mu
     if kind == "flat":
-        index = faiss.IndexIDMap2(faiss.IndexFlat(L, fm))
+        index = faiss.index_factory(L, "IDMap2,Flat", fm)
     elif kind == "hnsw":
         if hnsw_m < 2:
             raise InputError(f"hnsw_m must be ≥ 2 (got {hnsw_m})")
-        h = faiss.IndexHNSWFlat(L, int(hnsw_m), fm)
+        index = faiss.index_factory(L, f"IDMap2,HNSW{int(hnsw_m)}", fm)
+        h = faiss.downcast_index(index.index)
         h.hnsw.efConstruction = int(ef_construction)
         h.hnsw.efSearch = int(ef_search)
-        index = faiss.IndexIDMap2(h)
         params.update(hnsw_m=int(hnsw_m), ef_construction=int(ef_construction),
                       ef_search=int(ef_search))
     elif kind in ("ivf", "ivfpq"):
@@ -787,16 +824,15 @@ def build_index(mu, logvar, case_ids: Sequence[str], meta: Sequence[dict] | None
         if not 1 <= npb:
             raise InputError(f"nprobe must be ≥ 1 (got {nprobe})")
         npb = min(npb, nl)
-        quantizer = faiss.IndexFlat(L, fm)
         if kind == "ivf":
-            ivf = faiss.IndexIVFFlat(quantizer, L, nl, fm)
+            ivf = faiss.index_factory(L, f"IVF{nl},Flat", fm)
         else:
             m = default_m_pq(L) if m_pq is None else int(m_pq)
             if m < 1 or L % m:
                 raise InputError(f"m_pq must divide the latent size {L} (got {m_pq})")
             if N < 256:
                 raise InputError(f"ivfpq needs at least 256 cases to train 8-bit codebooks (got {N})")
-            ivf = faiss.IndexIVFPQ(quantizer, L, nl, m, 8, fm)
+            ivf = faiss.index_factory(L, f"IVF{nl},PQ{m}x8np", fm)   # np: no polysemous training
             ivf.pq.cp.seed = int(seed)
             params["m_pq"] = m
         ivf.cp.seed = int(seed)

@@ -1,4 +1,4 @@
-"""Retrieval metrics over ranked result lists (pure numpy).
+"""Retrieval metrics over ranked result lists (numpy; scipy for the bootstrap).
 
 Conventions
 -----------
@@ -34,14 +34,16 @@ Ground truth
 from __future__ import annotations
 
 import csv
+import inspect
 import io
 import math
 import os
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+from scipy import stats
 
-from mmvae.data.atomic import atomic_write_text
+from mmvae.atomic import atomic_write_text
 from mmvae.errors import InputError
 
 __all__ = [
@@ -51,6 +53,8 @@ __all__ = [
 ]
 
 _CHUNK = 512  # queries per matmul chunk in exact search / label overlap
+# scipy ≥ 1.15 seeds bootstrap with ``rng``; 1.14 only has ``random_state``
+_RNG_ARG = "rng" if "rng" in inspect.signature(stats.bootstrap).parameters else "random_state"
 
 
 # --------------------------------------------------------------------------- basics
@@ -246,12 +250,18 @@ def _shared(qenc: np.ndarray, denc: np.ndarray, multilabel: bool) -> np.ndarray:
 # --------------------------------------------------------------------------- bootstrap
 def bootstrap_ci(per_query_values, n_boot: int = 1000, alpha: float = 0.05,
                  seed: int = 0) -> tuple[float, float, float]:
-    """Percentile bootstrap over queries: ``(mean, lo, hi)``.
+    """BCa bootstrap over queries (Efron 1987): ``(mean, lo, hi)``.
 
-    Queries are resampled with replacement ``n_boot`` times (``numpy`` Generator seeded
-    with ``seed``, so the result is deterministic); ``lo``/``hi`` are the
-    ``alpha/2`` and ``1 - alpha/2`` percentiles of the resampled means. An empty input
-    gives ``(nan, nan, nan)``; ``n_boot = 0`` gives ``lo = hi = mean``.
+    ``per_query_values``: ``(Q,)`` (flattened). ``lo``/``hi`` bound the
+    ``1 - alpha`` bias-corrected and accelerated interval of the mean over ``n_boot``
+    resamples of the queries (``scipy.stats.bootstrap(method='BCa')``, numpy
+    Generator seeded with ``seed``, so the result is deterministic). An empty input
+    gives ``(nan, nan, nan)``; ``n_boot = 0``, one value or all values equal give
+    ``lo = hi = mean``. BCa is undefined for too few resamples (e.g. ``n_boot = 1``):
+    scipy then warns and ``lo``/``hi`` are NaN. Raises InputError unless
+    ``0 < alpha < 1``.
+
+    Efron, B. (1987). Better bootstrap confidence intervals. JASA 82(397), 171-185.
     """
     v = np.asarray(per_query_values, dtype=np.float64).reshape(-1)
     if not 0.0 < alpha < 1.0:
@@ -259,17 +269,13 @@ def bootstrap_ci(per_query_values, n_boot: int = 1000, alpha: float = 0.05,
     if v.size == 0:
         return (math.nan, math.nan, math.nan)
     mean = float(v.mean())
-    if n_boot <= 0:
+    if n_boot <= 0 or v.size < 2 or np.all(v == v[0]):   # no spread: BCa has no interval
         return (mean, mean, mean)
-    rng = np.random.default_rng(seed)
-    means = np.empty(int(n_boot), dtype=np.float64)
-    step = max(1, 2_000_000 // v.size)
-    for s in range(0, int(n_boot), step):
-        e = min(int(n_boot), s + step)
-        idx = rng.integers(0, v.size, size=(e - s, v.size))
-        means[s:e] = v[idx].mean(axis=1)
-    lo, hi = np.percentile(means, [100 * alpha / 2, 100 * (1 - alpha / 2)])
-    return (mean, float(lo), float(hi))
+    # batch bounds the (batch, Q) resample and jackknife arrays to ~2M values
+    ci = stats.bootstrap((v,), np.mean, n_resamples=int(n_boot), confidence_level=1.0 - alpha,
+                         method="BCa", batch=max(1, 2_000_000 // v.size),
+                         **{_RNG_ARG: np.random.default_rng(seed)}).confidence_interval
+    return (mean, float(ci.low), float(ci.high))
 
 
 # --------------------------------------------------------------------------- search
@@ -347,7 +353,7 @@ def retrieval_metrics(query_emb, db_emb, query_labels: Sequence, db_labels: Sequ
         retrieved nor as relevant (it is left out of ``R`` and the ideal gains).
       metric: ``'cosine'`` or ``'l2'`` for the exact numpy search.
       multilabel: see :func:`relevance_from_labels`.
-      n_boot, seed, alpha: percentile bootstrap over queries (:func:`bootstrap_ci`).
+      n_boot, seed, alpha: BCa bootstrap over queries (:func:`bootstrap_ci`).
       ranked: optional precomputed ``(Q, k)`` database indices in rank order (-1 for
         no result), e.g. from a :class:`mmvae.retrieval.index.CaseIndex` search mapped
         to database rows; then ``query_emb``/``db_emb`` are only used for shape checks
