@@ -46,10 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def diagnose(workdir: Path, manifest: str = "", label: str = "", k: int = 10, show_progress: bool = False) -> dict:
-    from mmvae.experiments.diagnose import chance_map, clinical_covariates, linear_probe, variance_explained
-    from mmvae.experiments.protocol import evaluate, held_out
+    from mmvae.experiments.diagnose import clinical_covariates, linear_probe, variance_explained
+    from mmvae.experiments.protocol import held_out
+    from mmvae.retrieval.evaluate import chance_map, evaluate
     from mmvae.retrieval.embed import embed_cohort
-    from mmvae.train.loop import load_cohort, load_trained
+    from mmvae.runs.trained import load_cohort, load_trained
 
     config, spec, model, tokenizer = load_trained(workdir)
     label = label or config.data.label
@@ -63,7 +64,7 @@ def diagnose(workdir: Path, manifest: str = "", label: str = "", k: int = 10, sh
     mods = list(emb.modalities)
     m = len(mods)
     subsets = [np.ones(m, np.float32)] + [np.eye(m, dtype=np.float32)[i] for i in range(m)]
-    rows = evaluate(emb, label, q_idx, k, subsets=subsets, metric=config.retrieval.metric, n_boot=1000)
+    rows = evaluate(emb, label, k, query_idx=q_idx, subsets=subsets, metric=config.retrieval.metric, n_boot=1000)
     out = {"workdir": str(workdir), "label": label, "k": k, "num_cases": len(cohort), "num_queries_heldout": len(q_idx),
            "chance_map": chance_map(labels, q_idx, k), "retrieval": {}, "probe": {}}
     for name, r in zip(["all"] + mods, rows):
@@ -81,7 +82,7 @@ def diagnose(workdir: Path, manifest: str = "", label: str = "", k: int = 10, sh
     for name, keep in (("experts", mods), ("experts_no_clinical", [x for x in mods if x != "clinical"])):
         idx = [mods.index(x) for x in keep]
         be = BlockEmbeddings(list(emb.case_ids), keep, blocks[:, idx], emb.present[:, idx], list(emb.labels))
-        r = evaluate(be, label, q_idx, k, subsets=[np.ones(len(keep), np.float32)], metric="cosine", n_boot=1000)[0]
+        r = evaluate(be, label, k, query_idx=q_idx, subsets=[np.ones(len(keep), np.float32)], metric="cosine", n_boot=1000)[0]
         out["retrieval"][name] = {"map": r.get(f"map@{k}"), "lo": r.get(f"map@{k}_lo"), "hi": r.get(f"map@{k}_hi"),
                                   "num_queries": r["num_queries"]}
     out["lesion_contrast"] = lesion_contrast(config, spec, model, cohort, emb, manifest or config.data.manifest)
@@ -160,7 +161,7 @@ def main(argv=None) -> int:
     if not (wd / "model_spec.json").is_file():
         print(f"{PROG}: error: {wd} is not a trained work dir (no model_spec.json)", file=sys.stderr)
         return 2
-    from mmvae.data.atomic import atomic_write_text
+    from mmvae.atomic import atomic_write_text
     from mmvae.errors import MmvaeError
     try:
         d = diagnose(wd, args.manifest, args.label, args.k)

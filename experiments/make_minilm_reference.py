@@ -30,8 +30,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mmvae.data.atomic import atomic_write_text  # noqa: E402
-from mmvae.models.text import find_minilm_dir  # noqa: E402
+from mmvae.atomic import atomic_write_text  # noqa: E402
+from mmvae.data.text import find_minilm_dir  # noqa: E402
 
 SENTENCES = [
     "MRI of the brain shows a 2.3 cm ring-enhancing lesion in the left frontal lobe "

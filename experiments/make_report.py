@@ -40,7 +40,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 
-from mmvae.data.atomic import atomic_write_text  # noqa: E402
+from mmvae.atomic import atomic_write_text  # noqa: E402
 from mmvae.errors import MmvaeError  # noqa: E402
 from mmvae.experiments import grid as G  # noqa: E402
 from mmvae.experiments import report as R  # noqa: E402
@@ -271,7 +271,7 @@ def run_brats(args, log) -> dict | None:
 def medpix_chance(ctx) -> tuple[dict[str, float], int]:
     """Chance mAP@k of each label under leave-one-out (random rankings), and the number of cases."""
     from mmvae.data.manifest import group_cases, read_manifest
-    from mmvae.experiments.diagnose import chance_map
+    from mmvae.retrieval.evaluate import chance_map
     cfg = ctx.base_config()
     cases = group_cases(read_manifest(cfg.data.manifest), None)
     out = {}
@@ -292,7 +292,7 @@ def _copy(src: Path, dst: Path) -> Path:
 
 def _machine() -> str:
     from benchmarks.common import machine
-    from mmvae.train.run import git_commit
+    from mmvae.runs.files import git_commit
     m, commit = machine(), git_commit()
     return (f"{m['cpu']}, {m['cores']} cores, jax {m['jax']} ({m['backend']})"
             + (f", commit {commit[:7]}" if commit else ""))

@@ -93,12 +93,12 @@ def _check_args(args):
 
 
 def _save_json(path: Path, obj) -> None:
-    from mmvae.data.atomic import atomic_write_text
+    from mmvae.atomic import atomic_write_text
     atomic_write_text(path, json.dumps(obj, indent=1))
 
 
 def _save_npz(path: Path, **arrays) -> None:
-    from mmvae.data.atomic import atomic_path
+    from mmvae.atomic import atomic_path
     with atomic_path(path, suffix=".npz") as tmp:
         np.savez(tmp, **arrays)
 
@@ -152,7 +152,7 @@ def run(args) -> dict:
     from mmvae.experiments import figures as FG
     from mmvae.models.generate import generate, top_report_terms
     from mmvae.retrieval.embed import embed_cohort, fused
-    from mmvae.train.loop import load_cohort, load_trained
+    from mmvae.runs.trained import load_cohort, load_trained
 
     config, spec, model, tok, step = load_trained(wd, return_step=True)
     stats_path = wd / "clinical_stats.json"
@@ -391,7 +391,7 @@ def run(args) -> dict:
                         f"<th>true report</th></tr></thead><tbody>" + "".join(terms_rows) + "</tbody></table>")
     files = sorted(p.name for p in written) + ["index.html"]
     body.append("<h2>Files</h2><ul>" + "".join(f"<li>{html.escape(f)}</li>" for f in files) + "</ul>")
-    from mmvae.data.atomic import atomic_write_text
+    from mmvae.atomic import atomic_write_text
     page = FG.html_page(f"Latent space of {wd.name}", body)
     atomic_write_text(out / "index.html", page)
     log(f"wrote {out / 'index.html'}")

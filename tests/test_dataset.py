@@ -84,7 +84,7 @@ def test_manifest_errors_name_case_and_modality(tmp_path):
 
 
 def test_prepare_cohort_shapes_masks_and_batches(cohort_dir, tmp_path):
-    from mmvae.models.text import build_word_tokenizer, load_tokenizer
+    from mmvae.data.text import build_word_tokenizer, load_tokenizer
     tok = load_tokenizer(build_word_tokenizer(["lesion number 0 1 2 3 seen"], tmp_path / "tok"))
     cache = PreprocessCache(tmp_path / "cache")
     cfg = data_cfg()

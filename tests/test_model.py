@@ -13,8 +13,9 @@ from mmvae.models.encoders import ImageEncoder
 from mmvae.models.layers import depth_to_space, space_to_depth
 from mmvae.models.mvae import build_model
 from mmvae.objectives.elbo import elbo_loss, draw_subsets, ObjectiveSpec
-from mmvae.train.setup import model_spec, objective_spec, optimizer
-from mmvae.train.step import init_state, make_train_step
+from mmvae.runs.setup import model_spec, objective_spec, optimizer
+from mmvae.runs.setup import init_state
+from mmvae.train.step import make_train_step
 
 VOCAB = 40
 

@@ -65,8 +65,9 @@ def run(tmp_path_factory) -> Run:
     from mmvae.data.manifest import group_cases, read_manifest
     from mmvae.data.synth import make_cohort
     from mmvae.retrieval.embed import embed_cohort
-    from mmvae.train.loop import load_cohort, load_trained, train_and_evaluate
-    from mmvae.train.run import fingerprint
+    from mmvae.runs.trained import load_cohort, load_trained
+    from mmvae.train.loop import train_and_evaluate
+    from mmvae.runs.files import fingerprint
 
     tmp = tmp_path_factory.mktemp("query")
     c = load_config(TINY)

@@ -15,15 +15,17 @@ from mmvae.config import load_config
 from mmvae.data.augment import AugmentSpec, augment_batch, augment_images
 from mmvae.data.dataset import with_label_supervision
 from mmvae.experiments import baselines as B
-from mmvae.experiments.diagnose import chance_map, linear_probe, variance_explained
-from mmvae.experiments.protocol import evaluate, held_out
+from mmvae.experiments.diagnose import linear_probe, variance_explained
+from mmvae.experiments.protocol import held_out
+from mmvae.retrieval.evaluate import chance_map, evaluate
 from mmvae.models.encoders import ImageEncoder
 from mmvae.models.mvae import LABEL, ModelSpec, build_model
 from mmvae.objectives.elbo import ObjectiveSpec, elbo_loss, paired_info_nce
 from mmvae.quickstart import synthesize
 from mmvae.retrieval.embed import embed_cohort
-from mmvae.train.loop import load_cohort, load_trained, train_and_evaluate
-from mmvae.train.setup import model_spec, objective_spec
+from mmvae.runs.trained import load_cohort, load_trained
+from mmvae.train.loop import train_and_evaluate
+from mmvae.runs.setup import model_spec, objective_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.py")
@@ -246,7 +248,7 @@ def test_tfidf_and_logreg_baselines(tmp_path):
     lr = B.run_baseline("logreg_tfidf", cohort, tr, config, label="class")
     probs = lr.mu
     np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
-    rows = evaluate(lr, "class", q, 10, n_boot=50)
+    rows = evaluate(lr, "class", 10, query_idx=q, n_boot=50)
     labels = cohort.label_array("class")
     assert rows[-1]["query"] == "t1+t2+dwi+report" and rows[-1]["map@10"] > chance_map(labels, q, 10)
 

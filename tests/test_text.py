@@ -16,17 +16,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from mmvae.errors import CheckpointError, InputError  # noqa: E402
-from mmvae.models.text import (  # noqa: E402
-    BertConfig,
-    BertEncoder,
-    build_word_tokenizer,
-    find_minilm_dir,
-    load_hf_bert,
-    load_tokenizer,
-    mean_pool,
-    sentence_embedding,
-    tokenize,
-)
+from mmvae.data.text import build_word_tokenizer, find_minilm_dir, load_tokenizer, tokenize  # noqa: E402
+from mmvae.models.text import BertConfig, BertEncoder, load_hf_bert, mean_pool, sentence_embedding  # noqa: E402
 
 REFERENCE = Path(__file__).parent / "data" / "minilm_reference.json"
 

@@ -271,7 +271,7 @@ def test_two_processes_agree_with_each_other_and_with_one_process(runs, env):
     for a, b in zip(_rows(runs.ref_dir), rows):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
     # orbax wrote one checkpoint per step from both processes; it restores in one process.
-    from mmvae.train import checkpoint as ckpt
+    from mmvae.runs import checkpoint as ckpt
     step, state, meta = ckpt.restore_latest(ckpt.manager(runs.dist_dir, 2, read_only=True),
                                             _abstract_state(runs.dist_dir), quarantine=False)
     assert step == 8 and meta["digest"] == ckpt.digest(state)
@@ -303,8 +303,9 @@ def test_bfloat16_computes_in_bf16_with_float32_parameters_and_a_finite_loss():
     import jax.numpy as jnp
     from mmvae.config import load_config
     from mmvae.models.mvae import build_model
-    from mmvae.train.setup import model_spec, objective_spec, optimizer
-    from mmvae.train.step import init_state, make_train_step
+    from mmvae.runs.setup import model_spec, objective_spec, optimizer
+    from mmvae.runs.setup import init_state
+    from mmvae.train.step import make_train_step
     c = load_config(TINY, ["--config.model.dtype=bfloat16", "--config.data.shape=(8,8,8)",
                            "--config.model.image.channels=(4,)", "--config.data.text.max_len=8",
                            "--config.model.latent_dim=4", "--config.model.text.hidden=16",
@@ -339,15 +340,15 @@ def test_bfloat16_computes_in_bf16_with_float32_parameters_and_a_finite_loss():
 # ------------------------------------------------------------------------------ damaged checkpoints
 def _abstract_state(workdir):
     """The train state's shapes for a trained work dir, without building any array."""
-    from mmvae.train.loop import abstract_train_state
-    from mmvae.train.run import read_run_files
+    from mmvae.runs.trained import abstract_train_state
+    from mmvae.runs.files import read_run_files
     config, spec, _ = read_run_files(workdir)
     return abstract_train_state(spec, config)[1]
 
 
 @pytest.mark.parametrize("damage", ["garbage", "digest"])
 def test_damaged_latest_checkpoint_is_reported_and_the_previous_one_used(runs, tmp_path, caplog, damage):
-    from mmvae.train import checkpoint as ckpt
+    from mmvae.runs import checkpoint as ckpt
     _ok(runs.ref)
     wd = tmp_path / "wd"
     shutil.copytree(runs.ref_dir, wd, ignore=shutil.ignore_patterns("cache", "tb"))
@@ -376,9 +377,9 @@ def test_damaged_latest_checkpoint_is_reported_and_the_previous_one_used(runs, t
 
 def test_a_checkpoint_of_another_state_structure_is_refused_not_discarded(runs, tmp_path):
     from mmvae.errors import CheckpointError
-    from mmvae.train import checkpoint as ckpt
-    from mmvae.train.loop import abstract_train_state
-    from mmvae.train.run import read_run_files
+    from mmvae.runs import checkpoint as ckpt
+    from mmvae.runs.trained import abstract_train_state
+    from mmvae.runs.files import read_run_files
     _ok(runs.ref)
     wd = tmp_path / "wd"
     shutil.copytree(runs.ref_dir / "checkpoints", wd / "checkpoints")
@@ -409,7 +410,7 @@ def test_resume_refuses_another_seed_and_resume_false_before_reading_data(runs, 
 # ------------------------------------------------------------------------------ pieces
 def test_retention_keeps_the_latest_and_the_best(tmp_path):
     import jax.numpy as jnp
-    from mmvae.train import checkpoint as ckpt
+    from mmvae.runs import checkpoint as ckpt
     mgr = ckpt.manager(tmp_path, keep=2, keep_best=1)
     vals = {1: 0.2, 2: 0.9, 3: 0.1, 4: None, 5: 0.3, 6: None}
     for s, v in vals.items():
@@ -421,7 +422,8 @@ def test_retention_keeps_the_latest_and_the_best(tmp_path):
 
 def test_fsdp_rule_and_local_rows():
     from jax.sharding import PartitionSpec as P
-    from mmvae.train.loop import data_mesh, fsdp_spec, local_rows, term_names
+    from mmvae.sharding import data_mesh, fsdp_spec, local_rows
+    from mmvae.train.loop import term_names
     assert fsdp_spec((1024, 256), 8, 1000) == P("data", None)
     assert fsdp_spec((3, 3, 3, 16, 64), 8, 1000) == P(None, None, None, None, "data")
     assert fsdp_spec((30, 7), 8, 10) == P()                   # nothing divisible
@@ -429,7 +431,7 @@ def test_fsdp_rule_and_local_rows():
     assert fsdp_spec((64,), 1, 0) == P()                      # one device
     assert local_rows(data_mesh(), 8) == slice(0, 8)
     from mmvae.config import load_config
-    from mmvae.train.setup import model_spec, objective_spec
+    from mmvae.runs.setup import model_spec, objective_spec
     c = load_config(TINY)
     spec = model_spec(c, 50)
     assert term_names(spec, objective_spec(c, spec)) == ["joint", "t1", "t2", "dwi", "report", "clinical",

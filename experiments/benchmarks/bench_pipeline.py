@@ -193,7 +193,7 @@ def main(argv=None) -> int:
     from mmvae.data.dataset import preprocess_config
     from mmvae.data.manifest import group_cases, read_manifest
     from mmvae.quickstart import synthesize
-    from mmvae.train.loop import get_tokenizer, load_cohort
+    from mmvae.runs.trained import get_tokenizer, load_cohort
 
     spec = a.config + (":cases=32" if a.quick and ":" not in a.config else "")
     config = load_config(spec, extra)

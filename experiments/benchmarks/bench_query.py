@@ -78,7 +78,7 @@ def setup(args: dict) -> dict:
     from mmvae.retrieval.index import build_index
     from mmvae.retrieval.query import model_identity
     from mmvae.train.loop import train_and_evaluate
-    from mmvae.train.run import read_run_files
+    from mmvae.runs.files import read_run_files
     tmp = Path(args["tmp"])
     out = {}
     if args["workdir"]:
@@ -220,7 +220,7 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         brats_root = BRATS_DIR if a.brats is None else a.brats
         t = time.perf_counter()
-        from mmvae.train.run import read_run_files
+        from mmvae.runs.files import read_run_files
         probe_mods = None
         if a.workdir:
             probe_mods = list(read_run_files(Path(a.workdir))[1].image_modalities)
@@ -333,7 +333,7 @@ def main(argv=None) -> int:
         result["peak_rss_mb"] = peak_rss_mb()   # a process serving queries (before the second load below)
 
         # the load stage split (a second load, files now in the page cache)
-        from mmvae.train.loop import load_trained
+        from mmvae.runs.trained import load_trained
         t = time.perf_counter()
         load_trained(s["workdir"])
         model_s = time.perf_counter() - t

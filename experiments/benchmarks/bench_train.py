@@ -29,8 +29,9 @@ from mmvae.config import load_config
 from mmvae.models.mvae import build_model
 from mmvae.objectives.elbo import subset_log_likelihoods
 from mmvae.retrieval.embed import make_encode_fn
-from mmvae.train.setup import model_spec, objective_spec, optimizer
-from mmvae.train.step import init_state, make_train_step
+from mmvae.runs.setup import model_spec, objective_spec, optimizer
+from mmvae.runs.setup import init_state
+from mmvae.train.step import make_train_step
 
 
 def random_batch(spec, config, b, pattern, rng):

@@ -50,7 +50,7 @@ def peak_rss_mb() -> float:
 def write_json(path: str | None, result: dict) -> None:
     print(json.dumps(result, indent=2))
     if path:
-        from mmvae.data.atomic import atomic_write_text
+        from mmvae.atomic import atomic_write_text
         atomic_write_text(path, json.dumps(result, indent=2))
 
 

@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 
-from mmvae.data.atomic import atomic_save_npy, atomic_write_text
+from mmvae.atomic import atomic_save_npy, atomic_write_text
 
 CACHE_VERSION = "1"
 _CHUNK = 1 << 20

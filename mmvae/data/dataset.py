@@ -26,6 +26,7 @@ from mmvae.data import io as mio
 from mmvae.data.cache import PreprocessCache, source_hash
 from mmvae.data.manifest import REPORT, CaseEntries, group_cases, read_manifest
 from mmvae.data.preprocess import PreprocessConfig, preprocess_series
+from mmvae.data.text import tokenize
 from mmvae.errors import InputError
 from mmvae.progress import progress_bar
 
@@ -259,7 +260,6 @@ def prepare_cohort(manifest: str | Path, data_cfg, cache: PreprocessCache, token
         log.warning("skipped %d of %d cases because of bad input", len(skipped), len(cases))
     text_cfg = data_cfg.text
     if tokenizer is not None and data_cfg.report:
-        from mmvae.models.text import tokenize
         tokens, token_mask = tokenize(tokenizer, reports, int(text_cfg.max_len))
     else:
         tokens = np.zeros((len(kept), int(text_cfg.max_len)), np.int32)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from mmvae.errors import InputError
-from mmvae.data.atomic import atomic_write_text
+from mmvae.atomic import atomic_write_text
 
 REPORT = "report"
 

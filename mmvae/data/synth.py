@@ -108,7 +108,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from mmvae.data.atomic import atomic_path, atomic_write_text
+from mmvae.atomic import atomic_path, atomic_write_text
 from mmvae.data.case import Case, Series
 from mmvae.data.manifest import REPORT, ManifestEntry, write_manifest
 from mmvae.errors import ConfigError

@@ -38,10 +38,15 @@ import optax
 from flax import nnx
 
 from mmvae.data.dataset import Cohort
-from mmvae.data.pipeline import Position, batch_indices, eval_batches, prefetched
+from mmvae.data.pipeline import batch_indices, eval_batches, Position, prefetched
+from mmvae.data.text import find_minilm_dir, load_tokenizer, tokenize
 from mmvae.errors import ConfigError
 from mmvae.experiments.protocol import BlockEmbeddings
 from mmvae.models import fusion as F
+from mmvae.models.mvae import MultimodalVAE
+from mmvae.models.text import load_hf_bert, mean_pool
+from mmvae.objectives.elbo import info_nce
+from mmvae.runs.setup import model_spec, optimizer
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +279,6 @@ def handcrafted_features(cohort: Cohort, train_idx) -> BlockEmbeddings:
 @functools.lru_cache(maxsize=1)
 def _minilm():
     """(tokenizer, jitted ``(state, ids, mask) -> (B, H)`` masked mean, state, max_len)."""
-    from mmvae.models.text import find_minilm_dir, load_hf_bert, load_tokenizer, mean_pool
 
     d = find_minilm_dir()
     if d is None:
@@ -307,7 +311,6 @@ def report_minilm(cohort: Cohort, train_idx=None, *, batch_size: int = 32) -> Bl
     to 16) — exact, since padded positions are masked out of attention and pooling.
     ``configs/quickstart.py`` (300 reports): ≈ 16 s on 2 CPU cores, loading included.
     """
-    from mmvae.models.text import tokenize
 
     tok, fn, state, max_len, hidden = _minilm()
     n = len(cohort)
@@ -365,7 +368,6 @@ def _vae_init_fn(spec):
     One compiled initialiser per model structure, the seed being data (eager construction
     compiles every initialiser op separately: ~20 s on 2 CPU cores); the values equal
     ``build_model(spec, seed)``'s encoder parameters."""
-    from mmvae.models.mvae import MultimodalVAE
 
     def make(seed):
         model = MultimodalVAE(spec, rngs=nnx.Rngs(jax.random.key(seed)))
@@ -386,7 +388,6 @@ def _init_model(cohort: Cohort, config, seed: int, num_classes: int = 0):
     will see); with ``model.text.pretrained_dir`` the pretrained BERT weights are loaded
     into the report encoder, as training does.
     """
-    from mmvae.train.setup import model_spec
 
     vocab = max(int(cohort.tokens.max()) + 1 if cohort.tokens.size else 0, 6)
     # The encoders alone, without private latent blocks (a PoE construction; the baselines
@@ -398,7 +399,6 @@ def _init_model(cohort: Cohort, config, seed: int, num_classes: int = 0):
     if (pre and spec.report) or num_classes:
         model = nnx.merge(graphdef, params)
         if pre and spec.report:
-            from mmvae.models.text import load_hf_bert
             model.encoders["report"].bert = load_hf_bert(pre)[1]
         if num_classes:
             model = _Classifier(model, num_classes, rngs=nnx.Rngs(int(seed) + 1))
@@ -407,12 +407,11 @@ def _init_model(cohort: Cohort, config, seed: int, num_classes: int = 0):
 
 
 def _optimizer(config, steps: int):
-    """``mmvae.train.setup.optimizer`` for ``steps`` steps, split into its parts so that the
+    """``mmvae.runs.setup.optimizer`` for ``steps`` steps, split into its parts so that the
     compiled step does not depend on ``steps``: ``(clip_norm, weight_decay, schedule)``. The
     update is AdamW's — ``-lr_t·(adam(clip(g)) + wd·θ)`` — with ``lr_t = schedule(t)``
     computed on the host and passed in (warm-up + cosine/constant per ``config.optim``)."""
     import ml_collections
-    from mmvae.train.setup import optimizer
 
     o = config.optim
     sched = optimizer(ml_collections.ConfigDict({"optim": o.to_dict(), "train": {"steps": int(steps)}}))[1]
@@ -440,7 +439,6 @@ def random_nonempty_subsets(key: jax.Array, present: jax.Array) -> jax.Array:
 
 
 def _clip_loss(model, batch, key, temperature: float):
-    from mmvae.objectives.elbo import info_nce
     experts, present, _ = model.encode(batch)
     return info_nce(experts.mu.astype(jnp.float32), present, temperature)
 

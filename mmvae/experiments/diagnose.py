@@ -19,7 +19,6 @@ from typing import Sequence
 
 import numpy as np
 
-from mmvae.retrieval.metrics import retrieval_metrics
 
 
 def linear_probe(x: np.ndarray, y: Sequence, *, folds: int = 5, seed: int = 0) -> dict:
@@ -72,31 +71,6 @@ def variance_explained(x: np.ndarray, covariates: np.ndarray) -> float:
     coef, *_ = np.linalg.lstsq(a, x, rcond=None)
     resid = x - a @ coef
     return float(np.clip(1.0 - np.sum(resid ** 2) / total, 0.0, 1.0))
-
-
-def chance_map(labels: Sequence, query_idx: Sequence[int], k: int = 10, *, draws: int = 20,
-               seed: int = 0) -> float:
-    """Mean mAP@k of uniformly random rankings of the database for the given queries.
-
-    Same protocol as :func:`mmvae.experiments.protocol.evaluate`: the database is every
-    case, the query itself excluded, relevance = same label; averaged over ``draws``
-    random rankings.
-    """
-    labels = np.asarray([str(v) for v in labels], dtype=object)
-    q = np.asarray([i for i in query_idx if labels[i] != ""], np.int64)
-    n = len(labels)
-    if not len(q):
-        return float("nan")
-    rng = np.random.default_rng(seed)
-    vals = []
-    for _ in range(draws):
-        ranked = np.empty((len(q), k), np.int64)
-        for r, i in enumerate(q):
-            perm = rng.permutation(n)
-            ranked[r] = perm[perm != i][:k]
-        res = retrieval_metrics(None, None, labels[q], labels, k, exclude=q, ranked=ranked, n_boot=0)
-        vals.append(float(res[f"map@{k}"][0]))
-    return float(np.mean(vals))
 
 
 def clinical_covariates(cohort) -> tuple[np.ndarray, list[str]]:

@@ -37,6 +37,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from mmvae.atomic import atomic_write_bytes
+
 DEFAULT_SIGMA = 1.0
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "p", "h", "8", "d", "H")
 NO_LABEL = "(none)"
@@ -202,7 +204,6 @@ def figure_png(fig, dpi: int = 100) -> bytes:
 
 def save_png(fig, path: str | Path, dpi: int = 100) -> bytes:
     """Write ``fig`` to ``path`` atomically; returns the PNG bytes."""
-    from mmvae.data.atomic import atomic_write_bytes
     data = figure_png(fig, dpi)
     atomic_write_bytes(path, data)
     return data

@@ -27,8 +27,17 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from mmvae.data.atomic import atomic_write_text
+from mmvae.atomic import atomic_write_text
+from mmvae.config import load_config, to_json
+from mmvae.data.manifest import group_cases, read_manifest
 from mmvae.errors import ConfigError
+from mmvae.experiments import protocol
+from mmvae.experiments.baselines import run_baseline
+from mmvae.experiments.protocol import BlockEmbeddings, held_out
+from mmvae.quickstart import synthesize
+from mmvae.retrieval.embed import embed_cohort, Embeddings
+from mmvae.runs.trained import load_cohort, load_trained
+from mmvae.train.loop import train_and_evaluate
 
 # Objective variants: dotted config overrides applied on top of the base config.
 OBJECTIVES: dict[str, dict] = {
@@ -144,7 +153,6 @@ class GridContext:
         return [x.strip() for x in str(self.label).split(",") if x.strip()]
 
     def base_config(self):
-        from mmvae.config import load_config
         return load_config(self.config_path, list(self.overrides))
 
     def prepare(self, show_progress: bool = False) -> str:
@@ -152,7 +160,6 @@ class GridContext:
         base = self.base_config()
         if base.data.manifest:
             return str(base.data.manifest)
-        from mmvae.quickstart import synthesize
         return str(synthesize(base, self.out / "data", show_progress=show_progress))
 
     def cell_dir(self, cell: Cell) -> Path:
@@ -168,7 +175,6 @@ def _read_result(path: Path) -> dict | None:
 
 def _split(ctx: GridContext, n: int, config) -> tuple[np.ndarray, np.ndarray]:
     """``(fit_idx, query_idx)`` of a cohort of ``n`` cases under the grid's query mode."""
-    from mmvae.experiments.protocol import held_out
     if ctx.queries == "all":
         return np.arange(n), np.arange(n)
     if ctx.queries != "held_out":
@@ -183,8 +189,6 @@ def _index_of(case_ids: Sequence[str], wanted: Sequence[str]) -> np.ndarray:
 
 def _train_vae(config, workdir: Path):
     """Train (or resume) a VAE run and embed its whole cohort → ``Embeddings``."""
-    from mmvae.retrieval.embed import Embeddings, embed_cohort
-    from mmvae.train.loop import load_cohort, load_trained, train_and_evaluate
     emb_path = workdir / "embeddings.npz"
     if emb_path.exists() and (workdir / "train_done.json").exists():
         return Embeddings.load(emb_path), json.loads((workdir / "train_done.json").read_text())
@@ -201,8 +205,6 @@ def _train_vae(config, workdir: Path):
 
 def run_cell(ctx: GridContext, cell: Cell, manifest: str) -> dict:
     """Run one cell (no skipping; see :func:`run_grid`) → its result dict."""
-    from mmvae.experiments import protocol
-    from mmvae.train.loop import load_cohort
     base = ctx.base_config()
     wd = ctx.cell_dir(cell)
     wd.mkdir(parents=True, exist_ok=True)
@@ -210,7 +212,6 @@ def run_cell(ctx: GridContext, cell: Cell, manifest: str) -> dict:
     # The split of the full cohort, by case id: a cell whose modalities leave some cases out
     # has fewer cases, and a split recomputed over those would differ (and could fit a
     # baseline on query cases).
-    from mmvae.data.manifest import group_cases, read_manifest
     full_cfg = cell_config(base, Cell("vae", tuple(all_modalities(base))), manifest, str(ctx.out / "cache"))
     full_ids = [c.case_id for c in group_cases(read_manifest(manifest))]
     fit, q = _split(ctx, len(full_ids), full_cfg)
@@ -221,7 +222,6 @@ def run_cell(ctx: GridContext, cell: Cell, manifest: str) -> dict:
     elif cell.method == "late_fusion":
         emb = _late_fusion(ctx, base, cell, manifest)
     elif cell.method in BASELINES:
-        from mmvae.experiments.baselines import run_baseline
         cfg = cell_config(base, Cell("vae", cell.train_subset, seed=cell.seed), manifest, str(ctx.out / "cache"))
         cohort, _, _ = load_cohort(cfg, wd, manifest, show_progress=False)
         train_idx = _index_of(cohort.case_ids, fit_ids)
@@ -232,14 +232,13 @@ def run_cell(ctx: GridContext, cell: Cell, manifest: str) -> dict:
     q_idx = _index_of(emb.case_ids, query_ids)                 # into this cell's case order
     tidy = []
     for label in ctx.labels:
-        rows = protocol.evaluate(emb, label, q_idx, ctx.k, seed=cell.seed)
+        rows = evaluate(emb, label, ctx.k, query_idx=q_idx, seed=cell.seed)
         tidy += protocol.tidy(rows, ctx.k, **cell.columns(), label=label)
     return {"status": "ok", **cell.columns(), "seconds": time.time() - t0, "train": info, "rows": tidy}
 
 
 def _late_fusion(ctx: GridContext, base, cell: Cell, manifest: str):
     """Baseline 4: one VAE per modality of the cell, each embedding L2-normalised and concatenated."""
-    from mmvae.experiments.protocol import BlockEmbeddings
     embs = []
     for m in cell.train_subset:
         uni = Cell("vae", (m,), cell.fusion, cell.objective, cell.seed)
@@ -277,7 +276,6 @@ def check_settings(ctx: GridContext) -> None:
     """Record the settings that decide a cell's result in ``<out>/grid.json``; refuse to
     resume a grid folder made with other settings (its finished cells would be reused)."""
     import hashlib
-    from mmvae.config import to_json
     resolved = hashlib.sha256(to_json(ctx.base_config()).encode()).hexdigest()[:16]
     settings = {"config": str(Path(ctx.config_path).resolve()), "overrides": list(ctx.overrides),
                 "resolved_config": resolved,

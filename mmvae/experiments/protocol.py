@@ -5,7 +5,7 @@ and ``data.split_seed`` — the same split training uses, so a model (or a basel
 on labels) never saw the labels of a query. Queries: the held-out cases that have every
 modality of the query subset and a label. Database: every case of the cohort (training
 and held-out) under its full-modality embedding, the query itself excluded. Relevance:
-same label. Metrics: P/R/mAP/nDCG@k with percentile-bootstrap 95% CIs over queries.
+same label. Metrics: P/R/mAP/nDCG@k with BCa bootstrap 95% CIs over queries.
 
 A method exposes its embeddings as anything with ``modalities``, ``present (N, M)``,
 ``labels``, ``mu (N, D)`` (database rows) and ``subset_posterior(subset) -> (vectors,
@@ -15,13 +15,11 @@ for baselines built from per-modality feature blocks.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
 
 import numpy as np
 
 from mmvae.data.dataset import split_indices
-from mmvae.retrieval.evaluate import METRICS, all_query_subsets, subset_name
-from mmvae.retrieval.metrics import retrieval_metrics
+from mmvae.retrieval.evaluate import METRICS
 
 COMBINES = ("concat", "mean")
 
@@ -73,39 +71,6 @@ class BlockEmbeddings:
 def held_out(n: int, config) -> tuple[np.ndarray, np.ndarray]:
     """``(train_idx, query_idx)`` of a cohort of ``n`` cases: the training run's split."""
     return split_indices(n, float(config.data.val_fraction), int(config.data.split_seed))
-
-
-def evaluate(emb, label: str, query_idx: np.ndarray, k: int = 10, *,
-             subsets: Sequence[np.ndarray] | None = None, metric: str = "cosine",
-             n_boot: int = 1000, seed: int = 0) -> list[dict]:
-    """One row per query subset: ``query``, ``num_queries``, ``<metric>@k`` and ``_lo``/``_hi``.
-
-    Subsets default to every non-empty subset of ``emb.modalities``. A subset no query
-    case has yields a row with ``num_queries = 0`` and no metrics.
-    """
-    labels = np.asarray([lab.get(label, "") for lab in emb.labels], dtype=object)
-    eligible = np.zeros(len(labels), bool)
-    eligible[np.asarray(query_idx, int)] = True
-    db = np.asarray(emb.mu)
-    rows = []
-    for s in (subsets if subsets is not None else all_query_subsets(emb.modalities)):
-        s = np.asarray(s, np.float32)
-        q_idx = np.nonzero(eligible & np.all(emb.present[:, s > 0] > 0, axis=1) & (labels != ""))[0]
-        row = {"query": subset_name(emb.modalities, s), "num_queries": int(len(q_idx))}
-        if len(q_idx):
-            q = np.asarray(emb.subset_posterior(s)[0])
-            db_s = db
-            dims = emb.query_dims(s) if hasattr(emb, "query_dims") else None
-            if dims is not None:     # private blocks: compare on the dimensions the query informs
-                q, db_s = q * dims, db * dims
-            res = retrieval_metrics(q[q_idx], db_s, labels[q_idx], labels, k, exclude=q_idx, metric=metric,
-                                    n_boot=n_boot, seed=seed)
-            row["num_queries"] = int(res["num_queries"])
-            for name in METRICS:
-                mean, lo, hi = res[f"{name}@{k}"]
-                row[f"{name}@{k}"], row[f"{name}@{k}_lo"], row[f"{name}@{k}_hi"] = float(mean), float(lo), float(hi)
-        rows.append(row)
-    return rows
 
 
 def tidy(rows: list[dict], k: int = 10, **cell) -> list[dict]:

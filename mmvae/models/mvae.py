@@ -21,13 +21,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mmvae.errors import ConfigError
-from mmvae.models import fusion
-from mmvae.models.encoders import (BagOfWordsDecoder, ClinicalDecoder, ClinicalEncoder, ImageDecoder,
-                                   ImageEncoder, LabelDecoder, LabelEncoder, ReportEncoder, TokenDecoder)
-from mmvae.models.encoders import POOLINGS
+from mmvae.models import fusion, likelihoods
+from mmvae.models.encoders import (BagOfWordsDecoder, ClinicalDecoder, ClinicalEncoder, ImageDecoder, ImageEncoder,
+                                   LabelDecoder, LabelEncoder, POOLINGS, ReportEncoder, TokenDecoder, total_factor)
 from mmvae.models.layers import space_to_depth
 from mmvae.models.text import BertConfig
-from mmvae.objectives import likelihoods
 
 REPORT = "report"
 REPORT_DECODERS = ("bow", "tokens")
@@ -131,7 +129,6 @@ class ModelSpec:
         if self.image_modalities and len(self.shape) not in (2, 3):
             raise ConfigError(f"data.shape must have 2 or 3 axes, got {self.shape}")
         if self.image_modalities and self.channels:
-            from mmvae.models.encoders import total_factor
             f = total_factor(self.channels, self.patch)
             if any(int(s) % f for s in self.shape):
                 raise ConfigError(f"data.shape {tuple(self.shape)} must be divisible by {f} = model.image.patch "

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mmvae.data.atomic import atomic_write_bytes
+from mmvae.atomic import atomic_write_bytes
 from mmvae.data.dataset import Cohort
 from mmvae.data.pipeline import eval_batches
 from mmvae.errors import InputError

@@ -1,8 +1,17 @@
-"""Leave-one-case-out retrieval over every query subset of modalities.
+"""The one retrieval evaluation: every query subset of modalities, leave the query out.
 
-For a query subset S, every case that has all modalities of S (and a label) queries
-the cohort with the posterior of S alone; the database holds every case's posterior
-over all of its modalities; the query case itself is excluded. Relevance: same label.
+For a query subset S, each eligible case that has every modality of S and a label
+queries the database with its embedding from S alone; the database holds every case's
+embedding over all of its modalities (``emb.mu``); the query case itself is excluded.
+Relevance: same label. Metrics: P/R/mAP/nDCG@k (:mod:`mmvae.retrieval.metrics`) with
+BCa bootstrap 95 % CIs over queries. Eligible queries: every case (leave-one-out, the
+CLI and quickstart) or the held-out cases of the training split (validation, the grid
+and baselines; see :func:`mmvae.experiments.protocol.held_out`).
+
+``emb`` is anything with ``modalities``, ``present (N, M)``, ``labels`` (one dict per
+case), ``mu (N, D)`` and ``subset_posterior(subset (M,)) -> ((N, D) vectors, _)``, and
+optionally ``query_dims(subset) -> (D,) 0/1 or None``:
+:class:`mmvae.retrieval.embed.Embeddings` for the VAEs, block embeddings for baselines.
 """
 from __future__ import annotations
 
@@ -10,8 +19,8 @@ from typing import Sequence
 
 import numpy as np
 
+from mmvae.errors import InputError
 from mmvae.models.fusion import all_subsets
-from mmvae.retrieval.embed import Embeddings
 from mmvae.retrieval.metrics import retrieval_metrics
 
 METRICS = ("map", "precision", "recall", "ndcg")
@@ -22,10 +31,10 @@ def subset_name(modalities: Sequence[str], row: np.ndarray) -> str:
 
 
 def parse_subset(name: str, modalities: Sequence[str]) -> np.ndarray:
+    """``"t1+report"`` (or ``t1,report``) → 0/1 row ``(M,)`` over ``modalities``; unknown → InputError."""
     parts = [p for p in name.replace(",", "+").split("+") if p]
     unknown = [p for p in parts if p not in modalities]
     if unknown or not parts:
-        from mmvae.errors import InputError
         raise InputError(f"query subset {name!r}: unknown modality {unknown}; known: {list(modalities)}")
     return np.asarray([1.0 if m in parts else 0.0 for m in modalities], np.float32)
 
@@ -35,32 +44,69 @@ def all_query_subsets(modalities: Sequence[str]) -> list[np.ndarray]:
     return list(all_subsets(len(modalities)))
 
 
-def evaluate_subsets(emb: Embeddings, label: str, k: int = 10, *, subsets: Sequence[np.ndarray] | None = None,
-                     metric: str = "cosine", multilabel: bool = False, n_boot: int = 1000,
-                     seed: int = 0) -> list[dict]:
-    """One row per query subset: ``query``, ``num_queries`` and ``<metric>@k`` (+ ``_lo``/``_hi`` CI)."""
+def evaluate(emb, label: str, k: int = 10, *, query_idx: Sequence[int] | None = None,
+             subsets: Sequence[np.ndarray] | None = None, metric: str = "cosine", multilabel: bool = False,
+             n_boot: int = 1000, seed: int = 0) -> list[dict]:
+    """One row per query subset: ``query``, ``num_queries``, ``<metric>@k`` and ``_lo``/``_hi`` (95 % CI).
+
+    Args:
+      emb: the embeddings (see the module docstring).
+      label: the label field that defines relevance (same value = relevant).
+      query_idx: the cases allowed to query (default: every case, leave-one-out).
+      subsets: 0/1 rows ``(M,)``; default every non-empty subset of ``emb.modalities``.
+      metric: ``cosine`` | ``l2`` | ``ip`` on the vectors (on the dimensions the query
+        informs when ``emb.query_dims`` says so: private latent blocks).
+    A subset no eligible case has yields ``num_queries = 0`` and no metrics.
+    """
     labels = np.asarray([lab.get(label, "") for lab in emb.labels], dtype=object)
+    eligible = np.ones(len(labels), bool)
+    if query_idx is not None:
+        eligible[:] = False
+        eligible[np.asarray(query_idx, int)] = True
+    db = np.asarray(emb.mu)
     rows = []
     for s in (subsets if subsets is not None else all_query_subsets(emb.modalities)):
-        has_all = np.all(emb.present[:, s > 0] > 0, axis=1) & (labels != "")
-        q_idx = np.nonzero(has_all)[0]
+        s = np.asarray(s, np.float32)
+        q_idx = np.nonzero(eligible & np.all(emb.present[:, s > 0] > 0, axis=1) & (labels != ""))[0]
         row = {"query": subset_name(emb.modalities, s), "num_queries": int(len(q_idx))}
-        if len(q_idx) == 0:
-            rows.append(row)
-            continue
-        q_mu, _ = emb.subset_posterior(s)
-        db = emb.mu
-        dims = emb.query_dims(s)
-        if dims is not None:     # compare on the dimensions the query informs (private blocks)
-            q_mu, db = q_mu * dims, db * dims
-        res = retrieval_metrics(q_mu[q_idx], db, labels[q_idx], labels, k, exclude=q_idx,
-                                metric=metric, multilabel=multilabel, n_boot=n_boot, seed=seed)
-        row["num_queries"] = int(res.get("num_queries", len(q_idx)))
-        for name in METRICS:
-            mean, lo, hi = res[f"{name}@{k}"]
-            row[f"{name}@{k}"], row[f"{name}@{k}_lo"], row[f"{name}@{k}_hi"] = float(mean), float(lo), float(hi)
+        if len(q_idx):
+            q = np.asarray(emb.subset_posterior(s)[0])
+            db_s = db
+            dims = emb.query_dims(s) if hasattr(emb, "query_dims") else None
+            if dims is not None:     # private blocks: compare on the dimensions the query informs
+                q, db_s = q * dims, db * dims
+            res = retrieval_metrics(q[q_idx], db_s, labels[q_idx], labels, k, exclude=q_idx, metric=metric,
+                                    multilabel=multilabel, n_boot=n_boot, seed=seed)
+            row["num_queries"] = int(res["num_queries"])
+            for name in METRICS:
+                mean, lo, hi = res[f"{name}@{k}"]
+                row[f"{name}@{k}"], row[f"{name}@{k}_lo"], row[f"{name}@{k}_hi"] = float(mean), float(lo), float(hi)
         rows.append(row)
     return rows
+
+
+def chance_map(labels: Sequence, query_idx: Sequence[int], k: int = 10, *, draws: int = 20,
+               seed: int = 0) -> float:
+    """Mean mAP@k of uniformly random rankings of the database for the given queries.
+
+    Same protocol as :func:`evaluate`: the database is every case, the query itself
+    excluded, relevance = same label; averaged over ``draws`` random rankings.
+    """
+    labels = np.asarray([str(v) for v in labels], dtype=object)
+    q = np.asarray([i for i in query_idx if labels[i] != ""], np.int64)
+    n = len(labels)
+    if not len(q):
+        return float("nan")
+    rng = np.random.default_rng(seed)
+    vals = []
+    for _ in range(draws):
+        ranked = np.empty((len(q), k), np.int64)
+        for r, i in enumerate(q):
+            perm = rng.permutation(n)
+            ranked[r] = perm[perm != i][:k]
+        res = retrieval_metrics(None, None, labels[q], labels, k, exclude=q, ranked=ranked, n_boot=0)
+        vals.append(float(res[f"map@{k}"][0]))
+    return float(np.mean(vals))
 
 
 def markdown_table(rows: list[dict], k: int = 10) -> str:

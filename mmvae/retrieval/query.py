@@ -49,13 +49,16 @@ import numpy as np
 
 from mmvae.data import io as mio
 from mmvae.data.cache import PreprocessCache
-from mmvae.data.dataset import (CLINICAL, Cohort, clinical_arrays, load_case_images, preprocess_config,
+from mmvae.data.dataset import (CLINICAL, clinical_arrays, Cohort, load_case_images, preprocess_config,
                                 standardize_clinical)
-from mmvae.data.manifest import REPORT, CaseEntries
+from mmvae.data.manifest import CaseEntries, REPORT
+from mmvae.data.text import tokenize
 from mmvae.errors import ConfigError, InputError
 from mmvae.retrieval.embed import fused, make_encode_fn, query_dims
 from mmvae.retrieval.feedback import rocchio
-from mmvae.retrieval.index import RERANKS, CaseIndex, Result, load_index
+from mmvae.retrieval.index import CaseIndex, load_index, RERANKS, Result
+from mmvae.runs.files import fingerprint, read_run_files
+from mmvae.runs.trained import load_trained
 
 __all__ = ["Retriever", "Result", "model_identity", "parse_filter", "parse_feedback", "query_main"]
 
@@ -67,7 +70,6 @@ FEEDBACK_KEYS = ("relevant", "nonrelevant")
 
 def model_identity(spec) -> dict:
     """The identity an index must have been built with to be searched with ``spec``'s model."""
-    from mmvae.train.run import fingerprint
     return {"model_fingerprint": fingerprint(spec), "latent_dim": int(spec.embedding_dim)}
 
 
@@ -123,8 +125,6 @@ class Retriever:
         :class:`~mmvae.errors.IndexError_`. ``cache_dir``: preprocessed-array cache for
         query files (default: a temporary folder removed with the Retriever).
         """
-        from mmvae.train.loop import load_trained
-        from mmvae.train.run import read_run_files
         workdir = Path(workdir)
         _, spec, _ = read_run_files(workdir)                     # cheap: fail before loading weights
         index = load_index(index_dir, expect_identity=model_identity(spec))
@@ -258,7 +258,6 @@ class Retriever:
                     raise _strip_case(e) from None
         T = int(data.text.max_len)
         if report is not None and self.tokenizer is not None and data.report:
-            from mmvae.models.text import tokenize
             tokens, token_mask = tokenize(self.tokenizer, [report], T)
         else:
             tokens = np.zeros((1, T), np.int32)
@@ -529,7 +528,6 @@ def _table(results: Sequence[Result]) -> str:
 def query_main(argv: Sequence[str], out=None) -> None:
     """``mmvae query``: parse ``argv`` in two passes (``--workdir`` first, then one
     ``--<modality>`` option per image modality of its config), search, print."""
-    from mmvae.train.run import read_run_files
     out = sys.stdout if out is None else out
     argv = list(argv)
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)

@@ -18,7 +18,7 @@ import jax
 import ml_collections
 
 import mmvae
-from mmvae.data.atomic import atomic_write_text
+from mmvae.atomic import atomic_write_text
 from mmvae.errors import CheckpointError
 from mmvae.models.mvae import ModelSpec
 from mmvae.models.text import BertConfig

@@ -1,13 +1,15 @@
-"""From a config (and the data's tokenizer) to model, objective and optimiser specs."""
+"""From a config (and the data's tokenizer) to model, objective and optimiser specs, and the train state's layout."""
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
+from flax import nnx
 
 from mmvae.errors import ConfigError
 from mmvae.models.mvae import ModelSpec
 from mmvae.models.text import BertConfig
-from mmvae.objectives import likelihoods
+from mmvae.models import likelihoods
 from mmvae.objectives.elbo import ObjectiveSpec
 
 
@@ -102,3 +104,14 @@ def optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
         parts.append(optax.clip_by_global_norm(o.clip_norm))
     parts.append(optax.adamw(lr, weight_decay=o.weight_decay))
     return optax.chain(*parts), lr
+
+
+def init_state(model: nnx.Module, tx: optax.GradientTransformation, ema_decay: float = 0.0):
+    """``(graphdef, state)``: the train state ``{"params", "opt_state", "step", "nonfinite_steps",
+    "skipped_total"[, "ema"]}`` of ``model`` (what checkpoints hold; see :mod:`mmvae.train.step`)."""
+    graphdef, params = nnx.split(model, nnx.Param)
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+             "nonfinite_steps": jnp.zeros((), jnp.int32), "skipped_total": jnp.zeros((), jnp.int32)}
+    if ema_decay > 0:
+        state["ema"] = jax.tree.map(jnp.copy, params)
+    return graphdef, state

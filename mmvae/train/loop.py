@@ -33,189 +33,29 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mmvae.data.atomic import atomic_write_text
-from mmvae.data.cache import PreprocessCache
-from mmvae.data.dataset import Cohort, prepare_cohort, split_indices, with_label_supervision
-# Module-level names (tests substitute them to slow down or poison the stream).
-from mmvae.data.pipeline import Position, eval_batches as eval_batch_stream, train_batches as train_batch_stream
+from mmvae.atomic import atomic_write_text
+from mmvae.config import resolve_pretrained_text, validate
+from mmvae.data.dataset import Cohort, split_indices, with_label_supervision
+from mmvae.data.pipeline import eval_batches as eval_batch_stream, Position, train_batches as train_batch_stream
 from mmvae.errors import CheckpointError, ConfigError, MmvaeError
 from mmvae.models import fusion as F
 from mmvae.models.mvae import build_model
-from mmvae.models.text import build_word_tokenizer, load_tokenizer
+from mmvae.models.text import load_hf_bert
 from mmvae.progress import progress_bar
-from mmvae.train import checkpoint as ckpt
+from mmvae.retrieval.embed import Embeddings
+from mmvae.runs import checkpoint as ckpt
+from mmvae.runs.files import fingerprint, write_run_files
+from mmvae.runs.setup import init_state, model_spec, objective_spec, optimizer
+from mmvae.runs.trained import load_cohort, special_ids
+from mmvae.sharding import (data_mesh, gather, local_rows, maybe_initialize_distributed, place, shard_batch,
+                            state_shardings)
 from mmvae.train.metrics import MetricWriter
-from mmvae.train.run import fingerprint, write_run_files
-from mmvae.train.setup import model_spec, objective_spec, optimizer
-from mmvae.train.step import init_state, make_eval_step, make_train_step
+from mmvae.train.step import make_eval_step, make_train_step
+# Module-level names (tests substitute them to slow down or poison the stream).
 
 log = logging.getLogger(__name__)
 
 EVAL_KEY_SALT = 0x7EA1   # validation uses fold_in(key(seed), EVAL_KEY_SALT): the same noise every time
-
-
-# ---------------------------------------------------------------------------- distributed
-def maybe_initialize_distributed(config) -> bool:
-    """Call ``jax.distributed.initialize`` when the config or environment asks for it.
-
-    ``distributed.initialize``: ``yes`` always, ``no`` never, ``auto`` when a
-    coordinator address / process count is given (config or ``JAX_COORDINATOR_ADDRESS``,
-    ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``) or a multi-task SLURM / Open MPI job is
-    detected. Must run before anything touches a JAX device. Returns True if this call
-    initialised it.
-    """
-    d = config.distributed
-    mode = d.initialize
-    if mode == "no" or _distributed_initialized():
-        return False
-    addr = d.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
-    nproc = int(d.num_processes) or int(os.environ.get("JAX_NUM_PROCESSES", "0") or 0)
-    pid = int(d.process_id) if int(d.process_id) >= 0 else int(os.environ.get("JAX_PROCESS_ID", "-1") or -1)
-    cluster = (int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1
-               or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1)
-    if mode == "auto" and not (addr or nproc > 1 or cluster):
-        return False
-    kwargs = {}
-    if addr:
-        kwargs["coordinator_address"] = addr
-    if nproc > 0:
-        kwargs["num_processes"] = nproc
-    if pid >= 0:
-        kwargs["process_id"] = pid
-    log.info("jax.distributed.initialize(%s)", kwargs)
-    try:
-        jax.distributed.initialize(**kwargs)
-    except (ValueError, RuntimeError) as e:
-        raise ConfigError(f"jax.distributed.initialize({kwargs}) failed: {e}") from e
-    return True
-
-
-def _distributed_initialized() -> bool:
-    try:
-        return bool(jax.distributed.is_initialized())
-    except AttributeError:   # older jax
-        from jax._src import distributed
-        return distributed.global_state.client is not None
-
-
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(name)
-
-
-# ---------------------------------------------------------------------------- sharding
-def data_mesh() -> jax.sharding.Mesh:
-    """1-D mesh over every device (all processes), axis name ``data``."""
-    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-
-
-def fsdp_spec(shape: tuple[int, ...], n: int, min_size: int) -> P:
-    """PartitionSpec of one array under FSDP: its largest axis divisible by ``n`` along
-    ``data`` if it has ≥ ``min_size`` elements, else replicated."""
-    size = int(np.prod(shape)) if shape else 1
-    if n <= 1 or not shape or size < min_size:
-        return P()
-    dims = [i for i, s in enumerate(shape) if s % n == 0 and s >= n]
-    if not dims:
-        return P()
-    d = max(dims, key=lambda i: (shape[i], -i))
-    return P(*[("data" if i == d else None) for i in range(len(shape))])
-
-
-def state_shardings(state, mesh, *, fsdp: bool = False, min_size: int = 2 ** 18):
-    """A tree of NamedShardings matching ``state``: replicated, or FSDP (see :func:`fsdp_spec`).
-
-    Optimiser moments and EMA have the parameters' shapes and so get the same layout.
-    """
-    n = mesh.shape["data"]
-    return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(tuple(x.shape), n, min_size) if fsdp else P()),
-                        state)
-
-
-def place(tree, shardings):
-    """Put host-identical values (same on every process) onto global ``shardings``."""
-    host = jax.device_get(tree)
-    return jax.tree.map(
-        lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx, x=x: np.asarray(x)[idx]),
-        host, shardings)
-
-
-def gather(tree):
-    """Full host (numpy) copy of a possibly sharded tree, on every process."""
-    def one(x):
-        if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
-            from jax.experimental import multihost_utils
-            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-        if isinstance(x, jax.Array) and not x.is_fully_replicated:
-            x = jax.device_put(x, NamedSharding(x.sharding.mesh, P())) if hasattr(x.sharding, "mesh") else x
-        return np.asarray(x)
-    return jax.tree.map(one, tree)
-
-
-def local_rows(mesh, global_batch: int) -> slice:
-    """The contiguous rows of a ``global_batch`` sharded along ``data`` that this
-    process's devices hold (all rows with one process)."""
-    sharding = NamedSharding(mesh, P("data"))
-    spans = sorted({(s[0].start or 0, global_batch if s[0].stop is None else s[0].stop)
-                    for s in sharding.addressable_devices_indices_map((global_batch,)).values()})
-    lo, hi = spans[0][0], spans[-1][1]
-    if any(a[1] != b[0] for a, b in zip(spans, spans[1:])):
-        raise ConfigError(f"this process's devices hold non-contiguous batch rows {spans}")
-    return slice(lo, hi)
-
-
-def shard_batch(batch: dict, mesh, global_batch: int | None = None) -> dict:
-    """Global arrays, sharded along ``data``, from this process's rows of the batch.
-
-    With one process ``batch`` is the whole batch; with several it must hold exactly the
-    rows :func:`local_rows` names (each process assembles only its own rows).
-    """
-    sharding = NamedSharding(mesh, P("data"))
-
-    def one(x):
-        gshape = ((global_batch if global_batch is not None else x.shape[0] * jax.process_count()),) + x.shape[1:]
-        return jax.make_array_from_process_local_data(sharding, np.asarray(x), gshape)
-
-    return jax.tree.map(one, batch)
-
-
-# ---------------------------------------------------------------------------- data
-def get_tokenizer(config, workdir: Path, texts):
-    """The report tokenizer: ``data.text.tokenizer_dir``, the pretrained model's, or one
-    built from the training reports into ``<workdir>/tokenizer`` (reused when present;
-    built by process 0 while the others wait)."""
-    t = config.data.text
-    if t.tokenizer_dir:
-        return load_tokenizer(t.tokenizer_dir)
-    if config.model.text.pretrained_dir:
-        return load_tokenizer(config.model.text.pretrained_dir)
-    out = workdir / "tokenizer"
-    if not (out / "vocab.txt").exists() and jax.process_index() == 0:
-        build_word_tokenizer([x for x in texts if x], out, max_vocab=int(t.vocab_max))
-    _barrier("mmvae_tokenizer")
-    return load_tokenizer(out)
-
-
-def special_ids(tokenizer) -> tuple[int, ...]:
-    return tuple(sorted({i for i in tokenizer.all_special_ids if i is not None}))
-
-
-def load_cohort(config, workdir: Path, manifest: str | None = None, *, tokenizer=None,
-                clinical_stats=None, show_progress=True):
-    """Prepare the cohort of ``manifest`` (default ``data.manifest``) with the run's cache."""
-    manifest = manifest or config.data.manifest
-    if not manifest:
-        raise ConfigError("data.manifest is empty: give a cohort manifest")
-    cache = PreprocessCache(config.data.cache_dir or (workdir / "cache"))
-    if tokenizer is None and config.data.report:
-        # Reports first (cheap), to build the tokenizer before tokenising.
-        from mmvae.data.manifest import read_manifest
-        texts = [e.text for e in read_manifest(manifest) if e.modality == "report" and e.text]
-        tokenizer = get_tokenizer(config, workdir, texts)
-    cohort = prepare_cohort(manifest, config.data, cache, tokenizer, clinical_stats=clinical_stats,
-                            show_progress=show_progress)
-    return cohort, tokenizer, cache
 
 
 def label_supervision(config, train: Cohort) -> tuple[Cohort, tuple[str, ...]]:
@@ -254,8 +94,6 @@ def _host_metrics(m: dict) -> dict:
 # ---------------------------------------------------------------------------- evaluation
 def _evaluate(eval_fn, params, cohort: Cohort, spec, config, mesh, rows: slice, step: int) -> dict:
     """Validation: ELBO terms averaged over cases + retrieval mAP@k per query subset."""
-    from mmvae.retrieval.embed import Embeddings
-    from mmvae.retrieval.evaluate import evaluate_subsets
 
     bs = int(config.train.batch_size)
     sums: dict[str, np.ndarray] = {}
@@ -275,7 +113,7 @@ def _evaluate(eval_fn, params, cohort: Cohort, spec, config, mesh, rows: slice, 
     m = len(spec.query_modalities)
     queries = [np.ones(m, np.float32)] + [np.eye(m, dtype=np.float32)[i] for i in range(m)]
     k = int(config.retrieval.k)
-    rows_ = evaluate_subsets(emb, config.data.label, k, subsets=queries, metric=config.retrieval.metric,
+    rows_ = evaluate(emb, config.data.label, k, subsets=queries, metric=config.retrieval.metric,
                              n_boot=int(config.train.eval_n_boot), seed=int(config.seed))
     for q, r in zip(["all"] + list(spec.query_modalities), rows_):
         out[f"retrieval/map@{k}/{q}"] = np.asarray(r.get(f"map@{k}", np.nan))
@@ -312,7 +150,6 @@ def initial_state(spec, seed: int, tx, ema: float, shardings, *, pretrained_dir:
     (no full copy on one device first, which matters with FSDP). With a pretrained
     report encoder the model is built eagerly, the weights loaded, then placed."""
     if pretrained_dir and spec.report:
-        from mmvae.models.text import load_hf_bert
         model = build_model(spec, seed)
         _, bert = load_hf_bert(pretrained_dir)
         model.encoders["report"].bert = bert
@@ -376,7 +213,6 @@ def train_and_evaluate(config, workdir: str | Path, *, show_progress: bool = Tru
     ``return_state``: include the final train state (device arrays) as ``"state"``.
     Returns a summary dict (final step, last metrics, timings, best validation mAP).
     """
-    from mmvae.config import resolve_pretrained_text, validate
     validate(config)
     resolve_pretrained_text(config)
     if config.model.text.get("freeze", False) and not config.model.text.pretrained_dir and config.data.report:
@@ -551,45 +387,3 @@ def train_and_evaluate(config, workdir: str | Path, *, show_progress: bool = Tru
     if return_state:
         summary["state"] = state
     return summary
-
-
-def abstract_train_state(spec, config, sharding=None):
-    """``(graphdef, ShapeDtypeStructs of the train state)`` for a model spec and config, without
-    creating any array; every leaf gets ``sharding`` (default: the first local device)."""
-    seed, ema = int(config.seed), float(config.optim.ema_decay)
-    tx, _ = optimizer(config)
-    graphdef = nnx.split(nnx.eval_shape(lambda: build_model(spec, seed)), nnx.Param)[0]
-    shapes = jax.eval_shape(lambda: init_state(build_model(spec, seed), tx, ema)[1])
-    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    return graphdef, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
-
-
-def load_trained(workdir: str | Path, *, use_ema: bool = True, step: int | None = None,
-                 return_step: bool = False):
-    """Rebuild the model of a trained work dir with a checkpoint's parameters.
-
-    ``step``: that checkpoint (default the newest intact one; a damaged newer one is
-    reported and skipped). Returns ``(config, spec, model, tokenizer)``, plus the step
-    actually restored with ``return_step=True``.
-    """
-    from mmvae.train.run import read_run_files
-    workdir = Path(workdir)
-    config, spec, _ = read_run_files(workdir)
-    graphdef, abstract = abstract_train_state(spec, config)
-    mgr = ckpt.manager(workdir, int(config.train.keep_checkpoints), read_only=True)
-    if step is None:
-        restored = ckpt.restore_latest(mgr, abstract, quarantine=False)
-    else:
-        restored = ckpt.restore_step(mgr, step, abstract)
-    if restored is None:
-        raise CheckpointError(f"{workdir} has no readable checkpoint")
-    step, state, meta = restored
-    ckpt.check_compatible(meta, fingerprint(spec), f"{workdir}/checkpoints/{step}")
-    params = state["ema"] if (use_ema and "ema" in state) else state["params"]
-    model = nnx.merge(graphdef, params)
-    tokenizer = load_tokenizer(workdir / "tokenizer") if (workdir / "tokenizer").exists() else (
-        load_tokenizer(config.data.text.tokenizer_dir or config.model.text.pretrained_dir)
-        if spec.report else None)
-    if return_step:
-        return config, spec, model, tokenizer, step
-    return config, spec, model, tokenizer

@@ -19,7 +19,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from mmvae.data.atomic import atomic_write_text
+from mmvae.atomic import atomic_write_text
 
 
 def _flatten(metrics: dict, names: dict[str, list[str]] | None = None) -> dict[str, float]:

@@ -19,15 +19,6 @@ from flax import nnx
 from mmvae.objectives.elbo import ObjectiveSpec, elbo_loss
 
 
-def init_state(model: nnx.Module, tx: optax.GradientTransformation, ema_decay: float = 0.0):
-    graphdef, params = nnx.split(model, nnx.Param)
-    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
-             "nonfinite_steps": jnp.zeros((), jnp.int32), "skipped_total": jnp.zeros((), jnp.int32)}
-    if ema_decay > 0:
-        state["ema"] = jax.tree.map(jnp.copy, params)
-    return graphdef, state
-
-
 def _path_str(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 

@@ -1,0 +1,103 @@
+"""A run as others use it: its cohort, its tokenizer and its trained model.
+
+:func:`load_trained` rebuilds the model of a trained work dir from its run files
+(:mod:`mmvae.runs.files`) and a checkpoint (:mod:`mmvae.runs.checkpoint`);
+:func:`load_cohort` prepares a manifest with the run's preprocessing cache and report
+tokenizer. Training (:mod:`mmvae.train`), retrieval and experiments all load runs through
+here, so retrieval never imports the training loop.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+from flax import nnx
+
+from mmvae.data.cache import PreprocessCache
+from mmvae.data.dataset import prepare_cohort
+from mmvae.data.manifest import read_manifest
+from mmvae.data.text import build_word_tokenizer, load_tokenizer
+from mmvae.errors import CheckpointError, ConfigError
+from mmvae.models.mvae import build_model
+from mmvae.runs import checkpoint as ckpt
+from mmvae.runs.files import fingerprint, read_run_files
+from mmvae.runs.setup import init_state, optimizer
+from mmvae.sharding import barrier
+
+
+def get_tokenizer(config, workdir: Path, texts):
+    """The report tokenizer: ``data.text.tokenizer_dir``, the pretrained model's, or one
+    built from the training reports into ``<workdir>/tokenizer`` (reused when present;
+    built by process 0 while the others wait)."""
+    t = config.data.text
+    if t.tokenizer_dir:
+        return load_tokenizer(t.tokenizer_dir)
+    if config.model.text.pretrained_dir:
+        return load_tokenizer(config.model.text.pretrained_dir)
+    out = workdir / "tokenizer"
+    if not (out / "vocab.txt").exists() and jax.process_index() == 0:
+        build_word_tokenizer([x for x in texts if x], out, max_vocab=int(t.vocab_max))
+    barrier("mmvae_tokenizer")
+    return load_tokenizer(out)
+
+
+def special_ids(tokenizer) -> tuple[int, ...]:
+    return tuple(sorted({i for i in tokenizer.all_special_ids if i is not None}))
+
+
+def load_cohort(config, workdir: Path, manifest: str | None = None, *, tokenizer=None,
+                clinical_stats=None, show_progress=True):
+    """Prepare the cohort of ``manifest`` (default ``data.manifest``) with the run's cache."""
+    manifest = manifest or config.data.manifest
+    if not manifest:
+        raise ConfigError("data.manifest is empty: give a cohort manifest")
+    cache = PreprocessCache(config.data.cache_dir or (workdir / "cache"))
+    if tokenizer is None and config.data.report:
+        # Reports first (cheap), to build the tokenizer before tokenising.
+        texts = [e.text for e in read_manifest(manifest) if e.modality == "report" and e.text]
+        tokenizer = get_tokenizer(config, workdir, texts)
+    cohort = prepare_cohort(manifest, config.data, cache, tokenizer, clinical_stats=clinical_stats,
+                            show_progress=show_progress)
+    return cohort, tokenizer, cache
+
+
+
+def abstract_train_state(spec, config, sharding=None):
+    """``(graphdef, ShapeDtypeStructs of the train state)`` for a model spec and config, without
+    creating any array; every leaf gets ``sharding`` (default: the first local device)."""
+    seed, ema = int(config.seed), float(config.optim.ema_decay)
+    tx, _ = optimizer(config)
+    graphdef = nnx.split(nnx.eval_shape(lambda: build_model(spec, seed)), nnx.Param)[0]
+    shapes = jax.eval_shape(lambda: init_state(build_model(spec, seed), tx, ema)[1])
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return graphdef, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
+
+
+def load_trained(workdir: str | Path, *, use_ema: bool = True, step: int | None = None,
+                 return_step: bool = False):
+    """Rebuild the model of a trained work dir with a checkpoint's parameters.
+
+    ``step``: that checkpoint (default the newest intact one; a damaged newer one is
+    reported and skipped). Returns ``(config, spec, model, tokenizer)``, plus the step
+    actually restored with ``return_step=True``.
+    """
+    workdir = Path(workdir)
+    config, spec, _ = read_run_files(workdir)
+    graphdef, abstract = abstract_train_state(spec, config)
+    mgr = ckpt.manager(workdir, int(config.train.keep_checkpoints), read_only=True)
+    if step is None:
+        restored = ckpt.restore_latest(mgr, abstract, quarantine=False)
+    else:
+        restored = ckpt.restore_step(mgr, step, abstract)
+    if restored is None:
+        raise CheckpointError(f"{workdir} has no readable checkpoint")
+    step, state, meta = restored
+    ckpt.check_compatible(meta, fingerprint(spec), f"{workdir}/checkpoints/{step}")
+    params = state["ema"] if (use_ema and "ema" in state) else state["params"]
+    model = nnx.merge(graphdef, params)
+    tokenizer = load_tokenizer(workdir / "tokenizer") if (workdir / "tokenizer").exists() else (
+        load_tokenizer(config.data.text.tokenizer_dir or config.model.text.pretrained_dir)
+        if spec.report else None)
+    if return_step:
+        return config, spec, model, tokenizer, step
+    return config, spec, model, tokenizer
