@@ -46,6 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
         extra_modalities="error",     # manifest modality not in the config: error | ignore
         text=dict(max_len=64, tokenizer_dir="", vocab_max=4096),
         clinical=dict(numeric=[], categorical={}),   # e.g. numeric=['age'], categorical={'sex': ['F','M']}
+        other_modalities={},          # modalities of other registered kinds: {name: {'kind': ..., **options}}
         prefetch=2,
         workers=2,
     )
@@ -123,7 +124,7 @@ def lock(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 # Groups whose keys are data, not fields (any key may be added by a config file or override).
-FREE_FORM_GROUPS = ("data.clinical.categorical",)
+FREE_FORM_GROUPS = ("data.clinical.categorical", "data.other_modalities")
 
 # Fields with a fixed set of values, checked by :func:`validate`.
 CHOICES = {
@@ -416,6 +417,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"data.shape {tuple(d.shape)} must have data.spatial_dims={d.spatial_dims} entries")
     if d.spacing and len(d.spacing) != len(d.shape):
         raise ConfigError(f"data.spacing {tuple(d.spacing)} must have as many entries as data.shape {tuple(d.shape)}")
+    for name, opts in dict(d.other_modalities).items():
+        if not isinstance(opts, (dict, ml_collections.ConfigDict)) or "kind" not in opts:
+            raise ConfigError(f"data.other_modalities.{name} must be a dict with a 'kind' (a registered modality "
+                              f"kind) and its options, got {opts!r}")
     o = config.objective
     if float(o.supcon_weight) > 0 and float(d.label_fraction) <= 0:
         raise ConfigError("objective.supcon_weight > 0 needs labels: set data.label_fraction > 0")

@@ -9,7 +9,7 @@ from flax import nnx
 
 from mmvae.config import base_config
 from mmvae.errors import ConfigError
-from mmvae.models.encoders import ImageEncoder
+from mmvae.models.modalities.image import ImageEncoder
 from mmvae.models.layers import depth_to_space, space_to_depth
 from mmvae.models.mvae import build_model
 from mmvae.objectives.elbo import elbo_loss, draw_subsets, ObjectiveSpec

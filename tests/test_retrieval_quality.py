@@ -18,8 +18,9 @@ from mmvae.experiments import baselines as B
 from mmvae.experiments.diagnose import linear_probe, variance_explained
 from mmvae.experiments.protocol import held_out
 from mmvae.retrieval.evaluate import chance_map, evaluate
-from mmvae.models.encoders import ImageEncoder
-from mmvae.models.mvae import LABEL, ModelSpec, build_model
+from mmvae.models.modalities.image import ImageEncoder
+from mmvae.models.modalities.label import LABEL
+from mmvae.models.mvae import ModelSpec, build_model
 from mmvae.objectives.elbo import ObjectiveSpec, elbo_loss, paired_info_nce
 from mmvae.quickstart import synthesize
 from mmvae.retrieval.embed import embed_cohort

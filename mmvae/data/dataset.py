@@ -10,6 +10,7 @@ and :meth:`Cohort.batch` assembles static-shape batches with presence masks:
 * ``clinical/num``, ``clinical/num_mask`` ``(B, Fn)``; ``clinical/cat``, ``clinical/cat_mask`` ``(B, Fc)``
 * ``label/id``, ``label/mask`` ``(B,)``: only for a cohort given label supervision
   (:func:`with_label_supervision`, the semi-supervised label expert)
+* entries of modalities of other kinds, built per case by their kind's ``case_arrays``
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -43,35 +44,46 @@ def preprocess_config(data_cfg) -> PreprocessConfig:
 
 @dataclasses.dataclass
 class Cohort:
-    """Preprocessed cases, indexable by position."""
+    """Preprocessed cases, indexable by position.
+
+    ``images``: per image modality, per case, ``(V, *shape)`` (memmap) or None; ``arrays``:
+    every other batch entry, one fixed-shape row per case (``report/ids`` ``(N, T)``,
+    ``clinical/num`` ``(N, Fn)``, ``label/id`` ``(N,)``, entries of other modality kinds...).
+    A modality ``m`` of ``arrays`` is present in case i where one of its ``m/...mask``
+    entries is non-zero in row i.
+    """
 
     case_ids: list[str]
     image_modalities: tuple[str, ...]
     images: dict[str, list[np.ndarray | None]]      # per modality, per case: (V, *shape) memmap or None
     reports: list[str | None]
-    tokens: np.ndarray                                # (N, T) int32
-    token_mask: np.ndarray                            # (N, T) int32
-    clinical_num: np.ndarray                          # (N, Fn) float32
-    clinical_num_mask: np.ndarray
-    clinical_cat: np.ndarray                          # (N, Fc) int32
-    clinical_cat_mask: np.ndarray
+    arrays: dict[str, np.ndarray]                     # batch key -> (N, ...) per-case entries
     labels: list[dict[str, str]]
     shape: tuple[int, ...]
     max_series: int
     skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     clinical_stats: dict = dataclasses.field(default_factory=dict)
-    label_id: np.ndarray | None = None                # (N,) int32 class index for the label expert
-    label_mask: np.ndarray | None = None              # (N,) float32, 1 where the label is given
 
     def __len__(self) -> int:
         return len(self.case_ids)
 
+    # named views of the built-in entries
+    tokens = property(lambda self: self.arrays["report/ids"])                 # (N, T) int32
+    token_mask = property(lambda self: self.arrays["report/mask"])            # (N, T) int32
+    clinical_num = property(lambda self: self.arrays["clinical/num"])         # (N, Fn) float32
+    clinical_num_mask = property(lambda self: self.arrays["clinical/num_mask"])
+    clinical_cat = property(lambda self: self.arrays["clinical/cat"])         # (N, Fc) int32
+    clinical_cat_mask = property(lambda self: self.arrays["clinical/cat_mask"])
+    label_id = property(lambda self: self.arrays.get("label/id"))             # (N,) int32 or None
+    label_mask = property(lambda self: self.arrays.get("label/mask"))         # (N,) float32 or None
+
     def present_modalities(self, i: int) -> list[str]:
+        """Observed modalities of case ``i`` (the label expert's entries are not a modality)."""
         out = [m for m in self.image_modalities if self.images[m][i] is not None]
-        if self.token_mask[i].any():
-            out.append(REPORT)
-        if self.clinical_num_mask[i].any() or self.clinical_cat_mask[i].any():
-            out.append(CLINICAL)
+        for key, a in self.arrays.items():
+            m = key.split("/")[0]
+            if m != "label" and key.endswith("mask") and m not in out and np.any(a[i]):
+                out.append(m)
         return out
 
     def label_array(self, name: str) -> np.ndarray:
@@ -94,16 +106,9 @@ class Cohort:
                     x[r, :n] = arr[:n]
                     mask[r, :n] = 1.0
             out[f"image/{m}"], out[f"series_mask/{m}"] = x, mask
-        v = valid[:, None]
-        out["report/ids"] = np.where(v, self.tokens[idx], 0).astype(np.int32)
-        out["report/mask"] = np.where(v, self.token_mask[idx], 0).astype(np.int32)
-        out["clinical/num"] = np.where(v, self.clinical_num[idx], 0).astype(np.float32)
-        out["clinical/num_mask"] = np.where(v, self.clinical_num_mask[idx], 0).astype(np.float32)
-        out["clinical/cat"] = np.where(v, self.clinical_cat[idx], 0).astype(np.int32)
-        out["clinical/cat_mask"] = np.where(v, self.clinical_cat_mask[idx], 0).astype(np.float32)
-        if self.label_id is not None:
-            out["label/id"] = np.where(valid, self.label_id[idx], 0).astype(np.int32)
-            out["label/mask"] = np.where(valid, self.label_mask[idx], 0).astype(np.float32)
+        for key, a in self.arrays.items():
+            v = valid.reshape((b,) + (1,) * (a.ndim - 1))
+            out[key] = np.where(v, a[idx], 0).astype(a.dtype)
         return out
 
     def subset(self, indices: Sequence[int]) -> "Cohort":
@@ -111,12 +116,39 @@ class Cohort:
         return dataclasses.replace(
             self, case_ids=[self.case_ids[i] for i in idx],
             images={m: [v[i] for i in idx] for m, v in self.images.items()},
-            reports=[self.reports[i] for i in idx], tokens=self.tokens[idx], token_mask=self.token_mask[idx],
-            clinical_num=self.clinical_num[idx], clinical_num_mask=self.clinical_num_mask[idx],
-            clinical_cat=self.clinical_cat[idx], clinical_cat_mask=self.clinical_cat_mask[idx],
-            labels=[self.labels[i] for i in idx], skipped=[],
-            label_id=None if self.label_id is None else self.label_id[idx],
-            label_mask=None if self.label_mask is None else self.label_mask[idx])
+            reports=[self.reports[i] for i in idx], arrays={k: a[idx] for k, a in self.arrays.items()},
+            labels=[self.labels[i] for i in idx], skipped=[])
+
+
+def fixed_arrays(tokens: np.ndarray, token_mask: np.ndarray, num: np.ndarray, num_mask: np.ndarray,
+                 cat: np.ndarray, cat_mask: np.ndarray, other: dict[str, np.ndarray] | None = None
+                 ) -> dict[str, np.ndarray]:
+    """The per-case batch entries of reports and clinical fields (+ ``other`` kinds' entries), typed."""
+    out = {"report/ids": tokens.astype(np.int32), "report/mask": token_mask.astype(np.int32),
+           "clinical/num": num.astype(np.float32), "clinical/num_mask": num_mask.astype(np.float32),
+           "clinical/cat": cat.astype(np.int32), "clinical/cat_mask": cat_mask.astype(np.float32)}
+    out.update(other or {})
+    return out
+
+
+def case_arrays(cases: Sequence[CaseEntries], builders: Mapping[str, Callable[[CaseEntries], dict]]
+                ) -> dict[str, np.ndarray]:
+    """Stack the entries ``builders[m](case) -> {key: per-case array}`` of every case (``(N, ...)``).
+
+    Errors name the case and modality (:class:`InputError`)."""
+    out: dict[str, list] = {}
+    for m, build in builders.items():
+        for c in cases:
+            try:
+                entries = build(c)
+            except InputError as e:
+                raise e.with_context(case_id=c.case_id, modality=m) from None
+            for key, a in entries.items():
+                out.setdefault(key, []).append(np.asarray(a))
+    try:
+        return {k: np.stack(v) for k, v in out.items()}
+    except ValueError as e:
+        raise InputError(f"entries of different shapes across cases: {e}") from None
 
 
 def with_label_supervision(cohort: Cohort, label: str, classes: Sequence[str], fraction: float,
@@ -137,7 +169,7 @@ def with_label_supervision(cohort: Cohort, label: str, classes: Sequence[str], f
     chosen = cand[order[: int(round(float(fraction) * len(cand)))]]
     mask = np.zeros(len(values), np.float32)
     mask[chosen] = 1.0
-    return dataclasses.replace(cohort, label_id=ids, label_mask=mask)
+    return dataclasses.replace(cohort, arrays={**cohort.arrays, "label/id": ids, "label/mask": mask})
 
 
 def _load_and_preprocess(path: str, cfg: PreprocessConfig, spatial_dims: int,
@@ -200,8 +232,12 @@ def standardize_clinical(num: np.ndarray, mask: np.ndarray, stats: dict | None =
 
 
 def prepare_cohort(manifest: str | Path, data_cfg, cache: PreprocessCache, tokenizer=None, *,
-                   clinical_stats: dict | None = None, show_progress: bool = True) -> Cohort:
+                   clinical_stats: dict | None = None, show_progress: bool = True,
+                   builders: Mapping[str, Callable[[CaseEntries], dict]] | None = None) -> Cohort:
     """Load, validate and preprocess every case of ``manifest``.
+
+    ``builders``: for modalities of other kinds (``data.other_modalities``), ``m ->
+    builder(case) -> {batch key: per-case array}`` (see :func:`case_arrays`).
 
     With ``data_cfg.on_error == 'skip'`` a case with an unusable file is skipped with a
     warning and recorded in ``Cohort.skipped``; otherwise its :class:`InputError` is raised.
@@ -267,11 +303,10 @@ def prepare_cohort(manifest: str | Path, data_cfg, cache: PreprocessCache, token
     num, num_mask, cat, cat_mask = clinical_arrays(kept, list(data_cfg.clinical.numeric),
                                                     dict(data_cfg.clinical.categorical))
     num, clinical_stats = standardize_clinical(num, num_mask, clinical_stats)
+    arrays = fixed_arrays(tokens, token_mask, num, num_mask, cat, cat_mask, case_arrays(kept, builders or {}))
     return Cohort(case_ids=[c.case_id for c in kept], image_modalities=tuple(modalities), images=images,
-                  reports=reports, tokens=tokens, token_mask=token_mask, clinical_num=num,
-                  clinical_num_mask=num_mask, clinical_cat=cat, clinical_cat_mask=cat_mask,
-                  labels=[dict(c.labels) for c in kept], shape=cfg.shape, max_series=int(data_cfg.max_series),
-                  skipped=skipped, clinical_stats=clinical_stats)
+                  reports=reports, arrays=arrays, labels=[dict(c.labels) for c in kept], shape=cfg.shape,
+                  max_series=int(data_cfg.max_series), skipped=skipped, clinical_stats=clinical_stats)
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -49,8 +49,8 @@ import numpy as np
 
 from mmvae.data import io as mio
 from mmvae.data.cache import PreprocessCache
-from mmvae.data.dataset import (CLINICAL, clinical_arrays, Cohort, load_case_images, preprocess_config,
-                                standardize_clinical)
+from mmvae.data.dataset import (CLINICAL, case_arrays, clinical_arrays, Cohort, fixed_arrays, load_case_images,
+                                preprocess_config, standardize_clinical)
 from mmvae.data.manifest import CaseEntries, REPORT
 from mmvae.data.text import tokenize
 from mmvae.errors import ConfigError, InputError
@@ -58,7 +58,7 @@ from mmvae.retrieval.embed import fused, make_encode_fn, query_dims
 from mmvae.retrieval.feedback import rocchio
 from mmvae.retrieval.index import CaseIndex, load_index, RERANKS, Result
 from mmvae.runs.files import fingerprint, read_run_files
-from mmvae.runs.trained import load_trained
+from mmvae.runs.trained import case_builders, load_trained
 
 __all__ = ["Retriever", "Result", "model_identity", "parse_filter", "parse_feedback", "query_main"]
 
@@ -228,9 +228,25 @@ class Retriever:
         return out
 
     # ------------------------------------------------------------------ encoding
+    def _check_other(self, other) -> dict[str, Any]:
+        """Values of ``data.other_modalities`` (modalities of other registered kinds)."""
+        if not other:
+            return {}
+        if not isinstance(other, Mapping):
+            raise InputError(f"other must be a dict modality → value, got {type(other).__name__}")
+        known = [n for n, _, _ in self.spec.extra]
+        bad = [m for m in other if m not in known]
+        if bad:
+            raise InputError(f"unknown modality {bad[0]!r} of another kind; this model has {known}", modality=bad[0])
+        return {m: v for m, v in other.items() if v is not None}
+
     def query_batch(self, images: Mapping[str, Sequence[str | os.PathLike]] | None = None,
-                    report: str | None = None, *, clinical: Mapping[str, Any] | None = None) -> dict:
-        """The one-case model batch of a query (layout of :meth:`Cohort.batch`)."""
+                    report: str | None = None, *, clinical: Mapping[str, Any] | None = None,
+                    other: Mapping[str, Any] | None = None) -> dict:
+        """The one-case model batch of a query (layout of :meth:`Cohort.batch`).
+
+        ``other``: values of modalities of other kinds (``data.other_modalities``), as the
+        manifest's ``meta`` gives them, built into batch entries by their kind."""
         imgs = self._check_images(images)
         if report is not None:
             if REPORT not in self.modalities:
@@ -240,10 +256,11 @@ class Retriever:
             if not report.strip():
                 raise InputError("empty report", modality=REPORT)
         meta = self._check_clinical(clinical)
-        if not imgs and report is None and not meta:
+        others = self._check_other(other)
+        if not imgs and report is None and not meta and not others:
             raise InputError("no query modality given: give at least one image series or a report; "
                              + self._known())
-        case = CaseEntries(QUERY_CASE, imgs, report, None, {}, meta)
+        case = CaseEntries(QUERY_CASE, imgs, report, None, {}, {**meta, **others})
         data = self.config.data
         spatial_dims = int(data.spatial_dims)
         # Exactly as prepare_cohort: the first series of the reference modality, if given.
@@ -267,15 +284,16 @@ class Retriever:
         num, _ = standardize_clinical(num, num_mask, self.clinical_stats)
         cohort = Cohort(case_ids=[QUERY_CASE], image_modalities=self.image_modalities,
                         images={m: [arrays.get(m)] for m in self.image_modalities}, reports=[report],
-                        tokens=tokens, token_mask=token_mask, clinical_num=num, clinical_num_mask=num_mask,
-                        clinical_cat=cat, clinical_cat_mask=cat_mask, labels=[{}],
-                        shape=tuple(self.preprocess.shape), max_series=self.max_series,
+                        arrays=fixed_arrays(tokens, token_mask, num, num_mask, cat, cat_mask,
+                                            case_arrays([case], case_builders(self.config))),
+                        labels=[{}], shape=tuple(self.preprocess.shape), max_series=self.max_series,
                         clinical_stats=self.clinical_stats)
         return cohort.batch([0])
 
-    def encode(self, images=None, report=None, *, clinical=None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    def encode(self, images=None, report=None, *, clinical=None,
+               other=None) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """Like :meth:`encode_query`, also returning the modalities the model saw."""
-        batch = self.query_batch(images, report, clinical=clinical)
+        batch = self.query_batch(images, report, clinical=clinical, other=other)
         emu, elv, present = jax.device_get(self._encode(batch))
         present = np.asarray(present)
         if not present.any():
@@ -286,7 +304,8 @@ class Retriever:
 
     def encode_query(self, images: Mapping[str, Sequence[str | os.PathLike]] | None = None,
                      report: str | None = None, *,
-                     clinical: Mapping[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                     clinical: Mapping[str, Any] | None = None,
+                     other: Mapping[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Fused posterior ``(mu, logvar)``, each ``(L,)`` float32, of the given modalities.
 
         Args:
@@ -295,12 +314,13 @@ class Retriever:
             several series (the first ``data.max_series`` are used).
           report: report text (tokenised with the run's tokenizer).
           clinical: clinical fields of the run's config, e.g. ``{'age': 63, 'sex': 'F'}``.
+          other: values of modalities of other kinds (``data.other_modalities``).
 
         Raises:
           InputError: nothing given; an unknown modality (the message lists the known
             ones); a file that fails to load or preprocess (naming modality and file).
         """
-        mu, lv, _ = self.encode(images, report, clinical=clinical)
+        mu, lv, _ = self.encode(images, report, clinical=clinical, other=other)
         return mu, lv
 
     # ------------------------------------------------------------------ search
@@ -362,11 +382,11 @@ class Retriever:
     def search(self, images: Mapping[str, Sequence[str | os.PathLike]] | None = None,
                report: str | None = None, k: int = 10, filter=None, exclude=None,  # noqa: A002
                feedback: Mapping[str, Sequence[str]] | None = None, rerank: str | None = None, *,
-               clinical: Mapping[str, Any] | None = None) -> list[Result]:
+               clinical: Mapping[str, Any] | None = None, other: Mapping[str, Any] | None = None) -> list[Result]:
         """The ``k`` indexed cases most similar to the query, best first.
 
         Args:
-          images, report, clinical: the query (see :meth:`encode_query`).
+          images, report, clinical, other: the query (see :meth:`encode_query`).
           k: results, 1 ≤ k ≤ cases left after filter/exclude (else InputError).
           filter: index filter, e.g. ``{'has': 'dwi'}``, ``{'lacks': ['t1']}``,
             ``{'labels': {'class': 'glioma'}}`` or ``callable(meta) -> bool``.
@@ -377,16 +397,16 @@ class Retriever:
             candidates with the query's full posterior.
         """
         self._check_k(k)   # before the (expensive) encoding
-        mu, lv, used = self.encode(images, report, clinical=clinical)
+        mu, lv, used = self.encode(images, report, clinical=clinical, other=other)
         return self.search_embedding(mu, lv, k=k, filter=filter, exclude=exclude, feedback=feedback,
                                      rerank=rerank, modalities=used)
 
     # ------------------------------------------------------------------ index upkeep
-    def add_case(self, case_id: str, images=None, report=None, *, clinical=None,
+    def add_case(self, case_id: str, images=None, report=None, *, clinical=None, other=None,
                  labels: Mapping | None = None) -> list[str]:
         """Encode a case and add it to the (in-memory) index; returns its modalities.
         Call :meth:`save` to write the index."""
-        mu, lv, names = self.encode(images, report, clinical=clinical)
+        mu, lv, names = self.encode(images, report, clinical=clinical, other=other)
         self.index.add(mu[None], lv[None], [case_id], [{"modalities": names, "labels": dict(labels or {})}])
         return names
 

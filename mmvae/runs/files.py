@@ -36,13 +36,15 @@ def spec_from_dict(d: dict) -> ModelSpec:
         if k in d:
             d[k] = tuple(d[k])
     d["clinical_categorical"] = tuple((k, tuple(v)) for k, v in d["clinical_categorical"])
+    d["extra"] = tuple((n, k, tuple((o, tuple(v) if isinstance(v, list) else v) for o, v in opts))
+                       for n, k, opts in d.get("extra", ()))
     return ModelSpec(**d)
 
 
 # Spec fields added after runs existed, with the value that reproduces the older model:
 # at that value they stay out of the fingerprint, so older checkpoints still load.
 _NEUTRAL_LATER_FIELDS = {"full_res_channels": -1, "pooling": "flatten", "label_classes": (), "label_hidden": 64,
-                         "private_dim": 0}
+                         "private_dim": 0, "extra": ()}
 
 
 def fingerprint(spec: ModelSpec) -> str:

@@ -49,9 +49,21 @@ def model_spec(config, vocab_size: int = 0, special_ids: tuple[int, ...] = (0,),
         clinical_hidden=int(m.clinical.hidden), likelihood=o.likelihood, learn_scale=bool(o.learn_scale),
         init_log_scale=float(o.init_log_scale), dtype=m.dtype,
         pooling=m.image.get("pooling", "flatten"), label_classes=tuple(label_classes),
-        label_hidden=int(m.get("label", {}).get("hidden", 64)), private_dim=int(m.get("private_dim", 0)))
+        label_hidden=int(m.get("label", {}).get("hidden", 64)), private_dim=int(m.get("private_dim", 0)),
+        extra=other_modalities(config))
     spec.validate()
     return spec
+
+
+def other_modalities(config) -> tuple[tuple[str, str, tuple[tuple[str, object], ...]], ...]:
+    """``data.other_modalities`` as :attr:`ModelSpec.extra`: ``(name, kind, sorted options)``."""
+    out = []
+    for name, opts in sorted(dict(config.data.get("other_modalities", {})).items()):
+        opts = dict(opts)
+        kind = opts.pop("kind")
+        out.append((str(name), str(kind), tuple(sorted((str(k), tuple(v) if isinstance(v, list) else v)
+                                                       for k, v in opts.items()))))
+    return tuple(out)
 
 
 def objective_spec(config, spec: ModelSpec) -> ObjectiveSpec:

@@ -18,10 +18,11 @@ from mmvae.data.dataset import prepare_cohort
 from mmvae.data.manifest import read_manifest
 from mmvae.data.text import build_word_tokenizer, load_tokenizer
 from mmvae.errors import CheckpointError, ConfigError
+from mmvae.models.modalities import KINDS
 from mmvae.models.mvae import build_model
 from mmvae.runs import checkpoint as ckpt
 from mmvae.runs.files import fingerprint, read_run_files
-from mmvae.runs.setup import init_state, optimizer
+from mmvae.runs.setup import init_state, optimizer, other_modalities
 from mmvae.sharding import barrier
 
 
@@ -45,6 +46,19 @@ def special_ids(tokenizer) -> tuple[int, ...]:
     return tuple(sorted({i for i in tokenizer.all_special_ids if i is not None}))
 
 
+def case_builders(config) -> dict:
+    """``m -> builder(case) -> {batch key: per-case array}`` for ``data.other_modalities`` (their
+    kind's ``case_arrays`` on the case's manifest metadata)."""
+    out = {}
+    for name, kind_name, opts in other_modalities(config):
+        kind = KINDS.get(kind_name)
+        if kind is None or kind.case_arrays is None:
+            raise ConfigError(f"data.other_modalities.{name}: kind {kind_name!r} is not registered or has no "
+                              f"case_arrays (registered: {sorted(KINDS)})")
+        out[name] = (lambda case, kind=kind, name=name, opts=dict(opts): kind.case_arrays(name, opts, case.metadata))
+    return out
+
+
 def load_cohort(config, workdir: Path, manifest: str | None = None, *, tokenizer=None,
                 clinical_stats=None, show_progress=True):
     """Prepare the cohort of ``manifest`` (default ``data.manifest``) with the run's cache."""
@@ -57,7 +71,7 @@ def load_cohort(config, workdir: Path, manifest: str | None = None, *, tokenizer
         texts = [e.text for e in read_manifest(manifest) if e.modality == "report" and e.text]
         tokenizer = get_tokenizer(config, workdir, texts)
     cohort = prepare_cohort(manifest, config.data, cache, tokenizer, clinical_stats=clinical_stats,
-                            show_progress=show_progress)
+                            show_progress=show_progress, builders=case_builders(config))
     return cohort, tokenizer, cache
 
 

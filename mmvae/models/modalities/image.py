@@ -1,12 +1,10 @@
-"""Modality encoders (data → Gaussian expert over the shared latent) and decoders.
+"""Image modalities (MRI sequences, key images): ``image/<m> (B, S, *shape)`` + ``series_mask/<m> (B, S)``.
 
-Shapes at the boundaries (B: batch, S: series per modality, L: latent size):
-
-* :class:`ImageEncoder`: ``(B, S, *spatial)`` + series mask ``(B, S)`` → mu, logvar ``(B, L)``
-* :class:`ImageDecoder`: ``z (N, L)`` → ``(N, *spatial)``
-* :class:`ReportEncoder`: token ids, mask ``(B, T)`` → mu, logvar ``(B, L)``
-* :class:`BagOfWordsDecoder`: ``z (N, L)`` → logits ``(N, V)``
-* :class:`ClinicalEncoder` / :class:`ClinicalDecoder`: masked tabular fields.
+Encoder: residual conv stages with space-to-depth down-sampling, spatial pooling, then
+a set pooling over the S series of a case. Decoder: the mirror, with an optional
+"unpatchify" head. Likelihood: Laplace or Gaussian per voxel with one scale per image
+modality (:func:`mmvae.models.likelihoods.image_log_likelihood`), averaged over a case's
+series. A series holding NaN/Inf is dropped from its case (counted in ``nonfinite``).
 """
 from __future__ import annotations
 
@@ -17,17 +15,19 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mmvae.models import fusion
-from mmvae.models.layers import MLP, ConvResBlock, Downsample, Upsample
-from mmvae.models.text import BertConfig, BertEncoder, mean_pool
-
-SET_POOLINGS = ("poe", "mean", "attention")
-POOLINGS = ("flatten", "attention", "max", "multiscale")
+from mmvae.errors import ConfigError
+from mmvae.models import fusion, likelihoods
+from mmvae.models.layers import ConvResBlock, Downsample, Upsample, space_to_depth
+from mmvae.models.modalities.kind import Kind
 
 
 def total_factor(channels: Sequence[int], patch: int = 2) -> int:
     """Down-sampling factor of an encoder: ``patch · 2^(stages - 1)``."""
     return int(patch) * 2 ** (len(channels) - 1)
+
+
+SET_POOLINGS = ("poe", "mean", "attention")
+POOLINGS = ("flatten", "attention", "max", "multiscale")
 
 
 class ImageEncoder(nnx.Module):
@@ -194,105 +194,73 @@ class ImageDecoder(nnx.Module):
         return self.out(jax.nn.silu(h)).astype(jnp.float32)[..., 0]
 
 
-class ReportEncoder(nnx.Module):
-    """BERT encoder → masked mean pooling → dense → Gaussian (mu, logvar)."""
-
-    def __init__(self, cfg: BertConfig, latent_dim: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
-        self.bert = BertEncoder(cfg, dtype=dtype, rngs=rngs)
-        self.head = MLP([cfg.hidden_size, 4 * latent_dim, 2 * latent_dim], rngs=rngs)
-
-    def __call__(self, ids: jax.Array, mask: jax.Array) -> fusion.Gaussian:
-        h = self.bert(ids, mask)
-        pooled = mean_pool(h, mask).astype(jnp.float32)
-        mu, lv = jnp.split(self.head(pooled), 2, axis=-1)
-        return fusion.Gaussian(mu, lv)
+# ---------------------------------------------------------------------------- the kind
+def _inputs(batch: dict, m: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(x (B, S, *shape) with non-finite values zeroed, series mask (B, S) without the
+    non-finite series, count of present series dropped as non-finite ())``."""
+    x, sm = batch[f"image/{m}"], batch[f"series_mask/{m}"].astype(jnp.float32)
+    finite = jnp.all(jnp.isfinite(x.reshape(x.shape[:2] + (-1,))), axis=-1)
+    dropped = jnp.sum((~finite) & (sm > 0)).astype(jnp.int32)
+    return jnp.where(jnp.isfinite(x), x, 0.0), sm * finite, dropped
 
 
-class LabelEncoder(nnx.Module):
-    """Class index ``(B,)`` → Gaussian expert: embedding → MLP → (mu, logvar) ``(B, L)``.
-
-    The label is one more modality (semi-supervised multimodal VAE): where a case has no
-    label its expert is masked out of the fusion, so queries never need one.
-    """
-
-    def __init__(self, num_classes: int, latent_dim: int, hidden: int, *, rngs: nnx.Rngs):
-        self.embed = nnx.Embed(num_classes, hidden, rngs=rngs)
-        self.mlp = MLP([hidden, hidden, 2 * latent_dim], rngs=rngs)
-
-    def __call__(self, ids: jax.Array) -> fusion.Gaussian:
-        mu, lv = jnp.split(self.mlp(jax.nn.silu(self.embed(ids))), 2, axis=-1)
-        return fusion.Gaussian(mu, lv)
+def _encoder(spec, m: str, latent: int, dtype, rngs: nnx.Rngs) -> ImageEncoder:
+    return ImageEncoder(spec.shape, spec.channels, latent, blocks=spec.blocks, patch=spec.patch,
+                        full_res_blocks=spec.full_res_blocks, set_pooling=spec.set_pooling,
+                        pooling=spec.pooling, dtype=dtype, rngs=rngs)
 
 
-class LabelDecoder(nnx.Module):
-    """``z (N, L)`` → class logits ``(N, C)`` of a categorical likelihood."""
-
-    def __init__(self, num_classes: int, latent_dim: int, hidden: int, *, rngs: nnx.Rngs):
-        self.mlp = MLP([latent_dim, hidden, num_classes], rngs=rngs)
-
-    def __call__(self, z):
-        return self.mlp(z)
+def _decoder(spec, m: str, latent: int, dtype, rngs: nnx.Rngs) -> ImageDecoder:
+    return ImageDecoder(spec.shape, spec.channels, latent, patch=spec.patch,
+                        blocks=spec.blocks if spec.decoder_blocks < 0 else spec.decoder_blocks,
+                        full_res_blocks=spec.full_res_blocks, full_res_channels=spec.full_res_channels,
+                        dtype=dtype, rngs=rngs)
 
 
-class BagOfWordsDecoder(nnx.Module):
-    """``z (N, L)`` → vocabulary logits ``(N, V)`` of a multinomial over report words."""
-
-    def __init__(self, latent_dim: int, vocab_size: int, hidden: int, *, rngs: nnx.Rngs):
-        self.mlp = MLP([latent_dim, hidden, vocab_size], rngs=rngs)
-
-    def __call__(self, z):
-        return self.mlp(z)
+def _encode(encoder: ImageEncoder, batch: dict, m: str):
+    x, sm, dropped = _inputs(batch, m)
+    return encoder(x, sm), (jnp.sum(sm, -1) > 0).astype(jnp.float32), dropped
 
 
-class TokenDecoder(nnx.Module):
-    """``z (N, L)`` → per-position vocabulary logits ``(N, T, V)`` (non-autoregressive).
-
-    Each position gets ``MLP(z) + position embedding`` → SiLU → dense to the vocabulary.
-    """
-
-    def __init__(self, latent_dim: int, vocab_size: int, max_len: int, hidden: int, *, rngs: nnx.Rngs):
-        self.inp = MLP([latent_dim, hidden, hidden], rngs=rngs)
-        self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (max_len, hidden)))
-        self.out = nnx.Linear(hidden, vocab_size, rngs=rngs)
-
-    def __call__(self, z):
-        h = self.inp(z)[:, None, :] + self.pos[...][None]
-        return self.out(jax.nn.silu(h))
-
-
-class ClinicalEncoder(nnx.Module):
-    """Masked tabular fields → Gaussian. Input: values·mask and the mask itself, so a
-    missing field is distinguishable from a zero value."""
-
-    def __init__(self, num_numeric: int, cardinalities: Sequence[int], latent_dim: int, hidden: int, *,
-                 rngs: nnx.Rngs):
-        self.cardinalities = tuple(int(c) for c in cardinalities)
-        din = 2 * num_numeric + sum(self.cardinalities) + len(self.cardinalities)
-        self.mlp = MLP([din, hidden, hidden, 2 * latent_dim], rngs=rngs)
-
-    def __call__(self, num, num_mask, cat, cat_mask) -> fusion.Gaussian:
-        parts = [num * num_mask, num_mask]
-        for f, card in enumerate(self.cardinalities):
-            parts.append(jax.nn.one_hot(cat[:, f], card) * cat_mask[:, f:f + 1])
-        parts.append(cat_mask)
-        mu, lv = jnp.split(self.mlp(jnp.concatenate(parts, -1)), 2, axis=-1)
-        return fusion.Gaussian(mu, lv)
+def _log_likelihood(model, m: str, out: jax.Array, batch: dict, reps: int) -> jax.Array:
+    """``out (R·B, *shape)`` (or the patched layout) → ``(R, B)``: mean over present series."""
+    spec = model.spec
+    x, sm, _ = _inputs(batch, m)
+    b, s = x.shape[:2]
+    f = model.decoders[m].out_patch
+    if f is not None and out.shape[1:] != x.shape[2:]:       # patched decoder output
+        x = space_to_depth(x.reshape((b * s,) + x.shape[2:] + (1,)), f)
+        x = x.reshape((b, s) + x.shape[1:])
+    x_hat = out.reshape((reps, b, 1) + out.shape[1:])
+    log_scale = model.log_scale[...][spec.image_modalities.index(m)]
+    ll_rs = likelihoods.image_log_likelihood(
+        jnp.broadcast_to(x[None], (reps,) + x.shape).reshape((reps * b * s,) + x.shape[2:]),
+        jnp.broadcast_to(x_hat, (reps, b, s) + out.shape[1:]).reshape((reps * b * s,) + x.shape[2:]),
+        log_scale if spec.learn_scale else jax.lax.stop_gradient(log_scale), spec.likelihood).reshape(reps, b, s)
+    return jnp.sum(ll_rs * sm[None], -1) / jnp.maximum(jnp.sum(sm, -1), 1.0)[None]
 
 
-class ClinicalDecoder(nnx.Module):
-    """``z`` → (numeric predictions ``(N, Fn)``, list of per-field logits)."""
+def _validate(spec) -> None:
+    if not spec.image_modalities:
+        return
+    if spec.pooling not in POOLINGS:
+        raise ConfigError(f"model.image.pooling: unknown {spec.pooling!r}; choose one of {POOLINGS}")
+    if spec.full_res_channels < -1:
+        raise ConfigError(f"model.image.full_res_channels must be -1, 0 or > 0, got {spec.full_res_channels}")
+    if spec.patch < 1:
+        raise ConfigError(f"model.image.patch must be >= 1, got {spec.patch}")
+    if len(spec.shape) not in (2, 3):
+        raise ConfigError(f"data.shape must have 2 or 3 axes, got {spec.shape}")
+    if spec.channels:
+        f = total_factor(spec.channels, spec.patch)
+        if any(int(s) % f for s in spec.shape):
+            raise ConfigError(f"data.shape {tuple(spec.shape)} must be divisible by {f} = model.image.patch "
+                              f"{spec.patch} × 2 ** (len(model.image.channels) {len(spec.channels)} - 1)")
 
-    def __init__(self, num_numeric: int, cardinalities: Sequence[int], latent_dim: int, hidden: int, *,
-                 rngs: nnx.Rngs):
-        self.num_numeric = num_numeric
-        self.cardinalities = tuple(int(c) for c in cardinalities)
-        self.mlp = MLP([latent_dim, hidden, num_numeric + sum(self.cardinalities)], rngs=rngs)
 
-    def __call__(self, z):
-        out = self.mlp(z)
-        num = out[:, : self.num_numeric]
-        logits, start = [], self.num_numeric
-        for card in self.cardinalities:
-            logits.append(out[:, start:start + card])
-            start += card
-        return num, logits
+KIND = Kind(
+    name="image", names=lambda spec: tuple(spec.image_modalities), encoder=_encoder, decoder=_decoder,
+    encode=_encode, log_likelihood=_log_likelihood, validate=_validate, patched=True,
+    batch_keys=lambda spec, m: {f"image/{m}": ((-1,) + tuple(spec.shape), "float32"),
+                                f"series_mask/{m}": ((-1,), "float32")},
+    size=lambda spec, m: int(math.prod(spec.shape)))

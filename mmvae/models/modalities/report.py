@@ -1,0 +1,106 @@
+"""The report: token ids + mask ``report/ids``, ``report/mask`` ``(B, T)`` int32.
+
+Encoder: BERT (:mod:`mmvae.models.text`) → masked mean pooling → MLP → Gaussian.
+Decoder: a bag-of-words multinomial over the vocabulary (``bow``) or per-position token
+logits (``tokens``); special tokens are left out of the bag of words.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mmvae.errors import ConfigError
+from mmvae.models import fusion, likelihoods
+from mmvae.models.layers import MLP
+from mmvae.models.modalities.kind import Kind
+from mmvae.models.text import BertConfig, BertEncoder, mean_pool
+
+REPORT = "report"
+REPORT_DECODERS = ("bow", "tokens")
+
+
+class ReportEncoder(nnx.Module):
+    """BERT encoder → masked mean pooling → dense → Gaussian (mu, logvar)."""
+
+    def __init__(self, cfg: BertConfig, latent_dim: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.bert = BertEncoder(cfg, dtype=dtype, rngs=rngs)
+        self.head = MLP([cfg.hidden_size, 4 * latent_dim, 2 * latent_dim], rngs=rngs)
+
+    def __call__(self, ids: jax.Array, mask: jax.Array) -> fusion.Gaussian:
+        h = self.bert(ids, mask)
+        pooled = mean_pool(h, mask).astype(jnp.float32)
+        mu, lv = jnp.split(self.head(pooled), 2, axis=-1)
+        return fusion.Gaussian(mu, lv)
+
+
+class BagOfWordsDecoder(nnx.Module):
+    """``z (N, L)`` → vocabulary logits ``(N, V)`` of a multinomial over report words."""
+
+    def __init__(self, latent_dim: int, vocab_size: int, hidden: int, *, rngs: nnx.Rngs):
+        self.mlp = MLP([latent_dim, hidden, vocab_size], rngs=rngs)
+
+    def __call__(self, z):
+        return self.mlp(z)
+
+
+class TokenDecoder(nnx.Module):
+    """``z (N, L)`` → per-position vocabulary logits ``(N, T, V)`` (non-autoregressive).
+
+    Each position gets ``MLP(z) + position embedding`` → SiLU → dense to the vocabulary.
+    """
+
+    def __init__(self, latent_dim: int, vocab_size: int, max_len: int, hidden: int, *, rngs: nnx.Rngs):
+        self.inp = MLP([latent_dim, hidden, hidden], rngs=rngs)
+        self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (max_len, hidden)))
+        self.out = nnx.Linear(hidden, vocab_size, rngs=rngs)
+
+    def __call__(self, z):
+        h = self.inp(z)[:, None, :] + self.pos[...][None]
+        return self.out(jax.nn.silu(h))
+
+
+# ---------------------------------------------------------------------------- the kind
+def _encoder(spec, m: str, latent: int, dtype, rngs: nnx.Rngs) -> ReportEncoder:
+    return ReportEncoder(spec.bert, latent, dtype=dtype, rngs=rngs)
+
+
+def _decoder(spec, m: str, latent: int, dtype, rngs: nnx.Rngs):
+    if spec.report_decoder == "tokens":
+        return TokenDecoder(latent, spec.bert.vocab_size, spec.bert.max_position, spec.bow_hidden, rngs=rngs)
+    return BagOfWordsDecoder(latent, spec.bert.vocab_size, spec.bow_hidden, rngs=rngs)
+
+
+def _encode(encoder: ReportEncoder, batch: dict, m: str):
+    mask = batch["report/mask"]
+    present = (jnp.sum(mask, -1) > 0).astype(jnp.float32)
+    return encoder(batch["report/ids"], mask), present, jnp.zeros((), jnp.int32)
+
+
+def _log_likelihood(model, m: str, out: jax.Array, batch: dict, reps: int) -> jax.Array:
+    spec = model.spec
+    logits = out.reshape((reps, -1) + out.shape[1:])                    # (R, B, [T,] V)
+    if spec.report_decoder == "tokens":
+        return likelihoods.token_log_likelihood(batch["report/ids"][None], batch["report/mask"][None], logits)
+    counts = likelihoods.bag_of_words_counts(batch["report/ids"], batch["report/mask"], spec.bert.vocab_size,
+                                             spec.special_ids)
+    return likelihoods.bag_of_words_log_likelihood(counts[None], logits)
+
+
+def _validate(spec) -> None:
+    if spec.report_decoder not in REPORT_DECODERS:
+        raise ConfigError(f"model.report_decoder.kind: unknown {spec.report_decoder!r}; choose one of "
+                          f"{REPORT_DECODERS}")
+    if spec.report and spec.bert is None:
+        raise ConfigError("modality 'report' has no encoder configuration (model.text)")
+
+
+def _max_len(spec) -> int:
+    return spec.bert.max_position if spec.bert else 1
+
+
+KIND = Kind(
+    name="report", names=lambda spec: (REPORT,) if spec.report else (), encoder=_encoder, decoder=_decoder,
+    encode=_encode, log_likelihood=_log_likelihood, validate=_validate,
+    batch_keys=lambda spec, m: {"report/ids": ((_max_len(spec),), "int32"), "report/mask": ((_max_len(spec),), "int32")},
+    size=lambda spec, m: _max_len(spec))
