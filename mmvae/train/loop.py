@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -49,6 +48,8 @@ from mmvae.runs.setup import init_state, model_spec, objective_spec, optimizer
 from mmvae.runs.trained import load_cohort, special_ids
 from mmvae.sharding import (data_mesh, gather, local_rows, maybe_initialize_distributed, place, shard_batch,
                             state_shardings)
+from mmvae.train import evaluators as evals
+from mmvae.train.evaluators import ValidationPass
 from mmvae.train.metrics import MetricWriter
 from mmvae.train.step import make_eval_step, make_train_step
 # Module-level names (tests substitute them to slow down or poison the stream).
@@ -92,9 +93,8 @@ def _host_metrics(m: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------- evaluation
-def _evaluate(eval_fn, params, cohort: Cohort, spec, config, mesh, rows: slice, step: int) -> dict:
-    """Validation: ELBO terms averaged over cases + retrieval mAP@k per query subset."""
-
+def _validation_pass(eval_fn, params, cohort: Cohort, spec, config, mesh, rows: slice, step: int) -> ValidationPass:
+    """The eval step over every validation case: ELBO terms averaged over cases + the experts."""
     bs = int(config.train.batch_size)
     sums: dict[str, np.ndarray] = {}
     n_total = 0
@@ -107,21 +107,8 @@ def _evaluate(eval_fn, params, cohort: Cohort, spec, config, mesh, rows: slice, 
         n_total += n
         mu, lv, present = gather((mu, lv, present))
         mus.append(mu[valid]); lvs.append(lv[valid]); pres.append(present[valid])
-    out = {k: (v / max(n_total, 1)) for k, v in sums.items() if k not in ("nonfinite_inputs", "beta")}
-    out["num_cases"] = np.asarray(n_total)
     emb = Embeddings.from_experts(np.concatenate(mus), np.concatenate(lvs), np.concatenate(pres), cohort, spec)
-    m = len(spec.query_modalities)
-    queries = [np.ones(m, np.float32)] + [np.eye(m, dtype=np.float32)[i] for i in range(m)]
-    k = int(config.retrieval.k)
-    rows_ = evaluate(emb, config.data.label, k, subsets=queries, metric=config.retrieval.metric,
-                             n_boot=int(config.train.eval_n_boot), seed=int(config.seed))
-    for q, r in zip(["all"] + list(spec.query_modalities), rows_):
-        out[f"retrieval/map@{k}/{q}"] = np.asarray(r.get(f"map@{k}", np.nan))
-        out[f"retrieval/num_queries/{q}"] = np.asarray(r.get("num_queries", 0))
-        if q == "all" and f"map@{k}_lo" in r and int(config.train.eval_n_boot) > 0:
-            out[f"retrieval/map@{k}_lo/all"] = np.asarray(r[f"map@{k}_lo"])
-            out[f"retrieval/map@{k}_hi/all"] = np.asarray(r[f"map@{k}_hi"])
-    return out
+    return ValidationPass({k: v / max(n_total, 1) for k, v in sums.items()}, n_total, emb)
 
 
 # ---------------------------------------------------------------------------- the run
@@ -157,20 +144,6 @@ def initial_state(spec, seed: int, tx, ema: float, shardings, *, pretrained_dir:
     return jax.jit(lambda: init_state(build_model(spec, seed), tx, ema)[1], out_shardings=shardings)()
 
 
-def _latest_meta(workdir: Path) -> tuple[int, dict] | None:
-    """(step, meta) of the newest checkpoint, read without restoring any array (None if
-    there is none or its metadata is unreadable: the full restore reports that)."""
-    root = workdir / "checkpoints"
-    steps = sorted((int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir()), reverse=True) \
-        if root.is_dir() else []
-    for step in steps:
-        try:
-            return step, json.loads((root / str(step) / "meta" / "metadata").read_text())
-        except (OSError, ValueError):
-            continue
-    return (steps[0], {}) if steps else None
-
-
 def _check_resumable(config, meta: dict, where: str, fp: str | None = None, obj=None) -> None:
     if fp is not None:
         ckpt.check_compatible(meta, fp, where)
@@ -195,7 +168,7 @@ def _check_resumable(config, meta: dict, where: str, fp: str | None = None, obj=
 
 def _early_resume_checks(config, workdir: Path) -> None:
     """Refuse, before any data is read, a work dir whose checkpoints this config cannot continue."""
-    latest = _latest_meta(workdir)
+    latest = ckpt.latest_meta(workdir)
     if latest is None:
         return
     step, meta = latest
@@ -249,13 +222,17 @@ def train_and_evaluate(config, workdir: str | Path, *, show_progress: bool = Tru
     rows = local_rows(mesh, bs)
 
     fp = fingerprint(spec)
-    keep_best = int(config.train.keep_best) if int(config.train.eval_every) > 0 and len(val) else 0
+    evaluators = evals.from_config(config)
+    # checkpoints and the summary's best value follow the all-modality mAP of the first retrieval evaluator
+    best_key = next((f"retrieval/map@{int(e.options.get('k', config.retrieval.k))}/all" for e in evaluators
+                     if e.fn is evals.retrieval and e.every > 0), None)
+    keep_best = int(config.train.keep_best) if best_key and len(val) else 0
     mgr = ckpt.manager(workdir, int(config.train.keep_checkpoints), keep_best=keep_best,
                        async_save=bool(config.train.async_checkpoint))
     pos = Position()
     restored = None
     if mgr.all_steps():
-        latest = _latest_meta(workdir)
+        latest = ckpt.latest_meta(workdir)
         if latest is not None:   # another model shape: refuse before touching the arrays
             ckpt.check_compatible(latest[1], fp, f"{workdir}/checkpoints/{latest[0]}")
         restored = ckpt.restore_latest(mgr, ckpt.abstract(shapes, shardings))
@@ -284,12 +261,12 @@ def train_and_evaluate(config, workdir: str | Path, *, show_progress: bool = Tru
 
     step_fn = jax.jit(step_with_key, in_shardings=(shardings, batch_sharding),
                       out_shardings=(shardings, replicated), donate_argnums=0)
-    eval_every = int(config.train.eval_every) if len(val) else 0
-    if int(config.train.eval_every) and not len(val):
-        log.warning("train.eval_every is set but the validation split is empty (data.val_fraction=%s)",
-                    config.data.val_fraction)
+    if any(e.every for e in evaluators) and not len(val):
+        log.warning("validation evaluators are due (train.eval_every / evals) but the validation split is empty "
+                    "(data.val_fraction=%s)", config.data.val_fraction)
+    evaluators = [e for e in evaluators if e.every > 0] if len(val) else []
     eval_fn = None
-    if eval_every:
+    if evaluators:
         eval_step = make_eval_step(graphdef, obj)
         eval_key = jax.random.fold_in(base_key, EVAL_KEY_SALT)
         params_sh = shardings["ema"] if "ema" in state else shardings["params"]
@@ -352,12 +329,16 @@ def train_and_evaluate(config, workdir: str | Path, *, show_progress: bool = Tru
                         f"written at step {done} in {workdir}/checkpoints holds the last good parameters "
                         f"(from step {done - bad}). Lower optim.lr, check the inputs, or raise the limit.")
             val_metric, paused = None, False
-            if eval_every and (done % eval_every == 0 or done == total):
+            due = [e for e in evaluators if e.due(done, total)]
+            if due:
                 paused = True
                 params = state["ema"] if "ema" in state else state["params"]
-                vm = _evaluate(eval_fn, params, val, spec, config, mesh, rows, done)
+                vp = _validation_pass(eval_fn, params, val, spec, config, mesh, rows, done)
+                vm = {}
+                for e in due:
+                    vm.update(e(vp, spec, config))
                 last_val = writer.write(done, vm, split="val", names=names)
-                v = last_val.get(f"retrieval/map@{int(config.retrieval.k)}/all")
+                v = last_val.get(best_key) if best_key else None
                 if v is not None and np.isfinite(v):
                     val_metric = float(v)
                     if best["value"] is None or val_metric > best["value"]:

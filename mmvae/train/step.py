@@ -11,6 +11,8 @@ gradients, optimiser state and the loss stay float32 (mixed precision).
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -31,18 +33,22 @@ def freeze(tree, frozen: tuple[str, ...]):
         lambda p, x: jnp.zeros_like(x) if any(_path_str(p).startswith(f) for f in frozen) else x, tree)
 
 
-def make_train_step(graphdef, tx, obj: ObjectiveSpec, lr_schedule, ema_decay: float = 0.0,
-                    frozen: tuple[str, ...] = ()):
+def make_train_step(graphdef, tx, obj: ObjectiveSpec | None, lr_schedule=None, ema_decay: float = 0.0,
+                    frozen: tuple[str, ...] = (), loss: Callable | None = None):
     """Return ``step(state, batch, key) -> (state, metrics)`` (not yet jitted).
 
-    ``frozen``: parameter path prefixes (e.g. ``encoders/report/bert``) whose gradients
-    and updates are zeroed, so those parameters never change (weight decay included).
+    The loss is :func:`~mmvae.objectives.elbo.elbo_loss` under ``obj``, or ``loss(model,
+    batch, key, step) -> (scalar, metrics dict)`` (e.g. a baseline's). ``lr_schedule``
+    (optional) adds the step's learning rate to the metrics. ``frozen``: parameter path
+    prefixes (e.g. ``encoders/report/bert``) whose gradients and updates are zeroed, so
+    those parameters never change (weight decay included).
     """
+    if loss is None:
+        loss = lambda model, batch, key, step: elbo_loss(model, batch, key, step, obj)
 
     def loss_fn(params, batch, key, step):
-        model = nnx.merge(graphdef, params)
-        loss, metrics = elbo_loss(model, batch, key, step, obj)
-        return loss.astype(jnp.float32), metrics
+        value, metrics = loss(nnx.merge(graphdef, params), batch, key, step)
+        return value.astype(jnp.float32), metrics
 
     def train_step(state, batch, key):
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -63,8 +69,10 @@ def make_train_step(graphdef, tx, obj: ObjectiveSpec, lr_schedule, ema_decay: fl
         if "ema" in state:
             out["ema"] = keep(jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p,
                                            state["ema"], out["params"]), state["ema"])
-        metrics = dict(metrics, grad_norm=gnorm, lr=lr_schedule(state["step"]),
-                       skipped=(~finite).astype(jnp.int32), skipped_total=out["skipped_total"])
+        metrics = dict(metrics, grad_norm=gnorm, skipped=(~finite).astype(jnp.int32),
+                       skipped_total=out["skipped_total"])
+        if lr_schedule is not None:
+            metrics["lr"] = lr_schedule(state["step"])
         return out, metrics
 
     return train_step
