@@ -7,6 +7,7 @@ through the public entry points — none of which knows the kind.
 """
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from mmvae.models.modalities.kind import Kind
 from mmvae.retrieval.embed import embed_cohort
 from mmvae.retrieval.evaluate import chance_map, evaluate
 from mmvae.retrieval.index import build_index
-from mmvae.retrieval.query import Retriever
+from mmvae.retrieval.query import Retriever, query_main
 from mmvae.runs.files import fingerprint
 from mmvae.runs.trained import load_cohort, load_trained
 from mmvae.train.loop import train_and_evaluate
@@ -147,6 +148,13 @@ def test_toy_kind_trains_embeds_and_queries(vector_kind, tmp_path):
     assert used == ["labs"] and mu.shape == (spec.embedding_dim,)
     with pytest.raises(InputError, match="expected 6 finite numbers"):
         r.encode(other={"labs": [1.0, 2.0]})
+    # the command line: --other NAME=JSON
+    out = io.StringIO()
+    query_main(["--workdir", str(tmp_path / "run"), "--index", str(index_dir), "--k", "3", "--json",
+                "--other", f"labs={json.dumps(vecs['case001'])}"], out=out)
+    got = json.loads(out.getvalue())
+    assert got["query"]["modalities"] == ["labs"] and got["query"]["other"] == {"labs": vecs["case001"]}
+    assert sum(x["labels"]["class"] == "b" for x in got["results"]) >= 2          # case001 is class b
     with pytest.raises(InputError, match="unknown modality 'glucose'"):
         r.encode(other={"glucose": 5.0})
 

@@ -487,6 +487,21 @@ _STATIC = ("index", "workdir", "report", "report-file", "clinical", "k", "filter
            "feedback", "rerank", "json", "cache-dir", "help")
 
 
+def _parse_other(items) -> dict[str, Any]:
+    """``["labs=[1,2]", ...]`` → ``{"labs": [1, 2]}`` (values are JSON)."""
+    out = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise InputError(f"--other expects NAME=JSON, got {item!r}")
+        try:
+            out[name.strip()] = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise InputError(f"--other {name.strip()}: value is not JSON ({e.msg}): {value!r}",
+                             modality=name.strip()) from None
+    return out
+
+
 def _query_parser(modalities: Sequence[str] | None, max_series: int | None = None) -> argparse.ArgumentParser:
     p = _ArgParser(prog="mmvae query", allow_abbrev=False,
                    description="Find the indexed cases most similar to a new case (query by example).",
@@ -511,6 +526,9 @@ def _query_parser(modalities: Sequence[str] | None, max_series: int | None = Non
     r.add_argument("--report-file", help="report text file (UTF-8)")
     p.add_argument("--clinical", action="append", metavar="NAME=VALUE",
                    help="clinical field of the model's config (repeatable), e.g. age=63")
+    p.add_argument("--other", action="append", metavar="NAME=JSON",
+                   help="value of a modality of another kind (data.other_modalities), as JSON, e.g. "
+                        "labs=[4.1,0.9,140] (repeatable)")
     p.add_argument("--k", type=int, default=None, help="number of results (default retrieval.k)")
     p.add_argument("--filter", action="append", metavar="KEY=VALUE",
                    help="has=dwi, has_any=t1,t2, lacks=t1, label.class=glioma (repeatable, all must hold)")
@@ -575,10 +593,11 @@ def query_main(argv: Sequence[str], out=None) -> None:
         except InputError as e:
             raise e.with_context(modality=REPORT) from None
     clinical = _parse_clinical(a.clinical)
+    other = _parse_other(a.other)
     flt = parse_filter(a.filter)
     exclude = [c.strip() for x in (a.exclude or []) for c in x.split(",") if c.strip()] or None
     feedback = parse_feedback(a.feedback)
-    if not images and report is None and not clinical:
+    if not images and report is None and not clinical and not other:
         raise InputError("no query modality given: give at least one image option "
                          f"({', '.join('--' + m for m in mods)}) or --report/--report-file")
 
@@ -591,7 +610,7 @@ def query_main(argv: Sequence[str], out=None) -> None:
     try:
         r._check_k(k)
         t1 = time.perf_counter()
-        mu, lv, used = r.encode(images, report, clinical=clinical)
+        mu, lv, used = r.encode(images, report, clinical=clinical, other=other)
         t2 = time.perf_counter()
         results = r.search_embedding(mu, lv, k=k, filter=flt, exclude=exclude, feedback=feedback,
                                      rerank=a.rerank, modalities=used)
@@ -602,7 +621,7 @@ def query_main(argv: Sequence[str], out=None) -> None:
     if a.json:
         doc = {"results": [dataclasses.asdict(x) for x in results],
                "query": {"images": images, "report": report is not None, "clinical": clinical,
-                         "modalities": used, "k": k, "filter": flt, "exclude": exclude,
+                         "other": other or None, "modalities": used, "k": k, "filter": flt, "exclude": exclude,
                          "feedback": feedback, "rerank": a.rerank},
                "index": {"path": str(a.index), "kind": r.index.kind, "metric": r.index.metric,
                          "size": r.index.size},
