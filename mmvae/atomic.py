@@ -1,13 +1,14 @@
 """Atomic file writes: write to a temporary file in the same folder, then rename.
 
-A reader never sees a half-written file, and a crash leaves at most a stray
-``*.tmp-*`` file that is ignored (and cleaned by :func:`remove_stale_temps`).
+A reader never sees a half-written file, and a crash leaves at most a stray hidden
+``.<name>.tmp-*`` file that readers ignore and :func:`remove_stale_temps` deletes.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -52,3 +53,25 @@ def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
     with atomic_path(path, suffix=".npy") as tmp:
         np.save(tmp, np.ascontiguousarray(array), allow_pickle=False)
     return Path(path)
+
+
+#: A temporary file older than this (seconds) belongs to a writer that died (a live write
+#: of one file takes far less); younger ones may belong to another process writing now.
+STALE_TEMP_S = 600.0
+
+
+def remove_stale_temps(folder: str | os.PathLike, *, recursive: bool = False,
+                       older_than_s: float = STALE_TEMP_S) -> int:
+    """Delete hidden ``.*.tmp-*`` files left in ``folder`` by killed writers; returns how many."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    now, n = time.time(), 0
+    for p in (folder.rglob(".*.tmp-*") if recursive else folder.glob(".*.tmp-*")):
+        try:
+            if p.is_file() and now - p.stat().st_mtime > older_than_s:
+                p.unlink()
+                n += 1
+        except OSError:
+            continue
+    return n

@@ -98,6 +98,63 @@ def cmd_evaluate(a, extra):
     print(table)
 
 
+def cmd_scan(a, extra):
+    from mmvae.data.manifest import ManifestEntry, write_manifest
+    from mmvae.data.scan import read_label_csv, scan_folder_detailed
+    mods = [m for x in (a.modalities or []) for m in x.split(",") if m] or None
+    res = scan_folder_detailed(a.root, a.layout, mods)
+    entries = list(res.entries)
+    if a.labels:
+        labels = read_label_csv(Path(a.labels))
+        cases = {e.case_id for e in entries}
+        entries += [ManifestEntry(cid, labels=lab) for cid, lab in sorted(labels.items()) if cid in cases]
+        missing = sorted(cases - set(labels))
+        if missing:
+            print(f"labels: {len(missing)} case(s) have no row in {a.labels} (e.g. {missing[0]!r})")
+        extra_rows = sorted(set(labels) - cases)
+        if extra_rows:
+            print(f"labels: {len(extra_rows)} row(s) name no scanned case (e.g. {extra_rows[0]!r}); ignored")
+    out = write_manifest(entries, a.out)
+    by_mod: dict[str, int] = {}
+    for e in res.entries:
+        by_mod[e.modality] = by_mod.get(e.modality, 0) + 1
+    print(f"layout {res.layout}: {len({e.case_id for e in res.entries})} cases, "
+          + ", ".join(f"{m} {n}" for m, n in sorted(by_mod.items())))
+    for e in res.entries:
+        print(f"  {e.case_id}  {e.modality:<10} {e.path or '(text)'}")
+    for path, reason in res.skipped:
+        print(f"  skipped {path}: {reason}")
+    print(f"wrote {out} ({len(entries)} rows; {len(res.skipped)} skipped)")
+
+
+def cmd_check(a, extra):
+    from mmvae.data.dataset import input_summary
+    from mmvae.runs.trained import load_cohort
+    config = _config(a.config, extra, "quickstart.py")
+    with config.unlocked():
+        config.data.manifest = a.manifest
+        config.data.on_error = "skip"          # collect every problem; the exit status says if there were any
+        if a.cache_dir:
+            config.data.cache_dir = a.cache_dir
+    workdir = Path(a.workdir) if a.workdir else Path(a.manifest).resolve().parent / ".mmvae-check"
+    cohort, _, _ = load_cohort(config, workdir, show_progress=not a.quiet)
+    summary = input_summary(cohort)
+    dropped = [n for n in cohort.notes if n["kind"] == "dropped"]
+    problems = len(cohort.skipped) + len(dropped)
+    if a.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        for cid, reason in cohort.skipped:
+            print(f"skip   case {cid}: {reason}")
+        for n in cohort.notes:
+            label = {"dropped": "drop", "choice": "chose", "truncated": "trunc"}.get(n["kind"], n["kind"])
+            print(f"{label:<6} case {n['case_id']}, {n['modality']}: {n['message']}")
+        counts = ", ".join(f"{k} {v}" for k, v in summary["counts"].items()) or "no notes"
+        print(f"{len(cohort)} cases usable; {len(cohort.skipped)} skipped; {counts}. "
+              + ("With --on-error skip, training would drop the above." if problems else "No problem found."))
+    return 2 if problems else 0
+
+
 def cmd_query(a, extra):
     from mmvae.retrieval.query import query_main
     query_main(a.query_args)
@@ -173,6 +230,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="write OUT.csv and OUT.md")
     s.set_defaults(fn=cmd_evaluate)
 
+    s = sub.add_parser("scan", help="scan a dataset folder into a manifest, saying what went where and what was skipped")
+    s.add_argument("root", help="dataset folder")
+    s.add_argument("--layout", default="auto", choices=["auto", "brats", "bids", "dicom", "keyimages"])
+    s.add_argument("--out", required=True, help="manifest to write (.jsonl or .csv)")
+    s.add_argument("--labels", help="CSV with a case_id column and one column per label")
+    s.add_argument("--modalities", action="append", help="keep only these modalities (comma list)")
+    s.set_defaults(fn=cmd_scan)
+
+    s = sub.add_parser("check", help="load and preprocess every file of a manifest (cached) without training; "
+                                     "list every problem and every choice; exit 2 if any case or modality "
+                                     "would be dropped")
+    s.add_argument("--manifest", required=True)
+    s.add_argument("--config", help="config file[:args] whose data.* settings apply (default configs/quickstart.py)")
+    s.add_argument("--workdir", help="where the tokenizer is built (default: <manifest folder>/.mmvae-check)")
+    s.add_argument("--cache-dir", help="preprocessing cache (default: the config's, else <workdir>/cache)")
+    s.add_argument("--json", action="store_true", help="print the summary as JSON")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=cmd_check)
+
     s = sub.add_parser("query", add_help=False,
                        help="find the indexed cases most similar to a new case's files (--workdir RUN --help)")
     s.__class__ = _QueryArgs
@@ -201,14 +277,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")   # no "PyTorch was not found" banner
     try:
-        args.fn(args, extra)
+        rc = args.fn(args, extra)
     except MmvaeError as e:
         print(f"mmvae {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    return 0
+    return int(rc or 0)
 
 
 if __name__ == "__main__":

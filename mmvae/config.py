@@ -33,7 +33,8 @@ def base_config() -> ml_collections.ConfigDict:
         shape=(32, 32, 32),           # fixed preprocessed shape (voxels)
         spacing=(2.0, 2.0, 2.0),      # target voxel size in mm; () keeps the native spacing
         max_series=1,                 # series kept per modality (padded set dimension)
-        crop="foreground",            # foreground | center (crop/pad windows) | fit (resize the foreground box to shape)
+        crop="auto",                  # foreground | center (crop/pad windows) | fit (resize the foreground box to shape)
+                                      # | auto: fit with native spacing (spacing=(), key images), else foreground
         clip_percentiles=(0.5, 99.5),
         normalize="zscore",
         reference_modality="",        # resample every series onto this modality's grid first
@@ -43,7 +44,8 @@ def base_config() -> ml_collections.ConfigDict:
         split_seed=0,
         on_error="raise",             # raise | skip
         extra_modalities="error",     # manifest modality not in the config: error | ignore
-        text=dict(max_len=64, tokenizer_dir="", vocab_max=4096),
+        text=dict(max_len=256, tokenizer_dir="", vocab_max=4096),   # 256 subword tokens: p90 of real reports (docs/data.md)
+        dwi_b_value="highest",        # DWI series with several b-values: highest | lowest | all | a b-value in s/mm²
         clinical=dict(numeric=[], categorical={}),   # e.g. numeric=['age'], categorical={'sex': ['F','M']}
         other_modalities={},          # modalities of other registered kinds: {name: {'kind': ..., **options}}
         prefetch=2,
@@ -130,7 +132,7 @@ FREE_FORM_GROUPS = ("data.clinical.categorical", "data.other_modalities", "evals
 
 # Fields with a fixed set of values, checked by :func:`validate`.
 CHOICES = {
-    "data.crop": ("foreground", "center", "fit"),
+    "data.crop": ("auto", "foreground", "center", "fit"),
     "data.normalize": ("zscore", "minmax", "none"),
     "data.on_error": ("raise", "skip"),
     "data.extra_modalities": ("error", "ignore"),
@@ -429,7 +431,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for key in ("alignment_temperature", "ssl_temperature", "supcon_temperature"):
         if float(o[key]) <= 0:
             raise ConfigError(f"objective.{key} must be > 0, got {o[key]!r}")
-    if d.crop == "fit" and d.reference_modality:
+    if (d.crop == "fit" or (d.crop == "auto" and not d.spacing)) and d.reference_modality:
         raise ConfigError("data.crop='fit' resizes each series on its own and would undo "
                           "data.reference_modality's common grid: use crop='foreground' or 'center'")
     if not 0.0 <= float(d.label_fraction) <= 1.0:

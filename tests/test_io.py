@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from mmvae.data.case import Series
-from mmvae.data.io import (load_dicom_series, load_dicom_volumes, load_nifti, load_png,
+from mmvae.data.io import (load_dicom_series, load_dicom_volumes, load_image, load_nifti, load_png,
                            load_report, load_series, validate_series)
 from mmvae.errors import InputError
 
@@ -246,7 +246,13 @@ def test_dwi_multi_bvalue_split():
     first = pydicom.dcmread(vols[0].files[0])
     assert int(first.InstanceNumber) == 19
     np.testing.assert_array_equal(vols[0].series.array[:, :, 0], first.pixel_array.T)
-    assert len(load_series(folder)) == 3
+    # the loader chooses by a stated rule: the highest b-value by default (issue: it used b=50)
+    got = load_image(folder)
+    assert len(got.series) == 1 and np.array_equal(got.series[0].array, vols[2].series.array)
+    assert got.notes == ["b-values 50/400/800 s/mm²: using b=800 (data.dwi_b_value='highest'); dropped the others"]
+    assert np.array_equal(load_image(folder, b_value=420).series[0].array, vols[1].series.array)   # nearest
+    assert np.array_equal(load_image(folder, b_value="lowest").series[0].array, vols[0].series.array)
+    assert len(load_series(folder, b_value="all")) == 3
 
 
 def copy_series(src: Path, dst: Path, skip=()) -> Path:

@@ -21,9 +21,10 @@ from typing import Callable
 
 import numpy as np
 
-from mmvae.atomic import atomic_save_npy, atomic_write_text
+from mmvae.atomic import atomic_save_npy, atomic_write_text, remove_stale_temps
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"      # 2: the loader chooses one series / b-value per source and records it
+_NP_LOAD = threading.Lock()   # np.load parses headers with ast.literal_eval: not thread-safe on CPython 3.11.7
 _CHUNK = 1 << 20
 
 
@@ -41,12 +42,19 @@ def source_hash(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def _load(path: Path) -> np.ndarray:
+    """Read-only memory map of a ``.npy`` (no pickle), header parsing serialised across threads."""
+    with _NP_LOAD:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
 class PreprocessCache:
     """Cache of preprocessed arrays under ``root``; safe to share between threads."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.removed_temps = remove_stale_temps(self.root, recursive=True)   # left by killed writers
         self._verified: set[str] = set()
         self._lock = threading.Lock()
         self.builds = 0      # number of entries (re)built in this process
@@ -70,7 +78,7 @@ class PreprocessCache:
             return False
         try:
             meta = json.loads(meta_path.read_text())
-            arr = np.load(arr_path, mmap_mode="r", allow_pickle=False)
+            arr = _load(arr_path)
             ok = (list(arr.shape) == meta["shape"] and str(arr.dtype) == meta["dtype"]
                   and zlib.crc32(np.ascontiguousarray(arr).view(np.uint8)) == meta["crc32"])
         except (OSError, ValueError, KeyError, json.JSONDecodeError):
@@ -85,14 +93,26 @@ class PreprocessCache:
 
     def get_or_build(self, key: str, build: Callable[[], np.ndarray]) -> np.ndarray:
         """Memory-mapped array of entry ``key``, calling ``build()`` first if needed."""
+        return self.get_or_build_noted(key, lambda: (build(), []))[0]
+
+    def get_or_build_noted(self, key: str, build: Callable[[], tuple[np.ndarray, list[str]]]
+                           ) -> tuple[np.ndarray, list[str]]:
+        """Like :meth:`get_or_build` for a ``build() -> (array, notes)``: the notes (what the
+        loader chose, in words) are stored in the sidecar and returned on every read."""
         arr_path, meta_path = self._paths(key)
         if not self._valid(key):
-            arr = np.ascontiguousarray(build(), dtype=np.float32)
+            arr, notes = build()
+            arr = np.ascontiguousarray(arr, dtype=np.float32)
             atomic_save_npy(arr_path, arr)
             atomic_write_text(meta_path, json.dumps({
                 "shape": list(arr.shape), "dtype": str(arr.dtype),
-                "crc32": zlib.crc32(arr.view(np.uint8))}))
+                "crc32": zlib.crc32(arr.view(np.uint8)), "notes": list(notes)}))
             with self._lock:
                 self.builds += 1
                 self._verified.add(key)
-        return np.load(arr_path, mmap_mode="r", allow_pickle=False)
+            return _load(arr_path), list(notes)
+        try:
+            notes = list(json.loads(meta_path.read_text()).get("notes", []))
+        except (OSError, ValueError):
+            notes = []
+        return _load(arr_path), notes

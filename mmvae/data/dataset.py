@@ -15,6 +15,7 @@ and :meth:`Cohort.batch` assembles static-shape batches with presence masks:
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
@@ -23,11 +24,12 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from mmvae.atomic import atomic_write_text
 from mmvae.data import io as mio
 from mmvae.data.cache import PreprocessCache, source_hash
 from mmvae.data.manifest import REPORT, CaseEntries, group_cases, read_manifest
 from mmvae.data.preprocess import PreprocessConfig, preprocess_series
-from mmvae.data.text import tokenize
+from mmvae.data.text import token_lengths, tokenize
 from mmvae.errors import InputError
 from mmvae.progress import progress_bar
 
@@ -36,9 +38,13 @@ CLINICAL = "clinical"
 
 
 def preprocess_config(data_cfg) -> PreprocessConfig:
+    """``data.*`` → :class:`PreprocessConfig`. ``data.crop='auto'``: ``fit`` (the whole image,
+    resized to ``data.shape``) when ``data.spacing`` is empty (native spacing: key images
+    without a physical pixel size), else ``foreground``."""
     spacing = tuple(float(s) for s in data_cfg.spacing) if data_cfg.spacing else None
+    crop = data_cfg.crop if data_cfg.crop != "auto" else ("fit" if spacing is None else "foreground")
     return PreprocessConfig(spacing=spacing, shape=tuple(int(s) for s in data_cfg.shape),
-                            crop=data_cfg.crop, clip_percentiles=tuple(data_cfg.clip_percentiles),
+                            crop=crop, clip_percentiles=tuple(data_cfg.clip_percentiles),
                             normalize=data_cfg.normalize)
 
 
@@ -63,6 +69,9 @@ class Cohort:
     max_series: int
     skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     clinical_stats: dict = dataclasses.field(default_factory=dict)
+    # every choice the loader made and everything dropped short of a whole case:
+    # {"case_id", "modality", "kind": choice | dropped | truncated, "message", "path"}
+    notes: list[dict] = dataclasses.field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.case_ids)
@@ -117,7 +126,8 @@ class Cohort:
             self, case_ids=[self.case_ids[i] for i in idx],
             images={m: [v[i] for i in idx] for m, v in self.images.items()},
             reports=[self.reports[i] for i in idx], arrays={k: a[idx] for k, a in self.arrays.items()},
-            labels=[self.labels[i] for i in idx], skipped=[])
+            labels=[self.labels[i] for i in idx], skipped=[],
+            notes=[n for n in self.notes if n["case_id"] in {self.case_ids[i] for i in idx}])
 
 
 def fixed_arrays(tokens: np.ndarray, token_mask: np.ndarray, num: np.ndarray, num_mask: np.ndarray,
@@ -173,26 +183,41 @@ def with_label_supervision(cohort: Cohort, label: str, classes: Sequence[str], f
 
 
 def _load_and_preprocess(path: str, cfg: PreprocessConfig, spatial_dims: int,
-                         reference: str | None) -> np.ndarray:
+                         reference: str | None, b_value: str | float = "highest") -> tuple[np.ndarray, list[str]]:
+    """``((V, *shape) float32, notes)``: the chosen volumes of ``path`` preprocessed, and the
+    loader's choices in words. An output that is constant (e.g. nothing left after cropping)
+    is an InputError naming ``path``, not an all-zero input."""
     ref = None
     if reference is not None:
-        ref = mio.load_series(reference, spatial_dims=spatial_dims)[0]
-    vols = mio.load_series(path, spatial_dims=spatial_dims)
-    return np.stack([preprocess_series(v, cfg, reference=ref) for v in vols]).astype(np.float32)
+        ref = mio.load_image(reference, spatial_dims=spatial_dims, b_value=b_value).series[0]
+    loaded = mio.load_image(path, spatial_dims=spatial_dims, b_value=b_value)
+    out = np.stack([preprocess_series(v, cfg, reference=ref) for v in loaded.series]).astype(np.float32)
+    for v in out:
+        if not np.any(v != v.flat[0]):
+            raise InputError(f"image is constant after preprocessing (every voxel {float(v.flat[0]):g}; "
+                             f"shape {cfg.shape}, crop {cfg.crop!r}): nothing of it would reach the model", path=path)
+    return out, loaded.notes
 
 
 def load_case_images(case: CaseEntries, modality: str, paths: Sequence[str], cache: PreprocessCache,
-                     cfg: PreprocessConfig, spatial_dims: int, reference: str | None) -> np.ndarray:
-    """All volumes of one modality of one case, preprocessed: ``(V, *shape)`` (memmap when single)."""
+                     cfg: PreprocessConfig, spatial_dims: int, reference: str | None, *,
+                     b_value: str | float = "highest", notes: list | None = None) -> np.ndarray:
+    """All volumes of one modality of one case, preprocessed: ``(V, *shape)`` (memmap when single).
+
+    ``notes``: when given, receives the loader's choices as ``(path, note)``."""
     arrays = []
     for p in paths:
         try:
             if not Path(p).exists():
                 raise InputError("file not found", path=p)
             ref_part = source_hash(reference) if reference and reference != p else ""
-            key = cache.key(source_hash(p), repr(cfg.key()), str(spatial_dims), ref_part)
+            key = cache.key(source_hash(p), repr(cfg.key()), str(spatial_dims), ref_part, f"b={b_value}")
             use_ref = reference if reference and reference != p else None
-            arrays.append(cache.get_or_build(key, lambda: _load_and_preprocess(p, cfg, spatial_dims, use_ref)))
+            arr, said = cache.get_or_build_noted(
+                key, lambda: _load_and_preprocess(p, cfg, spatial_dims, use_ref, b_value))
+            arrays.append(arr)
+            if notes is not None:
+                notes.extend((p, x) for x in said)
         except InputError as e:
             raise e.with_context(case_id=case.case_id, modality=modality, path=p) from None
         except (ValueError, RuntimeError, MemoryError) as e:   # numeric failure deep in preprocessing
@@ -256,34 +281,70 @@ def prepare_cohort(manifest: str | Path, data_cfg, cache: PreprocessCache, token
     ref_mod = data_cfg.reference_modality or None
     on_error = data_cfg.on_error
 
+    b_value = data_cfg.get("dwi_b_value", "highest")
+    max_series = int(data_cfg.max_series)
+
     def work(case: CaseEntries):
+        """``(images, report, notes, error)``; with ``on_error='skip'`` a bad modality is dropped
+        (noted) and the case kept while anything usable remains."""
+        notes: list[dict] = []
+
+        def note(kind, modality, message, path=None):
+            notes.append({"case_id": case.case_id, "modality": modality, "kind": kind, "message": message,
+                          "path": path})
+
+        def dropped(e: InputError, modality):
+            if on_error != "skip":
+                raise e
+            note("dropped", modality, str(e), getattr(e, "path", None))
+
         try:
             ref = case.images.get(ref_mod, [None])[0] if ref_mod else None
-            imgs = {m: load_case_images(case, m, case.images[m], cache, cfg, spatial_dims, ref)
-                    for m in modalities if case.images.get(m)}
-            report = case.report_text if data_cfg.report else None
-            if data_cfg.report and report is None and case.report_path is not None:
+            imgs = {}
+            for m in modalities:
+                if not case.images.get(m):
+                    continue
+                said: list = []
                 try:
-                    report = mio.load_report(case.report_path)
+                    imgs[m] = load_case_images(case, m, case.images[m], cache, cfg, spatial_dims, ref,
+                                               b_value=b_value, notes=said)
                 except InputError as e:
-                    raise e.with_context(case_id=case.case_id, modality=REPORT) from None
-            if data_cfg.report and report is not None and not report.strip():
-                raise InputError("empty report", case_id=case.case_id, modality=REPORT,
-                                 path=case.report_path)
+                    dropped(e, m)
+                    continue
+                for path, x in said:
+                    note("choice", m, x, path)
+                if imgs[m].shape[0] > max_series:
+                    note("dropped", m, f"{imgs[m].shape[0]} series, the model takes the first {max_series} "
+                                       f"(data.max_series): dropped {imgs[m].shape[0] - max_series}")
+            report = case.report_text if data_cfg.report else None
+            try:
+                if data_cfg.report and report is None and case.report_path is not None:
+                    try:
+                        report = mio.load_report(case.report_path)
+                    except InputError as e:
+                        raise e.with_context(case_id=case.case_id, modality=REPORT) from None
+                if data_cfg.report and report is not None and not report.strip():
+                    raise InputError("empty report", case_id=case.case_id, modality=REPORT,
+                                     path=case.report_path)
+            except InputError as e:
+                report = None
+                dropped(e, REPORT)
             if not imgs and report is None and not case.metadata:
-                raise InputError("case has no usable modality", case_id=case.case_id)
-            return imgs, report, None
+                why = "; ".join(n["message"] for n in notes if n["kind"] == "dropped")
+                raise InputError("case has no usable modality" + (f" ({why})" if why else ""), case_id=case.case_id)
+            return imgs, report, notes, None
         except InputError as e:
             if on_error != "skip":
                 raise
-            return None, None, e
+            return None, None, notes, e
 
-    kept, images, reports, skipped = [], {m: [] for m in modalities}, [], []
+    kept, images, reports, skipped, notes = [], {m: [] for m in modalities}, [], [], []
     workers = max(1, int(data_cfg.workers))
     with ThreadPoolExecutor(workers) as pool:
         results = pool.map(work, cases)
-        for case, (imgs, report, err) in progress_bar(zip(cases, results), total=len(cases),
-                                                      desc="preprocess", enable=show_progress):
+        for case, (imgs, report, case_notes, err) in progress_bar(zip(cases, results), total=len(cases),
+                                                                  desc="preprocess", enable=show_progress):
+            notes.extend(case_notes)
             if err is not None:
                 log.warning("skipping %s", err)
                 skipped.append((case.case_id, str(err)))
@@ -297,6 +358,11 @@ def prepare_cohort(manifest: str | Path, data_cfg, cache: PreprocessCache, token
     text_cfg = data_cfg.text
     if tokenizer is not None and data_cfg.report:
         tokens, token_mask = tokenize(tokenizer, reports, int(text_cfg.max_len))
+        lengths = token_lengths(tokenizer, reports)
+        for c, n in zip(kept, lengths):
+            if n > int(text_cfg.max_len):
+                notes.append({"case_id": c.case_id, "modality": REPORT, "kind": "truncated", "path": c.report_path,
+                              "message": f"report of {n} tokens truncated to data.text.max_len={text_cfg.max_len}"})
     else:
         tokens = np.zeros((len(kept), int(text_cfg.max_len)), np.int32)
         token_mask = np.zeros_like(tokens)
@@ -304,9 +370,34 @@ def prepare_cohort(manifest: str | Path, data_cfg, cache: PreprocessCache, token
                                                     dict(data_cfg.clinical.categorical))
     num, clinical_stats = standardize_clinical(num, num_mask, clinical_stats)
     arrays = fixed_arrays(tokens, token_mask, num, num_mask, cat, cat_mask, case_arrays(kept, builders or {}))
+    log_notes(notes)
     return Cohort(case_ids=[c.case_id for c in kept], image_modalities=tuple(modalities), images=images,
                   reports=reports, arrays=arrays, labels=[dict(c.labels) for c in kept], shape=cfg.shape,
-                  max_series=int(data_cfg.max_series), skipped=skipped, clinical_stats=clinical_stats)
+                  max_series=int(data_cfg.max_series), skipped=skipped, clinical_stats=clinical_stats, notes=notes)
+
+
+def input_summary(cohort: Cohort) -> dict:
+    """What the loader did to a cohort: counts, skipped cases and every note (JSON-ready)."""
+    kinds = sorted({n["kind"] for n in cohort.notes})
+    return {"cases": len(cohort), "skipped_cases": [{"case_id": c, "reason": r} for c, r in cohort.skipped],
+            "counts": {k: sum(n["kind"] == k for n in cohort.notes) for k in kinds}, "notes": list(cohort.notes)}
+
+
+def write_input_summary(path: str | Path, cohort: Cohort) -> Path:
+    """Write :func:`input_summary` as JSON (atomically): the run's record of every choice and drop."""
+    return atomic_write_text(path, json.dumps(input_summary(cohort), indent=1))
+
+
+def log_notes(notes: Sequence[dict]) -> None:
+    """One log line per kind of note (choices, dropped modalities, truncations) with counts and an example."""
+    by_kind: dict[str, list[dict]] = {}
+    for n in notes:
+        by_kind.setdefault(n["kind"], []).append(n)
+    for kind, items in by_kind.items():
+        ex = items[0]
+        log.warning("%s: %d case-modalities (e.g. case %r, %s: %s)", {"choice": "loader choices", "dropped":
+                    "dropped modalities", "truncated": "truncated reports"}.get(kind, kind), len(items),
+                    ex["case_id"], ex["modality"], ex["message"])
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -57,11 +57,16 @@ def load_nifti(path: str | os.PathLike) -> Series:
 
     Returns a Series with a float32 array of the stored shape (trailing singleton
     dimensions beyond the third removed, e.g. ``(X, Y, Z, 1)`` → ``(X, Y, Z)``) and
-    nibabel's ``affine`` (sform, else qform, else the fallback), RAS+ mm.
+    nibabel's ``affine`` (sform when ``sform_code > 0``, else qform), RAS+, converted to
+    millimetres from the header's spatial unit (``xyzt_units``: metres × 1000, microns
+    × 0.001; "unknown" is taken as mm, the NIfTI-1 convention).
 
-    Raises InputError for a missing, truncated, corrupt or non-NIfTI file. The data
-    are read completely here (nibabel is lazy and a truncated gzip stream only
-    fails when the voxels are read).
+    Raises InputError for a missing, truncated, corrupt or non-NIfTI file, and for a
+    header with ``sform_code = qform_code = 0``: its only affine is nibabel's fallback
+    (voxel sizes, no orientation), which would silently mirror left and right against
+    RAS. The data are read completely here (nibabel is lazy and a truncated gzip
+    stream only fails when the voxels are read). The field of view is checked
+    (:func:`check_geometry`) before the voxels are read.
     """
     import nibabel as nib
 
@@ -73,10 +78,19 @@ def load_nifti(path: str | os.PathLike) -> Series:
         if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
             raise InputError(f"not a NIfTI file (nibabel reads it as {type(img).__name__})",
                              path=str(p))
+        hdr = img.header
+        if int(hdr["sform_code"]) <= 0 and int(hdr["qform_code"]) <= 0:
+            raise InputError("NIfTI header has no orientation (sform_code = qform_code = 0): left and right "
+                             "cannot be told apart; set the sform/qform (e.g. convert again with dcm2niix)",
+                             path=str(p))
+        affine = np.array(img.affine, dtype=np.float64)
+        unit = hdr.get_xyzt_units()[0]
+        scale = {"meter": 1000.0, "micron": 0.001}.get(unit, 1.0)
+        affine[:3, :] *= scale
+        check_geometry(tuple(int(x) for x in img.shape[:3]), affine, str(p))
         data = np.array(img.get_fdata(dtype=np.float32), dtype=np.float32, copy=True)
         if data.size == 0:  # nibabel returns shape (0,) for zero-size images
             data = data.reshape(img.shape)
-        affine = np.array(img.affine, dtype=np.float64)
     except InputError:
         raise
     except MemoryError:
@@ -88,8 +102,46 @@ def load_nifti(path: str | os.PathLike) -> Series:
     return Series(array=data, affine=affine, path=str(p))
 
 
-def _describe(e: BaseException) -> str:
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+#: Plausible voxel size (mm) and field of view (mm per axis) of a medical image: outside,
+#: the units are wrong (metres or microns labelled as mm) and resampling would produce one
+#: voxel or tens of GiB.
+VOXEL_MM = (0.01, 50.0)
+MAX_FOV_MM = 2500.0
+
+
+def check_geometry(shape: tuple[int, ...], affine: np.ndarray, path: str | None) -> None:
+    """Refuse a grid mmvae cannot vouch for (InputError naming ``path``), before any voxel is read:
+
+    * voxel sizes outside :data:`VOXEL_MM` or a field of view above :data:`MAX_FOV_MM`
+      (wrong units);
+    * axes that are not orthogonal (more than 1° from 90°: a sheared or gantry-tilted grid,
+      which reorientation to RAS would distort; resample it onto a straight grid first).
+    """
+    a = np.asarray(affine, dtype=np.float64)[:3, :3]
+    sizes = np.sqrt((a ** 2).sum(0))
+    for ax, (n, v) in enumerate(zip(shape, sizes)):
+        if n > 1 and not VOXEL_MM[0] <= v <= VOXEL_MM[1]:
+            raise InputError(f"implausible voxel size {v:.4g} mm along axis {ax} (expected {VOXEL_MM[0]}-"
+                             f"{VOXEL_MM[1]} mm): check the file's spatial units", path=path)
+        if n * v > MAX_FOV_MM:
+            raise InputError(f"implausible field of view {n * v:.4g} mm along axis {ax} ({n} voxels of "
+                             f"{v:.4g} mm; at most {MAX_FOV_MM:g} mm): check the file's spatial units",
+                             path=path)
+    unit = a / np.maximum(sizes, 1e-12)
+    for i in range(3):
+        for j in range(i + 1, 3):
+            if len(shape) > max(i, j) and shape[i] > 1 and shape[j] > 1:
+                ang = np.degrees(np.arccos(np.clip(abs(float(unit[:, i] @ unit[:, j])), 0.0, 1.0)))
+                if ang < 89.0:
+                    raise InputError(f"voxel axes {i} and {j} are {ang:.1f}° apart, not 90° (a sheared or "
+                                     "gantry-tilted grid); resample it onto a straight grid first "
+                                     "(e.g. dcm2niix corrects gantry tilt)", path=path)
+
+
+def _describe(e: BaseException, full: bool = False) -> str:
+    text = str(e).strip()
+    msg = (" ".join(line.strip() for line in text.splitlines() if line.strip()) if full
+           else (text.splitlines()[0] if text else ""))
     name = type(e).__name__
     if isinstance(e, EOFError) or "end-of-stream" in msg or "truncat" in msg.lower():
         return f"truncated file: {name}: {msg}"
@@ -120,6 +172,7 @@ class DicomVolume:
     split_by: str
     split_value: Any
     files: list[str]
+    series_number: int | None = None
 
 
 @dataclass
@@ -190,8 +243,17 @@ def _make_slice(p: Path, ds, folder: Path) -> _Slice:
                          "enhanced/multi-frame DICOM is not supported", path=str(folder))
     if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
         raise InputError(f"DICOM file {p.name!r} is not a grayscale image", path=str(folder))
+    image_type = [str(x).upper() for x in (ds.get("ImageType") or [])]
+    if "MOSAIC" in image_type:
+        raise InputError(f"DICOM file {p.name!r} is a Siemens mosaic (several slices packed in one "
+                         "image), which mmvae does not unpack; convert the series with dcm2niix",
+                         path=str(folder))
     iop = _float_list(ds, "ImageOrientationPatient", 6, p, folder)
     ipp = _float_list(ds, "ImagePositionPatient", 3, p, folder)
+    r, c = iop[:3], iop[3:]
+    if abs(np.linalg.norm(r) - 1) > 1e-3 or abs(np.linalg.norm(c) - 1) > 1e-3 or abs(float(r @ c)) > 1e-3:
+        raise InputError(f"DICOM file {p.name!r} has an ImageOrientationPatient whose row and column "
+                         f"cosines are not orthonormal ({list(np.round(iop, 4))})", path=str(folder))
     ps = _float_list(ds, "PixelSpacing", 2, p, folder)
     if np.any(ps <= 0):
         raise InputError(f"DICOM file {p.name!r} has a non-positive PixelSpacing", path=str(folder))
@@ -317,14 +379,39 @@ def _check_spacing(slices: list[_Slice], folder: Path) -> None:
                          f"{SPACING_RTOL:.0%})", path=str(folder))
 
 
+_DECODER_HINTS = {
+    "jpeg2000": "JPEG 2000 needs a decoder: pip install 'mmvae[dicom]' (pylibjpeg + pylibjpeg-openjpeg) or python-gdcm",
+    "jpegls": "JPEG-LS needs a decoder: pip install 'mmvae[dicom]' (pyjpegls) or python-gdcm",
+    "jpeg": "JPEG needs a decoder: pip install 'mmvae[dicom]' (pylibjpeg + pylibjpeg-libjpeg) or python-gdcm",
+    "rle": "RLE is decoded by pydicom itself; the data are damaged",
+}
+
+
+def _codec_family(name: str) -> str:
+    n = name.lower().replace(" ", "")
+    if "2000" in n:
+        return "jpeg2000"
+    if "jpeg-ls" in n or "jpegls" in n:
+        return "jpegls"
+    if "jpeg" in n:
+        return "jpeg"
+    if "rle" in n:
+        return "rle"
+    return ""
+
+
 def _pixels(s: _Slice, folder: Path) -> np.ndarray:
     try:
         arr = np.asarray(s.ds.pixel_array, dtype=np.float64)
     except MemoryError:
         raise
     except Exception as e:
-        raise InputError(f"cannot decode pixel data of {s.path.name!r} ({_describe(e)})",
-                         path=str(folder)) from None
+        ts = getattr(getattr(s.ds, "file_meta", None), "TransferSyntaxUID", None)
+        name = getattr(ts, "name", str(ts)) if ts is not None else "unknown"
+        hint = _DECODER_HINTS.get(_codec_family(name), "")
+        raise InputError(f"cannot decode pixel data of {s.path.name!r} (transfer syntax {name}"
+                         f"{' ' + str(ts) if ts is not None and str(ts) != name else ''}): {_describe(e, full=True)}"
+                         f"{'; ' + hint if hint else ''}", path=str(folder)) from None
     if arr.shape != (s.rows, s.cols):
         raise InputError(f"pixel data of {s.path.name!r} has shape {arr.shape}, expected "
                          f"{(s.rows, s.cols)}", path=str(folder))
@@ -347,6 +434,7 @@ def _volume(slices: list[_Slice], folder: Path) -> Series:
         thick = ref.ds.get("SpacingBetweenSlices") or ref.ds.get("SliceThickness") or 1.0
         lps[:3, 2] = normal * float(thick)
     lps[:3, 3] = ref.ipp
+    check_geometry((ref.cols, ref.rows, len(slices)), lps, str(folder))     # e.g. gantry tilt, before decoding
     data = np.stack([_pixels(s, folder) for s in slices], axis=-1).astype(np.float32)
     return Series(array=data, affine=_LPS_TO_RAS @ lps, path=str(folder))
 
@@ -396,8 +484,70 @@ def load_dicom_volumes(folder: str | os.PathLike) -> list[DicomVolume]:
             vol = sorted(vol, key=lambda s: (s.position, s.path.name))
             _check_spacing(vol, folder)
             out.append(DicomVolume(_volume(vol, folder), uid, desc, key, value,
-                                   [str(s.path) for s in vol]))
+                                   [str(s.path) for s in vol], _int_tag(slices[0].ds, "SeriesNumber")))
     return out
+
+
+#: How a DWI series with several b-values is reduced (``data.dwi_b_value``).
+B_VALUE_RULES = ("highest", "lowest", "all")
+
+
+def choose_volumes(vols: list[DicomVolume], b_value: str | float = "highest") -> tuple[list[DicomVolume], list[str]]:
+    """The volumes a DICOM folder contributes, and every choice made, in words.
+
+    Rules (stated in the notes returned):
+
+    * several series (SeriesInstanceUID) in one folder: the one with the most images is
+      used (ties: the higher SeriesNumber, i.e. acquired later), the others dropped — a
+      localizer or scout beside the real series is never used in its place;
+    * a series split by b-value (DWI): ``b_value`` ``"highest"`` (default: the most
+      diffusion-weighted), ``"lowest"``, ``"all"`` (every b-value as a series of the
+      modality) or a number (the nearest b-value, s/mm²);
+    * a series split by echo, acquisition or instance: every volume is kept, in order.
+    """
+    notes: list[str] = []
+    by_uid: dict[str, list[DicomVolume]] = {}
+    for v in vols:
+        by_uid.setdefault(v.series_uid, []).append(v)
+    if len(by_uid) > 1:
+        def number(vs):
+            return _int_tag_of(vs[0]) if _int_tag_of(vs[0]) is not None else -1
+        ranked = sorted(by_uid.values(), key=lambda vs: (sum(len(v.files) for v in vs), number(vs)), reverse=True)
+        keep = ranked[0]
+
+        def name(vs):
+            n = number(vs)
+            return (f"series {n if n >= 0 else '?'} {vs[0].description!r} "
+                    f"({sum(len(v.files) for v in vs)} images)")
+        notes.append(f"folder holds {len(by_uid)} series: using {name(keep)} (the most images); dropped "
+                     + ", ".join(name(vs) for vs in ranked[1:]))
+        vols = keep
+    if vols and vols[0].split_by == "bvalue" and len(vols) > 1:
+        values = [float(v.split_value) for v in vols]
+        listed = "/".join(f"{b:g}" for b in values)
+        if b_value == "all":
+            notes.append(f"b-values {listed} s/mm²: every b-value kept as a series (data.dwi_b_value='all')")
+            return vols, notes
+        if b_value == "highest":
+            i = int(np.argmax(values))
+        elif b_value == "lowest":
+            i = int(np.argmin(values))
+        else:
+            try:
+                want = float(b_value)
+            except (TypeError, ValueError):
+                raise InputError(f"data.dwi_b_value must be one of {B_VALUE_RULES} or a number, got {b_value!r}")
+            i = int(np.argmin([abs(b - want) for b in values]))
+        notes.append(f"b-values {listed} s/mm²: using b={values[i]:g} (data.dwi_b_value={b_value!r}); "
+                     f"dropped the others")
+        return [vols[i]], notes
+    if vols and vols[0].split_by and len(vols) > 1:
+        notes.append(f"series split into {len(vols)} volumes by {vols[0].split_by}: all kept as series, in order")
+    return vols, notes
+
+
+def _int_tag_of(v: DicomVolume) -> int | None:
+    return v.series_number
 
 
 def load_dicom_series(folder: str | os.PathLike) -> list[Series]:
@@ -457,16 +607,31 @@ def load_png(path: str | os.PathLike, affine: np.ndarray | None = None) -> Serie
 # --------------------------------------------------------------------------- dispatch
 
 
-def load_series(path: str | os.PathLike, *, spatial_dims: int = 3) -> list[Series]:
-    """Load an image source and validate it.
+@dataclass
+class Loaded:
+    """What an image source gave: its series (validated) and every choice made, in words."""
+    series: list[Series]
+    notes: list[str]
+
+
+def load_series(path: str | os.PathLike, *, spatial_dims: int = 3, b_value: str | float = "highest") -> list[Series]:
+    """Load an image source and validate it (see :func:`load_image`)."""
+    return load_image(path, spatial_dims=spatial_dims, b_value=b_value).series
+
+
+def load_image(path: str | os.PathLike, *, spatial_dims: int = 3, b_value: str | float = "highest") -> Loaded:
+    """Load an image source, choose among its volumes by stated rules, and validate.
 
     ``path`` is a DICOM folder, a ``.nii``/``.nii.gz`` file or a ``.png`` file
-    (suffixes case-insensitive); every returned Series passed
-    :func:`validate_series` with ``spatial_dims``.
+    (suffixes case-insensitive). A DICOM folder's volumes are reduced by
+    :func:`choose_volumes` (one series per folder; one b-value by ``b_value``);
+    every returned Series passed :func:`validate_series` with ``spatial_dims``.
     """
     p = Path(path)
+    notes: list[str] = []
     if p.is_dir():
-        series = load_dicom_series(p)
+        vols, notes = choose_volumes(load_dicom_volumes(p), b_value)
+        series = [v.series for v in vols]
     elif not p.exists():
         raise InputError("file not found", path=str(p))
     elif _is_nifti(p):
@@ -476,7 +641,7 @@ def load_series(path: str | os.PathLike, *, spatial_dims: int = 3) -> list[Serie
     else:
         raise InputError("unsupported file type (expected .nii, .nii.gz, .png or a DICOM "
                          "folder)", path=str(p))
-    return [validate_series(s, spatial_dims) for s in series]
+    return Loaded([validate_series(s, spatial_dims) for s in series], notes)
 
 
 def _drop_axis(series: Series, axis: int) -> Series:
@@ -517,6 +682,9 @@ def validate_series(series: Series, spatial_dims: int) -> Series:
     series = Series(array=arr, affine=aff, path=series.path)
     if spatial_dims == 3 and arr.ndim == 2:
         raise InputError(f"2D image where a 3D volume is expected (shape {arr.shape})", path=path)
+    if spatial_dims == 3 and 1 in arr.shape:
+        raise InputError(f"single-slice image (shape {arr.shape}) where a 3D volume is expected; key images "
+                         "need a 2D config (data.spatial_dims=2)", path=path)
     if spatial_dims == 2 and arr.ndim == 3:
         singles = [a for a in (2, 1, 0) if arr.shape[a] == 1]
         if not singles:

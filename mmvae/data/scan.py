@@ -115,7 +115,8 @@ def _brats_seq(case: str, p: Path) -> str | None:
     return stem[len(case) + 1:].lower()
 
 
-def _read_label_csv(path: Path) -> dict[str, dict[str, str]]:
+def read_label_csv(path: Path) -> dict[str, dict[str, str]]:
+    """``case_id -> {label: value}`` from a CSV with a ``case_id`` column (else the first column)."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             rows = list(csv.DictReader(f))
@@ -135,7 +136,7 @@ def _read_label_csv(path: Path) -> dict[str, dict[str, str]]:
 
 def _scan_brats(root: Path, res: ScanResult) -> None:
     grades = root / "grades.csv"
-    labels = _read_label_csv(grades) if grades.is_file() else {}
+    labels = read_label_csv(grades) if grades.is_file() else {}
     for case_dir in _dirs(root):
         case = case_dir.name
         for p in _files(case_dir):

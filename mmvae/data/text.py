@@ -179,3 +179,15 @@ def tokenize(tokenizer, texts: Sequence[str | None], max_len: int
             ids[r] = np.asarray(tid, dtype=np.int32)
             mask[r] = np.asarray(m, dtype=np.int32)
     return ids, mask
+
+
+def token_lengths(tokenizer, texts: Sequence[str | None]) -> np.ndarray:
+    """Untruncated token count of each text (special tokens included; 0 for None/blank): ``(B,)`` int."""
+    rows = [i for i, t in enumerate(texts) if isinstance(t, str) and t.strip()]
+    out = np.zeros(len(texts), np.int64)
+    if rows:
+        enc = tokenizer([texts[i] for i in rows], truncation=False, return_attention_mask=False,
+                        return_token_type_ids=False)
+        for i, ids in zip(rows, enc["input_ids"]):
+            out[i] = len(ids)
+    return out

@@ -61,6 +61,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -75,6 +76,8 @@ import numpy as np
 
 from mmvae.atomic import atomic_save_npy, atomic_write_bytes, atomic_write_text
 from mmvae.errors import IndexError_, InputError
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Result", "CaseIndex", "build_index", "load_index", "KINDS", "METRICS",
            "RERANKS", "FORMAT_VERSION", "default_nlist", "default_nprobe", "default_m_pq"]
@@ -678,14 +681,19 @@ class CaseIndex:
 
     # ---- persistence
     def save(self, folder: str | os.PathLike) -> Path:
-        """Write the index folder atomically.
+        """Write the index folder so that a kill at any point leaves a complete index.
 
-        Everything goes into a temporary sibling folder first; then the old folder (if
-        any) is renamed aside, the new one renamed in and the old one deleted. On any
-        failure the old folder is left as it was. Refuses to replace a non-empty folder
-        that is not an index (has no ``index.json``).
+        Everything goes into a hidden temporary sibling (``.<name>.tmp-*``, ``index.json``
+        written last); then the old folder (if any) is renamed aside (``.<name>.old-*``),
+        the new one renamed in and the old one deleted. On an exception the old folder is
+        put back. After a SIGKILL between the two renames :func:`load_index` reads the
+        ``.old-*`` folder (the last complete index) and the next save puts it back first;
+        ``.tmp-*`` folders left by a killed writer are deleted by the next save. One
+        writer at a time. Refuses to replace a non-empty folder that is not an index
+        (has no ``index.json``).
         """
         folder = Path(folder)
+        recover_interrupted_save(folder)
         if folder.exists():
             if not folder.is_dir():
                 raise InputError("index destination exists and is not a folder", path=str(folder))
@@ -860,8 +868,40 @@ def build_index(mu, logvar, case_ids: Sequence[str], meta: Sequence[dict] | None
 
 
 # --------------------------------------------------------------------------- load
+def _leftovers(folder: Path, kind: str) -> list[Path]:
+    """Hidden ``.<name>.<kind>-*`` siblings of an index folder (newest first)."""
+    if not folder.parent.is_dir():
+        return []
+    found = [p for p in folder.parent.glob(f".{folder.name}.{kind}-*") if p.is_dir()]
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def recover_interrupted_save(folder: str | os.PathLike) -> list[str]:
+    """Undo what a killed :meth:`CaseIndex.save` left next to ``folder``: delete its
+    ``.tmp-*`` folders, put the ``.old-*`` folder (the last complete index) back when
+    ``folder`` is missing, delete stale ``.old-*`` folders otherwise. Returns what it did."""
+    folder = Path(folder)
+    done = []
+    for t in _leftovers(folder, "tmp"):
+        shutil.rmtree(t, ignore_errors=True)
+        done.append(f"removed unfinished {t.name}")
+    olds = [o for o in _leftovers(folder, "old") if (o / "index.json").is_file()]
+    if olds and not folder.exists():
+        os.rename(olds[0], folder)
+        done.append(f"restored {folder.name} from {olds[0].name} (a save was interrupted)")
+        olds = olds[1:]
+    for o in olds:
+        shutil.rmtree(o, ignore_errors=True)
+        done.append(f"removed stale {o.name}")
+    return done
+
+
 def load_index(folder: str | os.PathLike, *, expect_identity: Mapping | None = None) -> CaseIndex:
     """Open an index folder written by :meth:`CaseIndex.save`, verifying it.
+
+    When ``folder`` is missing because a save was killed between its two renames, the
+    last complete index (its hidden ``.<name>.old-*`` sibling) is read instead, with a
+    warning; nothing is moved (the next save repairs the folder).
 
     Checks that ``index.json`` exists and has a known format version, the sha256 of
     every file, that faiss can read the index, that all parts agree, and (when
@@ -869,6 +909,12 @@ def load_index(folder: str | os.PathLike, *, expect_identity: Mapping | None = N
     an :class:`IndexError_`. Nothing is written.
     """
     folder = Path(folder)
+    if not folder.exists():
+        olds = [o for o in _leftovers(folder, "old") if (o / "index.json").is_file()]
+        if olds:
+            log.warning("index %s: the last save was interrupted; reading the previous complete index %s",
+                        folder, olds[0].name)
+            folder = olds[0]
     jpath = folder / "index.json"
     if not folder.is_dir():
         raise IndexError_(f"no index folder at {str(folder)!r}")

@@ -52,7 +52,7 @@ from mmvae.data.cache import PreprocessCache
 from mmvae.data.dataset import (CLINICAL, case_arrays, clinical_arrays, Cohort, fixed_arrays, load_case_images,
                                 preprocess_config, standardize_clinical)
 from mmvae.data.manifest import CaseEntries, REPORT
-from mmvae.data.text import tokenize
+from mmvae.data.text import token_lengths, tokenize
 from mmvae.errors import ConfigError, InputError
 from mmvae.retrieval.embed import fused, make_encode_fn, query_dims
 from mmvae.retrieval.feedback import rocchio
@@ -96,6 +96,7 @@ class Retriever:
         self.spec = spec
         self.model = model
         self.tokenizer = tokenizer
+        self.last_notes: list[str] = []   # what the last query's loader chose or dropped, in words
         self.clinical_stats = clinical_stats
         self.index = index
         self.workdir = None if workdir is None else Path(workdir)
@@ -267,15 +268,25 @@ class Retriever:
         ref_mod = data.reference_modality or None
         ref = case.images.get(ref_mod, [None])[0] if ref_mod else None
         arrays = {}
+        self.last_notes = []
         for m in self.image_modalities:
             if m in imgs:
+                said: list = []
                 try:
-                    arrays[m] = load_case_images(case, m, imgs[m], self.cache, self.preprocess, spatial_dims, ref)
+                    arrays[m] = load_case_images(case, m, imgs[m], self.cache, self.preprocess, spatial_dims, ref,
+                                                 b_value=data.get("dwi_b_value", "highest"), notes=said)
                 except InputError as e:
                     raise _strip_case(e) from None
+                self.last_notes += [f"{m}: {Path(path).name}: {x}" for path, x in said]
+                if arrays[m].shape[0] > self.max_series:
+                    self.last_notes.append(f"{m}: {arrays[m].shape[0]} series, the model takes the first "
+                                           f"{self.max_series} (data.max_series)")
         T = int(data.text.max_len)
         if report is not None and self.tokenizer is not None and data.report:
             tokens, token_mask = tokenize(self.tokenizer, [report], T)
+            n = int(token_lengths(self.tokenizer, [report])[0])
+            if n > T:
+                self.last_notes.append(f"report: {n} tokens truncated to data.text.max_len={T}")
         else:
             tokens = np.zeros((1, T), np.int32)
             token_mask = np.zeros_like(tokens)
@@ -626,8 +637,11 @@ def query_main(argv: Sequence[str], out=None) -> None:
                "index": {"path": str(a.index), "kind": r.index.kind, "metric": r.index.metric,
                          "size": r.index.size},
                "timing": timing}
+        doc["query"]["notes"] = list(r.last_notes)
         print(json.dumps(doc, indent=2), file=out)
         return
+    for n in r.last_notes:
+        print(f"query used: {n}", file=out)
     print(_table(results), file=out)
     print(f"{len(results)} of {r.index.size} cases ({r.index.kind} index, {r.index.metric}); query by "
           f"{'+'.join(used)}; query time {1e3 * timing['query_s']:.1f} ms (encode "

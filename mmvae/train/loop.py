@@ -34,7 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mmvae.atomic import atomic_write_text
 from mmvae.config import resolve_pretrained_text, validate
-from mmvae.data.dataset import Cohort, split_indices, with_label_supervision
+from mmvae.data.dataset import Cohort, split_indices, with_label_supervision, write_input_summary
 from mmvae.data.pipeline import eval_batches as eval_batch_stream, Position, train_batches as train_batch_stream
 from mmvae.errors import CheckpointError, ConfigError, MmvaeError
 from mmvae.models import fusion as F
@@ -200,6 +200,8 @@ def train_and_evaluate(config, workdir: str | Path, *, show_progress: bool = Tru
     if bs % jax.device_count():
         raise ConfigError(f"train.batch_size {bs} must be divisible by the number of devices {jax.device_count()}")
     cohort, tokenizer, _ = load_cohort(config, workdir, show_progress=show_progress and lead)
+    if lead:
+        write_input_summary(workdir / "input_summary.json", cohort)
     train_idx, val_idx = split_indices(len(cohort), float(config.data.val_fraction), int(config.data.split_seed))
     train, val = cohort.subset(train_idx), cohort.subset(val_idx)
     vocab = len(tokenizer) if tokenizer is not None else 0
@@ -301,6 +303,8 @@ def train_and_evaluate(config, workdir: str | Path, *, show_progress: bool = Tru
             step = start + i
             t0 = time.time()
             state, metrics = step_fn(state, shard_batch(batch, mesh, bs))
+            if show_progress and lead:   # the bar counts finished steps, not dispatched ones (true rate and ETA)
+                jax.block_until_ready(metrics["loss"])
             done = step + 1
             if compile_s is None:
                 jax.block_until_ready(metrics["loss"])
@@ -364,7 +368,10 @@ def train_and_evaluate(config, workdir: str | Path, *, show_progress: bool = Tru
                "compile_seconds": compile_s, "num_train": len(train), "num_val": len(val),
                "devices": jax.device_count(), "processes": jax.process_count(),
                "best_val_map": best["value"], "best_step": best["step"],   # of this call's evaluations
-               "checkpoints": [int(s) for s in mgr.all_steps()]}
+               "checkpoints": [int(s) for s in mgr.all_steps()],
+               "input": {"cases": len(cohort), "skipped_cases": len(cohort.skipped),
+                         **{f"notes_{k}": sum(n["kind"] == k for n in cohort.notes)
+                            for k in ("choice", "dropped", "truncated")}}}
     if return_state:
         summary["state"] = state
     return summary
