@@ -101,7 +101,10 @@ def test_bad_volume_in_manifest_exits_2_naming_case_modality_file(tmp_path, caps
                "--config.train.batch_size=1", "--config.data.report=False"])
     err = capsys.readouterr().err
     assert rc == 0, err
-    assert "skipped 1 of 2 cases" in err and "bad t2.nii.gz" in err
+    # the bad modality is dropped, case b kept with its t1 (a warning counts and names the drop)
+    assert "dropped modalities: 1 case-modalities" in err and "bad t2.nii.gz" in err
+    summary = json.loads((tmp_path / "wd2" / "input_summary.json").read_text())
+    assert summary["cases"] == 2 and summary["counts"] == {"dropped": 1}
 
 
 def test_unknown_config_key_and_wrong_type_fail_before_running(tmp_path, capsys):

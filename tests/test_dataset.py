@@ -183,6 +183,15 @@ def test_on_error_skip_skips_and_counts(tmp_path):
     m = _manifest_with(tmp_path, bad["NaN"])
     cohort = prepare_cohort(m, data_cfg(report=False, on_error="skip"), PreprocessCache(tmp_path / "c"),
                             show_progress=False)
+    # the bad modality is dropped (noted), the case kept with what is usable
+    assert cohort.case_ids == ["ok", "bad"] and cohort.present_modalities(1) == ["t1"] and not cohort.skipped
+    [n] = [n for n in cohort.notes if n["kind"] == "dropped"]
+    assert (n["case_id"], n["modality"]) == ("bad", "t2") and "NaN" in n["message"] and "nan.nii.gz" in n["path"]
+    # a case left with nothing usable is skipped whole, with the reasons
+    only_bad = write_manifest([ManifestEntry("ok", "t1", str(tmp_path / "ok" / "ok_t1.nii.gz")),
+                               ManifestEntry("bad", "t2", str(bad["NaN"]))], tmp_path / "m2.jsonl")
+    cohort = prepare_cohort(only_bad, data_cfg(report=False, on_error="skip"), PreprocessCache(tmp_path / "c"),
+                            show_progress=False)
     assert cohort.case_ids == ["ok"]
     assert len(cohort.skipped) == 1 and cohort.skipped[0][0] == "bad" and "NaN" in cohort.skipped[0][1]
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import sys
 import shutil
 import time
 from pathlib import Path
@@ -324,8 +325,11 @@ def test_cli_table_and_json(run, capsys, tmp_path):
     assert rc == 0, err
     lines = out.splitlines()
     assert lines[0].split() == ["rank", "case_id", "score", "modalities", "labels"]
-    assert lines[2].split()[:2] == ["1", cid] and "query time" in lines[-1] and " ms" in lines[-1]
-    assert len(lines) == 2 + 4 + 1
+    summary = [x for x in lines if "query time" in x]
+    assert lines[2].split()[:2] == ["1", cid] and len(summary) == 1 and " ms" in summary[0]
+    # what the loader did is said after the summary (here: the tiny config's 32-token reports)
+    assert lines[-1].startswith("query used: report:") and "truncated to data.text.max_len=32" in lines[-1]
+    assert len(lines) == 2 + 4 + 1 + 1                  # header, 4 results, summary, the note
     rc, out, err = cli(capsys, *base_args(run), "--t2", c["images"]["t2"][0], "--report", c["report"],
                        "--json", "--k", 3, "--rerank", "bhattacharyya", "--exclude", cid)
     assert rc == 0, err
@@ -450,3 +454,17 @@ def test_bad_input_cli(run, bad_files, tmp_path, capsys):
     rc, _, err = cli(capsys, "--index", run.index_dir, "--workdir", tmp_path, "--t2", t2)
     assert rc == 2 and "not a trained work dir" in err
     assert digest(run.index_dir) == run.digest
+
+
+def test_query_says_what_the_loader_chose(run, tmp_path, capsys):
+    """A multi-b-value DWI folder: the query uses the highest b-value and says so (table and JSON)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _dicom import write_series
+    dwi = write_series(tmp_path / "dwi", 8, b_values=(0, 500, 1000), spacing=(4.0, 4.0), slice_gap=4.0,
+                       rows=16, cols=16)
+    rc, out, err = cli(capsys, *base_args(run), "--dwi", dwi, "--k", 3)
+    assert rc == 0, err
+    assert "query used: dwi: dwi: b-values 0/500/1000 s/mm²: using b=1000 (data.dwi_b_value='highest')" in out
+    rc, out, err = cli(capsys, *base_args(run), "--dwi", dwi, "--k", 3, "--json")
+    notes = json.loads(out)["query"]["notes"]
+    assert rc == 0 and len(notes) == 1 and "using b=1000" in notes[0]

@@ -258,3 +258,45 @@ def test_scan_command_writes_manifest_and_says_what_it_did(tmp_path, capsys):
     rc = main(["scan", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.jsonl")])
     err = capsys.readouterr().err
     assert rc == 2 and "dataset folder not found" in err and not (tmp_path / "x.jsonl").exists()
+
+
+# ----------------------------------------------------------------- 11. the progress bar counts finished steps
+def test_progress_bar_advances_only_when_a_step_has_finished(tmp_path, monkeypatch):
+    """The bar used to count dispatched steps (XLA runs asynchronously): rate and ETA were wrong.
+    Each iteration now waits for its step's loss, so the bar's clock measures real steps."""
+    import jax
+    from mmvae.data.synth import make_cohort
+    from mmvae.train import loop
+    manifest = make_cohort(tmp_path / "data", 24, seed=0, shape=(16, 16, 16), spacing=(4.0, 4.0, 4.0))
+    waited, real = [], jax.block_until_ready
+    monkeypatch.setattr(loop.jax, "block_until_ready", lambda x: waited.append(1) or real(x))
+    c = load_config(TINY, [f"--config.data.manifest={manifest}", "--config.train.steps=4"])
+    loop.train_and_evaluate(c, tmp_path / "run", show_progress=True)
+    assert len(waited) >= 4                      # one wait per step (+ the compile measurement)
+    waited.clear()
+    loop.train_and_evaluate(load_config(TINY, [f"--config.data.manifest={manifest}", "--config.train.steps=8"]),
+                            tmp_path / "run", show_progress=False)
+    assert len(waited) <= 1                      # without a bar nothing waits but the compile measurement
+
+
+# ----------------------------------------------------------------- every refusal: one line naming case, modality, file; exit 2
+@pytest.mark.parametrize("kind, message", [
+    ("noorient", "no orientation"), ("single", "single-slice image"), ("microns", "implausible voxel size"),
+    ("sheared", "not 90°"), ("mosaic", "Siemens mosaic"), ("tilt", "gantry"), ("missing", "file not found")])
+def test_check_command_refusals_exit_2_naming_case_modality_file(tmp_path, capsys, kind, message):
+    good = _nifti(tmp_path / "good.nii.gz", _blob())
+    bad = {"noorient": lambda: _nifti(tmp_path / "bad.nii.gz", _blob(), sform=0, qform=0),
+           "single": lambda: _nifti(tmp_path / "bad.nii.gz", _blob((40, 40, 1))),
+           "microns": lambda: _nifti(tmp_path / "bad.nii.gz", _blob(), affine=np.diag([900.0, 900.0, 900.0, 1.0])),
+           "sheared": lambda: _nifti(tmp_path / "bad.nii.gz", _blob(), affine=np.array(
+               [[2.0, 0, 1.5, 0], [0, 2.0, 0, 0], [0, 0, 2.0, 0], [0, 0, 0, 1]])),
+           "mosaic": lambda: write_series(tmp_path / "bad", 3, image_type=("ORIGINAL", "PRIMARY", "M", "MOSAIC")),
+           "tilt": lambda: write_series(tmp_path / "bad", 8, tilt=(0.0, 1.5)),
+           "missing": lambda: tmp_path / "nowhere.nii.gz"}[kind]()
+    write_manifest([ManifestEntry("case7", "t2", str(bad), labels={"class": "a"}),
+                    ManifestEntry("case7", "dwi", str(good))], tmp_path / "m.jsonl")
+    rc, out = _check(capsys, tmp_path / "m.jsonl")
+    assert rc == 2
+    [line] = [x for x in out.splitlines() if x.startswith("drop")]
+    assert "case 'case7'" in line and "modality 't2'" in line and Path(bad).name in line and message in line
+    assert "1 cases usable" in out                               # the case is kept with its dwi

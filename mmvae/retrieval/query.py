@@ -640,13 +640,13 @@ def query_main(argv: Sequence[str], out=None) -> None:
         doc["query"]["notes"] = list(r.last_notes)
         print(json.dumps(doc, indent=2), file=out)
         return
-    for n in r.last_notes:
-        print(f"query used: {n}", file=out)
     print(_table(results), file=out)
     print(f"{len(results)} of {r.index.size} cases ({r.index.kind} index, {r.index.metric}); query by "
           f"{'+'.join(used)}; query time {1e3 * timing['query_s']:.1f} ms (encode "
           f"{1e3 * timing['encode_s']:.1f} ms incl. first-call compile, search {1e3 * timing['search_s']:.1f} ms); "
           f"model+index load {t_load:.1f} s", file=out)
+    for n in r.last_notes:
+        print(f"query used: {n}", file=out)
 
 
 def _known_flags(config) -> str:
