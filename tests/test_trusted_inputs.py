@@ -152,16 +152,21 @@ def test_bad_report_drops_the_report_not_the_case_and_truncation_is_counted(tmp_
 
 
 # ----------------------------------------------------------------- 8. undecodable compressed pixel data
-@pytest.mark.parametrize("ts, family", [("1.2.840.10008.1.2.4.90", "JPEG 2000"), ("1.2.840.10008.1.2.4.80", "JPEG-LS")])
-def test_undecodable_pixel_data_names_transfer_syntax_and_package(tmp_path, ts, family):
-    folder = write_series(tmp_path / "c", 3)
+def _compressed_garbage(folder: Path, ts: str = "1.2.840.10008.1.2.4.90") -> Path:
+    """Re-label the series' pixel data as compressed (``ts``) with undecodable fragments."""
+    from pydicom.encaps import encapsulate
     for f in sorted(folder.iterdir()):
         ds = pydicom.dcmread(f)
         ds.file_meta.TransferSyntaxUID = ts
-        from pydicom.encaps import encapsulate
         ds.PixelData = encapsulate([b"\xff\x4f\xff\x51garbage" * 4])
         ds["PixelData"].VR = "OB"
         ds.save_as(f, enforce_file_format=True)
+    return folder
+
+
+@pytest.mark.parametrize("ts, family", [("1.2.840.10008.1.2.4.90", "JPEG 2000"), ("1.2.840.10008.1.2.4.80", "JPEG-LS")])
+def test_undecodable_pixel_data_names_transfer_syntax_and_package(tmp_path, ts, family):
+    folder = _compressed_garbage(write_series(tmp_path / "c", 3), ts)
     with pytest.raises(InputError) as e:
         load_series(folder)
     msg = str(e.value)
@@ -282,7 +287,8 @@ def test_progress_bar_advances_only_when_a_step_has_finished(tmp_path, monkeypat
 # ----------------------------------------------------------------- every refusal: one line naming case, modality, file; exit 2
 @pytest.mark.parametrize("kind, message", [
     ("noorient", "no orientation"), ("single", "single-slice image"), ("microns", "implausible voxel size"),
-    ("sheared", "not 90°"), ("mosaic", "Siemens mosaic"), ("tilt", "gantry"), ("missing", "file not found")])
+    ("sheared", "not 90°"), ("mosaic", "Siemens mosaic"), ("tilt", "gantry"), ("missing", "file not found"),
+    ("jpeg2000", "pip install 'mmvae[dicom]'")])
 def test_check_command_refusals_exit_2_naming_case_modality_file(tmp_path, capsys, kind, message):
     good = _nifti(tmp_path / "good.nii.gz", _blob())
     bad = {"noorient": lambda: _nifti(tmp_path / "bad.nii.gz", _blob(), sform=0, qform=0),
@@ -292,7 +298,8 @@ def test_check_command_refusals_exit_2_naming_case_modality_file(tmp_path, capsy
                [[2.0, 0, 1.5, 0], [0, 2.0, 0, 0], [0, 0, 2.0, 0], [0, 0, 0, 1]])),
            "mosaic": lambda: write_series(tmp_path / "bad", 3, image_type=("ORIGINAL", "PRIMARY", "M", "MOSAIC")),
            "tilt": lambda: write_series(tmp_path / "bad", 8, tilt=(0.0, 1.5)),
-           "missing": lambda: tmp_path / "nowhere.nii.gz"}[kind]()
+           "missing": lambda: tmp_path / "nowhere.nii.gz",
+           "jpeg2000": lambda: _compressed_garbage(write_series(tmp_path / "bad", 3))}[kind]()
     write_manifest([ManifestEntry("case7", "t2", str(bad), labels={"class": "a"}),
                     ManifestEntry("case7", "dwi", str(good))], tmp_path / "m.jsonl")
     rc, out = _check(capsys, tmp_path / "m.jsonl")
