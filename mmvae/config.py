@@ -425,6 +425,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if not isinstance(opts, (dict, ml_collections.ConfigDict)) or "kind" not in opts:
             raise ConfigError(f"data.other_modalities.{name} must be a dict with a 'kind' (a registered modality "
                               f"kind) and its options, got {opts!r}")
+    bv = d.get("dwi_b_value", "highest")
+    if str(bv) not in ("highest", "lowest", "all"):
+        try:
+            if float(bv) < 0:
+                raise ValueError
+        except (TypeError, ValueError):
+            raise ConfigError(f"data.dwi_b_value must be highest, lowest, all or a b-value >= 0 (s/mm²), got {bv!r}")
     o = config.objective
     if float(o.supcon_weight) > 0 and float(d.label_fraction) <= 0:
         raise ConfigError("objective.supcon_weight > 0 needs labels: set data.label_fraction > 0")

@@ -26,6 +26,13 @@ def test_from_config_defaults_names_and_errors():
     c = load_config(TINY, ["--config.evals={'x': {'type': 'retrieval', 'kk': 3}}"])
     with pytest.raises(ConfigError, match=r"unknown option\(s\) \['kk'\]"):
         E.from_config(c)
+    for bad, match in [("{'x': {'type': 'retrieval', 'k': 0}}", r"evals.x.k must be an integer >= 1"),
+                       ("{'x': {'type': 'retrieval', 'queries': 'some'}}", r"evals.x.queries must be one of"),
+                       ("{'x': {'type': 'elbo', 'every': -1}}", r"evals.x.every must be an integer >= 0"),
+                       ("{'a': {'type': 'retrieval'}, 'b': {'type': 'retrieval', 'queries': 'all_subsets'}}",
+                        r"two retrieval evaluators with the same k")]:
+        with pytest.raises(ConfigError, match=match):
+            E.from_config(load_config(TINY, [f"--config.evals={bad}"]))
     ev = E.Evaluator("r", E.retrieval, 3, {})
     assert [s for s in range(1, 8) if ev.due(s, 7)] == [3, 6, 7]
 

@@ -121,9 +121,9 @@ def test_dwi_b_value_rule_and_max_series_drops_are_reported(tmp_path, capsys):
     write_manifest([ManifestEntry("c1", "dwi", str(dwi), labels={"class": "a"}), ManifestEntry("c1", "t2", str(t2a)),
                     ManifestEntry("c1", "t2", str(t2b))], tmp_path / "m.jsonl")
     rc, out = _check(capsys, tmp_path / "m.jsonl")
-    assert rc == 2                                                            # a series is dropped
+    assert rc == 0                                            # choices, no dropped modality: not a problem
     assert "chose  case c1, dwi: b-values 50/400/800 s/mm²: using b=800" in out
-    assert "drop   case c1, t2: 2 series, the model takes the first 1 (data.max_series): dropped 1" in out
+    assert "trunc  case c1, t2: 2 series, the model takes the first 1 (data.max_series): dropped 1" in out
     rc, out = _check(capsys, tmp_path / "m.jsonl", "--config.data.max_series=2", "--config.data.dwi_b_value=400")
     assert rc == 0 and "using b=400" in out
 
@@ -307,3 +307,25 @@ def test_check_command_refusals_exit_2_naming_case_modality_file(tmp_path, capsy
     [line] = [x for x in out.splitlines() if x.startswith("drop")]
     assert "case 'case7'" in line and "modality 't2'" in line and Path(bad).name in line and message in line
     assert "1 cases usable" in out                               # the case is kept with its dwi
+
+
+def test_a_broken_series_that_is_not_used_does_not_stop_the_folder(tmp_path):
+    folder = write_series(tmp_path / "t2", 12, series_number=5)
+    write_series(folder, 1, series_number=999, description="dose report", start_instance=500)
+    ds = pydicom.dcmread(folder / "0500.dcm")
+    del ds.ImageOrientationPatient                           # a screenshot: no geometry
+    ds.save_as(folder / "0500.dcm", enforce_file_format=True)
+    got = load_image(folder)
+    assert [s.shape for s in got.series] == [(32, 32, 12)]
+    assert "dropped series 999 'dose report' (1 images)" in got.notes[0]
+
+
+@pytest.mark.parametrize("b0_tag", [True, False])
+def test_dwi_directions_at_the_chosen_b_value_become_the_trace_image(tmp_path, b0_tag):
+    folder = write_series(tmp_path / "dwi", 6, b_values=(0 if b0_tag else None, 1000, 1000, 1000))
+    got = load_image(folder)
+    assert len(got.series) == 1 and got.series[0].shape == (32, 32, 6)
+    assert "b-values 0/1000 s/mm²: using b=1000" in got.notes[0]
+    assert "3 images per position at b=1000: combined into the trace image" in got.notes[1]
+    b0 = load_image(folder, b_value="lowest").series[0].array
+    assert float(got.series[0].array.mean()) < 0.5 * float(b0.mean())      # diffusion-weighted, not the b=0

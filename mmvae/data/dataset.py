@@ -122,12 +122,13 @@ class Cohort:
 
     def subset(self, indices: Sequence[int]) -> "Cohort":
         idx = list(indices)
+        keep = {self.case_ids[i] for i in idx}
         return dataclasses.replace(
             self, case_ids=[self.case_ids[i] for i in idx],
             images={m: [v[i] for i in idx] for m, v in self.images.items()},
             reports=[self.reports[i] for i in idx], arrays={k: a[idx] for k, a in self.arrays.items()},
             labels=[self.labels[i] for i in idx], skipped=[],
-            notes=[n for n in self.notes if n["case_id"] in {self.case_ids[i] for i in idx}])
+            notes=[n for n in self.notes if n["case_id"] in keep])
 
 
 def fixed_arrays(tokens: np.ndarray, token_mask: np.ndarray, num: np.ndarray, num_mask: np.ndarray,
@@ -145,20 +146,34 @@ def case_arrays(cases: Sequence[CaseEntries], builders: Mapping[str, Callable[[C
                 ) -> dict[str, np.ndarray]:
     """Stack the entries ``builders[m](case) -> {key: per-case array}`` of every case (``(N, ...)``).
 
-    Errors name the case and modality (:class:`InputError`)."""
-    out: dict[str, list] = {}
-    for m, build in builders.items():
-        for c in cases:
+    A builder must return the same keys and shapes for every case, zeros and a zero mask
+    for a case without the modality. Errors name the case and modality (:class:`InputError`)."""
+    rows = []
+    for c in cases:
+        row = {}
+        for m, build in builders.items():
             try:
-                entries = build(c)
+                row[m] = build(c)
             except InputError as e:
                 raise e.with_context(case_id=c.case_id, modality=m) from None
+        rows.append(row)
+    return stack_entries(cases, rows)
+
+
+def stack_entries(cases: Sequence[CaseEntries], rows: Sequence[Mapping[str, dict]]) -> dict[str, np.ndarray]:
+    """``rows[i][m] = {key: array}`` of case i → ``{key: (N, ...)}``; a shape that differs from the
+    first case's is an InputError naming the case and modality."""
+    out: dict[str, list] = {}
+    first: dict[str, tuple] = {}
+    for c, row in zip(cases, rows):
+        for m, entries in row.items():
             for key, a in entries.items():
-                out.setdefault(key, []).append(np.asarray(a))
-    try:
-        return {k: np.stack(v) for k, v in out.items()}
-    except ValueError as e:
-        raise InputError(f"entries of different shapes across cases: {e}") from None
+                a = np.asarray(a)
+                if first.setdefault(key, a.shape) != a.shape:
+                    raise InputError(f"batch entry {key!r} has shape {a.shape}, other cases {first[key]}",
+                                     case_id=c.case_id, modality=m)
+                out.setdefault(key, []).append(a)
+    return {k: np.stack(v) for k, v in out.items()}
 
 
 def with_label_supervision(cohort: Cohort, label: str, classes: Sequence[str], fraction: float,
@@ -314,8 +329,17 @@ def prepare_cohort(manifest: str | Path, data_cfg, cache: PreprocessCache, token
                 for path, x in said:
                     note("choice", m, x, path)
                 if imgs[m].shape[0] > max_series:
-                    note("dropped", m, f"{imgs[m].shape[0]} series, the model takes the first {max_series} "
-                                       f"(data.max_series): dropped {imgs[m].shape[0] - max_series}")
+                    note("truncated", m, f"{imgs[m].shape[0]} series, the model takes the first {max_series} "
+                                         f"(data.max_series): dropped {imgs[m].shape[0] - max_series}")
+            others = {}
+            for m, build in (builders or {}).items():
+                try:
+                    others[m] = build(case)
+                except InputError as e:
+                    dropped(e.with_context(case_id=case.case_id, modality=m), m)
+                    # the kind's entries for a case without the modality (case_arrays' contract)
+                    others[m] = build(dataclasses.replace(case, metadata={k: v for k, v in case.metadata.items()
+                                                                          if k != m}))
             report = case.report_text if data_cfg.report else None
             try:
                 if data_cfg.report and report is None and case.report_path is not None:
@@ -332,13 +356,13 @@ def prepare_cohort(manifest: str | Path, data_cfg, cache: PreprocessCache, token
             if not imgs and report is None and not case.metadata:
                 why = "; ".join(n["message"] for n in notes if n["kind"] == "dropped")
                 raise InputError("case has no usable modality" + (f" ({why})" if why else ""), case_id=case.case_id)
-            return imgs, report, notes, None
+            return (imgs, others), report, notes, None
         except InputError as e:
             if on_error != "skip":
                 raise
             return None, None, notes, e
 
-    kept, images, reports, skipped, notes = [], {m: [] for m in modalities}, [], [], []
+    kept, images, reports, skipped, notes, other_rows = [], {m: [] for m in modalities}, [], [], [], []
     workers = max(1, int(data_cfg.workers))
     with ThreadPoolExecutor(workers) as pool:
         results = pool.map(work, cases)
@@ -349,10 +373,12 @@ def prepare_cohort(manifest: str | Path, data_cfg, cache: PreprocessCache, token
                 log.warning("skipping %s", err)
                 skipped.append((case.case_id, str(err)))
                 continue
+            imgs, others = imgs
             kept.append(case)
             for m in modalities:
                 images[m].append(imgs.get(m))
             reports.append(report)
+            other_rows.append(others)
     if skipped:
         log.warning("skipped %d of %d cases because of bad input", len(skipped), len(cases))
     text_cfg = data_cfg.text
@@ -369,7 +395,7 @@ def prepare_cohort(manifest: str | Path, data_cfg, cache: PreprocessCache, token
     num, num_mask, cat, cat_mask = clinical_arrays(kept, list(data_cfg.clinical.numeric),
                                                     dict(data_cfg.clinical.categorical))
     num, clinical_stats = standardize_clinical(num, num_mask, clinical_stats)
-    arrays = fixed_arrays(tokens, token_mask, num, num_mask, cat, cat_mask, case_arrays(kept, builders or {}))
+    arrays = fixed_arrays(tokens, token_mask, num, num_mask, cat, cat_mask, stack_entries(kept, other_rows))
     log_notes(notes)
     return Cohort(case_ids=[c.case_id for c in kept], image_modalities=tuple(modalities), images=images,
                   reports=reports, arrays=arrays, labels=[dict(c.labels) for c in kept], shape=cfg.shape,
@@ -396,7 +422,7 @@ def log_notes(notes: Sequence[dict]) -> None:
     for kind, items in by_kind.items():
         ex = items[0]
         log.warning("%s: %d case-modalities (e.g. case %r, %s: %s)", {"choice": "loader choices", "dropped":
-                    "dropped modalities", "truncated": "truncated reports"}.get(kind, kind), len(items),
+                    "dropped modalities", "truncated": "truncated (reports, series)"}.get(kind, kind), len(items),
                     ex["case_id"], ex["modality"], ex["message"])
 
 

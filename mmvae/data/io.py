@@ -105,7 +105,7 @@ def load_nifti(path: str | os.PathLike) -> Series:
 #: Plausible voxel size (mm) and field of view (mm per axis) of a medical image: outside,
 #: the units are wrong (metres or microns labelled as mm) and resampling would produce one
 #: voxel or tens of GiB.
-VOXEL_MM = (0.01, 50.0)
+VOXEL_MM = (0.001, 50.0)      # 1 µm (optical coherence tomography) to 5 cm
 MAX_FOV_MM = 2500.0
 
 
@@ -319,6 +319,23 @@ def _split_volumes(slices: list[_Slice], folder: Path) -> list[tuple[str, Any, l
     pos = _position_ids(slices)
     if len(set(pos)) == len(slices):
         return [("", None, slices)]
+    bvals = [_b_value(s.ds) for s in slices]
+    if any(b is not None for b in bvals) and len({b for b in bvals if b is not None} | ({0.0} if None in bvals else set())) > 1:
+        # DWI: group by b-value (an image without the tag is b=0 beside tagged ones); several images
+        # per position within a b-value (diffusion directions) become sub-volumes (b, rank)
+        out = []
+        groups: dict[float, list[_Slice]] = {}
+        for s, b in zip(slices, bvals):
+            groups.setdefault(0.0 if b is None else float(b), []).append(s)
+        for b in sorted(groups):
+            g = groups[b]
+            gpos = _position_ids(g)
+            if len(set(gpos)) == len(g):
+                out.append(("bvalue", b, g))
+                continue
+            for r, sub in enumerate(_by_rank(g, gpos, folder)):
+                out.append(("bvalue", (b, r), sub))
+        return out
     for key in ("bvalue", "echo", "acquisition"):
         values = [_split_keys(s.ds)[key] for s in slices]
         if any(v is None for v in values) or len(set(values)) < 2:
@@ -328,6 +345,11 @@ def _split_volumes(slices: list[_Slice], folder: Path) -> list[tuple[str, Any, l
             groups.setdefault(v, []).append(i)
         if all(len({pos[i] for i in g}) == len(g) for g in groups.values()):
             return [(key, v, [slices[i] for i in groups[v]]) for v in sorted(groups)]
+    return [("instance", r, vol) for r, vol in enumerate(_by_rank(slices, pos, folder))]
+
+
+def _by_rank(slices: list[_Slice], pos: list[int], folder: Path) -> list[list[_Slice]]:
+    """The n-th image at each position (InstanceNumber, then file name order) → volume n."""
     by_pos: dict[int, list[_Slice]] = {}
     for s, pid in zip(slices, pos):
         by_pos.setdefault(pid, []).append(s)
@@ -339,7 +361,7 @@ def _split_volumes(slices: list[_Slice], folder: Path) -> list[tuple[str, Any, l
     for v in by_pos.values():
         v.sort(key=lambda s: (_int_tag(s.ds, "InstanceNumber") or 0, s.path.name))
     n = counts.pop()
-    return [("instance", r, [by_pos[pid][r] for pid in sorted(by_pos)]) for r in range(n)]
+    return [[by_pos[pid][r] for pid in sorted(by_pos)] for r in range(n)]
 
 
 def _check_consistent(slices: list[_Slice], folder: Path) -> None:
@@ -439,16 +461,13 @@ def _volume(slices: list[_Slice], folder: Path) -> Series:
     return Series(array=data, affine=_LPS_TO_RAS @ lps, path=str(folder))
 
 
-def load_dicom_volumes(folder: str | os.PathLike) -> list[DicomVolume]:
-    """Like :func:`load_dicom_series`, with the series/split information of each volume.
-
-    Volumes are ordered by (SeriesNumber, SeriesInstanceUID), then split value.
-    """
-    folder = Path(folder)
+def _headers(folder: Path) -> dict[str, list[tuple[Path, Any]]]:
+    """SeriesInstanceUID → ``(file, dataset)`` of the folder's image files (an image stored twice,
+    same SOPInstanceUID, counted once). Nothing is validated or decoded here."""
     if not folder.is_dir():
         raise InputError("DICOM folder not found", path=str(folder))
     files = sorted((e for e in os.scandir(folder) if e.is_file()), key=lambda e: e.name)
-    by_uid: dict[str, list[_Slice]] = {}
+    by_uid: dict[str, list[tuple[Path, Any]]] = {}
     seen_sop: set[str] = set()
     for entry in files:
         p = Path(entry.path)
@@ -459,33 +478,82 @@ def load_dicom_volumes(folder: str | os.PathLike) -> list[DicomVolume]:
         if sop and sop in seen_sop:  # the same image stored twice
             continue
         seen_sop.add(sop)
-        by_uid.setdefault(str(ds.get("SeriesInstanceUID", "") or ""), []).append(
-            _make_slice(p, ds, folder))
+        by_uid.setdefault(str(ds.get("SeriesInstanceUID", "") or ""), []).append((p, ds))
     if not by_uid:
         raise InputError("no DICOM image files in folder", path=str(folder))
+    return by_uid
+
+
+def _series_number(items: list[tuple[Path, Any]]) -> int | None:
+    return _int_tag(items[0][1], "SeriesNumber")
+
+
+def _series_volumes(uid: str, items: list[tuple[Path, Any]], folder: Path) -> list[DicomVolume]:
+    """Validate and decode one series into its volumes (see :func:`_split_volumes`)."""
+    slices = [_make_slice(p, ds, folder) for p, ds in items]
+    _check_consistent(slices, folder)
+    normal = np.cross(slices[0].iop[:3], slices[0].iop[3:])
+    if np.linalg.norm(normal) < 0.5:
+        raise InputError(f"degenerate ImageOrientationPatient in {slices[0].path.name!r}", path=str(folder))
+    normal /= np.linalg.norm(normal)
+    for s in slices:
+        s.position = float(np.dot(normal, s.ipp))
+    desc = str(slices[0].ds.get("SeriesDescription", "") or "")
+    out = []
+    for key, value, vol in _split_volumes(slices, folder):
+        vol = sorted(vol, key=lambda s: (s.position, s.path.name))
+        _check_spacing(vol, folder)
+        out.append(DicomVolume(_volume(vol, folder), uid, desc, key, value, [str(s.path) for s in vol],
+                               _series_number(items)))
+    return out
+
+
+def load_dicom_volumes(folder: str | os.PathLike) -> list[DicomVolume]:
+    """Every volume of every series of a DICOM folder, with its series/split information.
+
+    Volumes are ordered by (SeriesNumber, SeriesInstanceUID), then split value. Any
+    problem in any series raises; :func:`load_image` instead chooses one series first
+    (:func:`choose_series`) and reads only that one.
+    """
+    folder = Path(folder)
+    by_uid = _headers(folder)
 
     def series_order(uid):
-        num = _int_tag(by_uid[uid][0].ds, "SeriesNumber")
+        num = _series_number(by_uid[uid])
         return (num if num is not None else 1 << 62, uid)
 
-    out: list[DicomVolume] = []
-    for uid in sorted(by_uid, key=series_order):
-        slices = by_uid[uid]
-        _check_consistent(slices, folder)
-        normal = np.cross(slices[0].iop[:3], slices[0].iop[3:])
-        if np.linalg.norm(normal) < 0.5:
-            raise InputError(f"degenerate ImageOrientationPatient in {slices[0].path.name!r}",
-                             path=str(folder))
-        normal /= np.linalg.norm(normal)
-        for s in slices:
-            s.position = float(np.dot(normal, s.ipp))
-        desc = str(slices[0].ds.get("SeriesDescription", "") or "")
-        for key, value, vol in _split_volumes(slices, folder):
-            vol = sorted(vol, key=lambda s: (s.position, s.path.name))
-            _check_spacing(vol, folder)
-            out.append(DicomVolume(_volume(vol, folder), uid, desc, key, value,
-                                   [str(s.path) for s in vol], _int_tag(slices[0].ds, "SeriesNumber")))
-    return out
+    return [v for uid in sorted(by_uid, key=series_order) for v in _series_volumes(uid, by_uid[uid], folder)]
+
+
+def choose_series(folder: str | os.PathLike) -> tuple[str, list[tuple[Path, Any]], list[str]]:
+    """The series of a DICOM folder to use: ``(uid, its files, notes)``.
+
+    Rule: the series with the most images; ties go to the higher SeriesNumber (acquired
+    later; a missing number ranks lowest), then the UID. Decided from the headers alone, so
+    a series that is not used (a localizer, a dose report, a screenshot) never stops the
+    folder, whatever is wrong with it."""
+    folder = Path(folder)
+    by_uid = _headers(folder)
+    if len(by_uid) == 1:
+        uid = next(iter(by_uid))
+        return uid, by_uid[uid], []
+
+    def rank(uid):
+        n = _series_number(by_uid[uid])
+        return (len(by_uid[uid]), n if n is not None else -1, uid)
+
+    ranked = sorted(by_uid, key=rank, reverse=True)
+
+    def name(uid):
+        n = _series_number(by_uid[uid])
+        desc = str(by_uid[uid][0][1].get("SeriesDescription", "") or "")
+        return f"series {n if n is not None else '?'} {desc!r} ({len(by_uid[uid])} images)"
+
+    tie = len(ranked) > 1 and len(by_uid[ranked[0]]) == len(by_uid[ranked[1]])
+    why = "the most images, then the higher series number" if tie else "the most images"
+    note = (f"folder holds {len(by_uid)} series: using {name(ranked[0])} ({why}); dropped "
+            + ", ".join(name(u) for u in ranked[1:]))
+    return ranked[0], by_uid[ranked[0]], [note]
 
 
 #: How a DWI series with several b-values is reduced (``data.dwi_b_value``).
@@ -493,61 +561,58 @@ B_VALUE_RULES = ("highest", "lowest", "all")
 
 
 def choose_volumes(vols: list[DicomVolume], b_value: str | float = "highest") -> tuple[list[DicomVolume], list[str]]:
-    """The volumes a DICOM folder contributes, and every choice made, in words.
+    """The volumes of one series the model gets, and the choice made, in words.
 
-    Rules (stated in the notes returned):
-
-    * several series (SeriesInstanceUID) in one folder: the one with the most images is
-      used (ties: the higher SeriesNumber, i.e. acquired later), the others dropped — a
-      localizer or scout beside the real series is never used in its place;
     * a series split by b-value (DWI): ``b_value`` ``"highest"`` (default: the most
       diffusion-weighted), ``"lowest"``, ``"all"`` (every b-value as a series of the
-      modality) or a number (the nearest b-value, s/mm²);
+      modality) or a number (the nearest b-value, s/mm²). Several volumes at the chosen
+      b-value (diffusion directions) are combined into the trace image, their voxel-wise
+      geometric mean (the isotropic diffusion-weighted image; Stejskal–Tanner signal
+      ``S_b = S_0 exp(-b D)`` averaged in the log domain);
     * a series split by echo, acquisition or instance: every volume is kept, in order.
     """
     notes: list[str] = []
-    by_uid: dict[str, list[DicomVolume]] = {}
-    for v in vols:
-        by_uid.setdefault(v.series_uid, []).append(v)
-    if len(by_uid) > 1:
-        def number(vs):
-            return _int_tag_of(vs[0]) if _int_tag_of(vs[0]) is not None else -1
-        ranked = sorted(by_uid.values(), key=lambda vs: (sum(len(v.files) for v in vs), number(vs)), reverse=True)
-        keep = ranked[0]
-
-        def name(vs):
-            n = number(vs)
-            return (f"series {n if n >= 0 else '?'} {vs[0].description!r} "
-                    f"({sum(len(v.files) for v in vs)} images)")
-        notes.append(f"folder holds {len(by_uid)} series: using {name(keep)} (the most images); dropped "
-                     + ", ".join(name(vs) for vs in ranked[1:]))
-        vols = keep
-    if vols and vols[0].split_by == "bvalue" and len(vols) > 1:
-        values = [float(v.split_value) for v in vols]
+    if vols and vols[0].split_by == "bvalue":
+        groups: dict[float, list[DicomVolume]] = {}
+        for v in vols:
+            groups.setdefault(float(v.split_value[0] if isinstance(v.split_value, tuple) else v.split_value),
+                              []).append(v)
+        values = sorted(groups)
         listed = "/".join(f"{b:g}" for b in values)
         if b_value == "all":
             notes.append(f"b-values {listed} s/mm²: every b-value kept as a series (data.dwi_b_value='all')")
-            return vols, notes
+            return [_trace(groups[b], notes) for b in values], notes
         if b_value == "highest":
-            i = int(np.argmax(values))
+            pick = values[-1]
         elif b_value == "lowest":
-            i = int(np.argmin(values))
+            pick = values[0]
         else:
             try:
                 want = float(b_value)
             except (TypeError, ValueError):
                 raise InputError(f"data.dwi_b_value must be one of {B_VALUE_RULES} or a number, got {b_value!r}")
-            i = int(np.argmin([abs(b - want) for b in values]))
-        notes.append(f"b-values {listed} s/mm²: using b={values[i]:g} (data.dwi_b_value={b_value!r}); "
-                     f"dropped the others")
-        return [vols[i]], notes
+            pick = min(values, key=lambda b: abs(b - want))
+        if len(values) > 1:
+            notes.append(f"b-values {listed} s/mm²: using b={pick:g} (data.dwi_b_value={b_value!r}); "
+                         f"dropped the others")
+        return [_trace(groups[pick], notes)], notes
     if vols and vols[0].split_by and len(vols) > 1:
         notes.append(f"series split into {len(vols)} volumes by {vols[0].split_by}: all kept as series, in order")
     return vols, notes
 
 
-def _int_tag_of(v: DicomVolume) -> int | None:
-    return v.series_number
+def _trace(vols: list[DicomVolume], notes: list[str]) -> DicomVolume:
+    """One volume of a b-value: itself, or the geometric mean of its diffusion directions."""
+    if len(vols) == 1:
+        return vols[0]
+    b = vols[0].split_value[0] if isinstance(vols[0].split_value, tuple) else vols[0].split_value
+    arrs = np.stack([v.series.array for v in vols]).astype(np.float64)
+    trace = np.exp(np.log(np.maximum(arrs, 1e-6)).mean(0)).astype(np.float32)
+    notes.append(f"{len(vols)} images per position at b={float(b):g}: combined into the trace image "
+                 "(geometric mean over diffusion directions)")
+    first = vols[0]
+    return DicomVolume(Series(array=trace, affine=first.series.affine, path=first.series.path), first.series_uid,
+                       first.description, "bvalue", b, sum((v.files for v in vols), []), first.series_number)
 
 
 def load_dicom_series(folder: str | os.PathLike) -> list[Series]:
@@ -630,7 +695,9 @@ def load_image(path: str | os.PathLike, *, spatial_dims: int = 3, b_value: str |
     p = Path(path)
     notes: list[str] = []
     if p.is_dir():
-        vols, notes = choose_volumes(load_dicom_volumes(p), b_value)
+        uid, items, notes = choose_series(p)
+        vols, more = choose_volumes(_series_volumes(uid, items, p), b_value)
+        notes += more
         series = [v.series for v in vols]
     elif not p.exists():
         raise InputError("file not found", path=str(p))

@@ -59,6 +59,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import glob
 import hashlib
 import json
 import logging
@@ -872,7 +873,7 @@ def _leftovers(folder: Path, kind: str) -> list[Path]:
     """Hidden ``.<name>.<kind>-*`` siblings of an index folder (newest first)."""
     if not folder.parent.is_dir():
         return []
-    found = [p for p in folder.parent.glob(f".{folder.name}.{kind}-*") if p.is_dir()]
+    found = [p for p in folder.parent.glob(f".{glob.escape(folder.name)}.{kind}-*") if p.is_dir()]
     return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
 

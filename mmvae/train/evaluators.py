@@ -60,7 +60,7 @@ def retrieval(vp: ValidationPass, spec, config, *, queries: str = "all_and_singl
         subsets = all_query_subsets(mods)
         names = ["all" if s.all() else subset_name(mods, s) for s in subsets]
     else:
-        raise ConfigError(f"evals retrieval: queries must be 'all_and_single' or 'all_subsets', got {queries!r}")
+        raise ConfigError(f"evals retrieval: queries must be one of {QUERY_SETS}, got {queries!r}")
     rows = evaluate(vp.embeddings, config.data.label, k, subsets=subsets, metric=config.retrieval.metric,
                     n_boot=n_boot, seed=int(config.seed))
     out = {}
@@ -74,6 +74,7 @@ def retrieval(vp: ValidationPass, spec, config, *, queries: str = "all_and_singl
 
 
 EVALUATORS: dict[str, Callable[..., dict]] = {"elbo": elbo, "retrieval": retrieval}
+QUERY_SETS = ("all_and_single", "all_subsets")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,10 +99,23 @@ def from_config(config) -> list[Evaluator]:
         kind = opts.pop("type", None)
         if kind not in EVALUATORS:
             raise ConfigError(f"evals.{name}.type: unknown evaluator {kind!r}; choose one of {sorted(EVALUATORS)}")
-        every = int(opts.pop("every", config.train.eval_every))
+        every = opts.pop("every", config.train.eval_every)
+        if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+            raise ConfigError(f"evals.{name}.every must be an integer >= 0, got {every!r}")
         known = [p for p, v in inspect.signature(EVALUATORS[kind]).parameters.items() if v.kind == v.KEYWORD_ONLY]
         bad = sorted(set(opts) - set(known))
         if bad:
             raise ConfigError(f"evals.{name}: unknown option(s) {bad} for evaluator {kind!r}; known: {known}")
-        out.append(Evaluator(str(name), EVALUATORS[kind], every, opts))
+        if kind == "retrieval":
+            for key, low in (("k", 1), ("n_boot", 0)):
+                v = opts.get(key)
+                if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
+                    raise ConfigError(f"evals.{name}.{key} must be an integer >= {low}, got {v!r}")
+            if opts.get("queries", "all_and_single") not in QUERY_SETS:
+                raise ConfigError(f"evals.{name}.queries must be one of {QUERY_SETS}, got {opts['queries']!r}")
+        out.append(Evaluator(str(name), EVALUATORS[kind], int(every), opts))
+    ks = [int(e.options.get("k", config.retrieval.k)) for e in out if e.fn is retrieval]
+    if len(ks) != len(set(ks)):
+        raise ConfigError(f"evals: two retrieval evaluators with the same k ({sorted(ks)}) would write the same "
+                          "metric names; give them different k")
     return out
