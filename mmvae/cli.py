@@ -65,7 +65,8 @@ def cmd_embed(a, extra):
     cohort, _, _ = load_cohort(config, Path(a.workdir), a.manifest, tokenizer=tok, clinical_stats=stats)
     emb = embed_cohort(model, cohort, identity={"model_fingerprint": fingerprint(spec),
                                                 "checkpoint_step": int(step),
-                                                "workdir": str(Path(a.workdir).resolve())})
+                                                "workdir": str(Path(a.workdir).resolve())},
+                       standardize=bool(config.retrieval.get("standardize", True)))
     emb.save(a.out)
     print(f"embedded {len(emb.case_ids)} cases -> {a.out}" + (f" ({len(cohort.skipped)} skipped)" if cohort.skipped else ""))
 

@@ -118,7 +118,8 @@ def base_config() -> ml_collections.ConfigDict:
         num_processes=0,              # 0 = from $JAX_NUM_PROCESSES / the cluster environment
         process_id=-1,                # -1 = from $JAX_PROCESS_ID / the cluster environment
     )
-    c.retrieval = dict(k=10, metric="cosine", rocchio=dict(alpha=1.0, beta=0.75, gamma=0.25))
+    c.retrieval = dict(k=10, metric="cosine", rocchio=dict(alpha=1.0, beta=0.75, gamma=0.25),
+                       standardize=True)      # z-score embedding dimensions by the cohort's statistics (embed.py)
     return c
 
 

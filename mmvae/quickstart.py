@@ -82,13 +82,14 @@ def run_quickstart(config, workdir: str | Path, *, show_progress: bool = True, l
     config_t, spec, model, tokenizer = load_trained(workdir)
     cohort, _, _ = load_cohort(config_t, workdir, str(manifest), tokenizer=tokenizer, show_progress=show_progress)
     ident = {"model_fingerprint": fingerprint(spec), "checkpoint_step": summary["step"]}
-    emb = embed_cohort(model, cohort, identity=ident, show_progress=show_progress)
+    emb = embed_cohort(model, cohort, identity=ident, show_progress=show_progress,
+                       standardize=bool(config_t.retrieval.get("standardize", True)))
     emb.save(workdir / "embeddings.npz")
     log(f"[3/5] embedded {len(emb.case_ids)} cases (latent {spec.embedding_dim}, fusion {spec.fusion})")
     meta = [{"modalities": [m for m, p in zip(emb.modalities, row) if p > 0], "labels": lab}
             for row, lab in zip(emb.present, emb.labels)]
     index = build_index(emb.mu, emb.logvar, emb.case_ids, meta, kind="flat", metric=config.retrieval.metric,
-                        identity=dict(ident, latent_dim=spec.embedding_dim))
+                        identity=dict(emb.identity, latent_dim=spec.embedding_dim))
     index.save(workdir / "index")
     log(f"[4/5] exact FAISS index of {len(emb.case_ids)} cases -> {workdir / 'index'}")
     k = int(config.retrieval.k)

@@ -196,7 +196,7 @@ def _train_vae(config, workdir: Path):
     summary = train_and_evaluate(config, workdir, show_progress=False)
     config_t, spec, model, tok = load_trained(workdir)
     cohort, _, _ = load_cohort(config_t, workdir, config.data.manifest, tokenizer=tok, show_progress=False)
-    emb = embed_cohort(model, cohort, show_progress=False)
+    emb = embed_cohort(model, cohort, show_progress=False, standardize=bool(config_t.retrieval.get("standardize", True)))
     emb.save(emb_path)
     info = {"train_seconds": summary.get("train_seconds"), "steps": summary.get("step"),
             "compile_seconds": summary.get("compile_seconds")}

@@ -54,7 +54,7 @@ from mmvae.data.dataset import (CLINICAL, case_arrays, clinical_arrays, Cohort, 
 from mmvae.data.manifest import CaseEntries, REPORT
 from mmvae.data.text import token_lengths, tokenize
 from mmvae.errors import ConfigError, InputError
-from mmvae.retrieval.embed import fused, make_encode_fn, query_dims
+from mmvae.retrieval.embed import apply_standardize, fused, make_encode_fn, query_dims
 from mmvae.retrieval.feedback import rocchio
 from mmvae.retrieval.index import CaseIndex, load_index, RERANKS, Result
 from mmvae.runs.files import fingerprint, read_run_files
@@ -310,6 +310,7 @@ class Retriever:
         if not present.any():
             raise InputError("no usable modality in the query (every input was dropped by the model)")
         mu, lv = fused(np.asarray(emu), np.asarray(elv), present, self.spec.fusion)
+        mu, lv = apply_standardize(mu, lv, self.index.identity.get("standardize"))   # as the indexed cases
         names = [m for m, p in zip(self.modalities, present[0]) if p > 0]
         return mu[0].astype(np.float32), lv[0].astype(np.float32), names
 

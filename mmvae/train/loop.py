@@ -108,6 +108,8 @@ def _validation_pass(eval_fn, params, cohort: Cohort, spec, config, mesh, rows: 
         mu, lv, present = gather((mu, lv, present))
         mus.append(mu[valid]); lvs.append(lv[valid]); pres.append(present[valid])
     emb = Embeddings.from_experts(np.concatenate(mus), np.concatenate(lvs), np.concatenate(pres), cohort, spec)
+    if config.retrieval.get("standardize", True):
+        emb = emb.standardized()
     return ValidationPass({k: v / max(n_total, 1) for k, v in sums.items()}, n_total, emb)
 
 
