@@ -321,3 +321,35 @@ def test_query_dims_and_masked_index_search():
             assert got[0] == "c7"
     with pytest.raises(Exception, match="dims"):
         build_index(db, np.zeros_like(db), ids).search(q, 5, dims=np.ones(4))
+
+
+def test_standardized_embeddings_are_an_affine_map_of_the_posterior(tmp_path):
+    """retrieval.standardize: μ' = (μ − c)/s, ℓ' = ℓ − 2 log s with the cohort's statistics, the same map
+    for every subset posterior, stored with the embeddings (and so with the index)."""
+    from mmvae.retrieval.embed import Embeddings, apply_standardize
+    rng = np.random.default_rng(0)
+    n, m, e = 40, 3, 6
+    emu = rng.normal(size=(n, m, e)).astype(np.float32) * np.array([5, 1, 0.1, 1, 1, 1], np.float32)
+    elv = rng.normal(size=(n, m, e)).astype(np.float32) * 0.1
+    present = (rng.random((n, m)) > 0.2).astype(np.float32)
+    present[0] = 0                                                   # a case with nothing: not in the statistics
+    from mmvae.retrieval.embed import fused
+    mu, lv = fused(emu, elv, present, "poe")
+    raw = Embeddings([f"c{i}" for i in range(n)], ["a", "b", "c"], emu, elv, present, mu, lv,
+                     [{"class": "x"}] * n, {"latent_dim": e}, "poe")
+    z = raw.standardized()
+    st = z.identity["standardize"]
+    have = present.sum(1) > 0
+    np.testing.assert_allclose(z.mu[have].mean(0), 0, atol=1e-5)
+    np.testing.assert_allclose(z.mu[have].std(0), 1, atol=1e-4)
+    np.testing.assert_allclose(z.logvar, lv - 2 * np.log(np.asarray(st["scale"])), atol=1e-5)
+    sub = np.array([1, 0, 1], np.float32)
+    q_raw, lv_raw = raw.subset_posterior(sub)
+    q, qlv = z.subset_posterior(sub)
+    np.testing.assert_allclose(q, (q_raw - np.asarray(st["center"])) / np.asarray(st["scale"]), atol=1e-5)
+    np.testing.assert_allclose(apply_standardize(q_raw, lv_raw, st)[1], qlv, atol=1e-6)
+    assert z.standardized() is z                                     # idempotent
+    z.save(tmp_path / "e.npz")
+    back = Embeddings.load(tmp_path / "e.npz")
+    assert back.identity["standardize"] == st
+    np.testing.assert_allclose(back.subset_posterior(sub)[0], q, atol=1e-6)
