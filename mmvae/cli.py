@@ -108,7 +108,11 @@ def cmd_scan(a, extra):
     if a.labels:
         labels = read_label_csv(Path(a.labels))
         cases = {e.case_id for e in entries}
-        entries += [ManifestEntry(cid, labels=lab) for cid, lab in sorted(labels.items()) if cid in cases]
+        seen: set[str] = set()
+        for e in entries:                        # on each case's first row (a case's rows stay together)
+            if e.case_id in labels and e.case_id not in seen:
+                e.labels = {**e.labels, **labels[e.case_id]}
+                seen.add(e.case_id)
         missing = sorted(cases - set(labels))
         if missing:
             print(f"labels: {len(missing)} case(s) have no row in {a.labels} (e.g. {missing[0]!r})")
@@ -146,7 +150,7 @@ def cmd_check(a, extra):
         print(json.dumps(summary, indent=1))
     else:
         for cid, reason in cohort.skipped:
-            print(f"skip   case {cid}: {reason}")
+            print(f"skip   {reason}" if repr(cid) in reason else f"skip   case {cid}: {reason}")
         for n in cohort.notes:
             label = {"dropped": "drop", "choice": "chose", "truncated": "trunc"}.get(n["kind"], n["kind"])
             print(f"{label:<6} case {n['case_id']}, {n['modality']}: {n['message']}")
@@ -241,7 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("check", help="load and preprocess every file of a manifest (cached) without training; "
                                      "list every problem and every choice; exit 2 if any case or modality "
-                                     "would be dropped")
+                                     "would be dropped",
+                       description="Load and preprocess every file of a manifest with a config's data.* settings "
+                                   "(--config.data.image_modalities=[...] and any other --config.a.b=value "
+                                   "override apply), list every problem and choice; exit 0, or 2 when a case "
+                                   "or modality would be dropped.")
     s.add_argument("--manifest", required=True)
     s.add_argument("--config", help="config file[:args] whose data.* settings apply (default configs/quickstart.py)")
     s.add_argument("--workdir", help="where the tokenizer is built (default: <manifest folder>/.mmvae-check)")

@@ -260,6 +260,15 @@ def test_scan_command_writes_manifest_and_says_what_it_did(tmp_path, capsys):
     rows = [json.loads(x) for x in (tmp_path / "m.jsonl").read_text().splitlines()]
     assert {r["case_id"] for r in rows} == {"MPX1", "MPX2"}
     assert any(r.get("labels", {}).get("category") == "tumor" for r in rows)
+    order = [r["case_id"] for r in rows]
+    assert order == sorted(order)                             # a case's rows stay together: check reads it
+    rc = main(["check", "--manifest", str(tmp_path / "m.jsonl"), "--config", TINY, "--quiet",
+               "--config.data.spatial_dims=2", "--config.data.shape=(16,16)", "--config.data.spacing=()",
+               "--config.data.image_modalities=['t1']", "--config.data.clinical.numeric=[]",
+               "--config.data.clinical.categorical={}", "--config.data.extra_modalities=ignore"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "2 cases usable" in out
+    assert "chose  case MPX1, t2: modality 't2' is not in data.image_modalities ['t1']: ignored" in out
     rc = main(["scan", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.jsonl")])
     err = capsys.readouterr().err
     assert rc == 2 and "dataset folder not found" in err and not (tmp_path / "x.jsonl").exists()

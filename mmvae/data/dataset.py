@@ -285,7 +285,13 @@ def prepare_cohort(manifest: str | Path, data_cfg, cache: PreprocessCache, token
     modalities = list(data_cfg.image_modalities)
     known = modalities + [REPORT]   # report rows are read (and ignored) even when data.report is off
     entries = read_manifest(manifest)
+    ignored_notes: list[dict] = []
     if data_cfg.extra_modalities == "ignore":   # e.g. ablations that train on fewer sequences
+        for e in entries:
+            if e.modality and e.modality not in known:
+                ignored_notes.append({"case_id": e.case_id, "modality": e.modality, "kind": "choice", "path": e.path,
+                                      "message": f"modality {e.modality!r} is not in data.image_modalities "
+                                                 f"{modalities}: ignored (data.extra_modalities='ignore')"})
         entries = [e if (not e.modality or e.modality in known) else dataclasses.replace(e, modality="", path=None)
                    for e in entries]   # keep the row's labels and metadata
     cases = group_cases(entries, known)
@@ -362,7 +368,7 @@ def prepare_cohort(manifest: str | Path, data_cfg, cache: PreprocessCache, token
                 raise
             return None, None, notes, e
 
-    kept, images, reports, skipped, notes, other_rows = [], {m: [] for m in modalities}, [], [], [], []
+    kept, images, reports, skipped, notes, other_rows = [], {m: [] for m in modalities}, [], [], list(ignored_notes), []
     workers = max(1, int(data_cfg.workers))
     with ThreadPoolExecutor(workers) as pool:
         results = pool.map(work, cases)
