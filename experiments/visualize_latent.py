@@ -151,7 +151,7 @@ def run(args) -> dict:
     from mmvae.errors import ConfigError, InputError
     from mmvae.experiments import figures as FG
     from mmvae.models.generate import generate, top_report_terms
-    from mmvae.retrieval.embed import embed_cohort, fused
+    from mmvae.retrieval.embed import apply_standardize, embed_cohort, fused
     from mmvae.runs.trained import load_cohort, load_trained
 
     config, spec, model, tok, step = load_trained(wd, return_step=True)
@@ -222,8 +222,10 @@ def run(args) -> dict:
         if len(candidates) else np.zeros(0, int)
     var_of = lambda lv: np.exp(np.asarray(lv, np.float64))
     post_cases, post_json = [], []
+    std = emb.identity.get("standardize")     # the embeddings' affine map (retrieval.standardize): experts too
     for i in sample:
-        experts = [(m, emb.experts_mu[i, j], var_of(emb.experts_logvar[i, j]))
+        experts = [(m, *(lambda g: (g[0], var_of(g[1])))(apply_standardize(emb.experts_mu[i, j], emb.experts_logvar[i, j],
+                                                                            std)))
                    for j, m in enumerate(mods) if emb.present[i, j] > 0]
         joint = (emb.mu[i], var_of(emb.logvar[i]))
         post_cases.append({"case_id": emb.case_ids[i], "label": labels[i], "experts": experts, "joint": joint})
@@ -248,8 +250,9 @@ def run(args) -> dict:
     masks = np.zeros((len(order), len(mods)), np.float32)
     for s in range(len(order)):
         masks[s, order[:s + 1]] = 1.0
-    tmu, tlv = fused(np.repeat(emb.experts_mu[ti:ti + 1], len(order), 0),
-                     np.repeat(emb.experts_logvar[ti:ti + 1], len(order), 0), masks, spec.fusion)
+    tmu, tlv = apply_standardize(*fused(np.repeat(emb.experts_mu[ti:ti + 1], len(order), 0),
+                                        np.repeat(emb.experts_logvar[ti:ti + 1], len(order), 0), masks, spec.fusion),
+                                 std)
     steps = [{"modalities": [mods[j] for j in order[:s + 1]], "mu": tmu[s].astype(np.float64),
               "var": var_of(tlv[s])} for s in range(len(order))]
     monotone = bool(all(np.all(b["var"] <= a["var"] * (1 + 1e-5)) for a, b in zip(steps, steps[1:])))
