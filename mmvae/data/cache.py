@@ -55,7 +55,7 @@ class PreprocessCache:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.removed_temps = remove_stale_temps(self.root, recursive=True)   # left by killed writers
-        self._verified: set[str] = set()
+        self._verified: dict[str, list[str]] = {}   # key -> its notes, once shape and checksum were checked
         self._lock = threading.Lock()
         self.builds = 0      # number of entries (re)built in this process
         self.rebuilt_corrupt = 0
@@ -85,7 +85,7 @@ class PreprocessCache:
             ok = False
         if ok:
             with self._lock:
-                self._verified.add(key)
+                self._verified[key] = list(meta.get("notes", []))
         else:
             with self._lock:
                 self.rebuilt_corrupt += int(arr_path.exists() or meta_path.exists())
@@ -109,10 +109,5 @@ class PreprocessCache:
                 "crc32": zlib.crc32(arr.view(np.uint8)), "notes": list(notes)}))
             with self._lock:
                 self.builds += 1
-                self._verified.add(key)
-            return _load(arr_path), list(notes)
-        try:
-            notes = list(json.loads(meta_path.read_text()).get("notes", []))
-        except (OSError, ValueError):
-            notes = []
-        return _load(arr_path), notes
+                self._verified[key] = list(notes)
+        return _load(arr_path), list(self._verified[key])

@@ -289,7 +289,7 @@ def _int_tag(ds, keyword: str) -> int | None:
 
 
 def _split_keys(ds) -> dict[str, Any]:
-    return {"bvalue": _b_value(ds), "echo": _int_tag(ds, "EchoNumbers"),
+    return {"echo": _int_tag(ds, "EchoNumbers"),
             "acquisition": _int_tag(ds, "AcquisitionNumber")}
 
 
@@ -309,12 +309,14 @@ def _position_ids(slices: list[_Slice]) -> list[int]:
 def _split_volumes(slices: list[_Slice], folder: Path) -> list[tuple[str, Any, list[_Slice]]]:
     """Split a series whose images repeat slice positions into volumes.
 
-    Rule: try, in order, the b-value (standard tag, else Siemens private), the echo
-    number and the acquisition number; the first key that every image has, that
-    takes at least two values and that leaves no position repeated within a value
-    is used, volumes ordered by increasing value. Otherwise the images at each
-    position are ordered by (InstanceNumber, file name) and the n-th image at each
-    position goes to volume n (every position must then hold the same count).
+    Rule: images with at least two b-values (standard tag, else Siemens private; an
+    untagged image beside tagged ones is b = 0) are grouped by b-value, increasing; a
+    group repeating positions (diffusion directions) is split by rank into volumes
+    ``(b, rank)``. Otherwise try the echo number, then the acquisition number: the first
+    key that every image has, that takes at least two values and that leaves no position
+    repeated within a value is used, volumes ordered by increasing value. Otherwise the
+    images at each position are ordered by (InstanceNumber, file name) and the n-th image
+    at each position goes to volume n (every position must then hold the same count).
     """
     pos = _position_ids(slices)
     if len(set(pos)) == len(slices):
@@ -336,7 +338,7 @@ def _split_volumes(slices: list[_Slice], folder: Path) -> list[tuple[str, Any, l
             for r, sub in enumerate(_by_rank(g, gpos, folder)):
                 out.append(("bvalue", (b, r), sub))
         return out
-    for key in ("bvalue", "echo", "acquisition"):
+    for key in ("echo", "acquisition"):             # b-values are handled above
         values = [_split_keys(s.ds)[key] for s in slices]
         if any(v is None for v in values) or len(set(values)) < 2:
             continue
@@ -575,8 +577,7 @@ def choose_volumes(vols: list[DicomVolume], b_value: str | float = "highest") ->
     if vols and vols[0].split_by == "bvalue":
         groups: dict[float, list[DicomVolume]] = {}
         for v in vols:
-            groups.setdefault(float(v.split_value[0] if isinstance(v.split_value, tuple) else v.split_value),
-                              []).append(v)
+            groups.setdefault(_b_of(v), []).append(v)
         values = sorted(groups)
         listed = "/".join(f"{b:g}" for b in values)
         if b_value == "all":
@@ -601,11 +602,16 @@ def choose_volumes(vols: list[DicomVolume], b_value: str | float = "highest") ->
     return vols, notes
 
 
+def _b_of(v: DicomVolume) -> float:
+    """The b-value of a volume split by b-value (``split_value`` is ``b`` or ``(b, direction rank)``)."""
+    return float(v.split_value[0] if isinstance(v.split_value, tuple) else v.split_value)
+
+
 def _trace(vols: list[DicomVolume], notes: list[str]) -> DicomVolume:
     """One volume of a b-value: itself, or the geometric mean of its diffusion directions."""
     if len(vols) == 1:
         return vols[0]
-    b = vols[0].split_value[0] if isinstance(vols[0].split_value, tuple) else vols[0].split_value
+    b = _b_of(vols[0])
     arrs = np.stack([v.series.array for v in vols]).astype(np.float64)
     trace = np.exp(np.log(np.maximum(arrs, 1e-6)).mean(0)).astype(np.float32)
     notes.append(f"{len(vols)} images per position at b={float(b):g}: combined into the trace image "
