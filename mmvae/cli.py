@@ -189,6 +189,13 @@ def cmd_quickstart(a, extra):
     run_quickstart(config, a.workdir, show_progress=not a.quiet)
 
 
+def cmd_serve(a, extra):
+    from mmvae.serve import serve
+    settings = {"k": a.k, "max_upload_mb": a.max_upload_mb}
+    serve(a.workdir, a.index, manifest=a.manifest, host=a.host, port=a.port, allow_remote=a.allow_remote,
+          settings=settings)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmvae", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -262,6 +269,21 @@ def build_parser() -> argparse.ArgumentParser:
                        help="find the indexed cases most similar to a new case's files (--workdir RUN --help)")
     s.__class__ = _QueryArgs
     s.set_defaults(fn=cmd_query)
+
+    s = sub.add_parser("serve", help="review web page: query by example with relevance feedback",
+                       description="Serve the review page for a trained run and its index on the loopback "
+                                   "interface (http://127.0.0.1:8765/ by default; API docs at /docs).")
+    s.add_argument("--workdir", required=True, help="trained work dir")
+    s.add_argument("--index", required=True, help="index folder built from this run's embeddings")
+    s.add_argument("--manifest", help="manifest of the indexed cases, for thumbnails and reports "
+                                      "(default: the run's data.manifest)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8765)
+    s.add_argument("--allow-remote", action="store_true",
+                   help="allow a --host beyond the loopback interface (the page shows patient images)")
+    s.add_argument("--k", type=int, help="results per query (default serve.k of the config, 10)")
+    s.add_argument("--max-upload-mb", type=float, help="largest upload (default serve.max_upload_mb, 1024)")
+    s.set_defaults(fn=cmd_serve)
 
     s = sub.add_parser("quickstart", help="synth → train → embed → index → evaluate, offline, on CPU")
     s.add_argument("--workdir", default="runs/quickstart")

@@ -120,6 +120,8 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.retrieval = dict(k=10, metric="cosine", rocchio=dict(alpha=1.0, beta=0.75, gamma=0.25),
                        standardize=True)      # z-score embedding dimensions by the cohort's statistics (embed.py)
+    # The review page (mmvae serve, docs/serve.md); CLI flags override.
+    c.serve = dict(k=10, max_upload_mb=1024.0, thumbnail_px=192, max_sessions=64, report_excerpt=400)
     return c
 
 
@@ -151,7 +153,8 @@ CHOICES = {
     "distributed.initialize": ("auto", "yes", "no"),
 }
 POSITIVE = ("train.batch_size", "train.log_every", "train.keep_checkpoints", "train.max_nonfinite_in_row",
-            "model.latent_dim", "data.max_series", "data.text.max_len", "retrieval.k")
+            "model.latent_dim", "data.max_series", "data.text.max_len", "retrieval.k",
+            "serve.k", "serve.max_upload_mb", "serve.thumbnail_px", "serve.max_sessions", "serve.report_excerpt")
 NON_NEGATIVE = ("train.steps", "train.eval_every", "train.checkpoint_every", "train.keep_best",
                 "train.eval_n_boot", "train.fsdp_min_size", "optim.warmup_steps", "optim.weight_decay",
                 "optim.clip_norm", "objective.kl_warmup_steps", "objective.beta", "data.prefetch",

@@ -23,10 +23,11 @@ LAYERS = {
     "mmvae.objectives": 4,
     "mmvae.runs": 5,
     "mmvae.retrieval": 6,
-    "mmvae.train": 7,
-    "mmvae.quickstart": 8,
-    "mmvae.experiments": 9,
-    "mmvae.cli": 10,
+    "mmvae.serve": 7,
+    "mmvae.train": 8,
+    "mmvae.quickstart": 9,
+    "mmvae.experiments": 10,
+    "mmvae.cli": 11,
 }
 
 

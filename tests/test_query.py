@@ -24,6 +24,9 @@ from mmvae.errors import IndexError_, InputError, MmvaeError
 from mmvae.retrieval.index import build_index, load_index
 from mmvae.retrieval.query import Retriever, model_identity, parse_feedback, parse_filter
 
+from _dicom import nifti_to_series as write_dicom_series
+from _tiny_run import train_tiny_indexed
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.py")
 
@@ -62,29 +65,10 @@ class Run:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Run:
-    from mmvae.config import load_config
     from mmvae.data.manifest import group_cases, read_manifest
-    from mmvae.data.synth import make_cohort
-    from mmvae.retrieval.embed import embed_cohort
-    from mmvae.runs.trained import load_cohort, load_trained
-    from mmvae.train.loop import train_and_evaluate
-    from mmvae.runs.files import fingerprint
 
     tmp = tmp_path_factory.mktemp("query")
-    c = load_config(TINY)
-    c.data.manifest = str(make_cohort(tmp / "data", 40, seed=0, shape=(16, 16, 16), spacing=(4.0, 4.0, 4.0)))
-    wd = tmp / "run"
-    train_and_evaluate(c, wd, show_progress=False)
-    config, spec, model, tok = load_trained(wd)
-    stats = json.loads((wd / "clinical_stats.json").read_text())
-    cohort, _, _ = load_cohort(config, wd, c.data.manifest, tokenizer=tok, clinical_stats=stats,
-                               show_progress=False)
-    emb = embed_cohort(model, cohort, identity={"model_fingerprint": fingerprint(spec)}, show_progress=False)
-    meta = [{"modalities": [m for m, p in zip(emb.modalities, row) if p > 0], "labels": lab}
-            for row, lab in zip(emb.present, emb.labels)]
-    index = build_index(emb.mu, emb.logvar, emb.case_ids, meta, kind="flat", metric="cosine",
-                        identity=dict(emb.identity))
-    index_dir = index.save(tmp / "index")
+    c, wd, emb, index_dir = train_tiny_indexed(tmp)
     cases = {}
     for ce in group_cases(read_manifest(c.data.manifest)):
         used = list(c.data.clinical.numeric) + list(c.data.clinical.categorical)   # the model's fields only
@@ -173,40 +157,6 @@ def test_a_modality_given_twice_fills_the_series_dimension(run, caplog):
     mu1, lv1 = r2.encode_query({"t2": [a]})
     assert not np.allclose(mu2, mu1) and len(r2.search({"t2": [a, b]}, k=3)) == 3
     r2.close()
-
-
-def write_dicom_series(nifti: Path, folder: Path) -> Path:
-    """Write a NIfTI volume as a DICOM series (one MR slice file per k, int16)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
-
-    img = nib.load(str(nifti))
-    arr = np.asarray(img.dataobj).astype(np.int16)
-    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ img.affine
-    sx, sy = np.linalg.norm(lps[:3, 0]), np.linalg.norm(lps[:3, 1])
-    iop = np.concatenate([lps[:3, 0] / sx, lps[:3, 1] / sy])
-    folder.mkdir(parents=True)
-    study, series = generate_uid(), generate_uid()
-    for k in range(arr.shape[2]):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = MRImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = study, series, "MR"
-        ds.SeriesNumber, ds.InstanceNumber = 1, k + 1
-        ds.ImageOrientationPatient = [round(float(v), 6) for v in iop]
-        ds.ImagePositionPatient = [round(float(v), 6) for v in lps[:3, 3] + k * lps[:3, 2]]
-        ds.PixelSpacing = [round(float(sy), 6), round(float(sx), 6)]
-        ds.SliceThickness = round(float(np.linalg.norm(lps[:3, 2])), 6)
-        ds.Rows, ds.Columns = arr.shape[1], arr.shape[0]
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.PixelData = np.ascontiguousarray(arr[:, :, k].T).tobytes()
-        ds.save_as(folder / f"slice{k:03d}.dcm", enforce_file_format=True)
-    return folder
 
 
 def test_dicom_folder_query_matches_the_nifti_file(run, tmp_path, capsys):

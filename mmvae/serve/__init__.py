@@ -1,0 +1,60 @@
+"""A local review web application for query by example with relevance feedback.
+
+``mmvae serve --workdir RUN --index IDX`` (:func:`serve`) loads the model and index into a
+:class:`~mmvae.serve.service.ReviewService` and serves :func:`~mmvae.serve.app.create_app`
+with uvicorn on the loopback interface. See docs/serve.md.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+
+from mmvae.errors import InputError
+
+__all__ = ["serve", "is_loopback"]
+
+log = logging.getLogger(__name__)
+
+
+def is_loopback(host: str) -> bool:
+    """True when ``host`` names only this machine (127.0.0.0/8, ::1 or 'localhost')."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(workdir, index_dir, *, manifest=None, host: str = "127.0.0.1", port: int = 8765,
+          allow_remote: bool = False, settings=None, log_level: str = "warning") -> None:
+    """Load the run and index, then serve the review page until interrupted.
+
+    Raises:
+      InputError: ``host`` is not a loopback address and ``allow_remote`` is False (the page
+        shows patient images), or the port is taken.
+    """
+    import uvicorn
+
+    from mmvae.serve.app import create_app
+    from mmvae.serve.service import ReviewService
+
+    if not is_loopback(host) and not allow_remote:
+        raise InputError(f"--host {host} would let other machines see patient images: pass --allow-remote "
+                         "to bind beyond the loopback interface")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, int(port)))
+        except OSError as e:
+            raise InputError(f"cannot listen on {host}:{port} ({e.strerror})") from None
+    service = ReviewService.load(workdir, index_dir, manifest, settings=settings)
+    try:
+        if not is_loopback(host):
+            print(f"WARNING: serving on {host}:{port}: any machine that reaches it sees the cases' images and "
+                  "reports; there is no authentication.", flush=True)
+        print(f"mmvae review page: http://{'[' + host + ']' if ':' in host else host}:{port}/  "
+              f"({service.retriever.index.size} indexed cases; API docs at /docs; Ctrl-C stops)", flush=True)
+        uvicorn.run(create_app(service), host=host, port=int(port), log_level=log_level)
+    finally:
+        service.close()

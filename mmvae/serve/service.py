@@ -1,0 +1,475 @@
+"""What the review page does, without HTTP: queries, relevance-feedback rounds, case views.
+
+:class:`ReviewService` wraps a :class:`~mmvae.retrieval.query.Retriever` (trained model +
+case index) and the manifest of the indexed cases (for their files, report text and
+thumbnails). A query opens a :class:`Session`; each round of feedback moves the query by
+Rocchio (Rocchio 1971; as used for CBIR relevance feedback, e.g. Kurtz et al. 2015):
+
+.. math::  q_{t+1} = \\alpha\\, q_t + \\beta\\,\\overline{R_t} - \\gamma\\,\\overline{N_t}
+
+with :math:`R_t`, :math:`N_t` the stored posterior means of the cases marked relevant /
+not relevant in round :math:`t` and the weights ``retrieval.rocchio`` of the run's config
+(:meth:`Retriever.apply_feedback`), then searches again; the query case and nothing else is
+excluded. The JSON API (:mod:`mmvae.serve.app`) and the page show exactly these rankings.
+
+Uploaded files are written to a per-request folder inside the service's temporary folder
+and removed once the query is encoded; nothing is written anywhere else.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+import zipfile
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Mapping, Sequence
+
+import numpy as np
+
+from mmvae.data import io as mio
+from mmvae.data.dataset import CLINICAL
+from mmvae.data.manifest import CaseEntries, REPORT, group_cases, read_manifest
+from mmvae.errors import InputError
+from mmvae.retrieval.index import RERANKS, Result
+from mmvae.retrieval.query import Retriever
+from mmvae.serve.thumbnails import ThumbnailCache, thumbnail_png
+
+__all__ = ["ReviewService", "Session", "Round", "UploadTooLarge", "UnknownCase", "uncertainty", "DEFAULTS"]
+
+log = logging.getLogger(__name__)
+
+# Server settings (``serve.*`` of a run's config overrides them; CLI flags override both).
+DEFAULTS = {"k": 10, "max_upload_mb": 1024, "thumbnail_px": 192, "max_sessions": 64, "report_excerpt": 400}
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".png", ".zip")
+
+
+class UploadTooLarge(InputError):
+    """An upload over the size limit (``serve.max_upload_mb``)."""
+
+
+class UnknownCase(InputError):
+    """A case id that is not in the index."""
+
+
+def uncertainty(logvar: np.ndarray, reference_logvar: np.ndarray | None = None) -> dict:
+    """Spread of a diagonal Gaussian posterior ``N(μ, diag σ²)``, ``logvar = log σ²`` ``(E,)``.
+
+    Returns ``mean_variance`` = mean_j σ_j², ``log_det`` = log det Σ = Σ_j log σ_j² (both in
+    the index's embedding units, i.e. standardised when the index is), and, given the
+    indexed cases' ``reference_logvar`` ``(N, E)``, ``percentile``: the share (%) of indexed
+    cases whose mean variance is lower (0 = the most certain, 100 = the least)."""
+    lv = np.asarray(logvar, np.float64)
+    mv = float(np.mean(np.exp(lv)))
+    out = {"mean_variance": mv, "log_det": float(np.sum(lv))}
+    if reference_logvar is not None and len(reference_logvar):
+        ref = np.mean(np.exp(np.asarray(reference_logvar, np.float64)), axis=1)
+        out["percentile"] = float(100.0 * np.mean(ref < mv))
+    return out
+
+
+@dataclass
+class Round:
+    """One ranking of a session: round 0 is the query, round t>0 follows the marks of t−1."""
+
+    number: int
+    query: np.ndarray                      # (E,) the query mean searched with
+    results: list[Result]
+    relevant: list[str] = field(default_factory=list)      # marks given on this round's results
+    nonrelevant: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Session:
+    id: str
+    source: dict                           # {"kind": "case", "case_id"} or {"kind": "upload", "files": {...}}
+    modalities: list[str]                  # what the model saw of the query
+    mu: np.ndarray                         # (E,) fused posterior mean of the query
+    logvar: np.ndarray                     # (E,)
+    k: int
+    rerank: str | None
+    exclude: list[str]
+    notes: list[str]
+    uncertainty: dict
+    thumbnails: dict[str, bytes] = field(default_factory=dict)   # uploaded query's images
+    rounds: list[Round] = field(default_factory=list)
+    created: float = field(default_factory=time.time)
+
+
+def _result_json(r: Result) -> dict:
+    return {"rank": r.rank, "case_id": r.case_id, "score": float(r.score), "modalities": list(r.modalities),
+            "labels": r.labels}
+
+
+def _suffix(name: str) -> str:
+    low = name.lower()
+    for s in IMAGE_SUFFIXES:
+        if low.endswith(s):
+            return s
+    return Path(low).suffix
+
+
+class ReviewService:
+    """Queries, feedback rounds and case views over one trained run and its index.
+
+    Thread-safe: every public method holds one lock (the Retriever is not thread-safe).
+    """
+
+    def __init__(self, retriever: Retriever, cases: Mapping[str, CaseEntries] | None = None, *,
+                 settings: Mapping[str, Any] | None = None, tmp_root: str | os.PathLike | None = None):
+        self.retriever = retriever
+        self.cases = dict(cases or {})
+        self.settings = {**DEFAULTS, **dict(settings or {})}
+        self._tmp = tempfile.TemporaryDirectory(prefix="mmvae-serve-", dir=tmp_root)
+        self.tmp = Path(self._tmp.name)
+        self._lock = threading.RLock()
+        self.sessions: OrderedDict[str, Session] = OrderedDict()
+        self.thumbs = ThumbnailCache()
+        ids = retriever.index.case_ids
+        self._ref_logvar = retriever.index.embeddings(ids)[1] if ids else None
+        self._upload_bytes = 0
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def load(cls, workdir, index_dir, manifest=None, *, settings=None) -> "ReviewService":
+        """Load ``workdir``'s model, ``index_dir``'s index and the cases of ``manifest``
+        (default: the run's ``data.manifest``; cases missing from it have no thumbnails or
+        report, and can be queried with their stored embedding only)."""
+        r = Retriever.load(workdir, index_dir)
+        try:
+            config = r.config
+            s = {**DEFAULTS, **{k: v for k, v in dict(config.get("serve", {}) or {}).items()}}
+            s.update({k: v for k, v in dict(settings or {}).items() if v is not None})
+            mpath = manifest or config.data.get("manifest") or None
+            cases = {}
+            if mpath:
+                if not Path(mpath).is_file():
+                    raise InputError("manifest not found (give --manifest)", path=str(mpath))
+                cases = {c.case_id: c for c in group_cases(read_manifest(mpath), allow_duplicate_ids=True)}
+            missing = [c for c in r.index.case_ids if c not in cases]
+            if missing:
+                log.warning("%d indexed case(s) are not in the manifest %s (e.g. %r): shown without images",
+                            len(missing), mpath, missing[0])
+            return cls(r, cases, settings=s)
+        except BaseException:
+            r.close()
+            raise
+
+    def close(self) -> None:
+        with self._lock:
+            self.retriever.close()
+            self._tmp.cleanup()
+
+    # ------------------------------------------------------------------ cases
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.retriever.modalities)
+
+    def _check_case(self, case_id: str) -> None:
+        if case_id not in set(self.retriever.index.case_ids):
+            raise UnknownCase("unknown case id (not in the index)", case_id=str(case_id))
+
+    def find_cases(self, text: str = "", limit: int = 50) -> list[str]:
+        """Indexed case ids containing ``text`` (case-insensitive), in index order."""
+        t = (text or "").lower()
+        return [c for c in self.retriever.index.case_ids if t in c.lower()][: max(0, int(limit))]
+
+    def _report(self, ce: CaseEntries | None) -> str | None:
+        if ce is None:
+            return None
+        if ce.report_text is not None:
+            return ce.report_text
+        if ce.report_path:
+            try:
+                return mio.load_report(ce.report_path)
+            except InputError as e:
+                log.warning("%s", e.with_context(case_id=ce.case_id, modality=REPORT))
+        return None
+
+    def case_info(self, case_id: str) -> dict:
+        """Index metadata of a case + what the manifest knows (image modalities with files,
+        a report excerpt). Raises InputError for a case id that is not indexed."""
+        with self._lock:
+            self._check_case(case_id)
+            meta = self.retriever.index.metadata(case_id)
+            ce = self.cases.get(case_id)
+            report = self._report(ce)
+            n = int(self.settings["report_excerpt"])
+            mu, lv = self.retriever.index.embeddings([case_id])
+            return {"case_id": case_id, "modalities": list(meta.get("modalities", [])),
+                    "labels": meta.get("labels", {}),
+                    "images": [m for m in self.retriever.image_modalities if ce is not None and ce.images.get(m)],
+                    "report_excerpt": None if report is None else (report[:n] + ("…" if len(report) > n else "")),
+                    "uncertainty": uncertainty(lv[0], self._ref_logvar)}
+
+    def case_thumbnail(self, case_id: str, modality: str) -> bytes:
+        """PNG of the first series of ``modality`` of an indexed case (cached)."""
+        with self._lock:
+            self._check_case(case_id)
+            ce = self.cases.get(case_id)
+            paths = (ce.images.get(modality) if ce is not None else None) or []
+            if not paths:
+                raise InputError("no image file of this modality for the case", case_id=case_id, modality=modality)
+            data = self.retriever.config.data
+            try:
+                return self.thumbs.get(("case", case_id, modality), lambda: thumbnail_png(
+                    paths[0], size=int(self.settings["thumbnail_px"]), spatial_dims=int(data.spatial_dims),
+                    b_value=data.get("dwi_b_value", "highest")))
+            except InputError as e:
+                raise e.with_context(case_id=case_id, modality=modality) from None
+
+    # ------------------------------------------------------------------ queries
+    def _check_modalities(self, modalities) -> list[str] | None:
+        if modalities is None:
+            return None
+        mods = [m for m in modalities if m]
+        bad = [m for m in mods if m not in self.modalities]
+        if bad:
+            raise InputError(f"unknown modality; this model has {self.modalities}", modality=bad[0])
+        if not mods:
+            raise InputError("no modality chosen for the query")
+        return mods
+
+    def _k(self, k) -> int:
+        return int(self.settings["k"] if k is None else k)
+
+    def _new_session(self, **kw) -> Session:
+        s = Session(id=uuid.uuid4().hex, **kw)
+        s.rounds.append(Round(0, s.mu, self._search(s, s.mu)))
+        self.sessions[s.id] = s
+        while len(self.sessions) > int(self.settings["max_sessions"]):
+            self.sessions.popitem(last=False)
+        return s
+
+    def _search(self, s: Session, q: np.ndarray) -> list[Result]:
+        return self.retriever.search_embedding(q, s.logvar, k=s.k, exclude=s.exclude, rerank=s.rerank,
+                                               modalities=s.modalities)
+
+    def query_case(self, case_id: str, modalities: Sequence[str] | None = None, k: int | None = None,
+                   rerank: str | None = None) -> Session:
+        """Query with an indexed case (itself excluded from the results).
+
+        With every modality the case has (``modalities`` None or a superset), the query is its
+        stored posterior; with fewer, the chosen modalities' files are encoded again from the
+        manifest (a case missing from the manifest raises InputError)."""
+        with self._lock:
+            self._check_case(case_id)
+            mods = self._check_modalities(modalities)
+            if rerank not in RERANKS:
+                raise InputError(f"rerank must be one of {list(RERANKS)} (got {rerank!r})")
+            k = self.retriever._check_k(self._k(k))
+            have = list(self.retriever.index.metadata(case_id).get("modalities", []))
+            use = [m for m in have if mods is None or m in mods]
+            if not use:
+                raise InputError(f"the case has none of the chosen modalities {mods} (it has {have})", case_id=case_id)
+            notes: list[str] = []
+            if set(use) == set(have):
+                mu, lv = (x[0] for x in self.retriever.index.embeddings([case_id]))
+            else:
+                ce = self.cases.get(case_id)
+                if ce is None:
+                    raise InputError("the case's files are not in the manifest: query it with all its modalities "
+                                     "or give the manifest (--manifest)", case_id=case_id)
+                images = {m: ce.images[m] for m in use if m in ce.images}
+                report = self._report(ce) if REPORT in use else None
+                clinical = None
+                if CLINICAL in use:
+                    fields = list(self.retriever.config.data.clinical.numeric) + \
+                        list(self.retriever.config.data.clinical.categorical)
+                    clinical = {f: ce.metadata[f] for f in fields if f in ce.metadata} or None
+                try:
+                    mu, lv, use = self.retriever.encode(images or None, report, clinical=clinical)
+                except InputError as e:
+                    raise e.with_context(case_id=case_id) from None
+                notes = list(self.retriever.last_notes)
+            return self._new_session(source={"kind": "case", "case_id": case_id}, modalities=list(use),
+                                     mu=np.asarray(mu, np.float32), logvar=np.asarray(lv, np.float32), k=k,
+                                     rerank=rerank, exclude=[case_id], notes=notes,
+                                     uncertainty=uncertainty(lv, self._ref_logvar))
+
+    def _save_upload(self, folder: Path, modality: str, name: str, stream: BinaryIO) -> Path:
+        """Copy one uploaded file into ``folder`` (counting bytes against the limit); a zip
+        is extracted to a folder (a DICOM series). Returns what the loaders read."""
+        limit = int(float(self.settings["max_upload_mb"]) * 2 ** 20)
+        base = Path(name or "upload").name or "upload"
+        suffix = _suffix(base)
+        if suffix not in IMAGE_SUFFIXES:
+            raise InputError("unsupported file type (expected .nii, .nii.gz, .png or a .zip of one DICOM series)",
+                             modality=modality, path=base)
+        dst = folder / f"{modality}-{uuid.uuid4().hex[:8]}{suffix}"
+        with open(dst, "wb") as f:
+            while True:
+                chunk = stream.read(1 << 20)
+                if not chunk:
+                    break
+                self._upload_bytes += len(chunk)
+                if self._upload_bytes > limit:
+                    raise UploadTooLarge(f"upload larger than the limit of {self.settings['max_upload_mb']} MB "
+                                         "(serve.max_upload_mb)", modality=modality, path=base)
+                f.write(chunk)
+        if suffix != ".zip":
+            return dst
+        out = folder / f"{dst.stem}-dicom"
+        out.mkdir()
+        try:
+            with zipfile.ZipFile(dst) as z:
+                total = 0
+                for info in z.infolist():
+                    if info.is_dir():
+                        continue
+                    parts = Path(info.filename).parts
+                    if info.filename.startswith(("/", "\\")) or ".." in parts:
+                        raise InputError(f"zip member {info.filename!r} points outside the archive",
+                                         modality=modality, path=base)
+                    total += info.file_size
+                    if self._upload_bytes + total > limit:
+                        raise UploadTooLarge(f"unzipped upload larger than the limit of "
+                                             f"{self.settings['max_upload_mb']} MB (serve.max_upload_mb)",
+                                             modality=modality, path=base)
+                    target = out / f"{len(list(out.iterdir())):06d}-{Path(info.filename).name}"
+                    with z.open(info) as src, open(target, "wb") as f:
+                        shutil.copyfileobj(src, f)
+        except zipfile.BadZipFile as e:
+            raise InputError(f"not a readable zip file ({e})", modality=modality, path=base) from None
+        dst.unlink()
+        return out
+
+    def query_files(self, uploads: Mapping[str, Sequence[tuple[str, BinaryIO]]] | None = None,
+                    report: str | None = None, *, clinical: Mapping[str, Any] | None = None,
+                    modalities: Sequence[str] | None = None, k: int | None = None,
+                    rerank: str | None = None) -> Session:
+        """Query with uploaded files: ``uploads`` = image modality → ``[(file name, binary
+        stream)]`` (NIfTI, PNG, or a .zip of one DICOM series), plus optional report text and
+        clinical fields; ``modalities`` restricts what is used. The files live in a
+        temporary folder only while the query is encoded.
+
+        Raises:
+          InputError: wrong file type, a file that fails to load (naming modality and file),
+            nothing to query with; :class:`UploadTooLarge` over ``serve.max_upload_mb``.
+        """
+        with self._lock:
+            mods = self._check_modalities(modalities)
+            if rerank not in RERANKS:
+                raise InputError(f"rerank must be one of {list(RERANKS)} (got {rerank!r})")
+            k = self.retriever._check_k(self._k(k))
+            folder = Path(tempfile.mkdtemp(prefix="query-", dir=self.tmp))
+            self._upload_bytes = 0
+            try:
+                images: dict[str, list[str]] = {}
+                names: dict[str, str] = {}
+                for m, files in (uploads or {}).items():
+                    if m not in self.retriever.image_modalities:
+                        raise InputError(f"unknown image modality; this model's are "
+                                         f"{list(self.retriever.image_modalities)}", modality=m)
+                    for name, stream in files:
+                        p = self._save_upload(folder, m, name, stream)
+                        names[str(p)] = Path(name).name
+                        if mods is None or m in mods:
+                            images.setdefault(m, []).append(str(p))
+                if report is not None and not report.strip():
+                    report = None
+                if mods is not None and REPORT not in mods:
+                    report = None
+                if mods is not None and CLINICAL not in mods:
+                    clinical = None
+                try:
+                    mu, lv, used = self.retriever.encode(images or None, report, clinical=clinical)
+                except InputError as e:
+                    raise _uploaded_name(e, names) from None
+                thumbs = {}
+                data = self.retriever.config.data
+                for m, paths in images.items():
+                    try:
+                        thumbs[m] = thumbnail_png(paths[0], size=int(self.settings["thumbnail_px"]),
+                                                  spatial_dims=int(data.spatial_dims),
+                                                  b_value=data.get("dwi_b_value", "highest"))
+                    except InputError as e:    # it encoded, so this is unexpected; the query stands
+                        log.warning("thumbnail: %s", _uploaded_name(e, names))
+                notes = [_replace_names(n, names) for n in self.retriever.last_notes]
+                files = {m: [names[p] for p in ps] for m, ps in images.items()}
+                return self._new_session(source={"kind": "upload", "files": files, "report": report is not None},
+                                         modalities=list(used), mu=mu, logvar=lv, k=k, rerank=rerank, exclude=[],
+                                         notes=notes, uncertainty=uncertainty(lv, self._ref_logvar),
+                                         thumbnails=thumbs)
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    # ------------------------------------------------------------------ feedback
+    def session(self, session_id: str) -> Session:
+        with self._lock:
+            s = self.sessions.get(str(session_id))
+            if s is None:
+                raise InputError(f"unknown or expired query session {session_id!r}: run the query again")
+            return s
+
+    def feedback(self, session_id: str, relevant: Sequence[str] = (), nonrelevant: Sequence[str] = ()) -> Session:
+        """Record marks on the session's latest round and search again with the Rocchio-moved
+        query (module docstring). Marks may name any indexed case, not only shown ones."""
+        with self._lock:
+            s = self.session(session_id)
+            rel, non = [str(x) for x in relevant or []], [str(x) for x in nonrelevant or []]
+            if not rel and not non:
+                raise InputError("no case marked: mark at least one result relevant or not relevant")
+            for c in rel + non:
+                self._check_case(c)
+            last = s.rounds[-1]
+            q = self.retriever.apply_feedback(last.query, {"relevant": rel, "nonrelevant": non})
+            last.relevant, last.nonrelevant = rel, non
+            s.rounds.append(Round(len(s.rounds), q, self._search(s, q)))
+            return s
+
+    # ------------------------------------------------------------------ views
+    def session_json(self, s: Session) -> dict:
+        last = s.rounds[-1]
+        return {"session": s.id, "source": s.source, "modalities": s.modalities, "k": s.k, "rerank": s.rerank,
+                "notes": s.notes, "uncertainty": s.uncertainty, "query_thumbnails": sorted(s.thumbnails),
+                "round": last.number, "results": [_result_json(r) for r in last.results],
+                "history": [{"round": r.number, "relevant": r.relevant, "nonrelevant": r.nonrelevant,
+                             "top": [x.case_id for x in r.results]} for r in s.rounds]}
+
+    def export(self, session_id: str, fmt: str = "csv") -> str:
+        """Every round's ranking with the marks given on it, as CSV or JSON text."""
+        with self._lock:
+            s = self.session(session_id)
+            rows = []
+            for r in s.rounds:
+                for x in r.results:
+                    mark = "relevant" if x.case_id in r.relevant else "nonrelevant" if x.case_id in r.nonrelevant else ""
+                    rows.append({"round": r.number, "rank": x.rank, "case_id": x.case_id, "score": round(float(x.score), 6),
+                                 "modalities": "+".join(x.modalities), "labels": json.dumps(x.labels, sort_keys=True),
+                                 "mark": mark})
+            if fmt == "json":
+                return json.dumps({"session": s.id, "source": s.source, "modalities": s.modalities,
+                                   "uncertainty": s.uncertainty, "rows": rows}, indent=1)
+            if fmt != "csv":
+                raise InputError(f"export format must be csv or json (got {fmt!r})")
+            buf = io.StringIO()
+            w = csv.DictWriter(buf, fieldnames=["round", "rank", "case_id", "score", "modalities", "labels", "mark"])
+            w.writeheader()
+            w.writerows(rows)
+            return buf.getvalue()
+
+
+def _replace_names(text: str, names: Mapping[str, str]) -> str:
+    for tmp, name in names.items():
+        text = text.replace(tmp, name).replace(Path(tmp).name, name)
+    return text
+
+
+def _uploaded_name(e: InputError, names: Mapping[str, str]) -> InputError:
+    """The loader's error with the uploaded file's name instead of its temporary path."""
+    path = e.path
+    if path is not None:
+        for tmp, name in names.items():
+            if path == tmp or path.startswith(tmp + os.sep):
+                path = name + path[len(tmp):]
+                break
+    return InputError(_replace_names(e.reason, names), case_id=e.case_id, modality=e.modality, path=path)
