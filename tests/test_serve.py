@@ -14,10 +14,8 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import threading
 import time
 import zipfile
 from pathlib import Path
@@ -31,38 +29,12 @@ from _tiny_run import train_tiny_indexed
 
 from mmvae.data.manifest import group_cases, read_manifest
 from mmvae.retrieval.feedback import rocchio
-from mmvae.serve import is_loopback
+from mmvae.serve import BackgroundServer as LiveServer, free_port, is_loopback
 from mmvae.serve.app import create_app
 from mmvae.serve.service import ReviewService, uncertainty
 from mmvae.serve.thumbnails import slice_for_display, window
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LiveServer:
-    """uvicorn serving ``app`` on 127.0.0.1:<free port> in a daemon thread."""
-
-    def __init__(self, app):
-        import uvicorn
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        t0 = time.time()
-        while not self.server.started:
-            assert time.time() - t0 < 30, "server did not start"
-            time.sleep(0.05)
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 @pytest.fixture(scope="module")
@@ -334,6 +306,8 @@ def test_page_query_thumbnails_feedback_and_bad_file(env, browser, tmp_path):
     assert order0 == expected_ids(s, mu[0], lv[0], [cid], 5)
     assert "Posterior spread" in browser.find_element(By.ID, "uncertainty").text
     # every result shows one thumbnail per image sequence it has, and none is blank
+    wait_for(browser, "const r = [...document.querySelectorAll('#results .result')]; "
+                      "return r.length === 5 && r.every(x => x.dataset.loaded === '1')")
     n_thumbs = sum(len(env["cases"][c].images) for c in order0)
     stats = wait_for(browser, f"const s = (function(){{{THUMB_STATS}}})(); "
                               f"return s.length === {n_thumbs} && s.every(x => x !== null) ? s : null")

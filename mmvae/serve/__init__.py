@@ -9,10 +9,12 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
+import threading
+import time
 
 from mmvae.errors import InputError
 
-__all__ = ["serve", "is_loopback"]
+__all__ = ["serve", "is_loopback", "free_port", "BackgroundServer"]
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +27,39 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class BackgroundServer:
+    """uvicorn serving an ASGI ``app`` on ``host``:``port`` (a free one by default) in a
+    daemon thread of this process, e.g. from a notebook or a test. :meth:`stop` ends it.
+
+    Raises:
+      InputError: the server did not start within ``timeout`` seconds.
+    """
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int | None = None, timeout: float = 30.0):
+        import uvicorn
+        self.port = int(port or free_port(host))
+        self.url = f"http://{host}:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        t0 = time.time()
+        while not self.server.started:
+            if time.time() - t0 > timeout or not self.thread.is_alive():
+                raise InputError(f"the server did not start on {host}:{self.port}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
 
 
 def serve(workdir, index_dir, *, manifest=None, host: str = "127.0.0.1", port: int = 8765,

@@ -121,6 +121,15 @@ function show(s) {
       (u.percentile !== undefined ? ` — less certain than ${fmt(u.percentile, 0)} % of indexed cases` : "")));
   $("query-thumbs").replaceChildren(...s.query_thumbnails.map((m) =>
     el("figure", {}, el("img", { class: "thumb", src: `/api/session/${s.session}/thumbnail/${m}`, alt: m }), el("figcaption", {}, m))));
+  if (s.source.kind === "case") {          // the indexed case's own images and labels
+    const id = encodeURIComponent(s.source.case_id);
+    api(`/api/case/${id}`).then((c) => {
+      $("query-summary").append(el("div", { class: "meta" }, "Labels: ", labelsOf(c.labels)));
+      $("query-thumbs").replaceChildren(...c.images.filter((m) => s.modalities.includes(m)).map((m) =>
+        el("figure", {}, el("img", { class: "thumb", src: `/api/case/${id}/thumbnail/${encodeURIComponent(m)}`, alt: m }),
+          el("figcaption", {}, m))));
+    }).catch((e) => showError(e.message));
+  }
   $("query-notes").replaceChildren(...s.notes.map((n) => el("li", {}, n)));
   $("round-label").textContent = s.round ? `(feedback round ${s.round})` : "";
   $("export-csv").href = `/api/session/${s.session}/export.csv`;
@@ -153,7 +162,8 @@ function resultItem(r) {
         src: `/api/case/${encodeURIComponent(r.case_id)}/thumbnail/${encodeURIComponent(m)}` }), el("figcaption", {}, m)));
     }
     if (c.report_excerpt) excerpt.textContent = c.report_excerpt;
-  }).catch((e) => { excerpt.textContent = e.message; });
+    li.dataset.loaded = "1";
+  }).catch((e) => { excerpt.textContent = e.message; li.dataset.loaded = "error"; });
   return li;
 }
 
