@@ -161,8 +161,25 @@ def cmd_check(a, extra):
 
 
 def cmd_query(a, extra):
+    if any(x == "--pacs" or x.startswith("--pacs=") for x in a.query_args):
+        from mmvae.pacs.query import pacs_query_main
+        return pacs_query_main(a.query_args)
     from mmvae.retrieval.query import query_main
     query_main(a.query_args)
+
+
+def cmd_pacs_ingest(a, extra):
+    from mmvae.pacs.archive import Archive
+    from mmvae.pacs.ingest import ingest, load_reports
+    archive = Archive(a.url, username=a.username, password=os.environ.get("MMVAE_PACS_PASSWORD"))
+    rep = ingest(archive, a.workdir, a.index, studies=a.study or None, since=a.since, rules_path=a.modality_rules,
+                 standardize_from=a.standardize_from, reports=load_reports(a.reports), store_reports=a.store_reports,
+                 on_error=a.on_error, save_every=a.save_every, show_progress=not a.quiet)
+    for d in rep.decisions:
+        print(f"  {d}")
+    for study, err in rep.failed:
+        print(f"  failed {err}")
+    print(f"{a.index}: {rep.summary()}")
 
 
 class _QueryArgs(argparse.ArgumentParser):
@@ -269,6 +286,30 @@ def build_parser() -> argparse.ArgumentParser:
                        help="find the indexed cases most similar to a new case's files (--workdir RUN --help)")
     s.__class__ = _QueryArgs
     s.set_defaults(fn=cmd_query)
+
+    s = sub.add_parser("pacs", help="a DICOMweb archive (PACS) as source of the index (docs/pacs.md)")
+    pacs = s.add_subparsers(dest="pacs_command", required=True)
+    s = pacs.add_parser("ingest", help="encode the archive's studies and add them to an index (incremental)",
+                        description="Search the archive's studies (QIDO-RS), map series to the model's modalities "
+                                    "by rules, retrieve (WADO-RS), encode and add them to the index under their "
+                                    "StudyInstanceUID. A second run adds only new or changed studies and, on a "
+                                    "full listing, removes studies deleted from the archive; a killed run resumes.")
+    s.add_argument("--url", required=True, help="DICOMweb root, e.g. http://127.0.0.1:8042/dicom-web")
+    s.add_argument("--workdir", required=True, help="trained work dir")
+    s.add_argument("--index", required=True, help="index folder (created when missing)")
+    s.add_argument("--study", action="append", help="only this StudyInstanceUID (repeatable)")
+    s.add_argument("--since", help="only studies with StudyDate >= YYYYMMDD")
+    s.add_argument("--modality-rules", help="JSON rules file (default: brain + prostate MRI rules)")
+    s.add_argument("--reports", help="folder of <AccessionNumber or StudyInstanceUID>.txt, or a CSV with key,report")
+    s.add_argument("--store-reports", action="store_true", help="keep report text in the index (default: not)")
+    s.add_argument("--standardize-from", help="embeddings (.npz, mmvae embed of the training cohort) whose "
+                                              "standardisation a new index takes")
+    s.add_argument("--on-error", choices=["raise", "skip"], default="raise",
+                   help="a failing study: stop (default) or count, list and go on")
+    s.add_argument("--save-every", type=int, default=1, help="save the index after this many studies (default 1)")
+    s.add_argument("--username", help="HTTP basic authentication (password from $MMVAE_PACS_PASSWORD)")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=cmd_pacs_ingest)
 
     s = sub.add_parser("serve", help="review web page: query by example with relevance feedback",
                        description="Serve the review page for a trained run and its index on the loopback "

@@ -63,34 +63,6 @@ def write_series(folder: Path, n_slices: int, *, series_number: int = 1, descrip
 
 
 def nifti_to_series(nifti: Path, folder: Path) -> Path:
-    """Write a NIfTI volume as a DICOM series (one MR slice file per k, int16)."""
-    import nibabel as nib
-    from pydicom.dataset import Dataset
-
-    img = nib.load(str(nifti))
-    arr = np.asarray(img.dataobj).astype(np.int16)
-    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ img.affine
-    sx, sy = np.linalg.norm(lps[:3, 0]), np.linalg.norm(lps[:3, 1])
-    iop = np.concatenate([lps[:3, 0] / sx, lps[:3, 1] / sy])
-    folder.mkdir(parents=True)
-    study, series = generate_uid(), generate_uid()
-    for k in range(arr.shape[2]):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = MRImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = study, series, "MR"
-        ds.SeriesNumber, ds.InstanceNumber = 1, k + 1
-        ds.ImageOrientationPatient = [round(float(v), 6) for v in iop]
-        ds.ImagePositionPatient = [round(float(v), 6) for v in lps[:3, 3] + k * lps[:3, 2]]
-        ds.PixelSpacing = [round(float(sy), 6), round(float(sx), 6)]
-        ds.SliceThickness = round(float(np.linalg.norm(lps[:3, 2])), 6)
-        ds.Rows, ds.Columns = arr.shape[1], arr.shape[0]
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.PixelData = np.ascontiguousarray(arr[:, :, k].T).tobytes()
-        ds.save_as(folder / f"slice{k:03d}.dcm", enforce_file_format=True)
-    return folder
+    """Write a NIfTI volume as a DICOM series (one MR slice file per k)."""
+    from mmvae.data.synth_dicom import write_series_from_nifti
+    return write_series_from_nifti(nifti, folder, description="T2 TRA")

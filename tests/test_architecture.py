@@ -23,11 +23,12 @@ LAYERS = {
     "mmvae.objectives": 4,
     "mmvae.runs": 5,
     "mmvae.retrieval": 6,
-    "mmvae.serve": 7,
-    "mmvae.train": 8,
-    "mmvae.quickstart": 9,
-    "mmvae.experiments": 10,
-    "mmvae.cli": 11,
+    "mmvae.pacs": 7,
+    "mmvae.serve": 8,
+    "mmvae.train": 9,
+    "mmvae.quickstart": 10,
+    "mmvae.experiments": 11,
+    "mmvae.cli": 12,
 }
 
 

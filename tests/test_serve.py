@@ -3,7 +3,7 @@ real headless Chromium (Debian's ``chromium`` + ``chromium-driver``, through Sel
 
 One tiny model is trained for the module (tests/_tiny_run.py); the app is served by uvicorn
 on a free loopback port in a background thread. Browser tests skip when Chromium or its
-driver is missing, except under CI (``MMVAE_REQUIRE_BROWSER=1``, set by .ci/run), where they
+driver is missing, except under CI (``MMVAE_REQUIRE_SERVICES=1``, set by .ci/run), where they
 fail.
 """
 from __future__ import annotations
@@ -256,7 +256,7 @@ def test_cli_serve_refuses_remote_host_and_starts(env):
 def browser():
     if not (CHROMIUM and CHROMEDRIVER):
         msg = "Debian chromium + chromium-driver are not installed (.ci/run installs them)"
-        if os.environ.get("MMVAE_REQUIRE_BROWSER") == "1":
+        if os.environ.get("MMVAE_REQUIRE_SERVICES") == "1":
             pytest.fail(msg)
         pytest.skip(msg)
     from selenium import webdriver

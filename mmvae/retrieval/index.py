@@ -191,6 +191,10 @@ def _norm_meta(m, case_id: str, include_text: bool) -> dict:
                                                    f"labels of case {case_id!r}")}
     if include_text and m.get("report") is not None:
         out["report"] = str(m["report"])
+    if m.get("source") is not None:      # where the case came from, e.g. its PACS study (mmvae.pacs)
+        if not isinstance(m["source"], Mapping):
+            raise InputError(f"meta 'source' must be a dict, got {type(m['source']).__name__}", case_id=case_id)
+        out["source"] = _jsonable(dict(m["source"]), f"source of case {case_id!r}")
     return out
 
 
@@ -740,6 +744,8 @@ class CaseIndex:
             rec = {"id": int(i), "case_id": c, "modalities": m["modalities"], "labels": m["labels"]}
             if self.include_text and "report" in m:
                 rec["report"] = m["report"]
+            if "source" in m:
+                rec["source"] = m["source"]
             lines.append(json.dumps(rec, ensure_ascii=False))
         atomic_write_text(d / "metadata.jsonl", "".join(x + "\n" for x in lines))
         for name in sorted(p.name for p in d.iterdir() if not p.name.startswith(".")):
@@ -984,6 +990,8 @@ def load_index(folder: str | os.PathLike, *, expect_identity: Mapping | None = N
                  "labels": rec.get("labels", {})}
             if "report" in rec:
                 m["report"] = rec["report"]
+            if isinstance(rec.get("source"), dict):
+                m["source"] = rec["source"]
             metas.append(m)
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise IndexError_(f"index file metadata.jsonl is malformed ({e})") from None

@@ -99,6 +99,9 @@ class Retriever:
         self.last_notes: list[str] = []   # what the last query's loader chose or dropped, in words
         self.clinical_stats = clinical_stats
         self.index = index
+        # Standardisation of a Retriever without an index yet (mmvae.pacs builds one): the
+        # cohort statistics its first cases are mapped by (None: raw posterior means).
+        self.standardize: dict | None = None
         self.workdir = None if workdir is None else Path(workdir)
         self.index_dir = None if index_dir is None else Path(index_dir)
         self.preprocess = preprocess_config(config.data)
@@ -310,7 +313,8 @@ class Retriever:
         if not present.any():
             raise InputError("no usable modality in the query (every input was dropped by the model)")
         mu, lv = fused(np.asarray(emu), np.asarray(elv), present, self.spec.fusion)
-        mu, lv = apply_standardize(mu, lv, self.index.identity.get("standardize"))   # as the indexed cases
+        stats = self.index.identity.get("standardize") if self.index is not None else self.standardize
+        mu, lv = apply_standardize(mu, lv, stats)   # as the indexed cases
         names = [m for m, p in zip(self.modalities, present[0]) if p > 0]
         return mu[0].astype(np.float32), lv[0].astype(np.float32), names
 

@@ -1,0 +1,218 @@
+"""Index an archive's studies, and query with a study that lives in the archive.
+
+:func:`ingest` lists the archive's studies (QIDO-RS), maps each study's series to the model's
+image modalities (:mod:`mmvae.pacs.rules`, every decision logged), retrieves the chosen
+series (WADO-RS) into a temporary folder without identifying attributes, encodes the study
+with the run's preprocessing and model (:class:`~mmvae.retrieval.query.Retriever`, exactly
+as a query), and adds it to the index under its StudyInstanceUID.
+
+* **Incremental and idempotent**: a study already indexed with the same number of instances
+  is skipped; one whose instance count changed is encoded again; on a full listing (no
+  ``studies``/``since``), indexed studies of this archive that the archive no longer lists
+  are removed.
+* **Crash-safe**: the index is saved atomically (:meth:`CaseIndex.save`) after every
+  ``save_every`` studies and at the end, so a killed run leaves the last saved index and
+  the next run goes on from there (no duplicates: a study is either in the saved index or
+  not).
+* **Privacy** (PS3.15 Annex E as reference): the index keeps, per study, only
+  StudyInstanceUID, AccessionNumber, StudyDate, the used series' SeriesInstanceUIDs and the
+  archive URL (``source``), plus the report text only with ``store_reports``; the
+  temporary DICOM files are written de-identified (:func:`mmvae.pacs.archive.deidentify`).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from mmvae.data import io as mio
+from mmvae.errors import InputError, MmvaeError
+from mmvae.pacs.archive import Archive, PacsError, StudyInfo
+from mmvae.pacs.rules import Rule, load_rules, map_series
+from mmvae.progress import progress_bar
+from mmvae.retrieval.embed import Embeddings
+from mmvae.retrieval.index import build_index
+from mmvae.retrieval.query import Retriever, model_identity
+from mmvae.runs.trained import load_trained
+
+__all__ = ["ingest", "IngestReport", "load_reports", "encode_study"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class IngestReport:
+    """What an ingestion did (study UIDs)."""
+
+    added: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)     # (study, one-line error)
+    decisions: list[str] = field(default_factory=list)               # series → modality, in words
+
+    def summary(self) -> str:
+        s = (f"{len(self.added)} added, {len(self.updated)} updated, {len(self.removed)} removed, "
+             f"{len(self.unchanged)} unchanged, {len(self.failed)} failed")
+        return s
+
+
+def load_reports(path: str | os.PathLike | None) -> dict[str, str]:
+    """Report texts keyed by AccessionNumber or StudyInstanceUID: a folder of ``<key>.txt``
+    files, or a CSV with a ``report`` column and a ``key`` (or ``accession_number`` /
+    ``study_instance_uid``) column."""
+    if path is None:
+        return {}
+    p = Path(path)
+    if p.is_dir():
+        return {f.stem: mio.load_report(f) for f in sorted(p.glob("*.txt"))}
+    if not p.is_file():
+        raise InputError("reports folder or CSV not found", path=str(p))
+    with open(p, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        cols = reader.fieldnames or []
+        key = next((c for c in ("key", "accession_number", "study_instance_uid", "AccessionNumber",
+                                "StudyInstanceUID") if c in cols), None)
+        if key is None or "report" not in cols:
+            raise InputError(f"reports CSV needs a 'report' column and a key column (key, accession_number or "
+                             f"study_instance_uid); it has {cols}", path=str(p))
+        return {row[key].strip(): row["report"].strip() for row in reader if row.get(key) and row.get("report")}
+
+
+def encode_study(archive: Archive, retriever: Retriever, study: StudyInfo, rules: Sequence[Rule], tmp: Path, *,
+                 modalities: Sequence[str] | None = None, report: str | None = None):
+    """Map, retrieve and encode one study. Returns ``(mu, logvar, used modalities, source,
+    decisions)``; PacsError when no series matches or a series fails to load."""
+    series = archive.series(study.study_uid)
+    want = [m for m in retriever.image_modalities if modalities is None or m in modalities]
+    chosen, notes = map_series(series, rules, want)
+    if not chosen:
+        names = ", ".join(repr(s.description) for s in series) or "none"
+        raise PacsError(f"no series matches the modality rules for {want} (series: {names})", study=study.study_uid)
+    folder = Path(tempfile.mkdtemp(prefix="study-", dir=tmp))
+    images = {}
+    for m, s in chosen.items():
+        images[m] = [str(archive.write_series(study.study_uid, s.series_uid, folder / m, expect=s.instances))]
+    use_report = report if (modalities is None or "report" in modalities) else None
+    try:
+        mu, lv, used = retriever.encode(images, use_report)
+    except InputError as e:
+        m = e.modality
+        raise PacsError(f"{e.reason}", study=study.study_uid,
+                        series=chosen[m].series_uid if m in chosen else None) from None
+    notes += [f"{study.study_uid}: {x}" for x in retriever.last_notes]
+    source = {"archive": archive.url, "study_instance_uid": study.study_uid, "accession_number": study.accession,
+              "study_date": study.study_date, "instances": study.instances,
+              "series": {m: s.series_uid for m, s in chosen.items()}}
+    return mu, lv, used, source, notes
+
+
+def ingest(archive: Archive, workdir, index_dir, *, studies: Sequence[str] | None = None, since: str | None = None,
+           rules_path=None, standardize_from=None, reports: Mapping[str, str] | None = None, store_reports: bool = False,
+           on_error: str = "raise", save_every: int = 1, show_progress: bool = True,
+           on_saved: Callable[[int], None] | None = None) -> IngestReport:
+    """Add the archive's studies to the index in ``index_dir`` (created when missing); see the
+    module doc. ``on_error='skip'``: a failing study is counted and listed, the rest goes on.
+
+    Raises:
+      PacsError: the archive is unreachable or answers with an error (always), or a study
+        fails with ``on_error='raise'``.
+    """
+    if on_error not in ("raise", "skip"):
+        raise InputError(f"on_error must be 'raise' or 'skip' (got {on_error!r})")
+    rules = load_rules(rules_path)
+    reports = dict(reports or {})
+    index_dir = Path(index_dir)
+    rep = IngestReport()
+    listing = archive.studies(studies, since)
+    exists = index_dir.exists() or any(index_dir.parent.glob(f".{index_dir.name}.old-*"))
+    r = Retriever.load(workdir, index_dir) if exists else None
+    if r is None:           # no index yet: the model alone; the index is built from the first study
+        config, spec, model, tok = load_trained(workdir)
+        stats = json.loads((Path(workdir) / "clinical_stats.json").read_text())
+        r = Retriever(config=config, spec=spec, model=model, tokenizer=tok, clinical_stats=stats, index=None,
+                      workdir=workdir, index_dir=index_dir)
+        if config.retrieval.get("standardize", True):
+            if standardize_from is None:
+                r.close()
+                raise InputError("a new index needs the cohort's standardisation (retrieval.standardize): pass "
+                                 "--standardize-from EMB.npz (mmvae embed of the training cohort), or ingest into "
+                                 "an index built with mmvae index", path=str(index_dir))
+            emb = Embeddings.load(standardize_from)
+            if emb.identity.get("model_fingerprint") != model_identity(spec)["model_fingerprint"]:
+                r.close()
+                raise InputError("embeddings of another model than the workdir's", path=str(standardize_from))
+            r.standardize = emb.standardized().identity["standardize"]
+    index = r.index
+    pending = 0
+
+    def save():
+        nonlocal pending
+        if index is not None and pending:
+            index.save(index_dir)
+            pending = 0
+            if on_saved is not None:
+                on_saved(index.size)
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="mmvae-pacs-") as tmp:
+            tmp = Path(tmp)
+            if index is not None and not studies and not since:
+                listed = {s.study_uid for s in listing}
+                gone = [c for c in index.case_ids
+                        if index.metadata(c).get("source", {}).get("archive") == archive.url and c not in listed]
+                if gone:
+                    index.remove(gone)
+                    rep.removed += gone
+                    pending += len(gone)
+                    log.info("removed %d studies no longer in the archive", len(gone))
+            for st in progress_bar(listing, total=len(listing), desc="studies", enable=show_progress, unit="study"):
+                known = index is not None and st.study_uid in set(index.case_ids)
+                if known:
+                    src = index.metadata(st.study_uid).get("source", {})
+                    if st.instances is None or src.get("instances") == st.instances:
+                        rep.unchanged.append(st.study_uid)
+                        continue
+                text = reports.get(st.accession) if st.accession else None
+                text = text if text is not None else reports.get(st.study_uid)
+                try:
+                    mu, lv, used, source, notes = encode_study(archive, r, st, rules, tmp, report=text)
+                except PacsError as e:
+                    if on_error == "raise" or "unreachable" in e.reason:
+                        raise
+                    log.warning("skipped: %s", e)
+                    rep.failed.append((st.study_uid, str(e)))
+                    continue
+                rep.decisions += notes
+                for n in notes:
+                    log.info("%s", n)
+                meta = {"modalities": used, "labels": {}, "source": source}
+                if store_reports and text is not None:
+                    meta["report"] = text
+                if index is None:
+                    ident = {**model_identity(r.spec), **({"standardize": r.standardize} if r.standardize else {})}
+                    index = build_index(mu[None], lv[None], [st.study_uid], [meta], kind="flat", metric="cosine",
+                                        identity=ident, include_text=store_reports)
+                    r.index = index
+                    rep.added.append(st.study_uid)
+                else:
+                    if known:
+                        index.remove([st.study_uid])
+                        rep.updated.append(st.study_uid)
+                    else:
+                        rep.added.append(st.study_uid)
+                    index.add(mu[None], lv[None], [st.study_uid], [meta])
+                pending += 1
+                if pending >= max(1, int(save_every)):
+                    save()
+            save()
+    finally:
+        r.close()
+    return rep

@@ -1,0 +1,230 @@
+"""The archive as source and target of retrieval, against a live Orthanc (tests/_orthanc.py):
+studies stored through STOW-RS, ingested (QIDO-RS + WADO-RS), queried by study UID,
+ingested again incrementally, after deletion, after a kill; nothing identifying written."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from _orthanc import Orthanc
+from _tiny_run import train_tiny_indexed
+
+from mmvae.cli import main
+from mmvae.data.synth_dicom import write_dicom_studies, write_series_from_nifti
+from mmvae.pacs.archive import Archive, PacsError
+from mmvae.pacs.ingest import ingest
+from mmvae.pacs.query import query_study
+from mmvae.pacs.rules import SeriesInfo, load_rules, map_series
+from mmvae.retrieval.index import load_index
+from mmvae.retrieval.query import Retriever
+
+PROSTATEX = Path(__file__).resolve().parents[2] / "shared" / "data" / "prostatex-dicom" / "ProstateX-0000"
+
+
+def read_folder(folder) -> list:
+    return [pydicom.dcmread(p) for p in sorted(glob.glob(str(Path(folder) / "**" / "*"), recursive=True))
+            if os.path.isfile(p)]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pacs")
+    c, wd, emb, index_dir = train_tiny_indexed(tmp)
+    emb_path = tmp / "cohort.npz"
+    emb.save(emb_path)
+    manifest = Path(c.data.manifest)
+    complete = [cid for cid in emb.case_ids if all(emb.present[emb.case_ids.index(cid)][:3])][:5]
+    studies = write_dicom_studies(manifest, tmp / "dicom", cases=complete)
+    orthanc = Orthanc(tmp / "orthanc")
+    archive = Archive(orthanc.url)
+    first4 = complete[:4]
+    for cid in first4:
+        archive.store(read_folder(tmp / "dicom" / cid))
+    prostatex = None
+    if PROSTATEX.exists():
+        ds = read_folder(PROSTATEX)
+        archive.store(ds)
+        prostatex = {"study_uid": str(ds[0].StudyInstanceUID), "patient": str(ds[0].PatientName)}
+    yield {"tmp": tmp, "workdir": wd, "emb": emb_path, "orthanc": orthanc, "archive": archive, "studies": studies,
+           "first4": first4, "fifth": complete[4], "prostatex": prostatex}
+    orthanc.stop()
+
+
+def written_files(*folders) -> list[Path]:
+    return [Path(p) for f in folders for p in glob.glob(str(Path(f) / "**" / "*"), recursive=True)
+            if os.path.isfile(p)]
+
+
+# ----------------------------------------------------------------------------- rules
+def test_rules_map_the_prostatex_series():
+    if not PROSTATEX.exists():
+        pytest.skip("../shared/data/prostatex-dicom is absent")
+    infos = []
+    for folder in sorted(PROSTATEX.glob("*/*")):
+        ds = pydicom.dcmread(sorted(folder.iterdir())[0], stop_before_pixels=True)
+        infos.append(SeriesInfo("s", str(ds.SeriesInstanceUID), str(ds.SeriesDescription), int(ds.SeriesNumber),
+                                len(list(folder.iterdir())),
+                                {k: ds.get(k) for k in ("ImageType", "ProtocolName", "ScanningSequence")}))
+    chosen, notes = map_series(infos, load_rules(), ["t2", "dwi", "adc"])
+    assert {m: s.description for m, s in chosen.items()} == {
+        "t2": "t2_tse_tra", "dwi": "ep2d_diff_tra_DYNDISTCALC_BVAL", "adc": "ep2d_diff_tra_DYNDIST_ADC"}
+    assert any("t2_tse_sag" in n and "no rule matches" in n for n in notes)
+    assert any("ep2d_diff_tra_DYNDIST'" in n and "not used" in n for n in notes)   # acquired multi-b DWI
+    # a model without ADC never maps the ADC map to dwi
+    chosen, _ = map_series(infos, load_rules(), ["t1", "t2", "dwi"])
+    assert chosen["dwi"].description == "ep2d_diff_tra_DYNDISTCALC_BVAL" and "t1" not in chosen
+
+
+def test_rules_file_errors(tmp_path):
+    bad = tmp_path / "rules.json"
+    bad.write_text(json.dumps({"rules": [{"modality": "t2", "description": "t2("}]}))
+    with pytest.raises(Exception, match=r"rule 1: bad regex"):
+        load_rules(bad)
+    bad.write_text(json.dumps({"rules": [{"description": "t2"}]}))
+    with pytest.raises(Exception, match="needs a 'modality'"):
+        load_rules(bad)
+
+
+# ----------------------------------------------------------------------------- ingest + query
+def test_ingest_query_add_delete(env, capsys):
+    archive, tmp = env["archive"], env["tmp"]
+    idx = tmp / "index-a"
+    rep = ingest(archive, env["workdir"], idx, standardize_from=env["emb"], show_progress=False)
+    n = 4 + (env["prostatex"] is not None)
+    assert len(rep.added) == n and not rep.failed
+    index = load_index(idx)
+    assert index.size == n
+    with Retriever.load(env["workdir"], idx) as r:
+        for cid in env["first4"]:
+            st = env["studies"][cid]
+            doc = query_study(r, archive, st["study_uid"], k=3)
+            assert doc["results"][0]["study_instance_uid"] == st["study_uid"]          # itself first
+            assert doc["results"][0]["accession_number"] == st["accession"]
+            assert doc["modalities"] == ["t1", "t2", "dwi"]
+        if env["prostatex"]:
+            doc = query_study(r, archive, env["prostatex"]["study_uid"], k=3)
+            assert doc["modalities"] == ["t2", "dwi"] and doc["results"][0]["study_instance_uid"] == env["prostatex"]["study_uid"]
+            assert any("t2_tse_tra" in d and "→ t2" in d for d in doc["decisions"])
+        st = env["studies"][env["first4"][0]]
+        sub = query_study(r, archive, st["study_uid"], modalities=["t2"], k=3)
+        assert sub["modalities"] == ["t2"]
+    # the CLI form, JSON out
+    rc = main(["query", "--pacs", archive.url, "--study", st["study_uid"], "--workdir", str(env["workdir"]),
+               "--index", str(idx), "--k", "2", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["results"][0]["study_instance_uid"] == st["study_uid"]
+    # idempotent: nothing new, nothing rewritten
+    before = {p: p.stat().st_mtime_ns for p in written_files(idx)}
+    rep = ingest(archive, env["workdir"], idx, show_progress=False)
+    assert (rep.added, rep.removed, rep.updated, len(rep.unchanged)) == ([], [], [], n)
+    assert {p: p.stat().st_mtime_ns for p in written_files(idx)} == before
+    # one study added to the archive: exactly one added
+    fifth = env["studies"][env["fifth"]]
+    archive.store(read_folder(tmp / "dicom" / env["fifth"]))
+    rep = ingest(archive, env["workdir"], idx, show_progress=False)
+    assert rep.added == [fifth["study_uid"]] and not rep.removed and load_index(idx).size == n + 1
+    # one study deleted from the archive: exactly one removed
+    gone = env["studies"][env["first4"][1]]["study_uid"]
+    env["orthanc"].delete_study(gone)
+    rep = ingest(archive, env["workdir"], idx, show_progress=False)
+    assert rep.removed == [gone] and not rep.added and load_index(idx).size == n
+    assert gone not in load_index(idx).case_ids
+    # privacy: no patient name, ID or birth date in any written file
+    secrets = [s[k] for s in env["studies"].values() for k in ("patient_name", "patient_id")]
+    secrets += [x.split("^")[1] for x in secrets if "^" in x]
+    if env["prostatex"]:
+        secrets.append(env["prostatex"]["patient"])
+    for p in written_files(idx):
+        blob = p.read_bytes()
+        for s in secrets:
+            assert s.encode() not in blob, f"{s!r} found in {p}"
+
+
+def test_written_series_are_deidentified_and_changes_detected(env, tmp_path):
+    archive = env["archive"]
+    st = env["studies"][env["first4"][0]]
+    series = archive.series(st["study_uid"])
+    folder = archive.write_series(st["study_uid"], series[0].series_uid, tmp_path / "s", expect=series[0].instances)
+    for ds in read_folder(folder):
+        assert "PatientName" not in ds and "PatientID" not in ds and "PatientBirthDate" not in ds
+        assert "AccessionNumber" not in ds and not any(t.group == 0x0010 for t in ds.keys())
+    with pytest.raises(PacsError, match=r"changed during ingestion \(999 instances listed"):
+        archive.write_series(st["study_uid"], series[0].series_uid, tmp_path / "t", expect=999)
+
+
+def test_killed_ingestion_resumes_to_the_same_index(env):
+    tmp, archive = env["tmp"], env["archive"]
+    ref = tmp / "index-ref"
+    ingest(archive, env["workdir"], ref, standardize_from=env["emb"], show_progress=False)
+    killed = tmp / "index-killed"
+    proc = subprocess.Popen([sys.executable, "-m", "mmvae.cli", "pacs", "ingest", "--url", archive.url,
+                             "--workdir", str(env["workdir"]), "--index", str(killed), "--standardize-from",
+                             str(env["emb"]), "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    t0 = time.time()
+    while not killed.exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() - t0 < 180
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    part = load_index(killed)
+    total = load_index(ref).size
+    assert 1 <= part.size < total, "the kill came after the ingestion had finished"
+    rep = ingest(archive, env["workdir"], killed, show_progress=False)
+    assert len(rep.added) == total - part.size and not rep.removed
+    a, b = load_index(ref), load_index(killed)
+    assert sorted(a.case_ids) == sorted(b.case_ids)
+    ids = sorted(a.case_ids)
+    np.testing.assert_allclose(a.embeddings(ids)[0], b.embeddings(ids)[0], atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- errors
+def test_authentication(tmp_path):
+    orthanc = Orthanc(tmp_path / "auth", users={"alice": "s3cret"})
+    try:
+        with pytest.raises(PacsError, match=r"HTTP 401.*--username"):
+            Archive(orthanc.url).studies()
+        assert Archive(orthanc.url, username="alice", password="s3cret").studies() == []
+    finally:
+        orthanc.stop()
+
+
+def test_bad_archive_and_studies(env, tmp_path, capsys):
+    from mmvae.serve import free_port
+    dead = f"http://127.0.0.1:{free_port()}/dicom-web"
+    rc = main(["pacs", "ingest", "--url", dead, "--workdir", str(env["workdir"]), "--index", str(tmp_path / "i"),
+               "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "archive unreachable" in err and "\n" not in err and not (tmp_path / "i").exists()
+    # a study whose series match no rule: named, skipped with --on-error skip, the rest goes on
+    man = tmp_path / "scout"
+    nifti = sorted(glob.glob(str(env["tmp"] / "data" / "cases" / "*" / "*t1*.nii*")))[0]
+    write_series_from_nifti(nifti, man, description="localizer", patient={"PatientName": "Scout^Only",
+                                                                           "PatientID": "SCOUT1"})
+    ds = read_folder(man)
+    env["archive"].store(ds)
+    uid = str(ds[0].StudyInstanceUID)
+    idx = tmp_path / "index"
+    rep = ingest(env["archive"], env["workdir"], idx, standardize_from=env["emb"], on_error="skip", show_progress=False)
+    assert [s for s, _ in rep.failed] == [uid] and "no series matches the modality rules" in rep.failed[0][1]
+    assert uid in rep.failed[0][1] and "'localizer'" in rep.failed[0][1]
+    assert rep.added and uid not in load_index(idx).case_ids
+    with pytest.raises(PacsError, match=f"study {uid}: no series matches"):
+        ingest(env["archive"], env["workdir"], tmp_path / "index2", studies=[uid], standardize_from=env["emb"],
+               show_progress=False)
+    rc = main(["query", "--pacs", env["archive"].url, "--study", "1.2.3.4", "--workdir", str(env["workdir"]),
+               "--index", str(idx)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.endswith("study 1.2.3.4: no such study in the archive")
+    env["orthanc"].delete_study(uid)
