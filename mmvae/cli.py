@@ -210,7 +210,8 @@ def cmd_serve(a, extra):
     from mmvae.serve import serve
     settings = {"k": a.k, "max_upload_mb": a.max_upload_mb}
     serve(a.workdir, a.index, manifest=a.manifest, host=a.host, port=a.port, allow_remote=a.allow_remote,
-          settings=settings)
+          settings=settings, pacs=a.pacs, pacs_username=a.pacs_username,
+          pacs_password=os.environ.get("MMVAE_PACS_PASSWORD"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -324,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow a --host beyond the loopback interface (the page shows patient images)")
     s.add_argument("--k", type=int, help="results per query (default serve.k of the config, 10)")
     s.add_argument("--max-upload-mb", type=float, help="largest upload (default serve.max_upload_mb, 1024)")
+    s.add_argument("--pacs", help="DICOMweb root of an archive: query with a StudyInstanceUID in it")
+    s.add_argument("--pacs-username", help="HTTP basic authentication (password from $MMVAE_PACS_PASSWORD)")
     s.set_defaults(fn=cmd_serve)
 
     s = sub.add_parser("quickstart", help="synth → train → embed → index → evaluate, offline, on CPU")

@@ -228,3 +228,29 @@ def test_bad_archive_and_studies(env, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.endswith("study 1.2.3.4: no such study in the archive")
     env["orthanc"].delete_study(uid)
+
+
+def test_review_page_queries_a_study_in_the_archive(env, tmp_path):
+    import requests
+    from mmvae.serve import BackgroundServer
+    from mmvae.serve.app import create_app
+    from mmvae.serve.service import ReviewService
+    idx = tmp_path / "index"
+    ingest(env["archive"], env["workdir"], idx, standardize_from=env["emb"], show_progress=False)
+    service = ReviewService.load(env["workdir"], idx, settings={"k": 3}, archive=env["archive"])
+    live = BackgroundServer(create_app(service))
+    try:
+        assert requests.get(live.url + "/api/info", timeout=30).json()["pacs"] == env["archive"].url
+        st = env["studies"][env["first4"][0]]
+        doc = requests.post(live.url + "/api/query/pacs", json={"study_uid": st["study_uid"]}, timeout=120).json()
+        assert doc["results"][0]["case_id"] == st["study_uid"] and doc["modalities"] == ["t1", "t2", "dwi"]
+        assert doc["source"]["accession_number"] == st["accession"] and sorted(doc["query_thumbnails"]) == ["dwi", "t1", "t2"]
+        assert any("→ t2" in n for n in doc["notes"])
+        png = requests.get(f"{live.url}/api/session/{doc['session']}/thumbnail/t2", timeout=30)
+        assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
+        r = requests.post(live.url + "/api/query/pacs", json={"study_uid": "1.2.3"}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"] == "study 1.2.3: no such study in the archive"
+        assert list(service.tmp.iterdir()) == []
+    finally:
+        live.stop()
+        service.close()

@@ -12,7 +12,7 @@ import socket
 import threading
 import time
 
-from mmvae.errors import InputError
+from mmvae.errors import InputError, MmvaeError
 
 __all__ = ["serve", "is_loopback", "free_port", "BackgroundServer"]
 
@@ -63,7 +63,8 @@ class BackgroundServer:
 
 
 def serve(workdir, index_dir, *, manifest=None, host: str = "127.0.0.1", port: int = 8765,
-          allow_remote: bool = False, settings=None, log_level: str = "warning") -> None:
+          allow_remote: bool = False, settings=None, log_level: str = "warning", pacs: str | None = None,
+          pacs_username: str | None = None, pacs_password: str | None = None) -> None:
     """Load the run and index, then serve the review page until interrupted.
 
     Raises:
@@ -83,7 +84,15 @@ def serve(workdir, index_dir, *, manifest=None, host: str = "127.0.0.1", port: i
             s.bind((host, int(port)))
         except OSError as e:
             raise InputError(f"cannot listen on {host}:{port} ({e.strerror})") from None
-    service = ReviewService.load(workdir, index_dir, manifest, settings=settings)
+    archive = None
+    if pacs:
+        from mmvae.pacs.archive import Archive
+        archive = Archive(pacs, username=pacs_username, password=pacs_password)
+        try:                                  # tell now, not at the first query, when the archive is down
+            archive.studies(since="99991231")
+        except MmvaeError as e:
+            print(f"WARNING: --pacs {pacs}: {e}", flush=True)
+    service = ReviewService.load(workdir, index_dir, manifest, settings=settings, archive=archive)
     try:
         if not is_loopback(host):
             print(f"WARNING: serving on {host}:{port}: any machine that reaches it sees the cases' images and "

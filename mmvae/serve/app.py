@@ -9,6 +9,7 @@ Routes (the OpenAPI page is ``/docs``, the schema ``/openapi.json``):
 - ``GET /api/case/{case_id}`` — a case's modalities, labels, report excerpt, uncertainty.
 - ``GET /api/case/{case_id}/thumbnail/{modality}`` — PNG (middle axial slice, cached).
 - ``POST /api/query`` — JSON ``{case_id, modalities?, k?, rerank?}``: query with an indexed case.
+- ``POST /api/query/pacs`` — JSON ``{study_uid, modalities?, k?, rerank?}`` (``--pacs`` only).
 - ``POST /api/query/upload`` — multipart: ``file_<modality>`` files (NIfTI, PNG, a .zip of
   one DICOM series), ``report``, ``modalities`` (comma list), ``k``, ``rerank``.
 - ``POST /api/feedback`` — JSON ``{session, relevant: [ids], nonrelevant: [ids]}``: Rocchio
@@ -45,6 +46,13 @@ class QueryRequest(BaseModel):
                                                                "(default: all it has)")
     k: Optional[int] = Field(None, description="results (default serve.k)")
     rerank: Optional[str] = Field(None, description=f"one of {[r for r in RERANKS if r]} or null")
+
+
+class PacsQueryRequest(BaseModel):
+    study_uid: str = Field(description="StudyInstanceUID of a study in the archive (--pacs)")
+    modalities: Optional[list[str]] = None
+    k: Optional[int] = None
+    rerank: Optional[str] = None
 
 
 class FeedbackRequest(BaseModel):
@@ -98,7 +106,8 @@ def create_app(service: ReviewService) -> FastAPI:
         return {"modalities": service.modalities, "image_modalities": list(r.image_modalities),
                 "index_size": r.index.size, "k": int(service.settings["k"]),
                 "rerank": [x for x in RERANKS if x], "rocchio": rocchio,
-                "max_upload_mb": float(service.settings["max_upload_mb"])}
+                "max_upload_mb": float(service.settings["max_upload_mb"]),
+                "pacs": service.archive.url if service.archive is not None else None}
 
     @app.get("/api/cases", summary="indexed case ids containing q")
     def cases(q: str = "", limit: int = 50):
@@ -117,6 +126,11 @@ def create_app(service: ReviewService) -> FastAPI:
     @app.post("/api/query", summary="query with an indexed case")
     def query(req: QueryRequest):
         s = service.query_case(req.case_id, req.modalities, req.k, req.rerank or None)
+        return service.session_json(s)
+
+    @app.post("/api/query/pacs", summary="query with a study in the archive (server started with --pacs)")
+    def query_pacs(req: PacsQueryRequest):
+        s = service.query_pacs(req.study_uid, req.modalities, req.k, req.rerank or None)
         return service.session_json(s)
 
     @app.post("/api/query/upload", summary="query with uploaded files",

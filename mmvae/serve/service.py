@@ -124,8 +124,10 @@ class ReviewService:
     """
 
     def __init__(self, retriever: Retriever, cases: Mapping[str, CaseEntries] | None = None, *,
-                 settings: Mapping[str, Any] | None = None, tmp_root: str | os.PathLike | None = None):
+                 settings: Mapping[str, Any] | None = None, tmp_root: str | os.PathLike | None = None,
+                 archive=None):
         self.retriever = retriever
+        self.archive = archive           # a mmvae.pacs.archive.Archive: query with a study in the archive
         self.cases = dict(cases or {})
         self.settings = {**DEFAULTS, **dict(settings or {})}
         self._tmp = tempfile.TemporaryDirectory(prefix="mmvae-serve-", dir=tmp_root)
@@ -139,7 +141,7 @@ class ReviewService:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def load(cls, workdir, index_dir, manifest=None, *, settings=None) -> "ReviewService":
+    def load(cls, workdir, index_dir, manifest=None, *, settings=None, archive=None) -> "ReviewService":
         """Load ``workdir``'s model, ``index_dir``'s index and the cases of ``manifest``
         (default: the run's ``data.manifest``; cases missing from it have no thumbnails or
         report, and can be queried with their stored embedding only)."""
@@ -158,7 +160,7 @@ class ReviewService:
             if missing:
                 log.warning("%d indexed case(s) are not in the manifest %s (e.g. %r): shown without images",
                             len(missing), mpath, missing[0])
-            return cls(r, cases, settings=s)
+            return cls(r, cases, settings=s, archive=archive)
         except BaseException:
             r.close()
             raise
@@ -398,6 +400,41 @@ class ReviewService:
                 return self._new_session(source={"kind": "upload", "files": files, "report": report is not None},
                                          modalities=list(used), mu=mu, logvar=lv, k=k, rerank=rerank, exclude=[],
                                          notes=notes, uncertainty=uncertainty(lv, self._ref_logvar),
+                                         thumbnails=thumbs)
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def query_pacs(self, study_uid: str, modalities: Sequence[str] | None = None, k: int | None = None,
+                   rerank: str | None = None) -> Session:
+        """Query with a study in the archive (``--pacs``): its series are mapped by the default
+        modality rules (:mod:`mmvae.pacs.rules`), retrieved de-identified into a temporary
+        folder, encoded and searched; the decisions are the session's notes."""
+        from mmvae.pacs.ingest import encode_study
+        from mmvae.pacs.rules import load_rules
+        with self._lock:
+            if self.archive is None:
+                raise InputError("no archive: start the server with --pacs URL")
+            mods = self._check_modalities(modalities)
+            if rerank not in RERANKS:
+                raise InputError(f"rerank must be one of {list(RERANKS)} (got {rerank!r})")
+            k = self.retriever._check_k(self._k(k))
+            folder = Path(tempfile.mkdtemp(prefix="pacs-", dir=self.tmp))
+            try:
+                study = self.archive.studies([str(study_uid).strip()])[0]
+                img_mods = None if mods is None else [m for m in mods if m in self.retriever.image_modalities]
+                mu, lv, used, source, notes = encode_study(self.archive, self.retriever, study, load_rules(), folder,
+                                                           modalities=img_mods)
+                data = self.retriever.config.data
+                thumbs = {}
+                for m in source["series"]:
+                    for d in folder.glob(f"study-*/{m}"):
+                        thumbs[m] = thumbnail_png(d, size=int(self.settings["thumbnail_px"]),
+                                                  spatial_dims=int(data.spatial_dims),
+                                                  b_value=data.get("dwi_b_value", "highest"))
+                notes = [n.replace(str(folder), "") for n in notes]
+                src = {"kind": "pacs", "study_instance_uid": study.study_uid, "accession_number": study.accession}
+                return self._new_session(source=src, modalities=list(used), mu=mu, logvar=lv, k=k, rerank=rerank,
+                                         exclude=[], notes=notes, uncertainty=uncertainty(lv, self._ref_logvar),
                                          thumbnails=thumbs)
             finally:
                 shutil.rmtree(folder, ignore_errors=True)

@@ -68,6 +68,11 @@ async function init() {
   for (const c of cases.cases) list.append(el("option", { value: c }));
   $("query-case").addEventListener("click", () => run(queryCase));
   $("query-upload").addEventListener("click", () => run(queryUpload));
+  if (info.pacs) {
+    $("pacs-tab").hidden = false;
+    $("pacs-url").textContent = `archive: ${info.pacs}`;
+    $("query-pacs").addEventListener("click", () => run(queryPacs));
+  }
   $("search-again").addEventListener("click", () => run(searchAgain));
   document.body.dataset.ready = "1";
 }
@@ -77,6 +82,13 @@ async function queryCase() {
   if (!caseId) throw new Error("type or pick a case id");
   const body = { case_id: caseId, modalities: chosenModalities() };
   show(await api("/api/query", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) }));
+}
+
+async function queryPacs() {
+  const uid = $("study-uid").value.trim();
+  if (!uid) throw new Error("type a StudyInstanceUID");
+  const body = { study_uid: uid, modalities: chosenModalities() };
+  show(await api("/api/query/pacs", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) }));
 }
 
 async function queryUpload() {
@@ -111,6 +123,8 @@ function show(s) {
   $("query-info").hidden = false;
   $("results-panel").hidden = false;
   const src = s.source.kind === "case" ? `indexed case ${s.source.case_id}` :
+    s.source.kind === "pacs" ? `archive study ${s.source.study_instance_uid}` +
+      (s.source.accession_number ? ` (accession ${s.source.accession_number})` : "") :
     `uploaded files (${Object.entries(s.source.files).map(([m, f]) => `${m}: ${f.join(", ")}`).join("; ") || "no image"}` +
     `${s.source.report ? "; report text" : ""})`;
   const u = s.uncertainty;
