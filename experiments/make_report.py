@@ -471,6 +471,11 @@ def main(argv=None) -> int:
     except MmvaeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if docs.exists():        # sections other scripts own (experiments/active_learning.py) are kept
+        for title in ("Active learning",):
+            body = R.extract_section(docs.read_text(), title)
+            if body:
+                text = R.replace_section(text, title, body)
     atomic_write_text(docs, text)
     print(f"wrote {docs} ({len(text)} characters, {len(figs)} figures)")
     return 0

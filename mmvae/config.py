@@ -40,6 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
         reference_modality="",        # resample every series onto this modality's grid first
         label="class",                # label used as retrieval ground truth
         label_fraction=0.0,           # > 0: this fraction of training cases gives its `label` to a label expert (semi-supervised)
+        labelled_cases="",            # file of case ids whose `label` the label expert gets (instead of label_fraction)
         val_fraction=0.2,
         split_seed=0,
         on_error="raise",             # raise | skip
@@ -437,7 +438,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         except (TypeError, ValueError):
             raise ConfigError(f"data.dwi_b_value must be highest, lowest, all or a b-value >= 0 (s/mm²), got {bv!r}")
     o = config.objective
-    if float(o.supcon_weight) > 0 and float(d.label_fraction) <= 0:
+    if float(o.supcon_weight) > 0 and float(d.label_fraction) <= 0 and not d.get("labelled_cases", ""):
         raise ConfigError("objective.supcon_weight > 0 needs labels: set data.label_fraction > 0")
     for key in ("alignment_temperature", "ssl_temperature", "supcon_temperature"):
         if float(o[key]) <= 0:

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -194,6 +195,32 @@ def with_label_supervision(cohort: Cohort, label: str, classes: Sequence[str], f
     chosen = cand[order[: int(round(float(fraction) * len(cand)))]]
     mask = np.zeros(len(values), np.float32)
     mask[chosen] = 1.0
+    return dataclasses.replace(cohort, arrays={**cohort.arrays, "label/id": ids, "label/mask": mask})
+
+
+def read_case_list(path: str | os.PathLike) -> list[str]:
+    """Case ids of a file: a CSV with a ``case_id`` column, or one id per line (``#`` comments)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except OSError as e:
+        raise InputError(f"cannot read the case list ({e.strerror})", path=str(p)) from None
+    lines = [x.strip() for x in text.splitlines() if x.strip() and not x.lstrip().startswith("#")]
+    if lines and "case_id" in [c.strip() for c in lines[0].split(",")]:
+        col = [c.strip() for c in lines[0].split(",")].index("case_id")
+        return [x.split(",")[col].strip() for x in lines[1:] if x.split(",")[col].strip()]
+    return lines
+
+
+def with_listed_labels(cohort: Cohort, label: str, classes: Sequence[str], case_ids: Sequence[str]) -> Cohort:
+    """The cohort with ``label`` given to the label expert on exactly the listed cases (those of
+    them in this cohort whose label is one of ``classes``; listed ids of other cases, e.g. of
+    the validation split, are ignored). Same arrays as :func:`with_label_supervision`."""
+    values = cohort.label_array(label)
+    index = {c: i for i, c in enumerate(classes)}
+    listed = set(case_ids)
+    ids = np.asarray([index.get(v, 0) for v in values], np.int32)
+    mask = np.asarray([cid in listed and v in index for cid, v in zip(cohort.case_ids, values)], np.float32)
     return dataclasses.replace(cohort, arrays={**cohort.arrays, "label/id": ids, "label/mask": mask})
 
 

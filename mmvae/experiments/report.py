@@ -169,3 +169,32 @@ def fusion_table(summary: Sequence[dict], modalities: Sequence[str], fusions: Se
         lines.append(f"| {f} | {fmt(by_q[full])} | {fmt(best)} (`{best['query']}`) | {gain} |" if best
                      else f"| {f} | {fmt(by_q[full])} | – | – |")
     return "\n".join(lines) + "\n"
+
+
+def _section_span(text: str, title: str) -> tuple[int, int] | None:
+    """``(start, end)`` of the level-2 section ``## title`` (up to the next level-2 heading)."""
+    head = f"## {title}\n"
+    i = text.find(head) if text.startswith(head) else text.find("\n" + head)
+    if i < 0:
+        return None
+    i = i if text.startswith(head) and i == 0 else i + 1
+    j = text.find("\n## ", i + len(head))
+    return i, (len(text) if j < 0 else j + 1)
+
+
+def extract_section(text: str, title: str) -> str | None:
+    """The body of ``## title`` in a markdown text, or None."""
+    span = _section_span(text, title)
+    if span is None:
+        return None
+    return text[span[0] + len(f"## {title}\n"): span[1]].strip("\n") + "\n"
+
+
+def replace_section(text: str, title: str, body: str) -> str:
+    """``text`` with the body of ``## title`` replaced (the section appended when absent)."""
+    block = f"## {title}\n\n{body.strip()}\n"
+    span = _section_span(text, title)
+    if span is None:
+        return text.rstrip("\n") + "\n\n" + block
+    rest = text[span[1]:]
+    return text[:span[0]] + block + ("\n" + rest if rest else "")

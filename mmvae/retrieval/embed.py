@@ -49,6 +49,10 @@ class Embeddings:
     labels: list[dict]
     identity: dict
     fusion: str = "poe"
+    # With a label expert: p(label | fused mean) per case (N, C) over label_classes
+    # (mmvae.retrieval.uncertainty.label_entropy); None otherwise.
+    label_probs: np.ndarray | None = None
+    label_classes: list[str] = dataclasses.field(default_factory=list)
 
     @classmethod
     def from_experts(cls, mu: np.ndarray, logvar: np.ndarray, present: np.ndarray, cohort: Cohort, spec,
@@ -94,7 +98,9 @@ class Embeddings:
                  mu=self.mu, logvar=self.logvar,
                  case_ids=np.asarray(self.case_ids, dtype=str), modalities=np.asarray(self.modalities, dtype=str),
                  labels=np.asarray([json.dumps(x) for x in self.labels], dtype=str),
-                 identity=np.asarray(json.dumps(dict(self.identity, fusion=self.fusion))))
+                 identity=np.asarray(json.dumps(dict(self.identity, fusion=self.fusion))),
+                 **({"label_probs": self.label_probs, "label_classes": np.asarray(self.label_classes, dtype=str)}
+                    if self.label_probs is not None else {}))
         return atomic_write_bytes(path, buf.getvalue())
 
     @classmethod
@@ -105,7 +111,9 @@ class Embeddings:
                 return cls(case_ids=[str(x) for x in z["case_ids"]], modalities=[str(x) for x in z["modalities"]],
                            experts_mu=z["experts_mu"], experts_logvar=z["experts_logvar"], present=z["present"],
                            mu=z["mu"], logvar=z["logvar"], labels=[json.loads(str(x)) for x in z["labels"]],
-                           identity=identity, fusion=identity.get("fusion", "poe"))
+                           identity=identity, fusion=identity.get("fusion", "poe"),
+                           label_probs=z["label_probs"] if "label_probs" in z.files else None,
+                           label_classes=[str(x) for x in z["label_classes"]] if "label_classes" in z.files else [])
         except (OSError, ValueError, KeyError) as e:
             raise InputError(f"cannot read embeddings: {e}", path=str(path)) from None
 
@@ -170,4 +178,20 @@ def embed_cohort(model, cohort: Cohort, *, batch_size: int = 32, identity: dict 
         mus.append(np.asarray(mu)[valid]); lvs.append(np.asarray(lv)[valid]); pres.append(np.asarray(p)[valid])
     emb = Embeddings.from_experts(np.concatenate(mus), np.concatenate(lvs), np.concatenate(pres), cohort,
                                   model.spec, identity)
+    if model.spec.label_classes:
+        emb = dataclasses.replace(emb, label_probs=label_probabilities(model, emb.mu),
+                                  label_classes=list(model.spec.label_classes))
     return emb.standardized() if standardize else emb
+
+
+def label_probabilities(model, mu: np.ndarray) -> np.ndarray:
+    """The label expert's class probabilities ``softmax(decoder(μ))`` at fused means ``μ (N, E)``
+    (unstandardised, as the model produced them) → ``(N, C)``."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def probs(state, z):
+        m = nnx.merge(graphdef, state)
+        return jax.nn.softmax(m.decoders["label"](m._own_z("label", z)), -1)
+
+    return np.asarray(jax.device_get(probs(state, np.asarray(mu, np.float32))), np.float64)

@@ -57,6 +57,7 @@ from mmvae.errors import ConfigError, InputError
 from mmvae.retrieval.embed import apply_standardize, fused, make_encode_fn, query_dims
 from mmvae.retrieval.feedback import rocchio
 from mmvae.retrieval.index import CaseIndex, load_index, RERANKS, Result
+from mmvae.retrieval.uncertainty import expert_disagreement, posterior_spread
 from mmvae.runs.files import fingerprint, read_run_files
 from mmvae.runs.trained import case_builders, load_trained
 
@@ -97,6 +98,8 @@ class Retriever:
         self.model = model
         self.tokenizer = tokenizer
         self.last_notes: list[str] = []   # what the last query's loader chose or dropped, in words
+        # Posterior spread and expert disagreement of the last encoded query (mmvae.retrieval.uncertainty).
+        self.last_uncertainty: dict = {}
         self.clinical_stats = clinical_stats
         self.index = index
         # Standardisation of a Retriever without an index yet (mmvae.pacs builds one): the
@@ -304,6 +307,9 @@ class Retriever:
                         clinical_stats=self.clinical_stats)
         return cohort.batch([0])
 
+    def _stats(self) -> dict | None:
+        return self.index.identity.get("standardize") if self.index is not None else self.standardize
+
     def encode(self, images=None, report=None, *, clinical=None,
                other=None) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """Like :meth:`encode_query`, also returning the modalities the model saw."""
@@ -313,8 +319,12 @@ class Retriever:
         if not present.any():
             raise InputError("no usable modality in the query (every input was dropped by the model)")
         mu, lv = fused(np.asarray(emu), np.asarray(elv), present, self.spec.fusion)
-        stats = self.index.identity.get("standardize") if self.index is not None else self.standardize
-        mu, lv = apply_standardize(mu, lv, stats)   # as the indexed cases
+        m = len(self.spec.query_modalities)
+        mv, ld = posterior_spread(apply_standardize(mu, lv, self._stats())[1])
+        dis = expert_disagreement(np.asarray(emu)[:, :m], np.asarray(elv)[:, :m], present[:, :m])
+        self.last_uncertainty = {"mean_variance": float(mv[0]), "log_det": float(ld[0]),
+                                 "disagreement": None if np.isnan(dis[0]) else float(dis[0])}
+        mu, lv = apply_standardize(mu, lv, self._stats())   # as the indexed cases
         names = [m for m, p in zip(self.modalities, present[0]) if p > 0]
         return mu[0].astype(np.float32), lv[0].astype(np.float32), names
 
@@ -643,6 +653,7 @@ def query_main(argv: Sequence[str], out=None) -> None:
                          "size": r.index.size},
                "timing": timing}
         doc["query"]["notes"] = list(r.last_notes)
+        doc["query"]["uncertainty"] = dict(r.last_uncertainty)
         print(json.dumps(doc, indent=2), file=out)
         return
     print(_table(results), file=out)
@@ -650,6 +661,10 @@ def query_main(argv: Sequence[str], out=None) -> None:
           f"{'+'.join(used)}; query time {1e3 * timing['query_s']:.1f} ms (encode "
           f"{1e3 * timing['encode_s']:.1f} ms incl. first-call compile, search {1e3 * timing['search_s']:.1f} ms); "
           f"model+index load {t_load:.1f} s", file=out)
+    u = r.last_uncertainty
+    print(f"query uncertainty: posterior mean variance {u['mean_variance']:.3f}, log det {u['log_det']:.1f}; "
+          + ("expert disagreement " + (f"{u['disagreement']:.3f} nats" if u["disagreement"] is not None
+                                       else "n/a (one modality)")), file=out)
     for n in r.last_notes:
         print(f"query used: {n}", file=out)
 

@@ -34,7 +34,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mmvae.atomic import atomic_write_text
 from mmvae.config import resolve_pretrained_text, validate
-from mmvae.data.dataset import Cohort, split_indices, with_label_supervision, write_input_summary
+from mmvae.data.dataset import (Cohort, read_case_list, split_indices, with_label_supervision,
+                                with_listed_labels, write_input_summary)
 from mmvae.data.pipeline import eval_batches as eval_batch_stream, Position, train_batches as train_batch_stream
 from mmvae.errors import CheckpointError, ConfigError, MmvaeError
 from mmvae.models import fusion as F
@@ -60,16 +61,23 @@ EVAL_KEY_SALT = 0x7EA1   # validation uses fold_in(key(seed), EVAL_KEY_SALT): th
 
 
 def label_supervision(config, train: Cohort) -> tuple[Cohort, tuple[str, ...]]:
-    """``data.label_fraction > 0``: the training cohort with labels for the label expert,
-    and its classes (sorted label values of the training cases); otherwise ``(train, ())``."""
+    """``data.label_fraction > 0`` or ``data.labelled_cases``: the training cohort with labels
+    for the label expert, and its classes (sorted label values of the training cases);
+    otherwise ``(train, ())``. ``data.labelled_cases`` (a file of case ids, one per line or a
+    CSV with a ``case_id`` column) names exactly which training cases give their label, e.g.
+    the annotations of active-learning rounds (``mmvae suggest``)."""
     frac = float(config.data.get("label_fraction", 0.0))
-    if frac <= 0:
+    listed = str(config.data.get("labelled_cases", "") or "")
+    if frac <= 0 and not listed:
         return train, ()
     classes = tuple(sorted({v for v in train.label_array(config.data.label) if v}))
     if not classes:
         raise ConfigError(f"data.label_fraction={frac} but no training case has the label "
                           f"{config.data.label!r} (data.label)")
-    train = with_label_supervision(train, config.data.label, classes, frac, int(config.data.split_seed))
+    if listed:
+        train = with_listed_labels(train, config.data.label, classes, read_case_list(listed))
+    else:
+        train = with_label_supervision(train, config.data.label, classes, frac, int(config.data.split_seed))
     log.info("label expert: %d classes, label given on %d of %d training cases", len(classes),
              int(train.label_mask.sum()), len(train))
     return train, classes
