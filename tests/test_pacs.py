@@ -140,7 +140,7 @@ def test_ingest_query_add_delete(env, capsys):
     assert rep.removed == [gone] and not rep.added and load_index(idx).size == n
     assert gone not in load_index(idx).case_ids
     # privacy: no patient name, ID or birth date in any written file
-    secrets = [s[k] for s in env["studies"].values() for k in ("patient_name", "patient_id")]
+    secrets = [s[k] for s in env["studies"].values() for k in ("patient_name", "patient_id", "birth_date")]
     secrets += [x.split("^")[1] for x in secrets if "^" in x]
     if env["prostatex"]:
         secrets.append(env["prostatex"]["patient"])
@@ -148,6 +148,37 @@ def test_ingest_query_add_delete(env, capsys):
         blob = p.read_bytes()
         for s in secrets:
             assert s.encode() not in blob, f"{s!r} found in {p}"
+
+
+def test_deidentify_nested_sequences_and_keeps_the_b_value():
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+    from mmvae.pacs.archive import deidentify
+    ds = Dataset()
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate = "Doe^Jane", "P123", "19500101"
+    ds.AdmissionID, ds.InstitutionName, ds.SeriesDescription = "ADM9", "General Hospital", "ep2d_diff"
+    inner = Dataset()
+    inner.PatientName, inner.PatientID, inner.PatientBirthDate = "Doe^Jane", "P123", "19500101"
+    mod = Dataset()
+    mod.ModifiedAttributesSequence = Sequence([inner])
+    ds.OriginalAttributesSequence = Sequence([mod])
+    ds.add_new((0x0019, 0x0010), "LO", "SIEMENS MR HEADER")
+    ds.add_new((0x0019, 0x100C), "IS", "800")
+    ds.add_new((0x0029, 0x1010), "OB", b"Doe^Jane in a CSA header")
+    deidentify(ds)
+    blob = repr(ds)
+    assert "Doe" not in blob and "P123" not in blob and "19500101" not in blob and "ADM9" not in blob
+    assert "General Hospital" not in blob and not any(t.is_private for t in ds.keys())
+    assert float(ds.DiffusionBValue) == 800.0 and ds.SeriesDescription == "ep2d_diff"
+
+
+def test_archive_url_and_credentials_checks():
+    for url, msg in [("ftp://x/dicom-web", "not a DICOMweb URL"), ("http://bob:pw@127.0.0.1:1/dicom-web",
+                                                                    "not inside the URL")]:
+        with pytest.raises(PacsError, match=msg):
+            Archive(url)
+    with pytest.raises(PacsError, match="MMVAE_PACS_PASSWORD"):
+        Archive("http://127.0.0.1:1/dicom-web", username="bob")
 
 
 def test_written_series_are_deidentified_and_changes_detected(env, tmp_path):
@@ -178,13 +209,14 @@ def test_killed_ingestion_resumes_to_the_same_index(env):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     proc.stderr.close()
+    assert (tmp / ".index-killed.ingest-tmp").exists()          # the killed run's scratch: left behind
     part = load_index(killed)
     total = load_index(ref).size
     assert 1 <= part.size < total, "the kill came after the ingestion had finished"
     rep = ingest(archive, env["workdir"], killed, show_progress=False)
     assert len(rep.added) == total - part.size and not rep.removed
     a, b = load_index(ref), load_index(killed)
-    assert sorted(a.case_ids) == sorted(b.case_ids)
+    assert sorted(a.case_ids) == sorted(b.case_ids) and not (tmp / ".index-killed.ingest-tmp").exists()
     ids = sorted(a.case_ids)
     np.testing.assert_allclose(a.embeddings(ids)[0], b.embeddings(ids)[0], atol=1e-5)
 

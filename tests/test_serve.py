@@ -225,6 +225,41 @@ def test_bad_input_answers_one_line_and_the_server_keeps_running(env, tmp_path):
     assert list(s.tmp.iterdir()) == []
 
 
+def test_upload_limits_zip_members_chunks_and_host(env, tmp_path):
+    s = env["service"]
+
+    def zipped(name, members):
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+            for n, data in members:
+                z.writestr(n, data)
+        return (name, buf.getvalue())
+
+    small = ReviewService(s.retriever, s.cases, settings={"max_upload_mb": 1.0}, tmp_root=tmp_path)
+    live = LiveServer(create_app(small))
+    try:
+        url = live.url + "/api/query/upload"
+        # five zips of 0.3 MB unzipped each: under the limit one by one, over it together
+        files = [("file_t2", zipped(f"z{i}.zip", [(f"a{i}.dcm", b"\0" * 300_000)])) for i in range(5)]
+        r = requests.post(url, files=files, timeout=60)
+        assert r.status_code == 413 and "unzipped upload larger than the limit" in r.json()["error"]
+        r = requests.post(url, files={"file_t2": zipped("evil.zip", [("../../etc/x.dcm", b"1")])}, timeout=60)
+        assert r.status_code == 400 and "points outside the archive" in r.json()["error"]
+        good = zipped("bad.zip", [("a.dcm", b"x" * 5000)])
+        corrupt = good[1].replace(b"x" * 100, b"y" * 100, 1)          # stored bytes changed: CRC mismatch
+        r = requests.post(url, files={"file_t2": ("bad.zip", corrupt)}, timeout=60)
+        assert r.status_code == 400 and "not a readable zip file" in r.json()["error"]
+        r = requests.post(url, data=(b"x" for _ in range(3)),
+                          headers={"Content-Type": "multipart/form-data; boundary=b"}, timeout=60)   # chunked
+        assert r.status_code == 411 and "Content-Length" in r.json()["error"]
+        r = requests.get(live.url + "/api/info", headers={"Host": "evil.example"}, timeout=30)
+        assert r.status_code == 400                                     # DNS rebinding: foreign Host refused
+        assert list(small.tmp.iterdir()) == []
+    finally:
+        live.stop()
+        small._tmp.cleanup()
+
+
 def test_cli_serve_refuses_remote_host_and_starts(env):
     from mmvae.cli import main
     assert main(["serve", "--workdir", str(env["workdir"]), "--index", str(env["index"]),

@@ -83,7 +83,7 @@ def write_dicom_studies(manifest: str | os.PathLike, out_dir: str | os.PathLike,
                         cases: list[str] | None = None) -> dict[str, dict]:
     """Write each case of a synthetic cohort's manifest (or the listed ``cases``) as a DICOM
     study under ``out_dir/<case>/<modality>/``. Returns case id → ``{"study_uid",
-    "accession", "patient_name", "patient_id", "folders": {modality: folder}}``."""
+    "accession", "patient_name", "patient_id", "birth_date", "folders": {modality: folder}}``."""
     from pydicom.uid import generate_uid
 
     out = {}
@@ -107,5 +107,5 @@ def write_dicom_studies(manifest: str | os.PathLike, out_dir: str | os.PathLike,
                 b_value=1000.0 if dwi else None)
         out[ce.case_id] = {"study_uid": uid, "accession": study["AccessionNumber"],
                            "patient_name": patient["PatientName"], "patient_id": patient["PatientID"],
-                           "folders": folders}
+                           "birth_date": patient["PatientBirthDate"], "folders": folders}
     return out

@@ -59,15 +59,36 @@ class StudyInfo:
     instances: int | None = None        # NumberOfStudyRelatedInstances, when the archive gives it
 
 
+SIEMENS_B_VALUE = (0x0019, 0x100C)   # private; the loaders read it when DiffusionBValue is absent
+
+
 def deidentify(ds: pydicom.Dataset) -> pydicom.Dataset:
-    """Remove :data:`IDENTIFYING` attributes, the Patient group (0010,xxxx) and private tags,
-    in place (also in the file meta's source AE title); returns ``ds``."""
-    for kw in IDENTIFYING:
-        if kw in ds:
-            delattr(ds, kw)
-    for tag in [t for t in ds.keys() if t.group == 0x0010]:
-        del ds[tag]
-    ds.remove_private_tags()
+    """Remove, in place and at every nesting level (inside sequences too), the
+    :data:`IDENTIFYING` attributes, the Patient (0010,xxxx) and Visit (0038,xxxx) groups and
+    every private tag; the file meta's source AE title goes too. A Siemens private b-value
+    is first copied to the standard DiffusionBValue (0018,9087), so the loaders' b-value rule
+    still works. Returns ``ds``."""
+    b = ds.get(SIEMENS_B_VALUE)
+    if "DiffusionBValue" not in ds and b is not None:
+        v = b.value
+        if isinstance(v, (bytes, bytearray)):
+            v = bytes(v).decode("ascii", "ignore").strip("\x00 ")
+        try:
+            ds.DiffusionBValue = float(v)
+        except (TypeError, ValueError):
+            pass
+    drop = {pydicom.datadict.tag_for_keyword(k) for k in IDENTIFYING} - {None}
+
+    def strip(dataset: pydicom.Dataset) -> None:
+        for tag in list(dataset.keys()):
+            el = dataset[tag]
+            if tag.is_private or tag.group in (0x0010, 0x0038) or int(tag) in drop:
+                del dataset[tag]
+            elif el.VR == "SQ":
+                for item in el.value:
+                    strip(item)
+
+    strip(ds)
     meta = getattr(ds, "file_meta", None)
     if meta is not None and "SourceApplicationEntityTitle" in meta:
         del meta.SourceApplicationEntityTitle
@@ -96,9 +117,19 @@ class Archive:
 
     def __init__(self, url: str, *, username: str | None = None, password: str | None = None,
                  timeout: float = 60.0):
+        from urllib.parse import urlsplit, urlunsplit
+
         from dicomweb_client import DICOMwebClient
         from dicomweb_client.session_utils import create_session_from_user_pass
-        self.url = url.rstrip("/")
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise PacsError(f"not a DICOMweb URL: {url!r} (expected http(s)://host[:port]/path)")
+        if parts.username or parts.password:
+            raise PacsError("give credentials with --username and $MMVAE_PACS_PASSWORD, not inside the URL "
+                            "(it is stored in the index)")
+        if username and password is None:
+            raise PacsError(f"--username {username} without a password: set $MMVAE_PACS_PASSWORD")
+        self.url = urlunsplit(parts).rstrip("/")
         session = create_session_from_user_pass(username, password) if username else None
         self.client = DICOMwebClient(self.url, session=session, timeout=timeout)
 
@@ -113,6 +144,8 @@ class Archive:
         except (requests.ConnectionError, requests.Timeout) as e:
             raise PacsError(f"archive unreachable at {self.url} ({type(e).__name__})", study=study,
                             series=series) from None
+        except requests.RequestException as e:       # bad URL, broken chunked answer, ...
+            raise PacsError(f"{what} failed ({type(e).__name__}: {e})", study=study, series=series) from None
         except (ValueError, KeyError, TypeError, pydicom.errors.InvalidDicomError) as e:
             raise PacsError(f"{what}: unexpected answer from the archive ({type(e).__name__}: {e})",
                             study=study, series=series) from None
@@ -129,6 +162,7 @@ class Archive:
             for uid in study_uids:
                 res = self._call("study search", self.client.search_for_studies, study=uid, fields=fields,
                                  search_filters={**filters, "StudyInstanceUID": uid})
+                res = [d for d in res if str(_first(d, "StudyInstanceUID") or "") == uid]   # no wildcard/list matches
                 if not res:
                     raise PacsError("no such study in the archive", study=uid)
                 found += res
@@ -196,6 +230,12 @@ class Archive:
         for uid, group in by_study.items():
             self._call("store", self.client.store_instances, group, study=uid)
 
-    def delete_study(self, study_uid: str) -> None:
-        """Delete a study (DICOMweb DELETE where the archive supports it)."""
-        self._call("delete", self.client.delete_study, study_uid, study=study_uid)
+    def has_study(self, study_uid: str) -> bool:
+        """Whether the archive lists ``study_uid`` (a search by its UID)."""
+        try:
+            self.studies([study_uid])
+            return True
+        except PacsError as e:
+            if e.reason == "no such study in the archive":
+                return False
+            raise

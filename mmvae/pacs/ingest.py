@@ -25,6 +25,7 @@ import csv
 import json
 import logging
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from mmvae.data import io as mio
+from mmvae.data.cache import PreprocessCache
 from mmvae.errors import InputError, MmvaeError
 from mmvae.pacs.archive import Archive, PacsError, StudyInfo
 from mmvae.pacs.rules import Rule, load_rules, map_series
@@ -87,9 +89,14 @@ def load_reports(path: str | os.PathLike | None) -> dict[str, str]:
 
 
 def encode_study(archive: Archive, retriever: Retriever, study: StudyInfo, rules: Sequence[Rule], tmp: Path, *,
-                 modalities: Sequence[str] | None = None, report: str | None = None):
+                 modalities: Sequence[str] | None = None, report: str | None = None,
+                 on_series: Callable[[str, Path], None] | None = None):
     """Map, retrieve and encode one study. Returns ``(mu, logvar, used modalities, source,
-    decisions)``; PacsError when no series matches or a series fails to load."""
+    decisions)``; PacsError when no series matches or a series fails to load.
+
+    The series are written de-identified into a folder under ``tmp`` with the study's own
+    preprocessing cache, and the folder is removed before returning (``on_series(modality,
+    folder)`` sees each retrieved series first, e.g. for a thumbnail)."""
     series = archive.series(study.study_uid)
     want = [m for m in retriever.image_modalities if modalities is None or m in modalities]
     chosen, notes = map_series(series, rules, want)
@@ -97,17 +104,25 @@ def encode_study(archive: Archive, retriever: Retriever, study: StudyInfo, rules
         names = ", ".join(repr(s.description) for s in series) or "none"
         raise PacsError(f"no series matches the modality rules for {want} (series: {names})", study=study.study_uid)
     folder = Path(tempfile.mkdtemp(prefix="study-", dir=tmp))
-    images = {}
-    for m, s in chosen.items():
-        images[m] = [str(archive.write_series(study.study_uid, s.series_uid, folder / m, expect=s.instances))]
-    use_report = report if (modalities is None or "report" in modalities) else None
+    cache = retriever.cache
     try:
-        mu, lv, used = retriever.encode(images, use_report)
-    except InputError as e:
-        m = e.modality
-        raise PacsError(f"{e.reason}", study=study.study_uid,
-                        series=chosen[m].series_uid if m in chosen else None) from None
-    notes += [f"{study.study_uid}: {x}" for x in retriever.last_notes]
+        images = {}
+        for m, s in chosen.items():
+            images[m] = [str(archive.write_series(study.study_uid, s.series_uid, folder / m, expect=s.instances))]
+            if on_series is not None:
+                on_series(m, folder / m)
+        use_report = report if (modalities is None or "report" in modalities) else None
+        retriever.cache = PreprocessCache(folder / ".cache")    # nothing of the study outlives this call
+        try:
+            mu, lv, used = retriever.encode(images, use_report)
+        except InputError as e:
+            m = e.modality
+            raise PacsError(f"{e.reason}", study=study.study_uid,
+                            series=chosen[m].series_uid if m in chosen else None) from None
+        notes += [f"{study.study_uid}: {x.replace(str(folder) + '/', '')}" for x in retriever.last_notes]
+    finally:
+        retriever.cache = cache
+        shutil.rmtree(folder, ignore_errors=True)
     source = {"archive": archive.url, "study_instance_uid": study.study_uid, "accession_number": study.accession,
               "study_date": study.study_date, "instances": study.instances,
               "series": {m: s.series_uid for m, s in chosen.items()}}
@@ -151,6 +166,9 @@ def ingest(archive: Archive, workdir, index_dir, *, studies: Sequence[str] | Non
                 raise InputError("embeddings of another model than the workdir's", path=str(standardize_from))
             r.standardize = emb.standardized().identity["standardize"]
     index = r.index
+    if index is not None and store_reports and not index.include_text:
+        log.warning("--store-reports: the index %s was built without report text; texts are not stored "
+                    "(build a new index to keep them)", index_dir)
     pending = 0
 
     def save():
@@ -161,58 +179,71 @@ def ingest(archive: Archive, workdir, index_dir, *, studies: Sequence[str] | Non
             if on_saved is not None:
                 on_saved(index.size)
 
+    # Scratch beside the index (not in /tmp): a run killed by a signal leaves it, the next run wipes it.
+    tmp = index_dir.parent / f".{index_dir.name}.ingest-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     try:
-        with tempfile.TemporaryDirectory(prefix="mmvae-pacs-") as tmp:
-            tmp = Path(tmp)
-            if index is not None and not studies and not since:
-                listed = {s.study_uid for s in listing}
-                gone = [c for c in index.case_ids
-                        if index.metadata(c).get("source", {}).get("archive") == archive.url and c not in listed]
-                if gone:
-                    index.remove(gone)
-                    rep.removed += gone
-                    pending += len(gone)
-                    log.info("removed %d studies no longer in the archive", len(gone))
-            for st in progress_bar(listing, total=len(listing), desc="studies", enable=show_progress, unit="study"):
-                known = index is not None and st.study_uid in set(index.case_ids)
-                if known:
-                    src = index.metadata(st.study_uid).get("source", {})
-                    if st.instances is None or src.get("instances") == st.instances:
-                        rep.unchanged.append(st.study_uid)
-                        continue
-                text = reports.get(st.accession) if st.accession else None
-                text = text if text is not None else reports.get(st.study_uid)
-                try:
-                    mu, lv, used, source, notes = encode_study(archive, r, st, rules, tmp, report=text)
-                except PacsError as e:
-                    if on_error == "raise" or "unreachable" in e.reason:
-                        raise
-                    log.warning("skipped: %s", e)
-                    rep.failed.append((st.study_uid, str(e)))
+        if index is not None and not studies and not since:
+            listed = {s.study_uid for s in listing}
+            ours = [c for c in index.case_ids if index.metadata(c).get("source", {}).get("archive") == archive.url]
+            gone = [c for c in ours if c not in listed]
+            if gone and not listed:
+                raise PacsError(f"the archive lists no study: refusing to remove the {len(gone)} indexed studies "
+                                "of this archive (check the archive, or ingest with --study)")
+            gone = [c for c in gone if not archive.has_study(c)]     # asked one by one: a capped listing
+            if gone:
+                index.remove(gone)
+                rep.removed += gone
+                pending += len(gone)
+                log.info("removed %d studies no longer in the archive", len(gone))
+        for st in progress_bar(listing, total=len(listing), desc="studies", enable=show_progress, unit="study"):
+            known = index is not None and st.study_uid in index
+            if known:
+                src = index.metadata(st.study_uid).get("source", {})
+                if st.instances is None or src.get("instances") == st.instances:
+                    rep.unchanged.append(st.study_uid)
                     continue
-                rep.decisions += notes
-                for n in notes:
-                    log.info("%s", n)
-                meta = {"modalities": used, "labels": {}, "source": source}
-                if store_reports and text is not None:
-                    meta["report"] = text
-                if index is None:
-                    ident = {**model_identity(r.spec), **({"standardize": r.standardize} if r.standardize else {})}
-                    index = build_index(mu[None], lv[None], [st.study_uid], [meta], kind="flat", metric="cosine",
-                                        identity=ident, include_text=store_reports)
-                    r.index = index
-                    rep.added.append(st.study_uid)
+            text = reports.get(st.accession) if st.accession else None
+            text = text if text is not None else reports.get(st.study_uid)
+            try:
+                mu, lv, used, source, notes = encode_study(archive, r, st, rules, tmp, report=text)
+            except PacsError as e:
+                if on_error == "raise" or "unreachable" in e.reason:
+                    raise
+                log.warning("skipped: %s", e)
+                rep.failed.append((st.study_uid, str(e)))
+                continue
+            rep.decisions += notes
+            for n in notes:
+                log.info("%s", n)
+            meta = {"modalities": used, "labels": {}, "source": source}
+            if store_reports and text is not None:
+                meta["report"] = text
+            if index is None:
+                ident = {**model_identity(r.spec), **({"standardize": r.standardize} if r.standardize else {})}
+                index = build_index(mu[None], lv[None], [st.study_uid], [meta], kind="flat", metric="cosine",
+                                    identity=ident, include_text=store_reports)
+                r.index = index
+                rep.added.append(st.study_uid)
+            else:
+                if known:
+                    index.remove([st.study_uid])
+                    rep.updated.append(st.study_uid)
                 else:
-                    if known:
-                        index.remove([st.study_uid])
-                        rep.updated.append(st.study_uid)
-                    else:
-                        rep.added.append(st.study_uid)
-                    index.add(mu[None], lv[None], [st.study_uid], [meta])
-                pending += 1
-                if pending >= max(1, int(save_every)):
-                    save()
-            save()
+                    rep.added.append(st.study_uid)
+                index.add(mu[None], lv[None], [st.study_uid], [meta])
+            pending += 1
+            if pending >= max(1, int(save_every)):
+                save()
+        save()
+    except BaseException:
+        try:
+            save()        # keep what was encoded before the failure (a re-run would redo it otherwise)
+        except Exception as e:  # noqa: BLE001 - the original error is the one to report
+            log.warning("could not save the index after the failure: %s", e)
+        raise
     finally:
         r.close()
+        shutil.rmtree(tmp, ignore_errors=True)
     return rep

@@ -99,6 +99,7 @@ def serve(workdir, index_dir, *, manifest=None, host: str = "127.0.0.1", port: i
                   "reports; there is no authentication.", flush=True)
         print(f"mmvae review page: http://{'[' + host + ']' if ':' in host else host}:{port}/  "
               f"({service.retriever.index.size} indexed cases; API docs at /docs; Ctrl-C stops)", flush=True)
-        uvicorn.run(create_app(service), host=host, port=int(port), log_level=log_level)
+        hosts = None if is_loopback(host) else ["*"]     # remote: the operator chose to expose it
+        uvicorn.run(create_app(service, allowed_hosts=hosts), host=host, port=int(port), log_level=log_level)
     finally:
         service.close()

@@ -83,10 +83,17 @@ def _int(value, name: str) -> int | None:
         raise InputError(f"{name} must be an integer (got {value!r})") from None
 
 
-def create_app(service: ReviewService) -> FastAPI:
-    """The FastAPI application serving ``service`` (which the caller closes)."""
+def create_app(service: ReviewService, allowed_hosts: list[str] | None = None) -> FastAPI:
+    """The FastAPI application serving ``service`` (which the caller closes).
+
+    ``allowed_hosts``: Host header values answered (others get 400), against DNS rebinding;
+    default the loopback names (``127.0.0.1``, ``localhost``, ``[::1]``) — pass the served host
+    name(s) when serving beyond the loopback interface (``mmvae serve --allow-remote`` does)."""
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
     app = FastAPI(title="mmvae review", version="1",
                   description="Query by example over a case index, with relevance feedback (Rocchio).")
+    app.add_middleware(TrustedHostMiddleware,
+                       allowed_hosts=allowed_hosts or ["127.0.0.1", "localhost", "[::1]", "::1"])
     app.state.service = service
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     limit_bytes = int(float(service.settings["max_upload_mb"]) * 2 ** 20)
@@ -139,7 +146,10 @@ def create_app(service: ReviewService) -> FastAPI:
                           "`modalities` (comma list), `k`, `rerank`.")
     async def query_upload(request: Request):
         size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > limit_bytes + 2 ** 20:
+        if size is None or not size.isdigit():      # chunked: its size would only be known once spooled
+            return JSONResponse({"error": "uploads need a Content-Length header (chunked uploads are refused)"},
+                                status_code=411)
+        if int(size) > limit_bytes + 2 ** 20:
             raise UploadTooLarge(f"upload of {int(size) / 2 ** 20:.1f} MB is larger than the limit of "
                                  f"{service.settings['max_upload_mb']} MB (serve.max_upload_mb)")
         form = await request.form(max_files=64, max_fields=64)

@@ -12,8 +12,10 @@ not relevant in round :math:`t` and the weights ``retrieval.rocchio`` of the run
 (:meth:`Retriever.apply_feedback`), then searches again; the query case and nothing else is
 excluded. The JSON API (:mod:`mmvae.serve.app`) and the page show exactly these rankings.
 
-Uploaded files are written to a per-request folder inside the service's temporary folder
-and removed once the query is encoded; nothing is written anywhere else.
+Uploaded files and their preprocessed arrays are written to a per-request folder inside the
+service's temporary folder and removed once the query is encoded; the Retriever's own
+temporary cache holds only arrays of indexed cases (queries with a subset of their
+modalities) and goes when the service closes.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import threading
 import time
 import uuid
 import zipfile
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +39,7 @@ from typing import Any, BinaryIO, Mapping, Sequence
 import numpy as np
 
 from mmvae.data import io as mio
+from mmvae.data.cache import PreprocessCache
 from mmvae.data.dataset import CLINICAL
 from mmvae.data.manifest import CaseEntries, REPORT, group_cases, read_manifest
 from mmvae.errors import InputError
@@ -50,6 +54,7 @@ log = logging.getLogger(__name__)
 # Server settings (``serve.*`` of a run's config overrides them; CLI flags override both).
 DEFAULTS = {"k": 10, "max_upload_mb": 1024, "thumbnail_px": 192, "max_sessions": 64, "report_excerpt": 400}
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".png", ".zip")
+MAX_ZIP_MEMBERS = 10000      # files in one zipped DICOM series
 
 
 class UploadTooLarge(InputError):
@@ -240,6 +245,14 @@ class ReviewService:
             raise InputError("no modality chosen for the query")
         return mods
 
+    def _uncertainty(self, lv) -> dict:
+        """Spread of a just-encoded query + its experts' disagreement (Retriever.last_uncertainty)."""
+        out = uncertainty(lv, self._ref_logvar)
+        d = self.retriever.last_uncertainty.get("disagreement")
+        if d is not None:
+            out["disagreement"] = d
+        return out
+
     def _k(self, k) -> int:
         return int(self.settings["k"] if k is None else k)
 
@@ -275,6 +288,7 @@ class ReviewService:
             notes: list[str] = []
             if set(use) == set(have):
                 mu, lv = (x[0] for x in self.retriever.index.embeddings([case_id]))
+                unc = uncertainty(lv, self._ref_logvar)
             else:
                 ce = self.cases.get(case_id)
                 if ce is None:
@@ -292,10 +306,10 @@ class ReviewService:
                 except InputError as e:
                     raise e.with_context(case_id=case_id) from None
                 notes = list(self.retriever.last_notes)
+                unc = self._uncertainty(lv)
             return self._new_session(source={"kind": "case", "case_id": case_id}, modalities=list(use),
                                      mu=np.asarray(mu, np.float32), logvar=np.asarray(lv, np.float32), k=k,
-                                     rerank=rerank, exclude=[case_id], notes=notes,
-                                     uncertainty=uncertainty(lv, self._ref_logvar))
+                                     rerank=rerank, exclude=[case_id], notes=notes, uncertainty=unc)
 
     def _save_upload(self, folder: Path, modality: str, name: str, stream: BinaryIO) -> Path:
         """Copy one uploaded file into ``folder`` (counting bytes against the limit); a zip
@@ -323,24 +337,26 @@ class ReviewService:
         out.mkdir()
         try:
             with zipfile.ZipFile(dst) as z:
-                total = 0
-                for info in z.infolist():
-                    if info.is_dir():
-                        continue
+                members = [i for i in z.infolist() if not i.is_dir()]
+                if len(members) > MAX_ZIP_MEMBERS:
+                    raise InputError(f"zip holds {len(members)} files, more than {MAX_ZIP_MEMBERS}",
+                                     modality=modality, path=base)
+                for n, info in enumerate(members):
                     parts = Path(info.filename).parts
                     if info.filename.startswith(("/", "\\")) or ".." in parts:
                         raise InputError(f"zip member {info.filename!r} points outside the archive",
                                          modality=modality, path=base)
-                    total += info.file_size
-                    if self._upload_bytes + total > limit:
+                    self._upload_bytes += info.file_size        # unzipped bytes count against the limit too
+                    if self._upload_bytes > limit:
                         raise UploadTooLarge(f"unzipped upload larger than the limit of "
                                              f"{self.settings['max_upload_mb']} MB (serve.max_upload_mb)",
                                              modality=modality, path=base)
-                    target = out / f"{len(list(out.iterdir())):06d}-{Path(info.filename).name}"
-                    with z.open(info) as src, open(target, "wb") as f:
+                    with z.open(info) as src, open(out / f"{n:06d}-{Path(info.filename).name}", "wb") as f:
                         shutil.copyfileobj(src, f)
-        except zipfile.BadZipFile as e:
-            raise InputError(f"not a readable zip file ({e})", modality=modality, path=base) from None
+        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as e:
+            # a corrupt, truncated, encrypted (RuntimeError) or unsupported-compression member
+            raise InputError(f"not a readable zip file ({type(e).__name__}: {e})", modality=modality,
+                             path=base) from None
         dst.unlink()
         return out
 
@@ -364,6 +380,8 @@ class ReviewService:
             k = self.retriever._check_k(self._k(k))
             folder = Path(tempfile.mkdtemp(prefix="query-", dir=self.tmp))
             self._upload_bytes = 0
+            cache = self.retriever.cache
+            self.retriever.cache = PreprocessCache(folder / ".cache")   # the query's arrays go with its folder
             try:
                 images: dict[str, list[str]] = {}
                 names: dict[str, str] = {}
@@ -399,9 +417,9 @@ class ReviewService:
                 files = {m: [names[p] for p in ps] for m, ps in images.items()}
                 return self._new_session(source={"kind": "upload", "files": files, "report": report is not None},
                                          modalities=list(used), mu=mu, logvar=lv, k=k, rerank=rerank, exclude=[],
-                                         notes=notes, uncertainty=uncertainty(lv, self._ref_logvar),
-                                         thumbnails=thumbs)
+                                         notes=notes, uncertainty=self._uncertainty(lv), thumbnails=thumbs)
             finally:
+                self.retriever.cache = cache
                 shutil.rmtree(folder, ignore_errors=True)
 
     def query_pacs(self, study_uid: str, modalities: Sequence[str] | None = None, k: int | None = None,
@@ -419,22 +437,25 @@ class ReviewService:
                 raise InputError(f"rerank must be one of {list(RERANKS)} (got {rerank!r})")
             k = self.retriever._check_k(self._k(k))
             folder = Path(tempfile.mkdtemp(prefix="pacs-", dir=self.tmp))
+            data = self.retriever.config.data
+            thumbs: dict[str, bytes] = {}
+
+            def thumbnail(m: str, series_folder: Path) -> None:
+                try:
+                    thumbs[m] = thumbnail_png(series_folder, size=int(self.settings["thumbnail_px"]),
+                                              spatial_dims=int(data.spatial_dims),
+                                              b_value=data.get("dwi_b_value", "highest"))
+                except InputError as e:     # the query stands without this picture
+                    log.warning("thumbnail of study %s, %s: %s", study_uid, m, e.reason)
+
             try:
                 study = self.archive.studies([str(study_uid).strip()])[0]
                 img_mods = None if mods is None else [m for m in mods if m in self.retriever.image_modalities]
                 mu, lv, used, source, notes = encode_study(self.archive, self.retriever, study, load_rules(), folder,
-                                                           modalities=img_mods)
-                data = self.retriever.config.data
-                thumbs = {}
-                for m in source["series"]:
-                    for d in folder.glob(f"study-*/{m}"):
-                        thumbs[m] = thumbnail_png(d, size=int(self.settings["thumbnail_px"]),
-                                                  spatial_dims=int(data.spatial_dims),
-                                                  b_value=data.get("dwi_b_value", "highest"))
-                notes = [n.replace(str(folder), "") for n in notes]
+                                                           modalities=img_mods, on_series=thumbnail)
                 src = {"kind": "pacs", "study_instance_uid": study.study_uid, "accession_number": study.accession}
                 return self._new_session(source=src, modalities=list(used), mu=mu, logvar=lv, k=k, rerank=rerank,
-                                         exclude=[], notes=notes, uncertainty=uncertainty(lv, self._ref_logvar),
+                                         exclude=[], notes=notes, uncertainty=self._uncertainty(lv),
                                          thumbnails=thumbs)
             finally:
                 shutil.rmtree(folder, ignore_errors=True)
