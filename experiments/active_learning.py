@@ -35,6 +35,8 @@ def main(argv=None) -> int:
     p.add_argument("--round-steps", type=int, default=60)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--docs", default=str(ROOT / "docs" / "results.md"), help="'' to leave the docs alone")
+    p.add_argument("--report-only", action="store_true",
+                   help="no runs: write the docs from OUT/curve.csv as it stands (e.g. an interrupted run)")
     a = p.parse_args(argv)
 
     from mmvae.config import load_config
@@ -47,10 +49,14 @@ def main(argv=None) -> int:
     with config.unlocked():          # the grid's semi-supervised settings (valid once labels are given)
         config.objective.supcon_weight = 5000.0
         config.model.private_dim = 0
-    rows = run_active_learning(config, a.out, seeds=[int(s) for s in a.seeds.split(",")],
-                               strategies=[s for s in a.strategies.split(",") if s], start=a.start, target=a.target,
-                               rounds=a.rounds, round_steps=a.round_steps,
-                               synthesize=lambda c, d: synthesize(c, d, show_progress=False))
+    if a.report_only:
+        with open(Path(a.out) / "curve.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+    else:
+        rows = run_active_learning(config, a.out, seeds=[int(s) for s in a.seeds.split(",")],
+                                   strategies=[s for s in a.strategies.split(",") if s], start=a.start,
+                                   target=a.target, rounds=a.rounds, round_steps=a.round_steps,
+                                   synthesize=lambda c, d: synthesize(c, d, show_progress=False))
     k = int(config.retrieval.k)
     if not a.docs:
         print(curve_table(rows, k))
