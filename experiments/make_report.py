@@ -472,7 +472,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if docs.exists():        # sections other scripts own (experiments/active_learning.py) are kept
-        for title in ("Active learning",):
+        for title in ("Active learning", "Uncertainty"):
             body = R.extract_section(docs.read_text(), title)
             if body:
                 text = R.replace_section(text, title, body)

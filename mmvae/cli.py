@@ -322,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workdir", required=True, help="trained work dir the embeddings come from")
     s.add_argument("--embeddings", required=True, help="embeddings of the candidate cases (mmvae embed)")
     s.add_argument("--budget", type=int, required=True, help="cases to suggest")
-    s.add_argument("--strategy", default="hybrid", choices=["random", "uncertainty", "disagreement", "coreset", "hybrid"])
+    from mmvae.retrieval.suggest import STRATEGIES      # numpy only: `mmvae --help` stays free of JAX
+    s.add_argument("--strategy", default="hybrid", choices=list(STRATEGIES))
     s.add_argument("--labelled", help="CSV with case_id (and the label column) of the cases already labelled")
     s.add_argument("--seed", type=int, default=0, help="seed of random and hybrid")
     s.add_argument("--out", help="CSV to write (default: print)")
