@@ -83,7 +83,7 @@ def al_run(tmp_path_factory):
     c = load_config(str(ROOT / "configs" / "tiny.py"))
     c.objective.supcon_weight = 100.0                     # valid once run_active_learning gives the labels
     c.data.manifest = str(make_cohort(tmp / "data", 40, seed=0, shape=(16, 16, 16), spacing=(4.0, 4.0, 4.0)))
-    rows = run_active_learning(c, tmp / "out", seeds=[0], strategies=["random", "hybrid"], start=0.1, target=0.4,
+    rows = run_active_learning(c, tmp / "out", seeds=[0], strategies=["hybrid"], start=0.1, target=0.4,
                                rounds=2, round_steps=3, log=lambda *a: None)
     return tmp, c, rows
 
@@ -92,8 +92,8 @@ def test_active_learning_tiny_run(al_run):
     tmp, c, rows = al_run
     with open(tmp / "out" / "curve.csv") as f:
         table = list(csv.DictReader(f))
-    assert len(table) == len(rows) == 1 * 2 * 3                 # seeds × strategies × (rounds + 1)
-    for s in ("random", "hybrid"):
+    assert len(table) == len(rows) == 1 * 1 * 3                 # seeds × strategies × (rounds + 1)
+    for s in ("hybrid",):
         n = [int(r["labelled"]) for r in table if r["strategy"] == s]
         assert n == sorted(n) and n[0] < n[1] < n[2] and n[0] == 3 and n[2] == 13
         assert all(0 <= float(r["map"]) <= 1 for r in table if r["strategy"] == s)

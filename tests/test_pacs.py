@@ -17,7 +17,6 @@ import pydicom
 import pytest
 
 from _orthanc import Orthanc
-from _tiny_run import train_tiny_indexed
 
 from mmvae.cli import main
 from mmvae.data.synth_dicom import write_dicom_studies, write_series_from_nifti
@@ -37,9 +36,9 @@ def read_folder(folder) -> list:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, tiny_indexed):
     tmp = tmp_path_factory.mktemp("pacs")
-    c, wd, emb, index_dir = train_tiny_indexed(tmp)
+    _, c, wd, emb, index_dir = tiny_indexed
     emb_path = tmp / "cohort.npz"
     emb.save(emb_path)
     manifest = Path(c.data.manifest)
@@ -55,7 +54,7 @@ def env(tmp_path_factory):
         ds = read_folder(PROSTATEX)
         archive.store(ds)
         prostatex = {"study_uid": str(ds[0].StudyInstanceUID), "patient": str(ds[0].PatientName)}
-    yield {"tmp": tmp, "workdir": wd, "emb": emb_path, "orthanc": orthanc, "archive": archive, "studies": studies,
+    yield {"tmp": tmp, "cohort": manifest.parent, "workdir": wd, "emb": emb_path, "orthanc": orthanc, "archive": archive, "studies": studies,
            "first4": first4, "fifth": complete[4], "prostatex": prostatex}
     orthanc.stop()
 
@@ -241,7 +240,7 @@ def test_bad_archive_and_studies(env, tmp_path, capsys):
     assert rc == 2 and "archive unreachable" in err and "\n" not in err and not (tmp_path / "i").exists()
     # a study whose series match no rule: named, skipped with --on-error skip, the rest goes on
     man = tmp_path / "scout"
-    nifti = sorted(glob.glob(str(env["tmp"] / "data" / "cases" / "*" / "*t1*.nii*")))[0]
+    nifti = sorted(glob.glob(str(env["cohort"] / "cases" / "*" / "*t1*.nii*")))[0]
     write_series_from_nifti(nifti, man, description="localizer", patient={"PatientName": "Scout^Only",
                                                                            "PatientID": "SCOUT1"})
     ds = read_folder(man)

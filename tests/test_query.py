@@ -25,7 +25,6 @@ from mmvae.retrieval.index import build_index, load_index
 from mmvae.retrieval.query import Retriever, model_identity, parse_feedback, parse_filter
 
 from _dicom import nifti_to_series as write_dicom_series
-from _tiny_run import train_tiny_indexed
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.py")
@@ -64,11 +63,11 @@ class Run:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Run:
+def run(tmp_path_factory, tiny_indexed) -> Run:
     from mmvae.data.manifest import group_cases, read_manifest
 
     tmp = tmp_path_factory.mktemp("query")
-    c, wd, emb, index_dir = train_tiny_indexed(tmp)
+    _, c, wd, emb, index_dir = tiny_indexed
     cases = {}
     for ce in group_cases(read_manifest(c.data.manifest)):
         used = list(c.data.clinical.numeric) + list(c.data.clinical.categorical)   # the model's fields only
@@ -278,12 +277,15 @@ def test_cli_table_and_json(run, capsys, tmp_path):
     assert lines[2].split()[:2] == ["1", cid] and len(summary) == 1 and " ms" in summary[0]
     # what the loader did is said after the summary (here: the tiny config's 32-token reports)
     assert lines[-1].startswith("query used: report:") and "truncated to data.text.max_len=32" in lines[-1]
-    assert len(lines) == 2 + 4 + 1 + 1                  # header, 4 results, summary, the note
+    assert lines[-2].startswith("query uncertainty: posterior mean variance ") and "expert disagreement" in lines[-2]
+    assert len(lines) == 2 + 4 + 1 + 1 + 1              # header, 4 results, summary, uncertainty, the note
     rc, out, err = cli(capsys, *base_args(run), "--t2", c["images"]["t2"][0], "--report", c["report"],
                        "--json", "--k", 3, "--rerank", "bhattacharyya", "--exclude", cid)
     assert rc == 0, err
     doc = json.loads(out)
     assert len(doc["results"]) == 3 and cid not in [x["case_id"] for x in doc["results"]]
+    u = doc["query"]["uncertainty"]
+    assert u["mean_variance"] > 0 and u["disagreement"] is not None and u["disagreement"] >= 0   # t2 + report
     assert doc["results"][0]["rank"] == 1 and set(doc["results"][0]) == {"rank", "case_id", "score", "modalities",
                                                                           "labels"}
     assert doc["query"]["modalities"] == ["t2", "report"] and doc["timing"]["query_s"] > 0

@@ -25,7 +25,6 @@ import pytest
 import requests
 
 from _dicom import nifti_to_series
-from _tiny_run import train_tiny_indexed
 
 from mmvae.data.manifest import group_cases, read_manifest
 from mmvae.retrieval.feedback import rocchio
@@ -38,9 +37,9 @@ CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, tiny_indexed):
     tmp = tmp_path_factory.mktemp("serve")
-    c, wd, emb, index_dir = train_tiny_indexed(tmp)
+    _, c, wd, emb, index_dir = tiny_indexed
     service = ReviewService.load(wd, index_dir, settings={"k": 5})
     service_tmp = service.tmp
     live = LiveServer(create_app(service))

@@ -163,11 +163,13 @@ def curve_table(rows: Sequence[dict], k: int = 10) -> str:
     head = "| strategy | " + " | ".join(
         f"round {n} ({np.mean([float(r['fraction']) for r in rows if int(r['round']) == n]):.1%} labelled)"
         for n in rounds) + " |"
-    lines = [head, "|---|" + "---:|" * len(rounds)]
+    head = head.replace("| strategy |", "| strategy | seeds |")
+    lines = [head, "|---|---:|" + "---:|" * len(rounds)]
     for s in strategies:
+        n_seeds = len({r["seed"] for r in rows if r["strategy"] == s})
         cells = []
         for n in rounds:
             v = [float(r["map"]) for r in rows if r["strategy"] == s and int(r["round"]) == n]
             cells.append(f"{np.mean(v):.3f} ± {np.std(v, ddof=1) if len(v) > 1 else 0:.3f}" if v else "–")
-        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+        lines.append(f"| {s} | {n_seeds} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
