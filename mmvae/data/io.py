@@ -260,7 +260,7 @@ def _make_slice(p: Path, ds, folder: Path) -> _Slice:
     return _Slice(p, ds, iop, ipp, ps, int(ds.Rows), int(ds.Columns))
 
 
-def _b_value(ds) -> float | None:
+def dicom_b_value(ds) -> float | None:
     """DiffusionBValue (0018,9087), else the Siemens private b-value (0019,100C)."""
     el = ds.get((0x0018, 0x9087))
     if el is not None and el.value not in (None, "", b""):
@@ -321,7 +321,7 @@ def _split_volumes(slices: list[_Slice], folder: Path) -> list[tuple[str, Any, l
     pos = _position_ids(slices)
     if len(set(pos)) == len(slices):
         return [("", None, slices)]
-    bvals = [_b_value(s.ds) for s in slices]
+    bvals = [dicom_b_value(s.ds) for s in slices]
     if any(b is not None for b in bvals) and len({b for b in bvals if b is not None} | ({0.0} if None in bvals else set())) > 1:
         # DWI: group by b-value (an image without the tag is b=0 beside tagged ones); several images
         # per position within a b-value (diffusion directions) become sub-volumes (b, rank)

@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 import pydicom
 import requests
 
+from mmvae.data.io import dicom_b_value
 from mmvae.errors import MmvaeError
 from mmvae.pacs.rules import SeriesInfo
 
@@ -59,7 +60,7 @@ class StudyInfo:
     instances: int | None = None        # NumberOfStudyRelatedInstances, when the archive gives it
 
 
-SIEMENS_B_VALUE = (0x0019, 0x100C)   # private; the loaders read it when DiffusionBValue is absent
+_IDENTIFYING_TAGS = frozenset(int(t) for t in map(pydicom.datadict.tag_for_keyword, IDENTIFYING) if t is not None)
 
 
 def deidentify(ds: pydicom.Dataset) -> pydicom.Dataset:
@@ -68,21 +69,15 @@ def deidentify(ds: pydicom.Dataset) -> pydicom.Dataset:
     every private tag; the file meta's source AE title goes too. A Siemens private b-value
     is first copied to the standard DiffusionBValue (0018,9087), so the loaders' b-value rule
     still works. Returns ``ds``."""
-    b = ds.get(SIEMENS_B_VALUE)
-    if "DiffusionBValue" not in ds and b is not None:
-        v = b.value
-        if isinstance(v, (bytes, bytearray)):
-            v = bytes(v).decode("ascii", "ignore").strip("\x00 ")
-        try:
-            ds.DiffusionBValue = float(v)
-        except (TypeError, ValueError):
-            pass
-    drop = {pydicom.datadict.tag_for_keyword(k) for k in IDENTIFYING} - {None}
+    if "DiffusionBValue" not in ds:
+        b = dicom_b_value(ds)          # the loaders' reader: the Siemens private (0019,100C) here
+        if b is not None:
+            ds.DiffusionBValue = b
 
     def strip(dataset: pydicom.Dataset) -> None:
         for tag in list(dataset.keys()):
             el = dataset[tag]
-            if tag.is_private or tag.group in (0x0010, 0x0038) or int(tag) in drop:
+            if tag.is_private or tag.group in (0x0010, 0x0038) or int(tag) in _IDENTIFYING_TAGS:
                 del dataset[tag]
             elif el.VR == "SQ":
                 for item in el.value:

@@ -319,12 +319,12 @@ class Retriever:
         if not present.any():
             raise InputError("no usable modality in the query (every input was dropped by the model)")
         mu, lv = fused(np.asarray(emu), np.asarray(elv), present, self.spec.fusion)
+        mu, lv = apply_standardize(mu, lv, self._stats())   # as the indexed cases
         m = len(self.spec.query_modalities)
-        mv, ld = posterior_spread(apply_standardize(mu, lv, self._stats())[1])
+        mv, ld = posterior_spread(lv)
         dis = expert_disagreement(np.asarray(emu)[:, :m], np.asarray(elv)[:, :m], present[:, :m])
         self.last_uncertainty = {"mean_variance": float(mv[0]), "log_det": float(ld[0]),
                                  "disagreement": None if np.isnan(dis[0]) else float(dis[0])}
-        mu, lv = apply_standardize(mu, lv, self._stats())   # as the indexed cases
         names = [m for m, p in zip(self.modalities, present[0]) if p > 0]
         return mu[0].astype(np.float32), lv[0].astype(np.float32), names
 

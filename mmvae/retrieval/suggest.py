@@ -79,8 +79,9 @@ def suggest(emb, budget: int, strategy: str, labelled: Sequence[str] = (), *, se
     unknown = [c for c in labelled if c not in row]
     if unknown:
         raise InputError(f"{len(unknown)} labelled case(s) are not in the embeddings (e.g. {unknown[0]!r})")
-    lab = sorted({row[c] for c in labelled})
-    pool = [i for i in range(len(emb.case_ids)) if i not in set(lab)]
+    lab_set = {row[c] for c in labelled}
+    lab = sorted(lab_set)
+    pool = [i for i in range(len(emb.case_ids)) if i not in lab_set]
     if isinstance(budget, bool) or int(budget) < 1:
         raise InputError(f"budget must be ≥ 1 (got {budget!r})")
     if int(budget) > len(pool):

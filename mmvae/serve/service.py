@@ -225,11 +225,8 @@ class ReviewService:
             paths = (ce.images.get(modality) if ce is not None else None) or []
             if not paths:
                 raise InputError("no image file of this modality for the case", case_id=case_id, modality=modality)
-            data = self.retriever.config.data
             try:
-                return self.thumbs.get(("case", case_id, modality), lambda: thumbnail_png(
-                    paths[0], size=int(self.settings["thumbnail_px"]), spatial_dims=int(data.spatial_dims),
-                    b_value=data.get("dwi_b_value", "highest")))
+                return self.thumbs.get(("case", case_id, modality), lambda: self._thumbnail(paths[0]))
             except InputError as e:
                 raise e.with_context(case_id=case_id, modality=modality) from None
 
@@ -253,8 +250,19 @@ class ReviewService:
             out["disagreement"] = d
         return out
 
-    def _k(self, k) -> int:
-        return int(self.settings["k"] if k is None else k)
+    def _check_query(self, modalities, k, rerank) -> tuple[list[str] | None, int]:
+        """The checked modalities and k of a query (InputError for an unknown modality or
+        re-ranker, or a k the index cannot give)."""
+        mods = self._check_modalities(modalities)
+        if rerank not in RERANKS:
+            raise InputError(f"rerank must be one of {list(RERANKS)} (got {rerank!r})")
+        return mods, self.retriever._check_k(int(self.settings["k"] if k is None else k))
+
+    def _thumbnail(self, source) -> bytes:
+        """PNG of an image source with the run's loader settings (uncached)."""
+        data = self.retriever.config.data
+        return thumbnail_png(source, size=int(self.settings["thumbnail_px"]), spatial_dims=int(data.spatial_dims),
+                             b_value=data.get("dwi_b_value", "highest"))
 
     def _new_session(self, **kw) -> Session:
         s = Session(id=uuid.uuid4().hex, **kw)
@@ -277,10 +285,7 @@ class ReviewService:
         manifest (a case missing from the manifest raises InputError)."""
         with self._lock:
             self._check_case(case_id)
-            mods = self._check_modalities(modalities)
-            if rerank not in RERANKS:
-                raise InputError(f"rerank must be one of {list(RERANKS)} (got {rerank!r})")
-            k = self.retriever._check_k(self._k(k))
+            mods, k = self._check_query(modalities, k, rerank)
             have = list(self.retriever.index.metadata(case_id).get("modalities", []))
             use = [m for m in have if mods is None or m in mods]
             if not use:
@@ -374,10 +379,7 @@ class ReviewService:
             nothing to query with; :class:`UploadTooLarge` over ``serve.max_upload_mb``.
         """
         with self._lock:
-            mods = self._check_modalities(modalities)
-            if rerank not in RERANKS:
-                raise InputError(f"rerank must be one of {list(RERANKS)} (got {rerank!r})")
-            k = self.retriever._check_k(self._k(k))
+            mods, k = self._check_query(modalities, k, rerank)
             folder = Path(tempfile.mkdtemp(prefix="query-", dir=self.tmp))
             self._upload_bytes = 0
             cache = self.retriever.cache
@@ -405,12 +407,9 @@ class ReviewService:
                 except InputError as e:
                     raise _uploaded_name(e, names) from None
                 thumbs = {}
-                data = self.retriever.config.data
                 for m, paths in images.items():
                     try:
-                        thumbs[m] = thumbnail_png(paths[0], size=int(self.settings["thumbnail_px"]),
-                                                  spatial_dims=int(data.spatial_dims),
-                                                  b_value=data.get("dwi_b_value", "highest"))
+                        thumbs[m] = self._thumbnail(paths[0])
                     except InputError as e:    # it encoded, so this is unexpected; the query stands
                         log.warning("thumbnail: %s", _uploaded_name(e, names))
                 notes = [_replace_names(n, names) for n in self.retriever.last_notes]
@@ -432,19 +431,13 @@ class ReviewService:
         with self._lock:
             if self.archive is None:
                 raise InputError("no archive: start the server with --pacs URL")
-            mods = self._check_modalities(modalities)
-            if rerank not in RERANKS:
-                raise InputError(f"rerank must be one of {list(RERANKS)} (got {rerank!r})")
-            k = self.retriever._check_k(self._k(k))
+            mods, k = self._check_query(modalities, k, rerank)
             folder = Path(tempfile.mkdtemp(prefix="pacs-", dir=self.tmp))
-            data = self.retriever.config.data
             thumbs: dict[str, bytes] = {}
 
             def thumbnail(m: str, series_folder: Path) -> None:
                 try:
-                    thumbs[m] = thumbnail_png(series_folder, size=int(self.settings["thumbnail_px"]),
-                                              spatial_dims=int(data.spatial_dims),
-                                              b_value=data.get("dwi_b_value", "highest"))
+                    thumbs[m] = self._thumbnail(series_folder)
                 except InputError as e:     # the query stands without this picture
                     log.warning("thumbnail of study %s, %s: %s", study_uid, m, e.reason)
 
