@@ -9,7 +9,8 @@ Runs on the synthetic cohort (generated into ``<workdir>/data`` on first use)::
 Cases/s and step time are in ``<workdir>/metrics.jsonl`` (``cases_per_s``,
 ``step_time_s``; the first logged window excludes compilation, see
 ``compile_seconds`` in the printed summary). ARGS: ``steps=N``, ``batch=N``,
-``dtype=float32|bfloat16``, ``fsdp=0|1``, ``cases=N``, ``decode_chunks=N``.
+``dtype=float32|bfloat16``, ``fsdp=0|1``, ``cases=N``, ``decode_chunks=N``,
+``conv=auto|xla|depth2d`` (how the 3³ convs are computed; auto = depth2d on CPU).
 """
 from mmvae.config import base_config, parse_arg
 
@@ -41,6 +42,7 @@ def get_config(arg=None):
     c.model.image.decoder_blocks = 0
     c.model.image.full_res_channels = 0
     c.model.image.pooling = "flatten"      # the network the PyTorch side of ../shared/peers ports
+    c.model.image.conv = args.get("conv", "auto")
     c.model.text.hidden = 128
     c.model.text.layers = 2
     c.model.text.heads = 4

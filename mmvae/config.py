@@ -62,7 +62,8 @@ def base_config() -> ml_collections.ConfigDict:
                    patch=2,                   # stem factor: 4 = wide patch stem (fast on CPU)
                    pooling="multiscale",      # feature maps → vector: flatten | attention (MIL) | max | multiscale
                    decoder_blocks=-1,         # -1: same as blocks
-                   full_res_channels=-1),     # decoder: -1 max(8, c0/2); 0 unpatchify head (no full-res maps)
+                   full_res_channels=-1,      # decoder: -1 max(8, c0/2); 0 unpatchify head (no full-res maps)
+                   conv="auto"),              # 3³ convs: auto (depth2d on CPU, xla elsewhere) | xla | depth2d
         # pretrained_dir: a Hugging Face BERT folder, or 'minilm' (the installed all-MiniLM-L6-v2);
         # freeze: keep the pretrained BERT's weights fixed (only the head above it trains)
         text=dict(hidden=64, layers=2, heads=2, intermediate=128, pretrained_dir="", freeze=False),
@@ -145,6 +146,7 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.image.set_pooling": ("poe", "mean", "attention"),
     "model.image.pooling": ("flatten", "attention", "max", "multiscale"),
+    "model.image.conv": ("auto", "xla", "depth2d"),
     "model.report_decoder.kind": ("bow", "tokens"),
     "objective.subsets": ("mvae", "all", "unimodal", "mopoe"),
     "objective.likelihood": ("gaussian", "laplace"),

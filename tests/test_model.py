@@ -266,8 +266,9 @@ def test_default_blocks_are_the_fast_ones_no_strided_or_transposed_convs():
     for p in convs:
         # Gradients of a stride-1 'SAME' conv are stride-1 convs too; anything strided or
         # dilated in the lhs (a transposed conv) would show here.
-        assert tuple(p["window_strides"]) == (1, 1, 1), p["window_strides"]
-        assert tuple(p["lhs_dilation"]) == (1, 1, 1), p["lhs_dilation"]
+        # (3-D convs, or the 2-D convs over depth slices of model.image.conv=depth2d)
+        assert set(p["window_strides"]) == {1}, p["window_strides"]
+        assert set(p["lhs_dilation"]) == {1}, p["lhs_dilation"]
 
 
 @pytest.mark.parametrize("chunks", [2, 3])
@@ -322,3 +323,79 @@ def test_patch_stem_shapes_and_bad_patch():
     c.model.image.patch = 0
     with pytest.raises(ConfigError, match="patch"):
         model_spec(c, VOCAB)
+
+
+# ----------------------------------------------------------------- conv implementations
+def test_depth2d_conv_matches_xla_conv_values_and_gradients():
+    """conv3d_depth2d (three 2-D convs over depth slices, custom VJP) is lax.conv_general_dilated
+    up to float summation order: output, input gradient and kernel gradient, odd shapes."""
+    from jax import lax
+    from mmvae.models.layers import conv3d_depth2d
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 5, 6, 7, 8)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, 3, 8, 12)) * 0.2, jnp.float32)
+    xla = lambda x, w: lax.conv_general_dilated(x, w, (1, 1, 1), "SAME",
+                                                dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+    outs = []
+    for f in (xla, conv3d_depth2d):
+        loss = lambda x, w, f=f: jnp.sum(jnp.sin(f(x, w)) * jnp.arange(12.0))
+        outs.append((f(x, w),) + jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, w))
+    (y1, l1, (gx1, gw1)), (y2, l2, (gx2, gw2)) = outs
+    assert y2.shape == (2, 5, 6, 7, 12)
+    np.testing.assert_allclose(y2, y1, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(float(l2), float(l1), rtol=1e-5)
+    for got, ref in ((gx2, gx1), (gw2, gw1)):
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
+    # not trivially equal: a shifted kernel would give a different output
+    assert float(jnp.max(jnp.abs(xla(x, jnp.roll(w, 1, axis=0)) - y1))) > 0.1
+
+
+def test_conv_option_gives_the_same_model_loss_and_gradients():
+    """model.image.conv only chooses how the 3³ convs are computed: the ELBO and every
+    parameter gradient of a model with residual blocks agree between xla and depth2d (and
+    auto, depth2d on CPU); the options share one parameter layout and one fingerprint."""
+    from mmvae.runs.files import fingerprint
+    res, specs = {}, {}
+    for impl in ("xla", "depth2d", "auto"):
+        c = tiny_config(subsets="all")
+        c.model.image.full_res_blocks = True
+        c.model.image.conv = impl
+        spec = specs[impl] = model_spec(c, VOCAB)
+        model = build_model(spec, 0)
+        o = objective_spec(c, spec)
+        gd, params = nnx.split(model, nnx.Param)
+        batch = make_batch((1, 0, 1, 1), b=3)
+
+        def f(p):
+            return elbo_loss(nnx.merge(gd, p), batch, jax.random.key(1), jnp.asarray(5), o)[0]
+
+        res[impl] = jax.jit(jax.value_and_grad(f))(params)
+        if impl == "depth2d":
+            names = {e.primitive.name for e in jax.make_jaxpr(f)(params).jaxpr.eqns}
+            assert any("custom_vjp" in n for n in names), names     # the path is really taken
+    assert fingerprint(specs["xla"]) == fingerprint(specs["depth2d"])
+    l0, g0 = res["xla"]
+    for impl in ("depth2d", "auto"):
+        l1, g1 = res[impl]
+        np.testing.assert_allclose(float(l1), float(l0), rtol=1e-5)
+        assert jax.tree.structure(g1) == jax.tree.structure(g0)
+        for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
+
+
+def test_depth2d_falls_back_to_xla_where_it_does_not_apply():
+    from jax import lax
+    from mmvae.models.layers import conv_general_dilated
+    rng = np.random.default_rng(1)
+    x2 = jnp.asarray(rng.normal(size=(2, 6, 6, 4)), jnp.float32)
+    w2 = jnp.asarray(rng.normal(size=(3, 3, 4, 5)), jnp.float32)
+    dn = ("NHWC", "HWIO", "NHWC")
+    got = conv_general_dilated("depth2d", x2, w2, (1, 1), "SAME", dimension_numbers=dn)
+    np.testing.assert_array_equal(got, lax.conv_general_dilated(x2, w2, (1, 1), "SAME", dimension_numbers=dn))
+    x3 = jnp.asarray(rng.normal(size=(1, 6, 6, 6, 4)), jnp.float32)
+    w3 = jnp.asarray(rng.normal(size=(3, 3, 3, 4, 5)), jnp.float32)
+    dn3 = ("NDHWC", "DHWIO", "NDHWC")
+    strided = conv_general_dilated("depth2d", x3, w3, (2, 2, 2), "SAME", dimension_numbers=dn3)
+    assert strided.shape == (1, 3, 3, 3, 5)
+    with pytest.raises(ValueError, match="unknown conv implementation 'fast'"):
+        conv_general_dilated("fast", x3, w3, (1, 1, 1), "SAME", dimension_numbers=dn3)

@@ -7,12 +7,103 @@ here is a pure reshape (space-to-depth / depth-to-space) followed or preceded by
 dense layer over channels, and every convolution is stride 1.
 
 Arrays are channels-last: ``(B, *spatial, C)`` with 2 or 3 spatial axes.
+
+3×3×3 stride-1 convolutions can run as three 2-D convolutions over depth slices
+(:func:`conv3d_depth2d`, ``model.image.conv``): same numbers within float rounding, and on
+XLA CPU faster than its 3-D convolution because its 2-D kernels are better optimised
+(docs/benchmarks.md has the measurements).
 """
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax import lax
+
+CONV_IMPLS = ("auto", "xla", "depth2d")
+_DN3 = ("NDHWC", "DHWIO", "NDHWC")
+_DN2 = ("NHWC", "HWIO", "NHWC")
+
+
+def _depth_sum(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x (B, D, H, W, Ci)``, ``w (3, 3, 3, Ci, Co)`` → ``(B, D, H, W, Co)``, zero padding 1:
+    ``y[:, d] = Σ_a conv2d(x[:, d + a - 1], w[a])``, each 2-D convolution over the ``B·D`` slices."""
+    b, d, h, wd, c = x.shape
+    xp = jnp.pad(x, ((0, 0), (1, 1), (0, 0), (0, 0), (0, 0)))
+    out = None
+    for a in range(3):
+        y = lax.conv_general_dilated(xp[:, a:a + d].reshape(b * d, h, wd, c), w[a], (1, 1), "SAME",
+                                     dimension_numbers=_DN2)
+        out = y if out is None else out + y
+    return out.reshape(b, d, h, wd, -1)
+
+
+@jax.custom_vjp
+def conv3d_depth2d(x: jax.Array, w: jax.Array) -> jax.Array:
+    """3×3×3 stride-1 'SAME' convolution, channels-last: ``x (B, D, H, W, Ci)``,
+    ``w (3, 3, 3, Ci, Co)`` (DHWIO) → ``(B, D, H, W, Co)``; equal to
+    ``lax.conv_general_dilated(x, w, (1, 1, 1), "SAME")`` up to float summation order.
+
+    Forward and input gradient (a convolution of the output gradient with the flipped,
+    transposed kernel) are each three 2-D convolutions over depth slices; the kernel
+    gradient is XLA's own 3-D one (its 2-D kernel gradients are slower on CPU).
+    """
+    return _depth_sum(x, w)
+
+
+def _conv3d_fwd(x, w):
+    return _depth_sum(x, w), (x, w)
+
+
+def _conv3d_bwd(res, g):
+    x, w = res
+    dx = _depth_sum(g.astype(x.dtype), jnp.swapaxes(w[::-1, ::-1, ::-1], 3, 4))
+    _, vjp = jax.vjp(lambda k: lax.conv_general_dilated(x, k, (1, 1, 1), "SAME", dimension_numbers=_DN3), w)
+    return dx.astype(x.dtype), vjp(g.astype(x.dtype))[0].astype(w.dtype)
+
+
+conv3d_depth2d.defvjp(_conv3d_fwd, _conv3d_bwd)
+
+
+def _depth2d_applies(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                     feature_group_count, precision, preferred_element_type) -> bool:
+    if lhs.ndim != 5 or tuple(rhs.shape[:3]) != (3, 3, 3) or feature_group_count != 1:
+        return False
+    if precision is not None or preferred_element_type is not None:
+        return False
+    ones = (None, 1, (1, 1, 1), [1, 1, 1])
+    if tuple(window_strides) != (1, 1, 1) or lhs_dilation not in ones or rhs_dilation not in ones:
+        return False
+    if not (padding == "SAME" or [tuple(p) for p in padding] == [(1, 1)] * 3):
+        return False
+    want = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _DN3)
+    got = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    return want == got
+
+
+def conv_general_dilated(impl: str, lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, precision=None,
+                         preferred_element_type=None, **kwargs):
+    """Drop-in for ``lax.conv_general_dilated`` (what ``nnx.Conv`` calls) choosing the
+    implementation: ``impl`` ``"xla"`` always XLA's convolution; ``"depth2d"``
+    :func:`conv3d_depth2d` where it applies (3-D, 3³ kernel, stride 1, SAME, NDHWC/DHWIO,
+    no groups/dilation), XLA's otherwise; ``"auto"``: ``depth2d`` on the CPU backend (faster
+    there, measured), ``xla`` on GPU/TPU (cuDNN / TPU convolutions stay untouched)."""
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"unknown conv implementation {impl!r}; choose one of {CONV_IMPLS}")
+    if impl == "auto":
+        impl = "depth2d" if jax.default_backend() == "cpu" else "xla"
+    if impl == "depth2d" and not kwargs.get("out_sharding") and _depth2d_applies(
+            lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+            feature_group_count, precision, preferred_element_type):
+        return conv3d_depth2d(lhs, rhs)
+    if preferred_element_type is not None:
+        kwargs["preferred_element_type"] = preferred_element_type
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+                                    rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+                                    feature_group_count=feature_group_count, precision=precision, **kwargs)
 
 
 def space_to_depth(x: jax.Array, factor: int) -> jax.Array:
@@ -48,16 +139,20 @@ def depth_to_space(x: jax.Array, factor: int) -> jax.Array:
 class ConvResBlock(nnx.Module):
     """Pre-activation residual block: (GroupNorm → SiLU → 3^d conv, stride 1) × 2 + skip."""
 
-    def __init__(self, channels: int, spatial_dims: int, *, groups: int = 8, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, channels: int, spatial_dims: int, *, groups: int = 8, dtype=jnp.float32,
+                 conv: str = "auto", rngs: nnx.Rngs):
         g = max(1, min(groups, channels))
         while channels % g:
             g -= 1
         k = (3,) * spatial_dims
+        if conv not in CONV_IMPLS:
+            raise ValueError(f"unknown conv implementation {conv!r}; choose one of {CONV_IMPLS}")
+        fn = functools.partial(conv_general_dilated, conv)
         self.norm1 = nnx.GroupNorm(channels, num_groups=g, rngs=rngs)
-        self.conv1 = nnx.Conv(channels, channels, k, padding="SAME", dtype=dtype, rngs=rngs)
+        self.conv1 = nnx.Conv(channels, channels, k, padding="SAME", dtype=dtype, rngs=rngs, conv_general_dilated=fn)
         self.norm2 = nnx.GroupNorm(channels, num_groups=g, rngs=rngs)
         self.conv2 = nnx.Conv(channels, channels, k, padding="SAME", dtype=dtype, rngs=rngs,
-                              kernel_init=nnx.initializers.zeros)
+                              kernel_init=nnx.initializers.zeros, conv_general_dilated=fn)
 
     def __call__(self, x):
         h = self.conv1(jax.nn.silu(self.norm1(x)))

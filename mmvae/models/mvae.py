@@ -44,6 +44,7 @@ class ModelSpec:
     full_res_channels: int = -1          # decoder's full-resolution channels; 0: unpatchify head (ImageDecoder)
     set_pooling: str = "poe"
     pooling: str = "flatten"             # spatial pooling of the last feature map (see ImageEncoder)
+    conv: str = "auto"                   # 3³ conv implementation (layers.conv_general_dilated); not in the fingerprint
     report: bool = True
     bert: BertConfig | None = None
     bow_hidden: int = 128

@@ -47,8 +47,13 @@ _NEUTRAL_LATER_FIELDS = {"full_res_channels": -1, "pooling": "flatten", "label_c
                          "private_dim": 0, "extra": ()}
 
 
+# Fields that choose how the same function is computed, not which function: never fingerprinted.
+_IMPLEMENTATION_FIELDS = ("conv",)
+
+
 def fingerprint(spec: ModelSpec) -> str:
-    d = {k: v for k, v in spec_to_dict(spec).items() if _NEUTRAL_LATER_FIELDS.get(k, object()) != v}
+    d = {k: v for k, v in spec_to_dict(spec).items()
+         if _NEUTRAL_LATER_FIELDS.get(k, object()) != v and k not in _IMPLEMENTATION_FIELDS}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

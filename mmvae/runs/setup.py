@@ -48,7 +48,7 @@ def model_spec(config, vocab_size: int = 0, special_ids: tuple[int, ...] = (0,),
         clinical_categorical=tuple((k, tuple(v)) for k, v in dict(d.clinical.categorical).items()),
         clinical_hidden=int(m.clinical.hidden), likelihood=o.likelihood, learn_scale=bool(o.learn_scale),
         init_log_scale=float(o.init_log_scale), dtype=m.dtype,
-        pooling=m.image.get("pooling", "flatten"), label_classes=tuple(label_classes),
+        pooling=m.image.get("pooling", "flatten"), conv=m.image.get("conv", "auto"), label_classes=tuple(label_classes),
         label_hidden=int(m.get("label", {}).get("hidden", 64)), private_dim=int(m.get("private_dim", 0)),
         extra=other_modalities(config))
     spec.validate()

@@ -17,7 +17,7 @@ from flax import nnx
 
 from mmvae.errors import ConfigError
 from mmvae.models import fusion, likelihoods
-from mmvae.models.layers import ConvResBlock, Downsample, Upsample, space_to_depth
+from mmvae.models.layers import CONV_IMPLS, ConvResBlock, Downsample, Upsample, space_to_depth
 from mmvae.models.modalities.kind import Kind
 
 
@@ -50,7 +50,7 @@ class ImageEncoder(nnx.Module):
 
     def __init__(self, shape: Sequence[int], channels: Sequence[int], latent_dim: int, *,
                  blocks: int = 1, full_res_blocks: bool = False, set_pooling: str = "poe", patch: int = 2,
-                 pooling: str = "flatten", dtype=jnp.float32, rngs: nnx.Rngs):
+                 pooling: str = "flatten", conv: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs):
         if set_pooling not in SET_POOLINGS:
             raise ValueError(f"unknown set_pooling {set_pooling!r}; choose one of {SET_POOLINGS}")
         if pooling not in POOLINGS:
@@ -68,7 +68,7 @@ class ImageEncoder(nnx.Module):
         for i, c in enumerate(channels):
             stages.append(Downsample(cin, c, d, factor=patch if i == 0 else 2, dtype=dtype, rngs=rngs))
             n_blocks = blocks if (i > 0 or full_res_blocks) else 0
-            stages.extend(ConvResBlock(c, d, dtype=dtype, rngs=rngs) for _ in range(n_blocks))
+            stages.extend(ConvResBlock(c, d, dtype=dtype, conv=conv, rngs=rngs) for _ in range(n_blocks))
             cin = c
         self.stages = nnx.List(stages)
         c_n = channels[-1]
@@ -149,7 +149,7 @@ class ImageDecoder(nnx.Module):
 
     def __init__(self, shape: Sequence[int], channels: Sequence[int], latent_dim: int, *,
                  blocks: int = 1, full_res_blocks: bool = False, patch: int = 2, full_res_channels: int = -1,
-                 dtype=jnp.float32, rngs: nnx.Rngs):
+                 conv: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs):
         d = len(shape)
         factor = total_factor(channels, patch)
         self.base = tuple(s // factor for s in shape)
@@ -159,7 +159,7 @@ class ImageDecoder(nnx.Module):
         rev = list(channels[::-1])
         for i, c in enumerate(rev):
             n_blocks = blocks if (i < len(rev) - 1 or full_res_blocks) else 0
-            layers.extend(ConvResBlock(c, d, dtype=dtype, rngs=rngs) for _ in range(n_blocks))
+            layers.extend(ConvResBlock(c, d, dtype=dtype, conv=conv, rngs=rngs) for _ in range(n_blocks))
             last = i == len(rev) - 1
             if not last:
                 cout = rev[i + 1]
@@ -207,14 +207,14 @@ def _inputs(batch: dict, m: str) -> tuple[jax.Array, jax.Array, jax.Array]:
 def _encoder(spec, m: str, latent: int, dtype, rngs: nnx.Rngs) -> ImageEncoder:
     return ImageEncoder(spec.shape, spec.channels, latent, blocks=spec.blocks, patch=spec.patch,
                         full_res_blocks=spec.full_res_blocks, set_pooling=spec.set_pooling,
-                        pooling=spec.pooling, dtype=dtype, rngs=rngs)
+                        pooling=spec.pooling, conv=spec.conv, dtype=dtype, rngs=rngs)
 
 
 def _decoder(spec, m: str, latent: int, dtype, rngs: nnx.Rngs) -> ImageDecoder:
     return ImageDecoder(spec.shape, spec.channels, latent, patch=spec.patch,
                         blocks=spec.blocks if spec.decoder_blocks < 0 else spec.decoder_blocks,
                         full_res_blocks=spec.full_res_blocks, full_res_channels=spec.full_res_channels,
-                        dtype=dtype, rngs=rngs)
+                        conv=spec.conv, dtype=dtype, rngs=rngs)
 
 
 def _encode(encoder: ImageEncoder, batch: dict, m: str):
@@ -245,6 +245,8 @@ def _validate(spec) -> None:
         return
     if spec.pooling not in POOLINGS:
         raise ConfigError(f"model.image.pooling: unknown {spec.pooling!r}; choose one of {POOLINGS}")
+    if spec.conv not in CONV_IMPLS:
+        raise ConfigError(f"model.image.conv: unknown {spec.conv!r}; choose one of {CONV_IMPLS}")
     if spec.full_res_channels < -1:
         raise ConfigError(f"model.image.full_res_channels must be -1, 0 or > 0, got {spec.full_res_channels}")
     if spec.patch < 1:
