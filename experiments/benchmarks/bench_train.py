@@ -57,6 +57,17 @@ def _flops(compiled) -> float:
     return float(cost.get("flops", float("nan"))) if cost else float("nan")
 
 
+def model_flops(spec, obj, tx, lr, ema_decay, state, batch, key) -> float:
+    """Model FLOPs of one train step: XLA's cost analysis of the same step compiled (never
+    run) in one decode pass and with XLA's own 3-D convolutions. XLA counts a while loop's
+    body once (so no decode chunks, and no remat), and the conv implementation only changes
+    how the same products are computed (model.image.conv=depth2d counts its zero padding
+    differently): both sides of an A/B comparison share one count."""
+    gd, _ = init_state(build_model(dataclasses.replace(spec, conv="xla"), 0), tx, ema_decay)
+    one = make_train_step(gd, tx, dataclasses.replace(obj, decode_chunks=1), lr)
+    return _flops(jax.jit(one).lower(state, batch, key).compile())
+
+
 def component_profile(model, batch, num_subsets: int, chunks: int, repeats: int = 3) -> dict:
     """Forward + backward time, XLA FLOPs and FLOP/s of the step's two big parts.
 
@@ -112,12 +123,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     compiled = step.lower(state, full, key).compile()
     compile_s = time.perf_counter() - t0
-    flops = _flops(compiled)
-    if obj.decode_chunks > 1:
-        # XLA's cost analysis counts a while loop's body once: take the model FLOPs from
-        # the same step decoded in one pass (compiled, never run), without the remat.
-        one = make_train_step(graphdef, tx, dataclasses.replace(obj, decode_chunks=1), lr)
-        flops = _flops(jax.jit(one).lower(state, full, key).compile())
+    flops = model_flops(spec, obj, tx, lr, float(config.optim.ema_decay), state, full, key)
     state, m = step(state, full, key)
     jax.block_until_ready(m["loss"])
     times = []

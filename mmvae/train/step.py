@@ -19,6 +19,7 @@ import optax
 from flax import nnx
 
 from mmvae.objectives.elbo import ObjectiveSpec, elbo_loss
+from mmvae.runs.setup import init_state  # noqa: F401  (re-exported: scripts import it from here)
 
 
 def _path_str(path) -> str:

@@ -175,14 +175,50 @@ class ImageDecoder(nnx.Module):
         """With the unpatchify head, the factor f of :meth:`__call__`'s ``patched`` layout."""
         return self.layers[-1].factor if self.direct else None
 
+    @property
+    def deferred(self) -> bool:
+        """Unpatchify head and no residual blocks: every layer is a per-voxel dense layer
+        followed by a depth-to-space, so the depth-to-spaces can all be skipped (they only
+        relabel voxels) and the ``patched`` output keeps the hierarchical order of
+        :meth:`patchify`."""
+        return self.direct and all(isinstance(layer, Upsample) for layer in self.layers)
+
+    def patchify(self, x: jax.Array) -> jax.Array:
+        """``x (N, *shape)`` → the layout of ``__call__(z, patched=True)``.
+
+        Not deferred: :func:`space_to_depth` by the head's factor f, ``(N, *shape/f, f^d)``.
+        Deferred: ``(N, P, f^d)`` with voxels ordered (base cell, then each up-sampling's
+        sub-cell, coarse to fine): spatial index ``i = ((b·f_1 + s_1)·f_2 + s_2)…`` per axis.
+        """
+        if not self.deferred:
+            return space_to_depth(x[..., None], self.out_patch)
+        d = len(self.base)
+        factors = [layer.factor for layer in self.layers]             # coarse → fine
+        n = x.shape[0]
+        split = [n]
+        for b in self.base:
+            split += [b] + factors
+        x = x.reshape(split)
+        k = len(factors) + 1                                          # axes per spatial dim
+        order = [0] + [1 + a * k + lvl for lvl in range(k) for a in range(d)]
+        x = x.transpose(order)
+        return x.reshape(n, -1, factors[-1] ** d)
+
     def __call__(self, z: jax.Array, patched: bool = False) -> jax.Array:
         """``z (N, L)`` → ``(N, *shape)`` intensities.
 
-        ``patched`` (unpatchify head only; ignored otherwise): ``(N, *shape/f, f^d)``, the
-        layout :func:`space_to_depth` gives the image, skipping the depth-to-space. A
-        likelihood summed over voxels is the same in either layout; this one saves the
-        transpose of every subset's full-resolution output and its gradient.
+        ``patched`` (unpatchify head only; ignored otherwise): the layout :meth:`patchify`
+        gives the image, skipping the last depth-to-space (and, when :attr:`deferred`, every
+        depth-to-space). A likelihood summed over voxels is the same in any layout; this one
+        saves the transposes of every subset's output and their gradients.
         """
+        if patched and self.deferred:
+            n = z.shape[0]
+            h = self.inp(z).reshape(n, -1, self.c_last)                             # (N, P, C)
+            for layer in self.layers[:-1]:
+                h = layer.proj(h)                                                   # (N, P, f^d C')
+                h = h.reshape(n, -1, h.shape[-1] // layer.factor ** len(self.base))  # (N, P f^d, C')
+            return self.layers[-1].proj(jax.nn.silu(h)).astype(jnp.float32)
         h = self.inp(z).reshape((z.shape[0],) + self.base + (self.c_last,))
         for layer in self.layers[:-1]:
             h = layer(h)
@@ -227,9 +263,9 @@ def _log_likelihood(model, m: str, out: jax.Array, batch: dict, reps: int) -> ja
     spec = model.spec
     x, sm, _ = _inputs(batch, m)
     b, s = x.shape[:2]
-    f = model.decoders[m].out_patch
-    if f is not None and out.shape[1:] != x.shape[2:]:       # patched decoder output
-        x = space_to_depth(x.reshape((b * s,) + x.shape[2:] + (1,)), f)
+    dec = model.decoders[m]
+    if dec.out_patch is not None and out.shape[1:] != x.shape[2:]:       # patched decoder output
+        x = dec.patchify(x.reshape((b * s,) + x.shape[2:]))
         x = x.reshape((b, s) + x.shape[1:])
     x_hat = out.reshape((reps, b, 1) + out.shape[1:])
     log_scale = model.log_scale[...][spec.image_modalities.index(m)]
