@@ -399,3 +399,27 @@ def test_depth2d_falls_back_to_xla_where_it_does_not_apply():
     assert strided.shape == (1, 3, 3, 3, 5)
     with pytest.raises(ValueError, match="unknown conv implementation 'fast'"):
         conv_general_dilated("fast", x3, w3, (1, 1, 1), "SAME", dimension_numbers=dn3)
+
+
+@pytest.mark.parametrize("shape,channels,patch", [((16, 16, 16), (4, 8, 8), 2), ((32, 24), (4, 8), 4)])
+def test_deferred_decoder_layout_is_a_relabelling_of_the_image(shape, channels, patch):
+    """A decoder without residual blocks skips every depth-to-space in its patched output;
+    patchify puts an image in the same voxel order, so the likelihood is unchanged."""
+    from mmvae.models.modalities.image import ImageDecoder
+    from mmvae.models import likelihoods
+    dec = ImageDecoder(shape, channels, 5, patch=patch, blocks=0, full_res_channels=0, rngs=nnx.Rngs(0))
+    assert dec.deferred
+    z = jax.random.normal(jax.random.key(0), (3, 5))
+    full, pat = dec(z), dec(z, patched=True)
+    assert pat.shape == (3, int(np.prod(shape)) // patch ** len(shape), patch ** len(shape))
+    np.testing.assert_array_equal(dec.patchify(full), pat)
+    # patchify is a permutation: every voxel once (coordinates survive the round trip)
+    coords = jnp.arange(int(np.prod(shape)), dtype=jnp.float32).reshape((1,) + shape)
+    assert sorted(np.asarray(dec.patchify(coords)).ravel().tolist()) == list(range(int(np.prod(shape))))
+    x = jax.random.normal(jax.random.key(1), (3,) + shape)
+    ll_full = likelihoods.image_log_likelihood(x, full, jnp.asarray(0.1), "laplace")
+    ll_pat = likelihoods.image_log_likelihood(dec.patchify(x), pat, jnp.asarray(0.1), "laplace")
+    np.testing.assert_allclose(ll_pat, ll_full, rtol=1e-6)
+    blocks = ImageDecoder(shape, channels, 5, patch=patch, blocks=1, full_res_channels=0, rngs=nnx.Rngs(0))
+    assert not blocks.deferred       # residual blocks mix neighbouring voxels: plain space-to-depth layout
+    np.testing.assert_array_equal(blocks.patchify(full), space_to_depth(full[..., None], patch))
