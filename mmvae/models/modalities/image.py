@@ -17,7 +17,7 @@ from flax import nnx
 
 from mmvae.errors import ConfigError
 from mmvae.models import fusion, likelihoods
-from mmvae.models.layers import CONV_IMPLS, ConvResBlock, Downsample, Upsample, space_to_depth
+from mmvae.models.layers import CONV_IMPLS, ConvResBlock, Downsample, Upsample, dense, space_to_depth
 from mmvae.models.modalities.kind import Kind
 
 
@@ -214,11 +214,11 @@ class ImageDecoder(nnx.Module):
         """
         if patched and self.deferred:
             n = z.shape[0]
-            h = self.inp(z).reshape(n, -1, self.c_last)                             # (N, P, C)
+            h = dense(z, self.inp).reshape(n, -1, self.c_last)                     # (N, P, C)
             for layer in self.layers[:-1]:
-                h = layer.proj(h)                                                   # (N, P, f^d C')
+                h = dense(h, layer.proj)                                           # (N, P, f^d C')
                 h = h.reshape(n, -1, h.shape[-1] // layer.factor ** len(self.base))  # (N, P f^d, C')
-            return self.layers[-1].proj(jax.nn.silu(h)).astype(jnp.float32)
+            return dense(jax.nn.silu(h), self.layers[-1].proj).astype(jnp.float32)
         h = self.inp(z).reshape((z.shape[0],) + self.base + (self.c_last,))
         for layer in self.layers[:-1]:
             h = layer(h)
