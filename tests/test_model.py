@@ -312,7 +312,8 @@ def test_patch_stem_shapes_and_bad_patch():
     # The loss path scores the patched layout (no depth-to-space): same log-likelihoods.
     z = jax.random.normal(jax.random.key(3), (2 * 2, 4))
     patched = model.decode(z, patched=True)
-    assert patched["t1"].shape == (4, 4, 4, 4, 64) and patched["report"].shape == (4, VOCAB)
+    # no decoder blocks: the hierarchical (deferred) layout, (N, P, 1, 1, f³), P = 16³ / 4³
+    assert patched["t1"].shape == (4, 64, 1, 1, 64) and patched["report"].shape == (4, VOCAB)
     np.testing.assert_allclose(np.asarray(model.log_likelihoods(patched, batch, 2)),
                                np.asarray(model.log_likelihoods(model.decode(z), batch, 2)), rtol=1e-5)
     # The encoder down-samples by patch 4 x 2 ** (2 stages - 1) = 8: 12 does not divide.
@@ -348,6 +349,16 @@ def test_depth2d_conv_matches_xla_conv_values_and_gradients():
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
     # not trivially equal: a shifted kernel would give a different output
     assert float(jnp.max(jnp.abs(xla(x, jnp.roll(w, 1, axis=0)) - y1))) > 0.1
+    # bf16 compute: the three slices are summed in f32 and rounded once, so the error is one
+    # bf16 rounding of the f32 result (XLA's own bf16 conv is no closer)
+    xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    yb = conv3d_depth2d(xb, wb)
+    assert yb.dtype == jnp.bfloat16
+    exact = xla(xb.astype(jnp.float32), wb.astype(jnp.float32))
+    scale = float(jnp.max(jnp.abs(exact)))
+    err_d2 = float(jnp.max(jnp.abs(yb.astype(jnp.float32) - exact)))
+    err_xla = float(jnp.max(jnp.abs(xla(xb, wb).astype(jnp.float32) - exact)))
+    assert err_d2 <= max(err_xla, 2 ** -8 * scale), (err_d2, err_xla, scale)
 
 
 def test_conv_option_gives_the_same_model_loss_and_gradients():
@@ -397,6 +408,17 @@ def test_depth2d_falls_back_to_xla_where_it_does_not_apply():
     dn3 = ("NDHWC", "DHWIO", "NDHWC")
     strided = conv_general_dilated("depth2d", x3, w3, (2, 2, 2), "SAME", dimension_numbers=dn3)
     assert strided.shape == (1, 3, 3, 3, 5)
+    ref3 = lax.conv_general_dilated(x3, w3, (1, 1, 1), "SAME", dimension_numbers=dn3)
+    dnums = lax.conv_dimension_numbers(x3.shape, w3.shape, dn3)
+    for kw in (dict(padding=[(1, 1)] * 3), dict(dimension_numbers=dnums), dict(lhs_dilation=(1, 1, 1))):
+        args = dict(padding="SAME", dimension_numbers=dn3) | kw
+        jaxpr = jax.make_jaxpr(lambda x, w: conv_general_dilated("depth2d", x, w, (1, 1, 1), **args))(x3, w3)
+        assert any("custom_vjp" in e.primitive.name for e in jaxpr.jaxpr.eqns), kw          # the fast path
+        np.testing.assert_allclose(conv_general_dilated("depth2d", x3, w3, (1, 1, 1), **args), ref3, rtol=1e-5, atol=1e-5)
+    for kw in (dict(padding=[(0, 0)] * 3), dict(preferred_element_type=jnp.float32), dict(rhs_dilation=np.array([2, 2, 2]))):
+        args = dict(padding="SAME", dimension_numbers=dn3) | kw
+        jaxpr = jax.make_jaxpr(lambda x, w: conv_general_dilated("depth2d", x, w, (1, 1, 1), **args))(x3, w3)
+        assert not any("custom_vjp" in e.primitive.name for e in jaxpr.jaxpr.eqns), kw      # XLA's conv
     with pytest.raises(ValueError, match="unknown conv implementation 'fast'"):
         conv_general_dilated("fast", x3, w3, (1, 1, 1), "SAME", dimension_numbers=dn3)
 
@@ -411,8 +433,9 @@ def test_deferred_decoder_layout_is_a_relabelling_of_the_image(shape, channels, 
     assert dec.deferred
     z = jax.random.normal(jax.random.key(0), (3, 5))
     full, pat = dec(z), dec(z, patched=True)
-    assert pat.shape == (3, int(np.prod(shape)) // patch ** len(shape), patch ** len(shape))
-    np.testing.assert_array_equal(dec.patchify(full), pat)
+    d = len(shape)
+    assert pat.shape == (3, int(np.prod(shape)) // patch ** d) + (1,) * (d - 1) + (patch ** d,)
+    np.testing.assert_allclose(dec.patchify(full), pat, rtol=1e-6, atol=1e-6)
     # patchify is a permutation: every voxel once (coordinates survive the round trip)
     coords = jnp.arange(int(np.prod(shape)), dtype=jnp.float32).reshape((1,) + shape)
     assert sorted(np.asarray(dec.patchify(coords)).ravel().tolist()) == list(range(int(np.prod(shape))))
@@ -451,3 +474,23 @@ def test_dense_matches_linear_values_and_gradients():
         (gx0, gp0), (gx1, gp1) = jax.grad(ref, (0, 1))(x, p), jax.grad(new, (0, 1))(x, p)
         for a, b in zip(jax.tree.leaves((gx1, gp1)), jax.tree.leaves((gx0, gp0))):
             np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
+
+
+def test_patched_layout_is_recognised_for_2d_images_whose_width_is_the_patch_area():
+    """A 2-D decoder output in the deferred layout must never be mistaken for the plain
+    layout: here W = f² (8 × 4 images, f = 2), so P = H and a shape-based guess would match."""
+    c = tiny_config()
+    c.data.spatial_dims = 2
+    c.data.shape = (8, 4)
+    c.model.image.channels = (4,)
+    c.model.image.decoder_blocks = 0
+    c.model.image.full_res_channels = 0
+    spec = model_spec(c, VOCAB)
+    model = build_model(spec, 0)
+    assert model.decoders["t1"].deferred
+    batch = make_batch((1, 1, 1, 1), b=2, shape=(8, 4))
+    z = jax.random.normal(jax.random.key(3), (4, spec.latent_dim))
+    plain, patched = model.decode(z), model.decode(z, patched=True)
+    assert patched["t1"].shape == (4, 8, 1, 4) and plain["t1"].shape == (4, 8, 4)
+    np.testing.assert_allclose(np.asarray(model.log_likelihoods(patched, batch, 2)),
+                               np.asarray(model.log_likelihoods(plain, batch, 2)), rtol=1e-5)

@@ -202,8 +202,9 @@ class MultimodalVAE(nnx.Module):
         """``z (N, E)`` → per-modality outputs (image means, report logits, clinical); each decoder
         reads the shared dimensions and its modality's private block.
 
-        ``patched``: image decoders with an unpatchify head return the space-to-depth
-        layout (see :class:`~mmvae.models.modalities.image.ImageDecoder`); :meth:`log_likelihoods`
+        ``patched``: image decoders with an unpatchify head return their patched layout
+        (:meth:`~mmvae.models.modalities.image.ImageDecoder.patchify`: space-to-depth, or the
+        hierarchical voxel order of a decoder without residual blocks); :meth:`log_likelihoods`
         accepts either.
         """
         return {m: (self.decoders[m](self._own_z(m, z), patched=True) if patched and kind.patched

@@ -187,11 +187,16 @@ class ImageDecoder(nnx.Module):
         """``x (N, *shape)`` → the layout of ``__call__(z, patched=True)``.
 
         Not deferred: :func:`space_to_depth` by the head's factor f, ``(N, *shape/f, f^d)``.
-        Deferred: ``(N, P, f^d)`` with voxels ordered (base cell, then each up-sampling's
-        sub-cell, coarse to fine): spatial index ``i = ((b·f_1 + s_1)·f_2 + s_2)…`` per axis.
+        Deferred: ``(N, P, 1, …, 1, f^d)`` (d + 1 axes after N, like the other patched layout,
+        so a patched output never has the unpatched ``(N, *shape)`` rank) with voxels ordered
+        (base cell, then each up-sampling's sub-cell, coarse to fine): spatial index
+        ``i = ((b·f_1 + s_1)·f_2 + s_2)…`` per axis.
         """
         if not self.deferred:
             return space_to_depth(x[..., None], self.out_patch)
+        return self._hierarchical(x)
+
+    def _hierarchical(self, x: jax.Array) -> jax.Array:
         d = len(self.base)
         factors = [layer.factor for layer in self.layers]             # coarse → fine
         n = x.shape[0]
@@ -202,7 +207,7 @@ class ImageDecoder(nnx.Module):
         k = len(factors) + 1                                          # axes per spatial dim
         order = [0] + [1 + a * k + lvl for lvl in range(k) for a in range(d)]
         x = x.transpose(order)
-        return x.reshape(n, -1, factors[-1] ** d)
+        return x.reshape((n, -1) + (1,) * (d - 1) + (factors[-1] ** d,))
 
     def __call__(self, z: jax.Array, patched: bool = False) -> jax.Array:
         """``z (N, L)`` → ``(N, *shape)`` intensities.
@@ -218,7 +223,8 @@ class ImageDecoder(nnx.Module):
             for layer in self.layers[:-1]:
                 h = dense(h, layer.proj)                                           # (N, P, f^d C')
                 h = h.reshape(n, -1, h.shape[-1] // layer.factor ** len(self.base))  # (N, P f^d, C')
-            return dense(jax.nn.silu(h), self.layers[-1].proj).astype(jnp.float32)
+            out = dense(jax.nn.silu(h), self.layers[-1].proj).astype(jnp.float32)      # (N, P, f^d)
+            return out.reshape(out.shape[:2] + (1,) * (len(self.base) - 1) + out.shape[2:])
         h = self.inp(z).reshape((z.shape[0],) + self.base + (self.c_last,))
         for layer in self.layers[:-1]:
             h = layer(h)
@@ -264,7 +270,7 @@ def _log_likelihood(model, m: str, out: jax.Array, batch: dict, reps: int) -> ja
     x, sm, _ = _inputs(batch, m)
     b, s = x.shape[:2]
     dec = model.decoders[m]
-    if dec.out_patch is not None and out.shape[1:] != x.shape[2:]:       # patched decoder output
+    if dec.out_patch is not None and out.ndim == x.ndim:     # patched output: (R·B, d + 1 axes); plain: (R·B, *shape)
         x = dec.patchify(x.reshape((b * s,) + x.shape[2:]))
         x = x.reshape((b, s) + x.shape[1:])
     x_hat = out.reshape((reps, b, 1) + out.shape[1:])
