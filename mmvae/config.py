@@ -63,7 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
                    pooling="multiscale",      # feature maps → vector: flatten | attention (MIL) | max | multiscale
                    decoder_blocks=-1,         # -1: same as blocks
                    full_res_channels=-1,      # decoder: -1 max(8, c0/2); 0 unpatchify head (no full-res maps)
-                   conv="auto"),              # 3³ convs: auto (depth2d on CPU, xla elsewhere) | xla | depth2d
+                   conv="auto"),              # 3³ convs: auto (depth2d on CPU for convs ≥ 5e7 FLOPs, else xla) | xla | depth2d
         # pretrained_dir: a Hugging Face BERT folder, or 'minilm' (the installed all-MiniLM-L6-v2);
         # freeze: keep the pretrained BERT's weights fixed (only the head above it trains)
         text=dict(hidden=64, layers=2, heads=2, intermediate=128, pretrained_dir="", freeze=False),

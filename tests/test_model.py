@@ -271,23 +271,24 @@ def test_default_blocks_are_the_fast_ones_no_strided_or_transposed_convs():
         assert set(p["lhs_dilation"]) == {1}, p["lhs_dilation"]
 
 
+def _elbo_and_grads(c):
+    """``((loss, parameter gradients), spec, loss function, parameters)`` of the tiny model
+    built from config ``c``, on a fixed batch with one modality missing."""
+    spec = model_spec(c, VOCAB)
+    o = objective_spec(c, spec)
+    gd, params = nnx.split(build_model(spec, 0), nnx.Param)
+    batch = make_batch((1, 0, 1, 1), b=3)
+
+    def f(p):
+        return elbo_loss(nnx.merge(gd, p), batch, jax.random.key(1), jnp.asarray(5), o)[0]
+
+    return jax.jit(jax.value_and_grad(f))(params), spec, f, params
+
+
 @pytest.mark.parametrize("chunks", [2, 3])
 def test_chunked_subset_decoding_matches_one_pass(chunks):
     """objective.decode_chunks only trades memory for recomputation: same loss, same gradients."""
-    grads_and_loss = []
-    for n in (1, chunks):
-        c = tiny_config(subsets="all", decode_chunks=n)
-        spec = model_spec(c, VOCAB)
-        model = build_model(spec, 0)
-        o = objective_spec(c, spec)
-        gd, params = nnx.split(model, nnx.Param)
-        batch = make_batch((1, 0, 1, 1), b=3)
-
-        def f(p):
-            return elbo_loss(nnx.merge(gd, p), batch, jax.random.key(1), jnp.asarray(5), o)[0]
-
-        grads_and_loss.append(jax.jit(jax.value_and_grad(f))(params))
-    (l1, g1), (l2, g2) = grads_and_loss
+    (l1, g1), (l2, g2) = (_elbo_and_grads(tiny_config(subsets="all", decode_chunks=n))[0] for n in (1, chunks))
     np.testing.assert_allclose(float(l1), float(l2), rtol=1e-5)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-5)
@@ -364,23 +365,15 @@ def test_depth2d_conv_matches_xla_conv_values_and_gradients():
 def test_conv_option_gives_the_same_model_loss_and_gradients():
     """model.image.conv only chooses how the 3³ convs are computed: the ELBO and every
     parameter gradient of a model with residual blocks agree between xla and depth2d (and
-    auto, depth2d on CPU); the options share one parameter layout and one fingerprint."""
+    auto: xla for these tiny convs, below layers.AUTO_MIN_FLOPS); the options share one
+    parameter layout and one fingerprint."""
     from mmvae.runs.files import fingerprint
     res, specs = {}, {}
     for impl in ("xla", "depth2d", "auto"):
         c = tiny_config(subsets="all")
         c.model.image.full_res_blocks = True
         c.model.image.conv = impl
-        spec = specs[impl] = model_spec(c, VOCAB)
-        model = build_model(spec, 0)
-        o = objective_spec(c, spec)
-        gd, params = nnx.split(model, nnx.Param)
-        batch = make_batch((1, 0, 1, 1), b=3)
-
-        def f(p):
-            return elbo_loss(nnx.merge(gd, p), batch, jax.random.key(1), jnp.asarray(5), o)[0]
-
-        res[impl] = jax.jit(jax.value_and_grad(f))(params)
+        res[impl], specs[impl], f, params = _elbo_and_grads(c)
         if impl == "depth2d":
             names = {e.primitive.name for e in jax.make_jaxpr(f)(params).jaxpr.eqns}
             assert any("custom_vjp" in n for n in names), names     # the path is really taken
