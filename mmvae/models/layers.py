@@ -68,9 +68,10 @@ def _conv3d_fwd(x, w):
 
 def _conv3d_bwd(res, g):
     x, w = res
-    dx = _depth_sum(g.astype(x.dtype), jnp.swapaxes(w[::-1, ::-1, ::-1], 3, 4))
+    g = g.astype(x.dtype)
+    dx = _depth_sum(g, jnp.swapaxes(w[::-1, ::-1, ::-1], 3, 4))
     _, vjp = jax.vjp(lambda k: lax.conv_general_dilated(x, k, (1, 1, 1), "SAME", dimension_numbers=_DN3), w)
-    return dx.astype(x.dtype), vjp(g.astype(x.dtype))[0].astype(w.dtype)
+    return dx, vjp(g)[0].astype(w.dtype)
 
 
 conv3d_depth2d.defvjp(_conv3d_fwd, _conv3d_bwd)
@@ -108,7 +109,7 @@ def conv_general_dilated(impl: str, lhs, rhs, window_strides, padding, lhs_dilat
     if impl == "auto":
         # depth2d on CPU, for convolutions big enough that run time, not its extra compile
         # time (~10 % more per model), matters: ≥ AUTO_MIN_FLOPS per forward call
-        flops = 2 * math.prod(lhs.shape) * math.prod(rhs.shape[:-1]) * rhs.shape[-1] // max(lhs.shape[-1], 1)
+        flops = 2 * math.prod(lhs.shape[:-1]) * math.prod(rhs.shape)     # 2·B·DHW · 27·Ci·Co
         impl = "depth2d" if jax.default_backend() == "cpu" and flops >= AUTO_MIN_FLOPS else "xla"
     plain = all(v is None or (k == "batch_group_count" and v == 1) for k, v in kwargs.items())
     if impl == "depth2d" and plain and _depth2d_applies(

@@ -194,9 +194,6 @@ class ImageDecoder(nnx.Module):
         """
         if not self.deferred:
             return space_to_depth(x[..., None], self.out_patch)
-        return self._hierarchical(x)
-
-    def _hierarchical(self, x: jax.Array) -> jax.Array:
         d = len(self.base)
         factors = [layer.factor for layer in self.layers]             # coarse → fine
         n = x.shape[0]
