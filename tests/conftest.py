@@ -1,7 +1,36 @@
 """Fixtures shared across test modules."""
 from __future__ import annotations
 
+import os
+import shutil
+import sys
+import tempfile
+
 import pytest
+
+
+def pytest_configure(config):
+    """One persistent XLA compilation cache for the whole session, in-process and for every
+    subprocess the tests start (they inherit the environment): the suite compiles the same tiny
+    models many times. A fresh folder per session, removed at the end, so nothing carries over
+    between sessions. Set JAX_COMPILATION_CACHE_DIR yourself to choose (and keep) the folder."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    folder = tempfile.mkdtemp(prefix="mmvae-tests-xla-cache-")
+    config._mmvae_xla_cache = folder
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+    if "jax" in sys.modules:        # a plugin imported JAX first: its config already read the environment
+        import jax
+        jax.config.update("jax_compilation_cache_dir", folder)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                          float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+
+
+def pytest_unconfigure(config):
+    folder = getattr(config, "_mmvae_xla_cache", None)
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
