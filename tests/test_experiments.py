@@ -215,7 +215,8 @@ def test_make_report_end_to_end_on_tiny(grid_run, tmp_path):
     brats = ROOT.parent / "shared" / "data" / "brats18-sample"
     argv = ["--out", str(report_out), "--docs", str(docs), "--config", TINY, "--seeds", "0", "--fusions", "poe",
             "--baselines", "raw_pca", "--figures", "pca",
-            "--ablation", "singletons",      # drop-one adds 5 more trainings (2 min) and no other code path "--brats", str(brats), "--brats-baselines", "raw_pca",
+            "--ablation", "singletons",      # drop-one adds 5 more trainings (2 min) and no other code path
+            "--brats", str(brats), "--brats-baselines", "raw_pca",
             "--brats-set", "data.shape=(16,16,16)", "--brats-set", "data.spacing=(12.0,12.0,12.0)",
             "--brats-set", "model.image.channels=(4,8)", "--brats-set", "model.latent_dim=4",
             "--brats-set", "train.steps=2", "--brats-set", "train.batch_size=2",
