@@ -66,7 +66,9 @@ def base_config() -> ml_collections.ConfigDict:
                    conv="auto"),              # 3³ convs: auto (depth2d on CPU for convs ≥ 5e7 FLOPs, else xla) | xla | depth2d
         # pretrained_dir: a Hugging Face BERT folder, or 'minilm' (the installed all-MiniLM-L6-v2);
         # freeze: keep the pretrained BERT's weights fixed (only the head above it trains)
-        text=dict(hidden=64, layers=2, heads=2, intermediate=128, pretrained_dir="", freeze=False),
+        # encoder: bert (a transformer over the tokens) | bow (an MLP over the report's bag of
+        # words, NVDM-style: Miao et al. 2016); hidden is the BERT width or the bow MLP's
+        text=dict(hidden=64, layers=2, heads=2, intermediate=128, pretrained_dir="", freeze=False, encoder="bert"),
         report_decoder=dict(kind="bow", hidden=128),   # bow | tokens
         clinical=dict(hidden=64),
         label=dict(hidden=64),        # the label expert (data.label_fraction > 0)
@@ -148,6 +150,7 @@ CHOICES = {
     "model.image.pooling": ("flatten", "attention", "max", "multiscale"),
     "model.image.conv": ("auto", "xla", "depth2d"),
     "model.report_decoder.kind": ("bow", "tokens"),
+    "model.text.encoder": ("bert", "bow"),
     "objective.subsets": ("mvae", "all", "unimodal", "mopoe"),
     "objective.likelihood": ("gaussian", "laplace"),
     "objective.weights": ("dimension", "sqrt", "uniform"),
@@ -439,6 +442,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 raise ValueError
         except (TypeError, ValueError):
             raise ConfigError(f"data.dwi_b_value must be highest, lowest, all or a b-value >= 0 (s/mm²), got {bv!r}")
+    t = config.model.text
+    if t.get("encoder", "bert") == "bow" and (t.pretrained_dir or t.freeze):
+        raise ConfigError("model.text.encoder='bow' has no BERT to load or freeze: unset model.text.pretrained_dir "
+                          "and model.text.freeze, or use encoder='bert'")
     o = config.objective
     if float(o.supcon_weight) > 0 and float(d.label_fraction) <= 0 and not d.get("labelled_cases", ""):
         raise ConfigError("objective.supcon_weight > 0 needs labels: set data.label_fraction > 0")

@@ -227,3 +227,25 @@ def test_batch_order_is_deterministic_and_resumable():
     tr, va = split_indices(50, 0.2, 0)
     assert len(va) == 10 and not set(tr) & set(va)
     np.testing.assert_array_equal(split_indices(50, 0.2, 0)[1], va)
+
+
+def test_reports_given_as_files_build_the_tokenizer(tmp_path):
+    """A report row may give its text inline or as a file (MedPix key-image folders do). The
+    tokenizer used to be built from inline texts only: reports from files became all [UNK]."""
+    from mmvae.data.text import tokenize
+    from mmvae.runs.trained import get_tokenizer, report_texts
+    (tmp_path / "r1.txt").write_text("Ring-enhancing lesion in the left cerebellum.\n", encoding="utf-8")
+    entries = [ManifestEntry("a", "report", str(tmp_path / "r1.txt")),
+               ManifestEntry("b", "report", text="Haematoma of the right frontal lobe."),
+               ManifestEntry("c", "report", str(tmp_path / "missing.txt"))]     # reported when the cohort is read
+    manifest = write_manifest(entries, tmp_path / "m.jsonl")
+    texts = report_texts(manifest)
+    assert texts == ["Ring-enhancing lesion in the left cerebellum.", "Haematoma of the right frontal lobe."]
+    c = base_config()
+    tok = get_tokenizer(c, tmp_path / "run", texts)
+    ids, mask = tokenize(tok, texts[:1], 32)
+    words = ids[0][mask[0] > 0]
+    assert tok.unk_token_id not in set(words.tolist()) and len(words) >= 6
+    assert "cerebellum" in tok.get_vocab()
+    with pytest.raises(InputError, match="no readable report"):
+        get_tokenizer(c, tmp_path / "run2", [])

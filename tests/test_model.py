@@ -88,12 +88,15 @@ def test_one_compilation_for_all_15_presence_patterns():
 @pytest.mark.parametrize("obj", [dict(subsets="all"), dict(subsets="unimodal"), dict(subsets="mopoe", num_subset_samples=3),
                                  dict(subsets="mvae", iw_samples=3), dict(subsets="mvae", alignment_weight=1.0,
                                                                           kl_warmup_steps=10),
-                                 dict(subsets="mvae", likelihood="gaussian", learn_scale=True, report="tokens")])
+                                 dict(subsets="mvae", likelihood="gaussian", learn_scale=True, report="tokens"),
+                                 dict(subsets="mvae", text_encoder="bow")])
 def test_objective_variants_are_finite_and_differentiable(obj):
     obj = dict(obj)
     report_kind = obj.pop("report", "bow")
+    text_encoder = obj.pop("text_encoder", "bert")
     c = tiny_config(**obj)
     c.model.report_decoder.kind = report_kind
+    c.model.text.encoder = text_encoder
     spec = model_spec(c, VOCAB)
     model = build_model(spec, 0)
     o = objective_spec(c, spec)
@@ -487,3 +490,51 @@ def test_patched_layout_is_recognised_for_2d_images_whose_width_is_the_patch_are
     assert patched["t1"].shape == (4, 8, 1, 4) and plain["t1"].shape == (4, 8, 4)
     np.testing.assert_allclose(np.asarray(model.log_likelihoods(patched, batch, 2)),
                                np.asarray(model.log_likelihoods(plain, batch, 2)), rtol=1e-5)
+
+
+def test_bag_of_words_report_encoder_reads_the_bag_not_the_order_padding_or_special_tokens():
+    """model.text.encoder='bow' (NVDM's inference network): the posterior is a function of the
+    report's word counts only; the default ('bert') keeps the fingerprints of earlier runs."""
+    import dataclasses
+    from mmvae.models.modalities.report import BagOfWordsEncoder, ReportEncoder
+    from mmvae.runs.files import fingerprint
+    c = tiny_config()
+    c.model.text.encoder = "bow"
+    spec = model_spec(c, VOCAB)
+    model = build_model(spec, 0)
+    enc = model.encoders["report"]
+    assert isinstance(enc, BagOfWordsEncoder) and not hasattr(enc, "bert")
+    ids = np.array([[7, 9, 9, 12, 0, 0], [12, 9, 7, 9, 0, 0], [7, 9, 9, 13, 0, 0]], np.int32)
+    mask = np.array([[1, 1, 1, 1, 0, 0]] * 3, np.int32)
+    g = enc(jnp.asarray(ids), jnp.asarray(mask))
+    assert g.mu.shape == (3, 4) and g.logvar.shape == (3, 4)
+    np.testing.assert_allclose(g.mu[0], g.mu[1], atol=1e-6)          # same bag, another order
+    assert float(jnp.max(jnp.abs(g.mu[0] - g.mu[2]))) > 1e-4           # one word changed
+    # padding beyond the mask and special tokens (id 0) do not count
+    padded = ids.copy(); padded[0, 4:] = 21
+    with_special = np.array([[0, 7, 9, 9, 12, 0]], np.int32)
+    g2 = enc(jnp.asarray(padded), jnp.asarray(mask))
+    g3 = enc(jnp.asarray(with_special), jnp.asarray([[1, 1, 1, 1, 1, 0]], np.int32))
+    np.testing.assert_allclose(g2.mu[0], g.mu[0], atol=1e-6)
+    np.testing.assert_allclose(g3.mu[0], g.mu[0], atol=1e-6)
+    # the default encoder is BERT, and a spec that never had the field fingerprints as before
+    default = model_spec(tiny_config(), VOCAB)
+    assert isinstance(build_model(default, 0).encoders["report"], ReportEncoder)
+    assert default.report_encoder == "bert" and fingerprint(default) != fingerprint(spec)
+    # this spec's fingerprint before the field existed (commit a5e6e9e): runs trained then still load
+    assert fingerprint(default) == "42dd11e14143a64e"
+    assert fingerprint(dataclasses.replace(default, report_encoder="bert")) == fingerprint(default)
+
+
+def test_bag_of_words_encoder_refuses_a_pretrained_or_frozen_bert():
+    from mmvae.config import validate
+    for key, value in (("pretrained_dir", "minilm"), ("freeze", True)):
+        c = tiny_config()
+        c.model.text.encoder = "bow"
+        c.model.text[key] = value
+        with pytest.raises(ConfigError, match="encoder='bow' has no BERT"):
+            validate(c)
+    c = tiny_config()
+    c.model.text.encoder = "lstm"
+    with pytest.raises(ConfigError, match="model.text.encoder"):
+        validate(c)

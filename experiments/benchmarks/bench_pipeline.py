@@ -193,7 +193,7 @@ def main(argv=None) -> int:
     from mmvae.data.dataset import preprocess_config
     from mmvae.data.manifest import group_cases, read_manifest
     from mmvae.quickstart import synthesize
-    from mmvae.runs.trained import get_tokenizer, load_cohort
+    from mmvae.runs.trained import get_tokenizer, load_cohort, report_texts
 
     spec = a.config + (":cases=32" if a.quick and ":" not in a.config else "")
     config = load_config(spec, extra)
@@ -225,8 +225,7 @@ def main(argv=None) -> int:
         with config.unlocked():
             config.data.cache_dir = str(Path(tmp) / "cache")
         work = Path(tmp) / "work"
-        texts = [e.text for e in read_manifest(manifest) if e.modality == "report" and e.text]
-        tokenizer = get_tokenizer(config, work, texts) if d.report else None   # built before the timing
+        tokenizer = get_tokenizer(config, work, report_texts(manifest)) if d.report else None   # built before the timing
         t = time.perf_counter()
         cohort, _, _ = load_cohort(config, work, str(manifest), tokenizer=tokenizer, show_progress=False)
         prepare_s = time.perf_counter() - t

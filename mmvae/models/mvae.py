@@ -47,6 +47,7 @@ class ModelSpec:
     conv: str = "auto"                   # 3³ conv implementation (layers.conv_general_dilated); not in the fingerprint
     report: bool = True
     bert: BertConfig | None = None
+    report_encoder: str = "bert"         # bert | bow (see mmvae.models.modalities.report)
     bow_hidden: int = 128
     report_decoder: str = "bow"          # bow | tokens
     special_ids: tuple[int, ...] = (0,)

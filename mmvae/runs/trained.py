@@ -17,7 +17,8 @@ from mmvae.data.cache import PreprocessCache
 from mmvae.data.dataset import prepare_cohort
 from mmvae.data.manifest import read_manifest
 from mmvae.data.text import build_word_tokenizer, load_tokenizer
-from mmvae.errors import CheckpointError, ConfigError
+from mmvae.data.io import load_report
+from mmvae.errors import CheckpointError, ConfigError, InputError
 from mmvae.models.modalities import KINDS
 from mmvae.models.mvae import build_model
 from mmvae.runs import checkpoint as ckpt
@@ -37,7 +38,12 @@ def get_tokenizer(config, workdir: Path, texts):
         return load_tokenizer(config.model.text.pretrained_dir)
     out = workdir / "tokenizer"
     if not (out / "vocab.txt").exists() and jax.process_index() == 0:
-        build_word_tokenizer([x for x in texts if x], out, max_vocab=int(t.vocab_max))
+        texts = [x for x in texts if x]
+        if not texts:
+            raise InputError("data.report is on but the cohort has no readable report to build the tokenizer "
+                             "from (every word would be [UNK]): add reports, set data.report=False, or give "
+                             "data.text.tokenizer_dir", path=str(out))
+        build_word_tokenizer(texts, out, max_vocab=int(t.vocab_max))
     barrier("mmvae_tokenizer")
     return load_tokenizer(out)
 
@@ -59,6 +65,27 @@ def case_builders(config) -> dict:
     return out
 
 
+def report_texts(manifest: str | Path) -> list[str]:
+    """Every report of a manifest: inline ``text`` or the file at ``path`` (as the cohort reads them).
+
+    A report file that cannot be read is left out here: preparing the cohort reports it
+    (case, modality, file) or skips its case (``data.on_error``). Reports given as files
+    were once left out of the tokenizer altogether, which made every word of them [UNK].
+    """
+    texts = []
+    for e in read_manifest(manifest):
+        if e.modality != "report":
+            continue
+        if e.text:
+            texts.append(e.text)
+        elif e.path:
+            try:
+                texts.append(load_report(e.path))
+            except InputError:
+                pass
+    return texts
+
+
 def load_cohort(config, workdir: Path, manifest: str | None = None, *, tokenizer=None,
                 clinical_stats=None, show_progress=True):
     """Prepare the cohort of ``manifest`` (default ``data.manifest``) with the run's cache."""
@@ -68,8 +95,7 @@ def load_cohort(config, workdir: Path, manifest: str | None = None, *, tokenizer
     cache = PreprocessCache(config.data.cache_dir or (workdir / "cache"))
     if tokenizer is None and config.data.report:
         # Reports first (cheap), to build the tokenizer before tokenising.
-        texts = [e.text for e in read_manifest(manifest) if e.modality == "report" and e.text]
-        tokenizer = get_tokenizer(config, workdir, texts)
+        tokenizer = get_tokenizer(config, workdir, report_texts(manifest))
     cohort = prepare_cohort(manifest, config.data, cache, tokenizer, clinical_stats=clinical_stats,
                             show_progress=show_progress, builders=case_builders(config))
     return cohort, tokenizer, cache

@@ -1,6 +1,10 @@
 """The report: token ids + mask ``report/ids``, ``report/mask`` ``(B, T)`` int32.
 
-Encoder: BERT (:mod:`mmvae.models.text`) → masked mean pooling → MLP → Gaussian.
+Encoder (``model.text.encoder``): ``bert`` — BERT (:mod:`mmvae.models.text`) → masked mean
+pooling → MLP → Gaussian; ``bow`` — the report's bag of words → MLP → Gaussian, the
+inference network of the neural variational document model (NVDM, Miao et al. 2016,
+"Neural Variational Inference for Text Processing"), which learns from few reports what
+a transformer trained from scratch does not (docs/model.md).
 Decoder: a bag-of-words multinomial over the vocabulary (``bow``) or per-position token
 logits (``tokens``); special tokens are left out of the bag of words.
 """
@@ -34,6 +38,25 @@ class ReportEncoder(nnx.Module):
         return fusion.Gaussian(mu, lv)
 
 
+class BagOfWordsEncoder(nnx.Module):
+    """Token ids + mask ``(B, T)`` → counts ``c (B, V)`` → ``log(1 + c)`` → MLP → Gaussian (mu, logvar) ``(B, L)``.
+
+    NVDM's inference network (Miao et al. 2016) on log counts; special tokens (padding,
+    [CLS], ...) are not counted. Word order is ignored: keyword statistics, as in TF-IDF,
+    with a learned word weighting.
+    """
+
+    def __init__(self, vocab_size: int, hidden: int, latent_dim: int, special_ids: tuple[int, ...] = (0,), *,
+                 rngs: nnx.Rngs):
+        self.vocab_size, self.special_ids = int(vocab_size), tuple(int(s) for s in special_ids)
+        self.mlp = MLP([vocab_size, hidden, hidden, 2 * latent_dim], rngs=rngs)
+
+    def __call__(self, ids: jax.Array, mask: jax.Array) -> fusion.Gaussian:
+        counts = likelihoods.bag_of_words_counts(ids, mask, self.vocab_size, self.special_ids)
+        mu, lv = jnp.split(self.mlp(jnp.log1p(counts)), 2, axis=-1)
+        return fusion.Gaussian(mu, lv)
+
+
 class BagOfWordsDecoder(nnx.Module):
     """``z (N, L)`` → vocabulary logits ``(N, V)`` of a multinomial over report words."""
 
@@ -61,7 +84,12 @@ class TokenDecoder(nnx.Module):
 
 
 # ---------------------------------------------------------------------------- the kind
-def _encoder(spec, m: str, latent: int, dtype, rngs: nnx.Rngs) -> ReportEncoder:
+REPORT_ENCODERS = ("bert", "bow")
+
+
+def _encoder(spec, m: str, latent: int, dtype, rngs: nnx.Rngs) -> ReportEncoder | BagOfWordsEncoder:
+    if spec.report_encoder == "bow":
+        return BagOfWordsEncoder(spec.bert.vocab_size, spec.bert.hidden_size, latent, spec.special_ids, rngs=rngs)
     return ReportEncoder(spec.bert, latent, dtype=dtype, rngs=rngs)
 
 
@@ -88,6 +116,8 @@ def _log_likelihood(model, m: str, out: jax.Array, batch: dict, reps: int) -> ja
 
 
 def _validate(spec) -> None:
+    if spec.report_encoder not in REPORT_ENCODERS:
+        raise ConfigError(f"model.text.encoder: unknown {spec.report_encoder!r}; choose one of {REPORT_ENCODERS}")
     if spec.report_decoder not in REPORT_DECODERS:
         raise ConfigError(f"model.report_decoder.kind: unknown {spec.report_decoder!r}; choose one of "
                           f"{REPORT_DECODERS}")
