@@ -76,3 +76,19 @@ def test_prostatex_dicom_series_preprocess(tmp_path):
     cohort = prepare_cohort(m, cfg, PreprocessCache(tmp_path / "c"), show_progress=False)
     assert cohort.case_ids == ["ProstateX-0000"]
     _check(cohort, mods, (32, 32, 16))
+
+
+def test_medpix_reports_are_in_the_tokenizer(tmp_path):
+    """MedPix key-image folders give each report as report.txt: the tokenizer built for a run
+    must know their words (it was once built from inline texts only: all [UNK])."""
+    from mmvae.data.text import tokenize
+    from mmvae.runs.trained import get_tokenizer, report_texts
+    root = _need("medpix-dev")
+    manifest = write_manifest(scan_folder(root, layout="keyimages"), tmp_path / "m.jsonl")
+    texts = report_texts(manifest)
+    assert len(texts) == len({p.parent for p in root.glob("*/report.txt")}) >= 100
+    tok = get_tokenizer(base_config(), tmp_path / "run", texts)
+    ids, mask = tokenize(tok, texts, 256)
+    words = ids[mask > 0]
+    assert len(tok.get_vocab()) > 1000
+    assert np.mean(words == tok.unk_token_id) < 0.02
