@@ -229,7 +229,7 @@ def test_batch_order_is_deterministic_and_resumable():
     np.testing.assert_array_equal(split_indices(50, 0.2, 0)[1], va)
 
 
-def test_reports_given_as_files_build_the_tokenizer(tmp_path):
+def test_reports_given_as_files_build_the_tokenizer(tmp_path, caplog):
     """A report row may give its text inline or as a file (MedPix key-image folders do). The
     tokenizer used to be built from inline texts only: reports from files became all [UNK]."""
     from mmvae.data.text import tokenize
@@ -247,5 +247,6 @@ def test_reports_given_as_files_build_the_tokenizer(tmp_path):
     words = ids[0][mask[0] > 0]
     assert tok.unk_token_id not in set(words.tolist()) and len(words) >= 6
     assert "cerebellum" in tok.get_vocab()
-    with pytest.raises(InputError, match="no readable report"):
-        get_tokenizer(c, tmp_path / "run2", [])
+    with caplog.at_level("WARNING", logger="mmvae.runs.trained"):
+        empty = get_tokenizer(c, tmp_path / "run2", [])          # an image-only cohort: harmless, but said
+    assert "no readable report" in caplog.text and len(empty.get_vocab()) < 10

@@ -8,6 +8,7 @@ here, so retrieval never imports the training loop.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import jax
@@ -26,6 +27,8 @@ from mmvae.runs.files import fingerprint, read_run_files
 from mmvae.runs.setup import init_state, optimizer, other_modalities
 from mmvae.sharding import barrier
 
+log = logging.getLogger(__name__)
+
 
 def get_tokenizer(config, workdir: Path, texts):
     """The report tokenizer: ``data.text.tokenizer_dir``, the pretrained model's, or one
@@ -39,10 +42,10 @@ def get_tokenizer(config, workdir: Path, texts):
     out = workdir / "tokenizer"
     if not (out / "vocab.txt").exists() and jax.process_index() == 0:
         texts = [x for x in texts if x]
-        if not texts:
-            raise InputError("data.report is on but the cohort has no readable report to build the tokenizer "
-                             "from (every word would be [UNK]): add reports, set data.report=False, or give "
-                             "data.text.tokenizer_dir", path=str(out))
+        if not texts:   # harmless when the cohort has no report at all (the report expert is never present)
+            log.warning("data.report is on but the cohort has no readable report: the tokenizer in %s holds "
+                        "special tokens only, so a report given later would be all [UNK] (set "
+                        "data.report=False for an image-only cohort)", out)
         build_word_tokenizer(texts, out, max_vocab=int(t.vocab_max))
     barrier("mmvae_tokenizer")
     return load_tokenizer(out)
