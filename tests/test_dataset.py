@@ -239,7 +239,9 @@ def test_reports_given_as_files_build_the_tokenizer(tmp_path, caplog):
                ManifestEntry("b", "report", text="Haematoma of the right frontal lobe."),
                ManifestEntry("c", "report", str(tmp_path / "missing.txt"))]     # reported when the cohort is read
     manifest = write_manifest(entries, tmp_path / "m.jsonl")
-    texts = report_texts(manifest)
+    with pytest.raises(InputError, match=r"case 'c', modality 'report', file '.*missing.txt'"):
+        report_texts(manifest)                                   # data.on_error='raise': before any tokenizer
+    texts = report_texts(manifest, "skip")
     assert texts == ["Ring-enhancing lesion in the left cerebellum.", "Haematoma of the right frontal lobe."]
     c = base_config()
     tok = get_tokenizer(c, tmp_path / "run", texts)
@@ -250,3 +252,26 @@ def test_reports_given_as_files_build_the_tokenizer(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="mmvae.runs.trained"):
         empty = get_tokenizer(c, tmp_path / "run2", [])          # an image-only cohort: harmless, but said
     assert "no readable report" in caplog.text and len(empty.get_vocab()) < 10
+
+
+def test_load_cohort_tokenizes_report_files_and_warns_on_a_stale_tokenizer(cohort_dir, tmp_path, caplog):
+    """Through the call site the runs use: a report given as a file is tokenised with known words;
+    a run folder whose tokenizer was built without any report (the old bug) is reported."""
+    from mmvae.runs.trained import load_cohort
+    entries = [e for e in read_manifest(cohort_dir / "manifest.jsonl") if e.modality != "report"]
+    (tmp_path / "r.txt").write_text("Restricted diffusion in a ring-enhancing cerebellar lesion.", encoding="utf-8")
+    last = max(i for i, e in enumerate(entries) if e.case_id == "c1")     # a case's rows stay together
+    entries.insert(last + 1, ManifestEntry("c1", "report", str(tmp_path / "r.txt")))
+    manifest = write_manifest(entries, tmp_path / "files.jsonl")
+    c = base_config()
+    c.data.shape, c.data.spacing, c.data.workers = (8, 8, 8), (4.0, 4.0, 4.0), 1
+    cohort, tok, _ = load_cohort(c, tmp_path / "run", str(manifest), show_progress=False)
+    i = cohort.case_ids.index("c1")
+    ids = cohort.arrays["report/ids"][i][cohort.arrays["report/mask"][i] > 0]
+    assert len(ids) >= 7 and tok.unk_token_id not in set(ids.tolist()) and "cerebellar" in tok.get_vocab()
+    # a run folder whose vocabulary holds special tokens only, while the cohort has reports
+    from mmvae.data.text import build_word_tokenizer
+    build_word_tokenizer([], tmp_path / "stale" / "tokenizer", max_vocab=100)
+    with caplog.at_level("WARNING", logger="mmvae.runs.trained"):
+        load_cohort(c, tmp_path / "stale", str(manifest), show_progress=False)
+    assert "holds special tokens only while the cohort has 1 report(s)" in caplog.text

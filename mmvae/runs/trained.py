@@ -40,15 +40,21 @@ def get_tokenizer(config, workdir: Path, texts):
     if config.model.text.pretrained_dir:
         return load_tokenizer(config.model.text.pretrained_dir)
     out = workdir / "tokenizer"
+    texts = [x for x in texts if x]
     if not (out / "vocab.txt").exists() and jax.process_index() == 0:
-        texts = [x for x in texts if x]
         if not texts:   # harmless when the cohort has no report at all (the report expert is never present)
             log.warning("data.report is on but the cohort has no readable report: the tokenizer in %s holds "
                         "special tokens only, so a report given later would be all [UNK] (set "
                         "data.report=False for an image-only cohort)", out)
         build_word_tokenizer(texts, out, max_vocab=int(t.vocab_max))
     barrier("mmvae_tokenizer")
-    return load_tokenizer(out)
+    tok = load_tokenizer(out)
+    if texts and len(tok.get_vocab()) <= len(special_ids(tok)) + 1:
+        # e.g. a run made before report files were read (or before its reports existed): the run's
+        # vocabulary is fixed with its model, so it cannot be rebuilt here
+        log.warning("the tokenizer in %s holds special tokens only while the cohort has %d report(s): every "
+                    "report word is [UNK] for this run; train in a new work directory", out, len(texts))
+    return tok
 
 
 def special_ids(tokenizer) -> tuple[int, ...]:
@@ -68,24 +74,27 @@ def case_builders(config) -> dict:
     return out
 
 
-def report_texts(manifest: str | Path) -> list[str]:
+def report_texts(manifest: str | Path, on_error: str = "raise") -> list[str]:
     """Every report of a manifest: inline ``text`` or the file at ``path`` (as the cohort reads them).
 
-    A report file that cannot be read is left out here: preparing the cohort reports it
-    (case, modality, file) or skips its case (``data.on_error``). Reports given as files
-    were once left out of the tokenizer altogether, which made every word of them [UNK].
+    ``on_error='raise'``: an unreadable report file raises :class:`InputError` naming the case
+    and file before any tokenizer is written (a vocabulary built without it would be reused
+    after the file is fixed); ``'skip'``: it is left out (the cohort then drops that report).
+    Reports given as files were once left out of the tokenizer altogether, which made every
+    word of them [UNK].
     """
     texts = []
     for e in read_manifest(manifest):
         if e.modality != "report":
             continue
-        if e.text:
+        if e.text is not None:
             texts.append(e.text)
         elif e.path:
             try:
                 texts.append(load_report(e.path))
-            except InputError:
-                pass
+            except InputError as err:
+                if on_error == "raise":
+                    raise InputError(err.reason, case_id=e.case_id, modality="report", path=err.path) from None
     return texts
 
 
@@ -98,7 +107,7 @@ def load_cohort(config, workdir: Path, manifest: str | None = None, *, tokenizer
     cache = PreprocessCache(config.data.cache_dir or (workdir / "cache"))
     if tokenizer is None and config.data.report:
         # Reports first (cheap), to build the tokenizer before tokenising.
-        tokenizer = get_tokenizer(config, workdir, report_texts(manifest))
+        tokenizer = get_tokenizer(config, workdir, report_texts(manifest, config.data.on_error))
     cohort = prepare_cohort(manifest, config.data, cache, tokenizer, clinical_stats=clinical_stats,
                             show_progress=show_progress, builders=case_builders(config))
     return cohort, tokenizer, cache

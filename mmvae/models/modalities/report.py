@@ -3,8 +3,8 @@
 Encoder (``model.text.encoder``): ``bert`` — BERT (:mod:`mmvae.models.text`) → masked mean
 pooling → MLP → Gaussian; ``bow`` — the report's bag of words → MLP → Gaussian, the
 inference network of the neural variational document model (NVDM, Miao et al. 2016,
-"Neural Variational Inference for Text Processing"), which learns from few reports what
-a transformer trained from scratch does not (docs/model.md).
+"Neural Variational Inference for Text Processing"); opt-in: it measured worse than
+BERT on report-only queries (docs/model.md).
 Decoder: a bag-of-words multinomial over the vocabulary (``bow``) or per-position token
 logits (``tokens``); special tokens are left out of the bag of words.
 """
