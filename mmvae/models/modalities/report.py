@@ -25,17 +25,27 @@ REPORT_DECODERS = ("bow", "tokens")
 
 
 class ReportEncoder(nnx.Module):
-    """BERT encoder → masked mean pooling → dense → Gaussian (mu, logvar)."""
+    """BERT encoder → masked mean pooling → dense → Gaussian (mu, logvar).
+
+    ``pooled(ids, mask)`` ``(B, T)`` → ``(B, H)`` float32 and ``from_pooled`` ``(B, H)`` →
+    Gaussian ``(B, L)`` are the two halves of ``__call__``: with a frozen BERT the training
+    loop computes ``pooled`` once per case (batch entry ``report/pooled``) and trains the head
+    on it (:data:`POOLED`).
+    """
 
     def __init__(self, cfg: BertConfig, latent_dim: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.bert = BertEncoder(cfg, dtype=dtype, rngs=rngs)
         self.head = MLP([cfg.hidden_size, 4 * latent_dim, 2 * latent_dim], rngs=rngs)
 
-    def __call__(self, ids: jax.Array, mask: jax.Array) -> fusion.Gaussian:
-        h = self.bert(ids, mask)
-        pooled = mean_pool(h, mask).astype(jnp.float32)
+    def pooled(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
+        return mean_pool(self.bert(ids, mask), mask).astype(jnp.float32)
+
+    def from_pooled(self, pooled: jax.Array) -> fusion.Gaussian:
         mu, lv = jnp.split(self.head(pooled), 2, axis=-1)
         return fusion.Gaussian(mu, lv)
+
+    def __call__(self, ids: jax.Array, mask: jax.Array) -> fusion.Gaussian:
+        return self.from_pooled(self.pooled(ids, mask))
 
 
 class BagOfWordsEncoder(nnx.Module):
@@ -99,9 +109,17 @@ def _decoder(spec, m: str, latent: int, dtype, rngs: nnx.Rngs):
     return BagOfWordsDecoder(latent, spec.bert.vocab_size, spec.bow_hidden, rngs=rngs)
 
 
+# Optional batch entry (B, H) float32: the frozen BERT's mean-pooled output, computed once per
+# case by the training loop (mmvae.train.loop.cache_frozen_report); the encoder then runs only
+# its head. Equal to running the BERT (tests/test_text.py); never needed at query time.
+POOLED = "report/pooled"
+
+
 def _encode(encoder: ReportEncoder, batch: dict, m: str):
     mask = batch["report/mask"]
     present = (jnp.sum(mask, -1) > 0).astype(jnp.float32)
+    if POOLED in batch and isinstance(encoder, ReportEncoder):
+        return encoder.from_pooled(batch[POOLED]), present, jnp.zeros((), jnp.int32)
     return encoder(batch["report/ids"], mask), present, jnp.zeros((), jnp.int32)
 
 
