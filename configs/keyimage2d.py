@@ -8,9 +8,10 @@ images cut through the lesion centre, with reports), so this runs out of the box
 PNG files carry no voxel size, so images keep their pixel grid (``spacing=()``) and the
 foreground's bounding box is resized to fit 64 x 64 (``data.crop = 'fit'``, aspect ratio
 kept): the whole key image reaches the model, not a 64-pixel patch of its centre. ARGS: ``manifest=PATH``, ``cases=N``,
-``latent=N``, ``fusion=...``, ``steps=N``.
+``latent=N``, ``fusion=...``, ``steps=N``, ``text=auto|minilm|scratch`` (the report expert; the
+recipe measured on the 3-D quickstart cohort, not on this one; docs/model.md).
 """
-from mmvae.config import base_config, parse_arg
+from mmvae.config import base_config, parse_arg, use_pretrained_text
 
 
 def get_config(arg=None):
@@ -24,6 +25,9 @@ def get_config(arg=None):
     c.data.crop = "fit"
     c.data.report = True
     c.data.text.max_len = 256
+    # The frozen pretrained all-MiniLM-L6-v2 with the sentence-embedding report decoder when the
+    # `text` extra is installed, else a BERT from scratch (docs/model.md); text=minilm|scratch.
+    use_pretrained_text(c, args.get("text", "auto"))
     c.data.clinical.numeric = ["age"]
     c.data.clinical.categorical = {"sex": ["F", "M"]}
     c.synth.cases = int(args.get("cases", 500))

@@ -11,10 +11,11 @@ Key images carry no pixel size: each image's foreground box is resized to 128 x 
 (``data.crop='fit'``, aspect kept), so the whole image reaches the model. Up to two key
 images per sequence are used (``data.max_series``). Retrieval label ``category``
 (``location`` is the other label of the shared sample). ARGS: ``manifest=PATH``,
-``latent=N``, ``steps=N``, ``label=NAME``. No label expert: every case is a query
+``latent=N``, ``steps=N``, ``label=NAME``, ``text=auto|minilm|scratch`` (the report expert;
+see docs/model.md). No label expert: every case is a query
 (leave-one-out), so no label may be seen in training.
 """
-from mmvae.config import base_config, parse_arg
+from mmvae.config import base_config, parse_arg, use_pretrained_text
 
 
 def get_config(arg=None):
@@ -31,6 +32,9 @@ def get_config(arg=None):
     c.data.label = args.get("label", "category")
     c.data.val_fraction = 0.0              # tiny cohort: leave-one-out evaluation over every case
     c.data.text.max_len = 256
+    # The frozen pretrained all-MiniLM-L6-v2 with the sentence-embedding report decoder when the
+    # `text` extra is installed, else a BERT from scratch (docs/model.md); text=minilm|scratch.
+    use_pretrained_text(c, args.get("text", "auto"))
     c.data.clinical.numeric = ["age"]
     c.data.clinical.categorical = {"sex": ["female", "male"]}
     c.synth.cases = 0                      # real data only

@@ -308,7 +308,9 @@ def run(args) -> dict:
                                                    "middle axial slices, decoded posterior means"), name)
             gen_rows.append((emb.case_ids[i], name))
         log("generation grids written")
-        if "report" in mods and tok is not None:
+        if "report" in mods and tok is not None and jm.spec.report_decoder == "embedding":
+            log("report terms skipped: the report decoder predicts the sentence embedding, not words")
+        elif "report" in mods and tok is not None:
             # Ask for more than needed and keep words: punctuation tokens are not terms.
             top = top_report_terms(jm, batch, tok, image_mods, k=int(args.top_terms) + 20)
             top = [[(w, p) for w, p in row if re.search(r"[A-Za-z0-9]", w)][:int(args.top_terms)] for row in top]

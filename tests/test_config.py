@@ -116,7 +116,8 @@ def test_apply_override_on_a_locked_base_config():
 
 
 def test_recipe_text_choice_auto_minilm_scratch(monkeypatch, tmp_path):
-    """configs/quickstart.py:text=auto uses the installed all-MiniLM-L6-v2 (frozen, 256 tokens) and
+    """configs/quickstart.py:text=auto uses the installed all-MiniLM-L6-v2 (frozen, 256 tokens, the
+    sentence-embedding report decoder) and
     a BERT from scratch (64 tokens) when it is not installed; text=minilm without it is an error."""
     import mmvae.config as C
     qs = str(Path(__file__).parents[1] / "configs" / "quickstart.py")
@@ -125,10 +126,12 @@ def test_recipe_text_choice_auto_minilm_scratch(monkeypatch, tmp_path):
     monkeypatch.setattr(C, "find_minilm_dir", lambda: fake)
     c = load_config(qs)
     assert (c.model.text.pretrained_dir, c.model.text.freeze, c.data.text.max_len) == (str(fake), True, 256)
-    assert C.describe_text(c) == "report expert: pretrained all-MiniLM-L6-v2, frozen, 256 tokens"
+    assert c.model.report_decoder.kind == "embedding"
+    assert C.describe_text(c) == "report expert: pretrained all-MiniLM-L6-v2, frozen, 256 tokens, embedding decoder"
     s = load_config(qs + ":text=scratch")
     assert (s.model.text.pretrained_dir, s.model.text.freeze, s.data.text.max_len) == ("", False, 64)
-    assert C.describe_text(s) == "report expert: BERT from scratch, 64 tokens"
+    assert s.model.report_decoder.kind == "bow"
+    assert C.describe_text(s) == "report expert: BERT from scratch, 64 tokens, bow decoder"
     monkeypatch.setattr(C, "find_minilm_dir", lambda: None)
     a = load_config(qs)
     assert (a.model.text.pretrained_dir, a.model.text.freeze, a.data.text.max_len) == ("", False, 64)

@@ -89,7 +89,8 @@ def test_one_compilation_for_all_15_presence_patterns():
                                  dict(subsets="mvae", iw_samples=3), dict(subsets="mvae", alignment_weight=1.0,
                                                                           kl_warmup_steps=10),
                                  dict(subsets="mvae", likelihood="gaussian", learn_scale=True, report="tokens"),
-                                 dict(subsets="mvae", text_encoder="bow")])
+                                 dict(subsets="mvae", text_encoder="bow"),
+                                 dict(subsets="mvae", report="embedding")])
 def test_objective_variants_are_finite_and_differentiable(obj):
     obj = dict(obj)
     report_kind = obj.pop("report", "bow")

@@ -240,6 +240,45 @@ def test_frozen_report_cache_gives_the_same_loss(tmp_path):
     assert not np.any(cache_frozen_report(gd, params, empty, batch_size=5).arrays[POOLED])
 
 
+def test_report_embedding_likelihood(tmp_path):
+    """model.report_decoder.kind='embedding': a diagonal Gaussian over the frozen BERT's pooled
+    output (cached or recomputed: the same value), zero for a case without report, and a config
+    error unless the BERT is pretrained and frozen."""
+    from mmvae.models.modalities.report import POOLED
+    from mmvae.train.loop import cache_frozen_report
+    with pytest.raises(Exception, match="model.text.freeze=True"):
+        load_config(TINY, ["--config.model.report_decoder.kind=embedding"])
+    config = load_config(TINY + ":cases=8", ["--config.model.text.freeze=true"])
+    config.data.manifest = str(synthesize(config, tmp_path / "data", show_progress=False))
+    with config.unlocked():
+        config.model.report_decoder.kind = "embedding"     # tiny BERT from scratch, frozen: allowed below config level
+    cohort, tok, _ = load_cohort(config, tmp_path, show_progress=False)
+    spec = model_spec(config, len(tok))
+    assert spec.dims()["report"] == spec.bert.hidden_size
+    model = build_model(spec, 0)
+    gd, params = nnx.split(model, nnx.Param)
+    cached = cache_frozen_report(gd, params, cohort)
+    idx = [0, 1, 2, 3]
+    plain = {k: jnp.asarray(v) for k, v in cohort.batch(idx).items()}
+    fast = {k: jnp.asarray(v) for k, v in cached.batch(idx).items()}
+    z = jax.random.normal(jax.random.key(0), (2 * 4, spec.embedding_dim))
+    out = model.decode(z)
+    ll_plain, ll_fast = model.log_likelihoods(out, plain, 2), model.log_likelihoods(out, fast, 2)
+    r = spec.modalities.index("report")
+    np.testing.assert_allclose(np.asarray(ll_plain[..., r]), np.asarray(ll_fast[..., r]), rtol=1e-4)
+    mean = np.asarray(out["report"]).reshape(2, 4, -1)
+    ls = np.asarray(model.decoders["report"].log_scale[...])
+    x = np.asarray(fast[POOLED])[None]
+    has = np.asarray(fast["report/mask"]).sum(-1) > 0                   # the synthetic cohort has missing reports
+    assert has.sum() >= 2
+    want = np.sum(-0.5 * ((x - mean) / np.exp(ls)) ** 2 - ls - 0.5 * np.log(2 * np.pi), -1) * has[None]
+    np.testing.assert_allclose(np.asarray(ll_fast[..., r]), want, rtol=1e-4)
+    assert np.all(want[:, has] < 0)
+    j = int(np.nonzero(has)[0][0])
+    no_report = dict(fast, **{"report/mask": fast["report/mask"].at[j].set(0)})
+    assert np.all(np.asarray(model.log_likelihoods(out, no_report, 2)[:, j, r]) == 0.0)
+
+
 def test_weights_sqrt_and_cap_and_label_weight():
     config = load_config(TINY, ["--config.objective.weights=sqrt", "--config.objective.max_weight=20",
                                 "--config.objective.label_weight=50"])

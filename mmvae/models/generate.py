@@ -47,6 +47,9 @@ def top_report_terms(model, batch: dict, tokenizer, given: Sequence[str], k: int
     """
     if "report" not in model.spec.modalities:
         raise ConfigError("this model has no report modality")
+    if model.spec.report_decoder == "embedding":
+        raise ConfigError("this model's report decoder predicts the report's sentence embedding "
+                          "(model.report_decoder.kind='embedding'), not words: it has no report terms")
     logits = np.asarray(generate(model, batch, given)["report"], np.float64)
     if logits.ndim == 3:   # token-level decoder: average the per-position distributions
         p = np.exp(logits - logits.max(-1, keepdims=True))

@@ -44,6 +44,15 @@ def image_log_likelihood(x: jax.Array, x_hat: jax.Array, log_scale: jax.Array, k
     return jnp.sum(per, axis=axes)
 
 
+def diagonal_gaussian_log_likelihood(x: jax.Array, mean: jax.Array, log_scale: jax.Array) -> jax.Array:
+    """``log N(x; mean, diag(σ²))`` summed over the last axis: ``(..., H)`` → ``(...)``.
+
+    ``log_scale`` is log σ, broadcastable to ``x`` (e.g. ``(H,)`` per dimension).
+    """
+    r = (x - mean) * jnp.exp(-log_scale)
+    return jnp.sum(-0.5 * r * r - log_scale - 0.5 * math.log(2 * math.pi), axis=-1)
+
+
 def bag_of_words_counts(tokens: jax.Array, token_mask: jax.Array, vocab_size: int,
                         special_ids: Sequence[int] = ()) -> jax.Array:
     """Token counts ``(B, V)`` of the unmasked, non-special tokens of ``tokens (B, T)``."""

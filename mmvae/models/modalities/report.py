@@ -5,8 +5,9 @@ pooling → MLP → Gaussian; ``bow`` — the report's bag of words → MLP → 
 inference network of the neural variational document model (NVDM, Miao et al. 2016,
 "Neural Variational Inference for Text Processing"); opt-in: it measured worse than
 BERT on report-only queries (docs/model.md).
-Decoder: a bag-of-words multinomial over the vocabulary (``bow``) or per-position token
-logits (``tokens``); special tokens are left out of the bag of words.
+Decoder: a bag-of-words multinomial over the vocabulary (``bow``), per-position token
+logits (``tokens``; special tokens are left out of the bag of words), or a Gaussian over the
+frozen pretrained BERT's mean-pooled embedding (``embedding``; needs ``model.text.freeze``).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from mmvae.models.modalities.kind import Kind
 from mmvae.models.text import BertConfig, BertEncoder, mean_pool
 
 REPORT = "report"
-REPORT_DECODERS = ("bow", "tokens")
+REPORT_DECODERS = ("bow", "tokens", "embedding")
 
 
 class ReportEncoder(nnx.Module):
@@ -77,6 +78,23 @@ class BagOfWordsDecoder(nnx.Module):
         return self.mlp(z)
 
 
+class EmbeddingDecoder(nnx.Module):
+    """``z (N, L)`` → mean ``(N, H)`` of a diagonal Gaussian over the frozen text model's
+    mean-pooled report embedding, with a learned per-dimension log σ ``(H,)`` (a calibrated
+    decoder: Rybkin et al. 2021, "Simple and Effective VAE Training with Calibrated Decoders").
+
+    Reconstructing the pretrained embedding instead of the words keeps in the latent what the
+    text model knows about which reports are alike.
+    """
+
+    def __init__(self, latent_dim: int, hidden_size: int, hidden: int, *, rngs: nnx.Rngs):
+        self.mlp = MLP([latent_dim, hidden, hidden_size], rngs=rngs)
+        self.log_scale = nnx.Param(jnp.full((hidden_size,), -2.0, jnp.float32))
+
+    def __call__(self, z):
+        return self.mlp(z)
+
+
 class TokenDecoder(nnx.Module):
     """``z (N, L)`` → per-position vocabulary logits ``(N, T, V)`` (non-autoregressive).
 
@@ -104,6 +122,8 @@ def _encoder(spec, m: str, latent: int, dtype, rngs: nnx.Rngs) -> ReportEncoder 
 
 
 def _decoder(spec, m: str, latent: int, dtype, rngs: nnx.Rngs):
+    if spec.report_decoder == "embedding":
+        return EmbeddingDecoder(latent, spec.bert.hidden_size, spec.bow_hidden, rngs=rngs)
     if spec.report_decoder == "tokens":
         return TokenDecoder(latent, spec.bert.vocab_size, spec.bert.max_position, spec.bow_hidden, rngs=rngs)
     return BagOfWordsDecoder(latent, spec.bert.vocab_size, spec.bow_hidden, rngs=rngs)
@@ -125,7 +145,14 @@ def _encode(encoder: ReportEncoder, batch: dict, m: str):
 
 def _log_likelihood(model, m: str, out: jax.Array, batch: dict, reps: int) -> jax.Array:
     spec = model.spec
-    logits = out.reshape((reps, -1) + out.shape[1:])                    # (R, B, [T,] V)
+    logits = out.reshape((reps, -1) + out.shape[1:])                    # (R, B, [T,] V) or (R, B, H)
+    if spec.report_decoder == "embedding":
+        mask = batch["report/mask"]
+        target = batch[POOLED] if POOLED in batch else jax.lax.stop_gradient(
+            model.encoders[m].pooled(batch["report/ids"], mask))            # (B, H)
+        present = (jnp.sum(mask, -1) > 0).astype(jnp.float32)
+        log_scale = model.decoders[m].log_scale[...]
+        return likelihoods.diagonal_gaussian_log_likelihood(target[None], logits, log_scale) * present[None]
     if spec.report_decoder == "tokens":
         return likelihoods.token_log_likelihood(batch["report/ids"][None], batch["report/mask"][None], logits)
     counts = likelihoods.bag_of_words_counts(batch["report/ids"], batch["report/mask"], spec.bert.vocab_size,
@@ -139,6 +166,9 @@ def _validate(spec) -> None:
     if spec.report_decoder not in REPORT_DECODERS:
         raise ConfigError(f"model.report_decoder.kind: unknown {spec.report_decoder!r}; choose one of "
                           f"{REPORT_DECODERS}")
+    if spec.report_decoder == "embedding" and spec.report_encoder != "bert":
+        raise ConfigError("model.report_decoder.kind='embedding' reconstructs the report BERT's pooled output: "
+                          "it needs model.text.encoder='bert'")
     if spec.report and spec.bert is None:
         raise ConfigError("modality 'report' has no encoder configuration (model.text)")
 
@@ -151,4 +181,4 @@ KIND = Kind(
     name="report", names=lambda spec: (REPORT,) if spec.report else (), encoder=_encoder, decoder=_decoder,
     encode=_encode, log_likelihood=_log_likelihood, validate=_validate,
     batch_keys=lambda spec, m: {"report/ids": ((_max_len(spec),), "int32"), "report/mask": ((_max_len(spec),), "int32")},
-    size=lambda spec, m: _max_len(spec))
+    size=lambda spec, m: spec.bert.hidden_size if spec.report_decoder == "embedding" else _max_len(spec))
