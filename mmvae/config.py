@@ -491,7 +491,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.model.report_decoder.kind == "embedding" and not (t.pretrained_dir and t.freeze):
         raise ConfigError("model.report_decoder.kind='embedding' reconstructs the pretrained report BERT's sentence "
                           "embedding, which must stay fixed: set model.text.pretrained_dir (e.g. 'minilm') and "
-                          "model.text.freeze=True")
+                          "model.text.freeze=True (or, in a recipe with text=auto, pick text=scratch / "
+                          "model.report_decoder.kind=bow)")
     o = config.objective
     if float(o.supcon_weight) > 0 and float(d.label_fraction) <= 0 and not d.get("labelled_cases", ""):
         raise ConfigError("objective.supcon_weight > 0 needs labels: set data.label_fraction > 0")

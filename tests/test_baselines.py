@@ -283,3 +283,28 @@ def test_run_baseline_dispatch(tiny):
     np.testing.assert_array_equal(emb.blocks, B.handcrafted_features(cohort, tr).blocks)
     with pytest.raises(ConfigError, match="unknown baseline"):
         B.run_baseline("nope", cohort, tr, config, label="class", seed=0, steps=1)
+
+
+@pytest.mark.parametrize("kind", ["clip", "supervised"])
+def test_trained_baselines_keep_a_frozen_report_bert(tiny, small_config, kind):
+    """model.text.freeze holds for the CLIP and supervised baselines: the report BERT is its
+    initial one after training (its pooled output cached once, as in the VAE), the heads move."""
+    _, cohort, tr, _ = tiny
+    config = load_config(TINY + ":cases=48", ["--config.model.text.freeze=true"])
+    config.data.manifest, config.data.image_modalities = small_config.data.manifest, ["t1"]
+    fit = (B.fit_clip(cohort, tr, config, steps=3, seed=0) if kind == "clip"
+           else B.fit_supervised(cohort, tr, config, "class", steps=3, seed=0))
+    _, _, init = B._init_model(cohort, config, 0, len(fit.classes) if kind == "supervised" else 0)
+
+    def leaves(params, prefix):       # path without the classifier's "vae/" → array
+        out = {}
+        for p, v in jax.tree_util.tree_leaves_with_path(params):
+            name = "/".join(str(getattr(k, "key", k)) for k in p)
+            name = name[len("vae/"):] if name.startswith("vae/") else name
+            if name.startswith(prefix):
+                out[name] = np.asarray(v)
+        return out
+    bert0, bert1 = leaves(init, "encoders/report/bert"), leaves(fit.params, "encoders/report/bert")
+    assert bert0 and set(bert0) == set(bert1) and all(np.array_equal(bert0[k], bert1[k]) for k in bert0)
+    head0, head1 = leaves(init, "encoders/report/head"), leaves(fit.params, "encoders/report/head")
+    assert head0 and set(head0) == set(head1) and any(not np.array_equal(head0[k], head1[k]) for k in head0)

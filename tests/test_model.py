@@ -537,3 +537,17 @@ def test_bag_of_words_encoder_refuses_a_pretrained_or_frozen_bert():
     c.model.text.encoder = "lstm"
     with pytest.raises(ConfigError, match="model.text.encoder"):
         validate(c)
+
+
+def test_unit_and_info_nce_have_finite_gradients_at_a_zero_mean():
+    """An absent expert's mean can be exactly 0: the cosine normalisation must not turn the whole
+    step's gradient into NaN (jnp.linalg.norm's gradient at 0 is NaN; such steps were skipped)."""
+    from mmvae.objectives.elbo import info_nce, unit
+    x = jnp.asarray([[3.0, 4.0], [0.0, 0.0]])
+    np.testing.assert_allclose(np.asarray(unit(x)), [[0.6, 0.8], [0.0, 0.0]], rtol=1e-6)
+    g = jax.grad(lambda v: jnp.sum(unit(v) * jnp.asarray([[1.0, 2.0], [1.0, 2.0]])))(x)
+    assert np.all(np.isfinite(np.asarray(g)))
+    mu = jax.random.normal(jax.random.key(0), (4, 2, 3)).at[1, 1].set(0.0)
+    present = jnp.asarray([[1, 1], [1, 0], [1, 1], [1, 1]], jnp.float32)
+    gi = jax.grad(lambda m: info_nce(m, present, 0.1))(mu)
+    assert np.all(np.isfinite(np.asarray(gi))) and float(jnp.abs(gi).sum()) > 0

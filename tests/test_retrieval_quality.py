@@ -212,7 +212,7 @@ def test_frozen_report_cache_gives_the_same_loss(tmp_path):
     spec = model_spec(config, len(tok))
     model = build_model(spec, 0)
     gd, params = nnx.split(model, nnx.Param)
-    cached = cache_frozen_report(gd, params, cohort, batch_size=5)      # 12 cases: a padded last batch
+    cached = cache_frozen_report(model.encoders["report"], cohort, batch_size=5)   # 12 cases: a padded last batch
     assert cached.arrays[POOLED].shape == (12, spec.bert.hidden_size) and POOLED not in cohort.arrays
     idx = [0, 3, 7, 11]
     plain = {k: jnp.asarray(v) for k, v in cohort.batch(idx).items()}
@@ -233,11 +233,13 @@ def test_frozen_report_cache_gives_the_same_loss(tmp_path):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-5)
     # the cached path computes no BERT gradient at all (it is frozen anyway)
     assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(gb["encoders"]["report"]["bert"]))
-    # a case without a report: the report expert is absent whichever path
-    np.testing.assert_array_equal(np.asarray(model.encode(fast_no_report)[1]),
-                                  np.asarray(model.encode(dict(plain, **{"report/mask": fast_no_report["report/mask"]}))[1]))
+    # a case without a report: the report expert is absent whichever path (same fused posterior)
+    plain_no_report = dict(plain, **{"report/mask": fast_no_report["report/mask"]})
+    np.testing.assert_allclose(np.asarray(model.posterior(fast_no_report).mu),
+                               np.asarray(model.posterior(plain_no_report).mu), rtol=1e-4, atol=1e-5)
+    assert float(np.asarray(model.encode(fast_no_report)[1])[1, spec.modalities.index("report")]) == 0.0
     empty = dataclasses.replace(cohort, arrays={**cohort.arrays, "report/mask": np.zeros_like(cohort.arrays["report/mask"])})
-    assert not np.any(cache_frozen_report(gd, params, empty, batch_size=5).arrays[POOLED])
+    assert not np.any(cache_frozen_report(model.encoders["report"], empty, batch_size=5).arrays[POOLED])
 
 
 def test_report_embedding_likelihood(tmp_path):
@@ -246,8 +248,9 @@ def test_report_embedding_likelihood(tmp_path):
     error unless the BERT is pretrained and frozen."""
     from mmvae.models.modalities.report import POOLED
     from mmvae.train.loop import cache_frozen_report
-    with pytest.raises(Exception, match="model.text.freeze=True"):
-        load_config(TINY, ["--config.model.report_decoder.kind=embedding"])
+    for extra in ([], ["--config.model.text.pretrained_dir=/some/bert"]):
+        with pytest.raises(Exception, match="model.text.freeze=True"):
+            load_config(TINY, ["--config.model.report_decoder.kind=embedding"] + extra)
     config = load_config(TINY + ":cases=8", ["--config.model.text.freeze=true"])
     config.data.manifest = str(synthesize(config, tmp_path / "data", show_progress=False))
     with config.unlocked():
@@ -257,7 +260,7 @@ def test_report_embedding_likelihood(tmp_path):
     assert spec.dims()["report"] == spec.bert.hidden_size
     model = build_model(spec, 0)
     gd, params = nnx.split(model, nnx.Param)
-    cached = cache_frozen_report(gd, params, cohort)
+    cached = cache_frozen_report(model.encoders["report"], cohort)
     idx = [0, 1, 2, 3]
     plain = {k: jnp.asarray(v) for k, v in cohort.batch(idx).items()}
     fast = {k: jnp.asarray(v) for k, v in cached.batch(idx).items()}
@@ -277,6 +280,48 @@ def test_report_embedding_likelihood(tmp_path):
     j = int(np.nonzero(has)[0][0])
     no_report = dict(fast, **{"report/mask": fast["report/mask"].at[j].set(0)})
     assert np.all(np.asarray(model.log_likelihoods(out, no_report, 2)[:, j, r]) == 0.0)
+    # the per-dimension scale learns (the ELBO's gradient reaches it)
+    obj = objective_spec(config, spec)
+    g = jax.grad(lambda p: elbo_loss(nnx.merge(gd, p), fast, jax.random.key(0), jnp.asarray(3), obj)[0])(params)
+    gls = np.asarray(g["decoders"]["report"]["log_scale"][...])
+    assert np.all(np.isfinite(gls)) and np.abs(gls).max() > 0
+
+
+def test_embedding_decoder_trains_end_to_end_on_a_frozen_pretrained_bert(tmp_path):
+    """A (tiny, random) pretrained BERT checkpoint, frozen, with the sentence-embedding report
+    decoder: trains with a validation pass (target recomputed by the BERT), resumes the BERT
+    unchanged, and embeds the cohort."""
+    from test_text import _write_ckpt
+    from mmvae.data.text import build_word_tokenizer, load_tokenizer
+    from mmvae.models.text import BertConfig, load_hf_bert
+    from mmvae.runs.trained import report_texts
+    config = load_config(TINY + ":cases=20,steps=4")
+    config.data.manifest = str(synthesize(config, tmp_path / "data", show_progress=False))
+    tok_dir = build_word_tokenizer(report_texts(config.data.manifest), tmp_path / "tok")
+    pre = tmp_path / "pretrained"
+    _write_ckpt(pre, BertConfig.tiny(vocab_size=len(load_tokenizer(tok_dir))))
+    for f in Path(tok_dir).iterdir():
+        (pre / f.name).write_bytes(f.read_bytes())
+    with config.unlocked():
+        config.model.text.pretrained_dir = str(pre)
+        config.model.text.freeze = True
+        config.model.report_decoder.kind = "embedding"
+        config.train.eval_every = 2
+    summary = train_and_evaluate(config, tmp_path / "run", show_progress=False)
+    assert summary["step"] == 4
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in rows if r.get("split") == "val"]
+    assert val and all(np.isfinite(r["recon_per_modality/report"]) and r["recon_per_modality/report"] != 0 for r in val)
+    _, spec, model, tok = load_trained(tmp_path / "run")
+    assert spec.report_decoder == "embedding" and spec.dims()["report"] == 32
+    ref = load_hf_bert(pre)[1]
+    same = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))),
+                        nnx.state(ref, nnx.Param), nnx.state(model.encoders["report"].bert, nnx.Param))
+    assert all(jax.tree.leaves(same))                                     # frozen: still the checkpoint
+    assert not np.allclose(np.asarray(model.decoders["report"].log_scale[...]), -2.0)   # the scale trained
+    cohort, _, _ = load_cohort(config, tmp_path / "run", tokenizer=tok, show_progress=False)
+    emb = embed_cohort(model, cohort, show_progress=False)
+    assert np.all(np.isfinite(emb.mu)) and emb.mu.shape[0] == 20
 
 
 def test_weights_sqrt_and_cap_and_label_weight():

@@ -146,7 +146,7 @@ def test_bad_report_drops_the_report_not_the_case_and_truncation_is_counted(tmp_
     assert ("c1", "report", "dropped") in kinds and ("c2", "report", "truncated") in kinds
     msg = next(n["message"] for n in cohort.notes if n["kind"] == "truncated")
     assert msg.startswith("report of 30") and msg.endswith("truncated to data.text.max_len=64")
-    assert load_config(TINY.replace("tiny", "quickstart")).data.text.max_len == 64      # synthetic reports
+    assert load_config(TINY.replace("tiny", "quickstart") + ":text=scratch").data.text.max_len == 64  # synthetic reports
     from mmvae.config import base_config
     assert base_config().data.text.max_len == 256                                     # fits real reports
 

@@ -44,10 +44,12 @@ from mmvae.data.text import find_minilm_dir, load_tokenizer, tokenize
 from mmvae.errors import ConfigError
 from mmvae.experiments.protocol import BlockEmbeddings
 from mmvae.models import fusion as F
+from mmvae.models.modalities.report import ReportEncoder
 from mmvae.models.mvae import MultimodalVAE
 from mmvae.models.text import load_hf_bert, mean_pool
-from mmvae.objectives.elbo import info_nce, random_subsets
+from mmvae.objectives.elbo import info_nce, random_subsets, unit
 from mmvae.runs.setup import init_state, model_spec, optimizer
+from mmvae.train.loop import cache_frozen_report
 from mmvae.train.step import make_train_step
 
 log = logging.getLogger(__name__)
@@ -437,7 +439,7 @@ def _set_lr(opt_state, lr: float):
 
 
 def _unit(x):
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
+    return unit(x)
 
 
 def _clip_loss(model, batch, key, step, temperature: float):
@@ -461,13 +463,13 @@ def _supervised_loss(model, batch, key, step):
 
 
 @functools.lru_cache(maxsize=8)
-def _step_fn(graphdef, kind: str, temperature: float, tx):
+def _step_fn(graphdef, kind: str, temperature: float, tx, frozen: tuple[str, ...] = ()):
     """The project's train step (:func:`mmvae.train.step.make_train_step`: guarded update,
     non-finite steps skipped) with the baseline's loss, jitted; shared by every fit with the
     same model structure and optimiser (compiled once per batch shape, whatever the
     presence masks, seed or number of steps)."""
     loss = functools.partial(_clip_loss, temperature=temperature) if kind == "clip" else _supervised_loss
-    return jax.jit(make_train_step(graphdef, tx, None, loss=loss))
+    return jax.jit(make_train_step(graphdef, tx, None, loss=loss, frozen=frozen))
 
 
 @functools.lru_cache(maxsize=8)
@@ -485,8 +487,17 @@ def _train(graphdef, params, train: Cohort, config, kind: str, steps: int, seed:
     if bs < 2:
         raise ConfigError(f"{kind}: need at least 2 training cases, got {len(train)}")
     tx, sched = _optimizer(config, int(steps))
-    step = _step_fn(graphdef, kind, float(config.objective.alignment_temperature), tx)
-    state = init_state(nnx.merge(graphdef, params), tx)[1]
+    model = nnx.merge(graphdef, params)
+    vae = model.vae if isinstance(model, _Classifier) else model
+    frozen = ()
+    if config.model.text.get("freeze", False) and "report" in vae.encoders and isinstance(
+            vae.encoders["report"], ReportEncoder):
+        # model.text.freeze holds for the baselines too: the BERT stays fixed, its pooled output
+        # is computed once (as in the VAE's training loop) and only the heads train.
+        frozen = ("encoders/report/bert", "vae/encoders/report/bert")
+        train = cache_frozen_report(vae.encoders["report"], train)
+    step = _step_fn(graphdef, kind, float(config.objective.alignment_temperature), tx, frozen)
+    state = init_state(model, tx)[1]
     base = jax.random.key(int(seed))
     losses = np.zeros(int(steps), np.float32)
     it = train_batches(train, bs, int(seed), Position())
@@ -577,7 +588,7 @@ def contrastive_clip(cohort: Cohort, train_idx, config, *, steps: int | None = N
     modalities, e.g. t1, t2, dwi, report, clinical), present ``(N, M)``, ``combine="mean"``
     (a shared space: a subset query is the mean of its unit vectors).
 
-    Cost (measured on 2 shared CPU cores): ``configs/quickstart.py`` (32³, 240 training
+    Cost (measured on 2 shared CPU cores): ``configs/quickstart.py:text=scratch`` (32³, 240 training
     cases, batch 16, its default 200 steps) ≈ 70 s in all, compilation (~15 s) and
     embedding the 300 cases included; ``configs/tiny.py`` (16³) ≈ 15 s the first time
     (compilation), < 1 s for 30 steps once compiled.
@@ -600,7 +611,7 @@ def supervised(cohort: Cohort, train_idx, config, label: str, *, steps: int | No
     Returns blocks = the penultimate per-modality embeddings (expert means ``(N, M, L)``),
     present ``(N, M)``, ``combine="mean"`` (the pooled head input).
 
-    Cost (measured on 2 shared CPU cores): ``configs/quickstart.py``, its default 200 steps
+    Cost (measured on 2 shared CPU cores): ``configs/quickstart.py:text=scratch``, its default 200 steps
     ≈ 95 s in all (compilation and embedding included); ``configs/tiny.py`` ≈ 10 s the
     first time, < 1 s for 30 steps once compiled.
     """

@@ -10,7 +10,8 @@ log-scale per modality, a model parameter). Report: bag-of-words multinomial
 Likelihood weights: by default a modality with :math:`D_m` elements gets weight
 :math:`D_{\max}/D_m` (the rescaling of MoPoE-VAE, Sutter et al. 2021), so a 64³ volume
 and a 128-token report weigh the same in the ELBO. ``D`` of an image is its voxel
-count, of a report its ``max_len``, of metadata its number of fields.
+count, of a report its ``max_len`` (the pooled embedding's size H with the ``embedding`` report
+decoder), of metadata its number of fields.
 """
 from __future__ import annotations
 

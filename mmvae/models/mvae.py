@@ -49,7 +49,7 @@ class ModelSpec:
     bert: BertConfig | None = None
     report_encoder: str = "bert"         # bert | bow (see mmvae.models.modalities.report)
     bow_hidden: int = 128
-    report_decoder: str = "bow"          # bow | tokens
+    report_decoder: str = "bow"          # bow | tokens | embedding
     special_ids: tuple[int, ...] = (0,)
     clinical_numeric: tuple[str, ...] = ()
     clinical_categorical: tuple[tuple[str, tuple[str, ...]], ...] = ()

@@ -147,6 +147,16 @@ def kl_weight(spec: ObjectiveSpec, step: jax.Array) -> jax.Array:
     return spec.beta * jnp.minimum(1.0, step.astype(jnp.float32) / spec.kl_warmup_steps)
 
 
+def unit(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """``x / max(||x||, eps)`` along the last axis, with a finite gradient at ``x = 0``.
+
+    (The gradient of ``jnp.linalg.norm`` at 0 is NaN, and an absent expert's zero mean then
+    made the whole step's gradient NaN — the step was skipped — even where its rows were
+    masked out.)
+    """
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
+
+
 def info_nce(mu: jax.Array, present: jax.Array, temperature: float) -> jax.Array:
     """Mean symmetric InfoNCE over modality pairs.
 
@@ -171,8 +181,7 @@ def paired_info_nce(a: jax.Array, b: jax.Array, both: jax.Array, temperature: fl
     out. Returns ``(loss, use)``: ``use`` is 1.0 when at least 2 pairs exist, else 0.0
     (and the loss is then meaningless).
     """
-    za = a / jnp.maximum(jnp.linalg.norm(a, axis=-1, keepdims=True), 1e-6)
-    zb = b / jnp.maximum(jnp.linalg.norm(b, axis=-1, keepdims=True), 1e-6)
+    za, zb = unit(a), unit(b)
     logits = za @ zb.T / temperature                                         # (B, B)
     valid = both[:, None] * both[None, :]
     logits = jnp.where(valid > 0, logits, -1e9)
@@ -203,7 +212,7 @@ def supervised_contrastive(views: jax.Array, labels: jax.Array, valid: jax.Array
     """SupCon loss (Khosla et al. 2020) over views ``(V, L)`` with integer ``labels (V,)``;
     ``valid (V,)`` 0 leaves a view out. Anchors without a positive contribute nothing;
     0 when no anchor has one."""
-    z = views / jnp.maximum(jnp.linalg.norm(views, axis=-1, keepdims=True), 1e-6)
+    z = unit(views)
     n = views.shape[0]
     eye = jnp.eye(n, dtype=bool)
     ok = (valid[:, None] > 0) & (valid[None, :] > 0) & ~eye

@@ -154,17 +154,20 @@ def initial_state(spec, seed: int, tx, ema: float, shardings, *, pretrained_dir:
     return jax.jit(lambda: init_state(build_model(spec, seed), tx, ema)[1], out_shardings=shardings)()
 
 
-def cache_frozen_report(graphdef, params, cohort: Cohort, batch_size: int = 32) -> Cohort:
+def cache_frozen_report(encoder, cohort: Cohort, batch_size: int = 32) -> Cohort:
     """Add the batch entry ``report/pooled`` ``(N, H)`` float32 to ``cohort``: the frozen report
     BERT's mean-pooled output of every case (zeros where the report is absent).
 
+    ``encoder``: the model's report expert (:class:`~mmvae.models.modalities.report.ReportEncoder`).
     With ``model.text.freeze`` the BERT never changes and has no dropout, so its output is a
     fixed function of the tokens: computing it once here and training only the head above it
-    (:func:`mmvae.models.modalities.report._encode`) gives the same loss as running the BERT at
-    every step (tests/test_text.py), without its forward and backward passes.
+    (:func:`mmvae.models.modalities.report._encode` uses the entry when a batch has it) gives the
+    same loss as running the BERT at every step (tests/test_retrieval_quality.py), without its
+    forward and backward passes. Only for a frozen BERT: with a trainable one the entry would be
+    stale. Single-process (the output is gathered on the host).
     """
     from mmvae.models.modalities.report import POOLED
-    enc_def, enc_state = nnx.split(nnx.merge(graphdef, params).encoders["report"])
+    enc_def, enc_state = nnx.split(encoder)
     fn = jax.jit(lambda st, ids, mask: nnx.merge(enc_def, st).pooled(ids, mask))
     ids, mask = cohort.arrays["report/ids"], cohort.arrays["report/mask"]
     out = []
@@ -174,7 +177,7 @@ def cache_frozen_report(graphdef, params, cohort: Cohort, batch_size: int = 32) 
         if n < batch_size:   # one compiled shape
             pad = ((0, batch_size - n), (0, 0))
             b_ids, b_mask = np.pad(b_ids, pad), np.pad(b_mask, pad)
-        out.append(np.asarray(fn(enc_state, jnp.asarray(b_ids), jnp.asarray(b_mask)))[:n])
+        out.append(np.asarray(fn(enc_state, b_ids, b_mask))[:n])
     pooled = np.concatenate(out, 0) if out else np.zeros((0, 1), np.float32)
     pooled *= (mask.sum(-1, keepdims=True) > 0)
     return dataclasses.replace(cohort, arrays={**cohort.arrays, POOLED: pooled.astype(np.float32)})
@@ -293,9 +296,9 @@ def train_and_evaluate(config, workdir: str | Path, *, show_progress: bool = Tru
         _write_layout(workdir, mesh, shardings, state, config, start if restored is not None else None)
 
     frozen = ("encoders/report/bert",) if (spec.report and config.model.text.get("freeze", False)) else ()
-    if frozen and spec.report_encoder == "bert":
+    if frozen and spec.report_encoder == "bert" and jax.process_count() == 1 and start < int(config.train.steps):
         t_cache = time.time()
-        train = cache_frozen_report(graphdef, state["params"], train)
+        train = cache_frozen_report(nnx.merge(graphdef, state["params"]).encoders["report"], train)
         log.info("frozen report BERT: mean-pooled outputs of %d training cases computed once (%.1f s); "
                  "training runs the head only", len(train), time.time() - t_cache)
     train_step = make_train_step(graphdef, tx, obj, lr, ema, frozen=frozen)

@@ -78,6 +78,12 @@ class BagOfWordsDecoder(nnx.Module):
         return self.mlp(z)
 
 
+# Floor of the embedding decoder's learned log σ: the target is a deterministic function of the
+# tokens, so on a small cohort σ could shrink without bound and the report term own the ELBO.
+# (Measured: after 300 quickstart/MedPix steps log σ stays within -2.2 .. -1.9 from its -2.)
+EMBEDDING_MIN_LOG_SCALE = -6.0
+
+
 class EmbeddingDecoder(nnx.Module):
     """``z (N, L)`` → mean ``(N, H)`` of a diagonal Gaussian over the frozen text model's
     mean-pooled report embedding, with a learned per-dimension log σ ``(H,)`` (a calibrated
@@ -130,8 +136,10 @@ def _decoder(spec, m: str, latent: int, dtype, rngs: nnx.Rngs):
 
 
 # Optional batch entry (B, H) float32: the frozen BERT's mean-pooled output, computed once per
-# case by the training loop (mmvae.train.loop.cache_frozen_report); the encoder then runs only
-# its head. Equal to running the BERT (tests/test_text.py); never needed at query time.
+# case by the training loop (mmvae.train.loop.cache_frozen_report) only when model.text.freeze
+# holds; the encoder then runs only its head (a batch carrying it for a trainable BERT would skip
+# the BERT's gradients: never add it otherwise). Equal to running the BERT
+# (tests/test_retrieval_quality.py); never needed at query time.
 POOLED = "report/pooled"
 
 
@@ -151,7 +159,7 @@ def _log_likelihood(model, m: str, out: jax.Array, batch: dict, reps: int) -> ja
         target = batch[POOLED] if POOLED in batch else jax.lax.stop_gradient(
             model.encoders[m].pooled(batch["report/ids"], mask))            # (B, H)
         present = (jnp.sum(mask, -1) > 0).astype(jnp.float32)
-        log_scale = model.decoders[m].log_scale[...]
+        log_scale = jnp.maximum(model.decoders[m].log_scale[...], EMBEDDING_MIN_LOG_SCALE)
         return likelihoods.diagonal_gaussian_log_likelihood(target[None], logits, log_scale) * present[None]
     if spec.report_decoder == "tokens":
         return likelihoods.token_log_likelihood(batch["report/ids"][None], batch["report/mask"][None], logits)
