@@ -222,6 +222,8 @@ def test_make_report_end_to_end_on_tiny(grid_run, tmp_path):
             "--brats-set", "train.steps=2", "--brats-set", "train.batch_size=2",
             "--semi", "labels20",
             "--medpix-seeds", "0", "--medpix-baselines", "report_tfidf",
+            # the tiny from-scratch report BERT below, whether or not the `text` extra is installed
+            "--medpix-config", str(ROOT / "configs" / "medpix.py") + ":text=scratch",
             "--medpix-set", "data.shape=(32,32)", "--medpix-set", "model.image.channels=(8,16)",
             "--medpix-set", "model.latent_dim=4", "--medpix-set", "train.steps=2", "--medpix-set", "train.batch_size=4",
             "--medpix-set", "model.text.hidden=16", "--medpix-set", "model.text.intermediate=32"]
