@@ -9,7 +9,6 @@ type are rejected before anything runs.
 from __future__ import annotations
 
 import ast
-import contextlib
 import importlib.util
 import json
 from pathlib import Path
@@ -284,7 +283,7 @@ def use_pretrained_text(config: ml_collections.ConfigDict, choice: str = "auto",
         raise ConfigError(f"text={choice!r}: choose one of {TEXT_CHOICES}")
     if choice == "scratch" or (choice == "auto" and find_minilm_dir() is None):
         return False
-    with config.unlocked() if config.is_locked else contextlib.nullcontext():
+    with config.unlocked():
         config.model.text.pretrained_dir = "minilm"
         config.model.text.freeze = True
         config.data.text.max_len = int(max_len)

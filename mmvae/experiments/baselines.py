@@ -438,10 +438,6 @@ def _set_lr(opt_state, lr: float):
     return tuple(opt_state[:-1]) + (inner._replace(hyperparams=hp),)
 
 
-def _unit(x):
-    return unit(x)
-
-
 def _clip_loss(model, batch, key, step, temperature: float):
     experts, present, _ = model.encode(batch)
     loss = info_nce(experts.mu.astype(jnp.float32), present, temperature)
@@ -452,7 +448,7 @@ def _supervised_loss(model, batch, key, step):
     experts, present, _ = model.encode(batch)
     family = jnp.asarray(F.all_subsets(present.shape[-1]))
     keep = random_subsets(key, present, family, 1)[0]                         # (B, M), one subset per case
-    z = _unit(experts.mu.astype(jnp.float32)) * keep[..., None]
+    z = unit(experts.mu.astype(jnp.float32)) * keep[..., None]
     pooled = jnp.sum(z, 1) / jnp.maximum(jnp.sum(keep, 1, keepdims=True), 1.0)
     logits = model.head(pooled)
     y = batch[TARGET]

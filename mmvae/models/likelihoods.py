@@ -36,8 +36,7 @@ def image_log_likelihood(x: jax.Array, x_hat: jax.Array, log_scale: jax.Array, k
     """
     axes = tuple(range(1, x.ndim))
     if kind == "gaussian":
-        r = (x - x_hat) * jnp.exp(-log_scale)
-        per = -0.5 * r * r - log_scale - 0.5 * math.log(2 * math.pi)
+        per = _gaussian_log_density(x, x_hat, log_scale)
     elif kind == "laplace":
         per = -jnp.abs(x - x_hat) * jnp.exp(-log_scale) - log_scale - math.log(2.0)
     else:
@@ -50,8 +49,13 @@ def diagonal_gaussian_log_likelihood(x: jax.Array, mean: jax.Array, log_scale: j
 
     ``log_scale`` is log σ, broadcastable to ``x`` (e.g. ``(H,)`` per dimension).
     """
+    return jnp.sum(_gaussian_log_density(x, mean, log_scale), axis=-1)
+
+
+def _gaussian_log_density(x: jax.Array, mean: jax.Array, log_scale: jax.Array) -> jax.Array:
+    """Elementwise ``log N(x; mean, σ²)`` with ``log_scale = log σ`` (broadcasting)."""
     r = (x - mean) * jnp.exp(-log_scale)
-    return jnp.sum(-0.5 * r * r - log_scale - 0.5 * math.log(2 * math.pi), axis=-1)
+    return -0.5 * r * r - log_scale - 0.5 * math.log(2 * math.pi)
 
 
 def bag_of_words_counts(tokens: jax.Array, token_mask: jax.Array, vocab_size: int,

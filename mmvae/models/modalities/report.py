@@ -19,7 +19,7 @@ from mmvae.errors import ConfigError
 from mmvae.models import fusion, likelihoods
 from mmvae.models.layers import MLP
 from mmvae.models.modalities.kind import Kind
-from mmvae.models.text import BertConfig, BertEncoder, mean_pool
+from mmvae.models.text import BertConfig, BertEncoder, sentence_embedding
 
 REPORT = "report"
 REPORT_DECODERS = ("bow", "tokens", "embedding")
@@ -39,7 +39,7 @@ class ReportEncoder(nnx.Module):
         self.head = MLP([cfg.hidden_size, 4 * latent_dim, 2 * latent_dim], rngs=rngs)
 
     def pooled(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
-        return mean_pool(self.bert(ids, mask), mask).astype(jnp.float32)
+        return sentence_embedding(self.bert, ids, mask, normalize=False)
 
     def from_pooled(self, pooled: jax.Array) -> fusion.Gaussian:
         mu, lv = jnp.split(self.head(pooled), 2, axis=-1)
@@ -143,9 +143,14 @@ def _decoder(spec, m: str, latent: int, dtype, rngs: nnx.Rngs):
 POOLED = "report/pooled"
 
 
+def _present(batch: dict) -> jax.Array:
+    """``(B,)`` 1.0 where the case has a report (a non-empty token mask)."""
+    return (jnp.sum(batch["report/mask"], -1) > 0).astype(jnp.float32)
+
+
 def _encode(encoder: ReportEncoder, batch: dict, m: str):
     mask = batch["report/mask"]
-    present = (jnp.sum(mask, -1) > 0).astype(jnp.float32)
+    present = _present(batch)
     if POOLED in batch and isinstance(encoder, ReportEncoder):
         return encoder.from_pooled(batch[POOLED]), present, jnp.zeros((), jnp.int32)
     return encoder(batch["report/ids"], mask), present, jnp.zeros((), jnp.int32)
@@ -155,10 +160,9 @@ def _log_likelihood(model, m: str, out: jax.Array, batch: dict, reps: int) -> ja
     spec = model.spec
     logits = out.reshape((reps, -1) + out.shape[1:])                    # (R, B, [T,] V) or (R, B, H)
     if spec.report_decoder == "embedding":
-        mask = batch["report/mask"]
         target = batch[POOLED] if POOLED in batch else jax.lax.stop_gradient(
-            model.encoders[m].pooled(batch["report/ids"], mask))            # (B, H)
-        present = (jnp.sum(mask, -1) > 0).astype(jnp.float32)
+            model.encoders[m].pooled(batch["report/ids"], batch["report/mask"]))   # (B, H)
+        present = _present(batch)
         log_scale = jnp.maximum(model.decoders[m].log_scale[...], EMBEDDING_MIN_LOG_SCALE)
         return likelihoods.diagonal_gaussian_log_likelihood(target[None], logits, log_scale) * present[None]
     if spec.report_decoder == "tokens":
