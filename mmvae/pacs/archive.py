@@ -52,6 +52,13 @@ class PacsError(MmvaeError):
         super().__init__((where + ": " if where else "") + reason)
 
 
+class StudyNotFound(PacsError):
+    """A study searched for by its StudyInstanceUID is not in the archive."""
+
+    def __init__(self, study: str):
+        super().__init__("no such study in the archive", study=study)
+
+
 @dataclass
 class StudyInfo:
     study_uid: str
@@ -159,7 +166,7 @@ class Archive:
                                  search_filters={**filters, "StudyInstanceUID": uid})
                 res = [d for d in res if str(_first(d, "StudyInstanceUID") or "") == uid]   # no wildcard/list matches
                 if not res:
-                    raise PacsError("no such study in the archive", study=uid)
+                    raise StudyNotFound(uid)
                 found += res
         else:
             found = self._call("study search", self.client.search_for_studies, fields=fields,
@@ -230,7 +237,5 @@ class Archive:
         try:
             self.studies([study_uid])
             return True
-        except PacsError as e:
-            if e.reason == "no such study in the archive":
-                return False
-            raise
+        except StudyNotFound:
+            return False
