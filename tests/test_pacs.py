@@ -285,3 +285,39 @@ def test_review_page_queries_a_study_in_the_archive(env, tmp_path):
     finally:
         live.stop()
         service.close()
+
+
+def test_local_queries_go_on_while_a_pacs_study_downloads(env, tmp_path):
+    """The service lock is not held while the archive is read: with a PACS download held
+    open, a query on an indexed case returns; the PACS query then finishes normally."""
+    import threading
+    from mmvae.serve.service import ReviewService
+    idx = tmp_path / "index"
+    ingest(env["archive"], env["workdir"], idx, standardize_from=env["emb"], show_progress=False)
+    service = ReviewService.load(env["workdir"], idx, settings={"k": 3}, archive=env["archive"])
+    arrived, release = threading.Event(), threading.Event()
+    real_write = env["archive"].write_series
+
+    def held_write(*a, **kw):            # the real Orthanc download, held until released
+        out = real_write(*a, **kw)
+        arrived.set()
+        assert release.wait(60)
+        return out
+
+    service.archive = type("Held", (), {})()
+    for name in ("studies", "series", "url"):
+        setattr(service.archive, name, getattr(env["archive"], name))
+    service.archive.write_series = held_write
+    st = env["studies"][env["first4"][0]]
+    done: dict = {}
+    t = threading.Thread(target=lambda: done.setdefault("s", service.query_pacs(st["study_uid"])))
+    try:
+        t.start()
+        assert arrived.wait(120), "the PACS query never reached the download"
+        local = service.query_case(service.retriever.index.case_ids[1])   # must not wait for the download
+        assert len(local.rounds[0].results) == 3 and t.is_alive()
+    finally:
+        release.set()
+        t.join(180)
+        service.close()
+    assert done["s"].rounds[0].results[0].case_id == st["study_uid"]
