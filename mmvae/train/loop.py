@@ -298,9 +298,12 @@ def train_and_evaluate(config, workdir: str | Path, *, show_progress: bool = Tru
     frozen = (FROZEN_BERT,) if (spec.report and config.model.text.get("freeze", False)) else ()
     if frozen and spec.report_encoder == "bert" and jax.process_count() == 1 and start < int(config.train.steps):
         t_cache = time.time()
-        train = cache_frozen_report(nnx.merge(graphdef, state["params"]).encoders["report"], train)
-        log.info("frozen report BERT: mean-pooled outputs of %d training cases computed once (%.1f s); "
-                 "training runs the head only", len(train), time.time() - t_cache)
+        report_encoder = nnx.merge(graphdef, state["params"]).encoders["report"]
+        train = cache_frozen_report(report_encoder, train)
+        if len(val):     # validation too: else the BERT runs twice per batch (encoder + embedding target)
+            val = cache_frozen_report(report_encoder, val)
+        log.info("frozen report BERT: mean-pooled outputs of %d training and %d validation cases computed once "
+                 "(%.1f s); training runs the head only", len(train), len(val), time.time() - t_cache)
     train_step = make_train_step(graphdef, tx, obj, lr, ema, frozen=frozen)
     base_key = jax.random.key(seed)
 
