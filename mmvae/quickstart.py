@@ -108,7 +108,8 @@ def run_quickstart(config, workdir: str | Path, *, show_progress: bool = True, l
         f"chance level (random ranking) {chance:.3f}.")
     atomic_write_text(workdir / "retrieval.md",
                       f"# Leave-one-case-out retrieval of `{config.data.label}` (synthetic cohort)\n\n"
-                      f"Model: {spec.fusion} fusion, latent {spec.embedding_dim}, {summary['step']} steps; {text}.\n\n"
+                      f"Model: {spec.fusion} fusion, embedding dimension {spec.embedding_dim}, {summary['step']} steps; "
+                      f"{text}.\n\n"
                       + table + f"\nChance mAP@{k} (random ranking, same protocol): {chance:.3f}\n")
     log(f"Tables: {workdir / 'retrieval.md'}, {workdir / 'retrieval.csv'}")
     return rows

@@ -310,14 +310,27 @@ def test_local_queries_go_on_while_a_pacs_study_downloads(env, tmp_path):
     service.archive.write_series = held_write
     st = env["studies"][env["first4"][0]]
     done: dict = {}
-    t = threading.Thread(target=lambda: done.setdefault("s", service.query_pacs(st["study_uid"])))
+
+    def pacs_query():
+        try:
+            done["s"] = service.query_pacs(st["study_uid"])
+        except BaseException as e:      # shown by the test, not as a thread warning
+            done["e"] = e
+
+    t = threading.Thread(target=pacs_query, daemon=True)
     try:
         t.start()
-        assert arrived.wait(120), "the PACS query never reached the download"
+        assert arrived.wait(120), f"the PACS query never reached the download: {done.get('e')!r}"
         local = service.query_case(service.retriever.index.case_ids[1])   # must not wait for the download
         assert len(local.rounds[0].results) == 3 and t.is_alive()
     finally:
         release.set()
         t.join(180)
+    try:
+        assert not t.is_alive()
+        if "e" in done:
+            raise done["e"]
+        assert done["s"].rounds[0].results[0].case_id == st["study_uid"]
+        assert list(service.tmp.iterdir()) == []          # the study's folders are gone
+    finally:
         service.close()
-    assert done["s"].rounds[0].results[0].case_id == st["study_uid"]

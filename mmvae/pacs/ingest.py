@@ -36,7 +36,7 @@ import numpy as np
 from mmvae.data import io as mio
 from mmvae.data.cache import PreprocessCache
 from mmvae.errors import InputError, MmvaeError
-from mmvae.pacs.archive import Archive, PacsError, StudyInfo
+from mmvae.pacs.archive import Archive, ArchiveUnreachable, PacsError, StudyInfo
 from mmvae.pacs.rules import Rule, load_rules, map_series
 from mmvae.progress import progress_bar
 from mmvae.retrieval.embed import Embeddings
@@ -253,7 +253,7 @@ def ingest(archive: Archive, workdir, index_dir, *, studies: Sequence[str] | Non
             try:
                 mu, lv, used, source, notes = encode_study(archive, r, st, rules, tmp, report=text)
             except PacsError as e:
-                if on_error == "raise" or "unreachable" in e.reason:
+                if on_error == "raise" or isinstance(e, ArchiveUnreachable):
                     raise
                 log.warning("skipped: %s", e)
                 rep.failed.append((st.study_uid, str(e)))

@@ -300,7 +300,7 @@ def train_and_evaluate(config, workdir: str | Path, *, show_progress: bool = Tru
         t_cache = time.time()
         report_encoder = nnx.merge(graphdef, state["params"]).encoders["report"]
         train = cache_frozen_report(report_encoder, train)
-        if len(val):     # validation too: else the BERT runs twice per batch (encoder + embedding target)
+        if len(val) and any(e.every > 0 for e in evaluators):     # the validation passes' BERT runs too
             val = cache_frozen_report(report_encoder, val)
         log.info("frozen report BERT: mean-pooled outputs of %d training and %d validation cases computed once "
                  "(%.1f s); training runs the head only", len(train), len(val), time.time() - t_cache)
