@@ -77,10 +77,10 @@ def run_quickstart(config, workdir: str | Path, *, show_progress: bool = True, l
     with config.unlocked():
         config.data.manifest = str(manifest)
     summary = train_and_evaluate(config, workdir, show_progress=show_progress)
+    text = describe_text(config) if config.data.report else "no report"
     log(f"[2/5] trained {summary['step']} steps on {summary['num_train']} cases in {summary['train_seconds']:.0f}s "
         f"(first step incl. compile {summary['compile_seconds'] or 0:.1f}s); "
-        f"final loss {summary['metrics'].get('loss', float('nan')):.1f}; "
-        + (describe_text(config) if config.data.report else "no report"))
+        f"final loss {summary['metrics'].get('loss', float('nan')):.1f}; " + text)
     config_t, spec, model, tokenizer = load_trained(workdir)
     cohort, _, _ = load_cohort(config_t, workdir, str(manifest), tokenizer=tokenizer, show_progress=show_progress)
     ident = {"model_fingerprint": fingerprint(spec), "checkpoint_step": summary["step"]}
@@ -107,7 +107,9 @@ def run_quickstart(config, workdir: str | Path, *, show_progress: bool = True, l
     log(f"\nAll-modality mAP@{k} {all_row.get(f'map@{k}', float('nan')):.3f}; "
         f"chance level (random ranking) {chance:.3f}.")
     atomic_write_text(workdir / "retrieval.md",
-                      f"# Leave-one-case-out retrieval of `{config.data.label}` (synthetic cohort)\n\n" + table
-                      + f"\nChance mAP@{k} (random ranking, same protocol): {chance:.3f}\n")
+                      f"# Leave-one-case-out retrieval of `{config.data.label}` (synthetic cohort)\n\n"
+                      f"Model: {spec.fusion} fusion, embedding dimension {spec.embedding_dim}, {summary['step']} steps; "
+                      f"{text}.\n\n"
+                      + table + f"\nChance mAP@{k} (random ranking, same protocol): {chance:.3f}\n")
     log(f"Tables: {workdir / 'retrieval.md'}, {workdir / 'retrieval.csv'}")
     return rows

@@ -44,6 +44,9 @@ def test_quickstart_writes_a_table_for_every_query_subset(quickstart_run, capsys
             assert float(r["map@10_lo"]) <= float(r["map@10"]) <= float(r["map@10_hi"])
     md = (wd / "retrieval.md").read_text()
     assert "| t1+t2+dwi+report+clinical |" in md
+    # the table says which model produced it, report expert included (the `auto` text recipe
+    # depends on whether the text extra is installed)
+    assert "Model: poe fusion, embedding dimension 8, 4 steps; report expert: " in md
     # the chance level is stated: random AP@10 with 7 balanced classes in 32 cases is ~0.1-0.2
     chance = float(md.split("Chance mAP@10 (random ranking, same protocol): ")[1].split()[0])
     assert 0.03 < chance < 0.3

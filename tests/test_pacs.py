@@ -285,3 +285,52 @@ def test_review_page_queries_a_study_in_the_archive(env, tmp_path):
     finally:
         live.stop()
         service.close()
+
+
+def test_local_queries_go_on_while_a_pacs_study_downloads(env, tmp_path):
+    """The service lock is not held while the archive is read: with a PACS download held
+    open, a query on an indexed case returns; the PACS query then finishes normally."""
+    import threading
+    from mmvae.serve.service import ReviewService
+    idx = tmp_path / "index"
+    ingest(env["archive"], env["workdir"], idx, standardize_from=env["emb"], show_progress=False)
+    service = ReviewService.load(env["workdir"], idx, settings={"k": 3}, archive=env["archive"])
+    arrived, release = threading.Event(), threading.Event()
+    real_write = env["archive"].write_series
+
+    def held_write(*a, **kw):            # the real Orthanc download, held until released
+        out = real_write(*a, **kw)
+        arrived.set()
+        assert release.wait(60)
+        return out
+
+    service.archive = type("Held", (), {})()
+    for name in ("studies", "series", "url"):
+        setattr(service.archive, name, getattr(env["archive"], name))
+    service.archive.write_series = held_write
+    st = env["studies"][env["first4"][0]]
+    done: dict = {}
+
+    def pacs_query():
+        try:
+            done["s"] = service.query_pacs(st["study_uid"])
+        except BaseException as e:      # shown by the test, not as a thread warning
+            done["e"] = e
+
+    t = threading.Thread(target=pacs_query, daemon=True)
+    try:
+        t.start()
+        assert arrived.wait(120), f"the PACS query never reached the download: {done.get('e')!r}"
+        local = service.query_case(service.retriever.index.case_ids[1])   # must not wait for the download
+        assert len(local.rounds[0].results) == 3 and t.is_alive()
+    finally:
+        release.set()
+        t.join(180)
+    try:
+        assert not t.is_alive()
+        if "e" in done:
+            raise done["e"]
+        assert done["s"].rounds[0].results[0].case_id == st["study_uid"]
+        assert list(service.tmp.iterdir()) == []          # the study's folders are gone
+    finally:
+        service.close()

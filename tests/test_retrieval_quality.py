@@ -289,8 +289,8 @@ def test_report_embedding_likelihood(tmp_path):
 
 def test_embedding_decoder_trains_end_to_end_on_a_frozen_pretrained_bert(tmp_path):
     """A (tiny, random) pretrained BERT checkpoint, frozen, with the sentence-embedding report
-    decoder: trains with a validation pass (target recomputed by the BERT), resumes the BERT
-    unchanged, and embeds the cohort."""
+    decoder: trains with a validation pass (the validation cases' pooled BERT outputs cached
+    like the training cases'), resumes the BERT unchanged, and embeds the cohort."""
     from test_text import _write_ckpt
     from mmvae.data.text import build_word_tokenizer, load_tokenizer
     from mmvae.models.text import BertConfig, load_hf_bert

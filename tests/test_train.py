@@ -444,3 +444,38 @@ def test_truncate_metrics_drops_rows_after_the_resume_step(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 6, "spl')
     assert truncate_metrics(tmp_path, 3) == 3
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+
+
+def test_frozen_parameters_keep_their_value_and_their_ema():
+    """``frozen`` path prefixes: no update (weight decay included) and an EMA equal to the
+    parameter itself (d·e + (1-d)·p drifts by float32 rounding even when e == p)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+    from mmvae.runs.setup import init_state
+    from mmvae.train.step import make_train_step
+
+    class Two(nnx.Module):
+        def __init__(self, rngs):
+            self.bert = nnx.Linear(3, 3, rngs=rngs)
+            self.head = nnx.Linear(3, 1, rngs=rngs)
+
+    def loss(model, batch, key, step):
+        return jnp.mean(model.head(model.bert(batch["x"])) ** 2), {}
+
+    model = Two(nnx.Rngs(0))
+    tx = optax.adamw(1e-2, weight_decay=0.1)
+    graphdef, state = init_state(model, tx, ema_decay=0.9)
+    state["params"] = jax.tree.map(lambda a: a * 1.1, state["params"])   # values d·e + (1-d)·e does not keep
+    state["ema"] = jax.tree.map(jnp.copy, state["params"])
+    start = jax.tree.map(np.asarray, state["params"])
+    step = jax.jit(make_train_step(graphdef, tx, None, ema_decay=0.9, frozen=("bert",), loss=loss))
+    batch = {"x": jnp.asarray(np.random.default_rng(0).normal(size=(8, 3)), jnp.float32)}
+    for t in range(5):
+        state, _ = step(state, batch, jax.random.key(t))
+    for name in ("kernel", "bias"):
+        np.testing.assert_array_equal(np.asarray(state["params"]["bert"][name][...]), start["bert"][name])
+        np.testing.assert_array_equal(np.asarray(state["ema"]["bert"][name][...]), start["bert"][name])
+    assert not np.allclose(np.asarray(state["params"]["head"]["kernel"][...]), start["head"]["kernel"])
+    assert not np.allclose(np.asarray(state["ema"]["head"]["kernel"][...]), start["head"]["kernel"])

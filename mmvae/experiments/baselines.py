@@ -44,7 +44,7 @@ from mmvae.data.text import find_minilm_dir, load_tokenizer, tokenize
 from mmvae.errors import ConfigError
 from mmvae.experiments.protocol import BlockEmbeddings
 from mmvae.models import fusion as F
-from mmvae.models.modalities.report import ReportEncoder
+from mmvae.models.modalities.report import FROZEN_BERT, ReportEncoder
 from mmvae.models.mvae import MultimodalVAE
 from mmvae.models.text import load_hf_bert, mean_pool
 from mmvae.objectives.elbo import info_nce, random_subsets, unit
@@ -490,7 +490,7 @@ def _train(graphdef, params, train: Cohort, config, kind: str, steps: int, seed:
             vae.encoders["report"], ReportEncoder):
         # model.text.freeze holds for the baselines too: the BERT stays fixed, its pooled output
         # is computed once (as in the VAE's training loop) and only the heads train.
-        frozen = ("encoders/report/bert", "vae/encoders/report/bert")
+        frozen = (FROZEN_BERT, f"vae/{FROZEN_BERT}")   # the VAE baselines' and _Classifier's paths
         train = cache_frozen_report(vae.encoders["report"], train)
     step = _step_fn(graphdef, kind, float(config.objective.alignment_temperature), tx, frozen)
     state = init_state(model, tx)[1]

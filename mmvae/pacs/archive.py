@@ -19,7 +19,7 @@ from mmvae.data.io import dicom_b_value
 from mmvae.errors import MmvaeError
 from mmvae.pacs.rules import SeriesInfo
 
-__all__ = ["Archive", "PacsError", "StudyInfo", "deidentify", "IDENTIFYING", "RULE_ATTRIBUTES"]
+__all__ = ["Archive", "PacsError", "StudyNotFound", "ArchiveUnreachable", "StudyInfo", "deidentify", "IDENTIFYING", "RULE_ATTRIBUTES"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,17 @@ class PacsError(MmvaeError):
         self.reason, self.study, self.series = reason, study, series
         where = ", ".join(x for x in ((f"study {study}" if study else ""), (f"series {series}" if series else "")) if x)
         super().__init__((where + ": " if where else "") + reason)
+
+
+class ArchiveUnreachable(PacsError):
+    """The archive does not answer (connection refused, DNS, timeout)."""
+
+
+class StudyNotFound(PacsError):
+    """A study searched for by its StudyInstanceUID is not in the archive."""
+
+    def __init__(self, study: str):
+        super().__init__("no such study in the archive", study=study)
 
 
 @dataclass
@@ -137,8 +148,8 @@ class Archive:
             hint = " (check --username/--password)" if r is not None and r.status_code in (401, 403) else ""
             raise PacsError(f"{what} failed: {code}{hint}", study=study, series=series) from None
         except (requests.ConnectionError, requests.Timeout) as e:
-            raise PacsError(f"archive unreachable at {self.url} ({type(e).__name__})", study=study,
-                            series=series) from None
+            raise ArchiveUnreachable(f"archive unreachable at {self.url} ({type(e).__name__})", study=study,
+                                     series=series) from None
         except requests.RequestException as e:       # bad URL, broken chunked answer, ...
             raise PacsError(f"{what} failed ({type(e).__name__}: {e})", study=study, series=series) from None
         except (ValueError, KeyError, TypeError, pydicom.errors.InvalidDicomError) as e:
@@ -159,7 +170,7 @@ class Archive:
                                  search_filters={**filters, "StudyInstanceUID": uid})
                 res = [d for d in res if str(_first(d, "StudyInstanceUID") or "") == uid]   # no wildcard/list matches
                 if not res:
-                    raise PacsError("no such study in the archive", study=uid)
+                    raise StudyNotFound(uid)
                 found += res
         else:
             found = self._call("study search", self.client.search_for_studies, fields=fields,
@@ -230,7 +241,5 @@ class Archive:
         try:
             self.studies([study_uid])
             return True
-        except PacsError as e:
-            if e.reason == "no such study in the archive":
-                return False
-            raise
+        except StudyNotFound:
+            return False

@@ -36,7 +36,7 @@ import numpy as np
 from mmvae.data import io as mio
 from mmvae.data.cache import PreprocessCache
 from mmvae.errors import InputError, MmvaeError
-from mmvae.pacs.archive import Archive, PacsError, StudyInfo
+from mmvae.pacs.archive import Archive, ArchiveUnreachable, PacsError, StudyInfo
 from mmvae.pacs.rules import Rule, load_rules, map_series
 from mmvae.progress import progress_bar
 from mmvae.retrieval.embed import Embeddings
@@ -44,7 +44,8 @@ from mmvae.retrieval.index import build_index
 from mmvae.retrieval.query import Retriever, model_identity
 from mmvae.runs.trained import load_trained
 
-__all__ = ["ingest", "IngestReport", "load_reports", "encode_study"]
+__all__ = ["ingest", "IngestReport", "load_reports", "encode_study", "retrieve_study", "encode_retrieved",
+           "RetrievedStudy"]
 
 log = logging.getLogger(__name__)
 
@@ -88,45 +89,88 @@ def load_reports(path: str | os.PathLike | None) -> dict[str, str]:
         return {row[key].strip(): row["report"].strip() for row in reader if row.get(key) and row.get("report")}
 
 
-def encode_study(archive: Archive, retriever: Retriever, study: StudyInfo, rules: Sequence[Rule], tmp: Path, *,
-                 modalities: Sequence[str] | None = None, report: str | None = None,
-                 on_series: Callable[[str, Path], None] | None = None):
-    """Map, retrieve and encode one study. Returns ``(mu, logvar, used modalities, source,
-    decisions)``; PacsError when no series matches or a series fails to load.
+@dataclass
+class RetrievedStudy:
+    """A study's chosen series, written de-identified under ``folder`` (one sub-folder per
+    image modality): ``chosen`` modality → SeriesInfo, ``images`` modality → [series folder],
+    ``notes`` the mapping decisions."""
+    study: StudyInfo
+    folder: Path
+    chosen: dict
+    images: dict[str, list[str]]
+    notes: list[str]
 
-    The series are written de-identified into a folder under ``tmp`` with the study's own
-    preprocessing cache, and the folder is removed before returning (``on_series(modality,
-    folder)`` sees each retrieved series first, e.g. for a thumbnail)."""
+
+def retrieve_study(archive: Archive, image_modalities: Sequence[str], study: StudyInfo, rules: Sequence[Rule],
+                   tmp: Path, *, modalities: Sequence[str] | None = None,
+                   on_series: Callable[[str, Path], None] | None = None) -> RetrievedStudy:
+    """Map ``study``'s series to ``image_modalities`` (restricted to ``modalities``) with
+    ``rules`` and write each chosen series de-identified into a new folder under ``tmp``
+    (``on_series(modality, folder)`` sees each one as it arrives). Archive I/O only: touches
+    no model. The caller removes ``.folder``; on an error it is removed here.
+
+    Raises:
+      PacsError: no series matches the rules, or the archive fails.
+    """
     series = archive.series(study.study_uid)
-    want = [m for m in retriever.image_modalities if modalities is None or m in modalities]
+    want = [m for m in image_modalities if modalities is None or m in modalities]
     chosen, notes = map_series(series, rules, want)
     if not chosen:
         names = ", ".join(repr(s.description) for s in series) or "none"
         raise PacsError(f"no series matches the modality rules for {want} (series: {names})", study=study.study_uid)
     folder = Path(tempfile.mkdtemp(prefix="study-", dir=tmp))
-    cache = retriever.cache
     try:
         images = {}
         for m, s in chosen.items():
             images[m] = [str(archive.write_series(study.study_uid, s.series_uid, folder / m, expect=s.instances))]
             if on_series is not None:
                 on_series(m, folder / m)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return RetrievedStudy(study, folder, chosen, images, notes)
+
+
+def encode_retrieved(archive_url: str, retriever: Retriever, got: RetrievedStudy, *, report: str | None = None,
+                     modalities: Sequence[str] | None = None):
+    """Encode a :func:`retrieve_study` result with the study's own preprocessing cache (under
+    its folder) and remove the folder. Returns ``(mu, logvar, used modalities, source,
+    decisions)``; PacsError naming the series when one fails to load. Not thread-safe (the
+    retriever's cache is swapped while it runs)."""
+    study, folder, chosen = got.study, got.folder, got.chosen
+    cache = retriever.cache
+    try:
         use_report = report if (modalities is None or "report" in modalities) else None
         retriever.cache = PreprocessCache(folder / ".cache")    # nothing of the study outlives this call
         try:
-            mu, lv, used = retriever.encode(images, use_report)
+            mu, lv, used = retriever.encode(got.images, use_report)
         except InputError as e:
             m = e.modality
             raise PacsError(f"{e.reason}", study=study.study_uid,
                             series=chosen[m].series_uid if m in chosen else None) from None
-        notes += [f"{study.study_uid}: {x.replace(str(folder) + '/', '')}" for x in retriever.last_notes]
+        notes = got.notes + [f"{study.study_uid}: {x.replace(str(folder) + '/', '')}" for x in retriever.last_notes]
     finally:
         retriever.cache = cache
         shutil.rmtree(folder, ignore_errors=True)
-    source = {"archive": archive.url, "study_instance_uid": study.study_uid, "accession_number": study.accession,
+    source = {"archive": archive_url, "study_instance_uid": study.study_uid, "accession_number": study.accession,
               "study_date": study.study_date, "instances": study.instances,
               "series": {m: s.series_uid for m, s in chosen.items()}}
     return mu, lv, used, source, notes
+
+
+def encode_study(archive: Archive, retriever: Retriever, study: StudyInfo, rules: Sequence[Rule], tmp: Path, *,
+                 modalities: Sequence[str] | None = None, report: str | None = None,
+                 on_series: Callable[[str, Path], None] | None = None):
+    """Map, retrieve and encode one study (:func:`retrieve_study` then
+    :func:`encode_retrieved`). Returns ``(mu, logvar, used modalities, source, decisions)``;
+    PacsError when no series matches or a series fails to load.
+
+    The series are written de-identified into a folder under ``tmp`` with the study's own
+    preprocessing cache, and the folder is removed before returning (``on_series(modality,
+    folder)`` sees each retrieved series first, e.g. for a thumbnail)."""
+    got = retrieve_study(archive, retriever.image_modalities, study, rules, tmp, modalities=modalities,
+                         on_series=on_series)
+    return encode_retrieved(archive.url, retriever, got, report=report, modalities=modalities)
 
 
 def ingest(archive: Archive, workdir, index_dir, *, studies: Sequence[str] | None = None, since: str | None = None,
@@ -209,7 +253,7 @@ def ingest(archive: Archive, workdir, index_dir, *, studies: Sequence[str] | Non
             try:
                 mu, lv, used, source, notes = encode_study(archive, r, st, rules, tmp, report=text)
             except PacsError as e:
-                if on_error == "raise" or "unreachable" in e.reason:
+                if on_error == "raise" or isinstance(e, ArchiveUnreachable):
                     raise
                 log.warning("skipped: %s", e)
                 rep.failed.append((st.study_uid, str(e)))

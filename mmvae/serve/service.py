@@ -125,7 +125,8 @@ def _suffix(name: str) -> str:
 class ReviewService:
     """Queries, feedback rounds and case views over one trained run and its index.
 
-    Thread-safe: every public method holds one lock (the Retriever is not thread-safe).
+    Thread-safe: every public method holds one lock (the Retriever is not thread-safe), except
+    while :meth:`query_pacs` waits for the archive (a lock of its own).
     """
 
     def __init__(self, retriever: Retriever, cases: Mapping[str, CaseEntries] | None = None, *,
@@ -138,6 +139,7 @@ class ReviewService:
         self._tmp = tempfile.TemporaryDirectory(prefix="mmvae-serve-", dir=tmp_root)
         self.tmp = Path(self._tmp.name)
         self._lock = threading.RLock()
+        self._archive_lock = threading.Lock()   # query_pacs: one study search + download at a time
         self.sessions: OrderedDict[str, Session] = OrderedDict()
         self.thumbs = ThumbnailCache()
         ids = retriever.index.case_ids
@@ -171,7 +173,7 @@ class ReviewService:
             raise
 
     def close(self) -> None:
-        with self._lock:
+        with self._archive_lock, self._lock:      # waits for a PACS query's download too
             self.retriever.close()
             self._tmp.cleanup()
 
@@ -426,30 +428,37 @@ class ReviewService:
         """Query with a study in the archive (``--pacs``): its series are mapped by the default
         modality rules (:mod:`mmvae.pacs.rules`), retrieved de-identified into a temporary
         folder, encoded and searched; the decisions are the session's notes."""
-        from mmvae.pacs.ingest import encode_study
+        from mmvae.pacs.ingest import encode_retrieved, retrieve_study
         from mmvae.pacs.rules import load_rules
         with self._lock:
             if self.archive is None:
                 raise InputError("no archive: start the server with --pacs URL")
             mods, k = self._check_query(modalities, k, rerank)
+        thumbs: dict[str, bytes] = {}
+
+        def thumbnail(m: str, series_folder: Path) -> None:
+            try:
+                thumbs[m] = self._thumbnail(series_folder)
+            except InputError as e:     # the query stands without this picture
+                log.warning("thumbnail of study %s, %s: %s", study_uid, m, e.reason)
+
+        # The archive's answers and the study's download (seconds to minutes) run under the
+        # archive lock only, so other users' queries go on meanwhile; the encoding and the
+        # search take the service lock too (always in this order; close() takes both).
+        with self._archive_lock:
             folder = Path(tempfile.mkdtemp(prefix="pacs-", dir=self.tmp))
-            thumbs: dict[str, bytes] = {}
-
-            def thumbnail(m: str, series_folder: Path) -> None:
-                try:
-                    thumbs[m] = self._thumbnail(series_folder)
-                except InputError as e:     # the query stands without this picture
-                    log.warning("thumbnail of study %s, %s: %s", study_uid, m, e.reason)
-
             try:
                 study = self.archive.studies([str(study_uid).strip()])[0]
                 img_mods = None if mods is None else [m for m in mods if m in self.retriever.image_modalities]
-                mu, lv, used, source, notes = encode_study(self.archive, self.retriever, study, load_rules(), folder,
-                                                           modalities=img_mods, on_series=thumbnail)
-                src = {"kind": "pacs", "study_instance_uid": study.study_uid, "accession_number": study.accession}
-                return self._new_session(source=src, modalities=list(used), mu=mu, logvar=lv, k=k, rerank=rerank,
-                                         exclude=[], notes=notes, uncertainty=self._uncertainty(lv),
-                                         thumbnails=thumbs)
+                got = retrieve_study(self.archive, self.retriever.image_modalities, study, load_rules(), folder,
+                                     modalities=img_mods, on_series=thumbnail)
+                with self._lock:
+                    mu, lv, used, _, notes = encode_retrieved(self.archive.url, self.retriever, got,
+                                                              modalities=img_mods)
+                    src = {"kind": "pacs", "study_instance_uid": study.study_uid, "accession_number": study.accession}
+                    return self._new_session(source=src, modalities=list(used), mu=mu, logvar=lv, k=k, rerank=rerank,
+                                             exclude=[], notes=notes, uncertainty=self._uncertainty(lv),
+                                             thumbnails=thumbs)
             finally:
                 shutil.rmtree(folder, ignore_errors=True)
 

@@ -39,6 +39,7 @@ from mmvae.data.dataset import (Cohort, read_case_list, split_indices, with_labe
 from mmvae.data.pipeline import eval_batches as eval_batch_stream, Position, train_batches as train_batch_stream
 from mmvae.errors import CheckpointError, ConfigError, MmvaeError
 from mmvae.models import fusion as F
+from mmvae.models.modalities.report import FROZEN_BERT, POOLED
 from mmvae.models.mvae import build_model
 from mmvae.models.text import load_hf_bert
 from mmvae.progress import progress_bar
@@ -166,7 +167,6 @@ def cache_frozen_report(encoder, cohort: Cohort, batch_size: int = 32) -> Cohort
     forward and backward passes. Only for a frozen BERT: with a trainable one the entry would be
     stale. Single-process (the output is gathered on the host).
     """
-    from mmvae.models.modalities.report import POOLED
     enc_def, enc_state = nnx.split(encoder)
     fn = jax.jit(lambda st, ids, mask: nnx.merge(enc_def, st).pooled(ids, mask))
     ids, mask = cohort.arrays["report/ids"], cohort.arrays["report/mask"]
@@ -295,12 +295,15 @@ def train_and_evaluate(config, workdir: str | Path, *, show_progress: bool = Tru
         write_run_files(workdir, config, spec, cohort.clinical_stats)
         _write_layout(workdir, mesh, shardings, state, config, start if restored is not None else None)
 
-    frozen = ("encoders/report/bert",) if (spec.report and config.model.text.get("freeze", False)) else ()
+    frozen = (FROZEN_BERT,) if (spec.report and config.model.text.get("freeze", False)) else ()
     if frozen and spec.report_encoder == "bert" and jax.process_count() == 1 and start < int(config.train.steps):
         t_cache = time.time()
-        train = cache_frozen_report(nnx.merge(graphdef, state["params"]).encoders["report"], train)
-        log.info("frozen report BERT: mean-pooled outputs of %d training cases computed once (%.1f s); "
-                 "training runs the head only", len(train), time.time() - t_cache)
+        report_encoder = nnx.merge(graphdef, state["params"]).encoders["report"]
+        train = cache_frozen_report(report_encoder, train)
+        if len(val) and any(e.every > 0 for e in evaluators):     # the validation passes' BERT runs too
+            val = cache_frozen_report(report_encoder, val)
+        log.info("frozen report BERT: mean-pooled outputs of %d training and %d validation cases computed once "
+                 "(%.1f s); training runs the head only", len(train), len(val), time.time() - t_cache)
     train_step = make_train_step(graphdef, tx, obj, lr, ema, frozen=frozen)
     base_key = jax.random.key(seed)
 

@@ -34,6 +34,14 @@ def freeze(tree, frozen: tuple[str, ...]):
         lambda p, x: jnp.zeros_like(x) if any(_path_str(p).startswith(f) for f in frozen) else x, tree)
 
 
+def _take_frozen(tree, source, frozen: tuple[str, ...]):
+    """``tree`` with the leaves under a ``frozen`` path prefix taken from ``source``."""
+    if not frozen:
+        return tree
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x, y: y if any(_path_str(p).startswith(f) for f in frozen) else x, tree, source)
+
+
 def make_train_step(graphdef, tx, obj: ObjectiveSpec | None, lr_schedule=None, ema_decay: float = 0.0,
                     frozen: tuple[str, ...] = (), loss: Callable | None = None):
     """Return ``step(state, batch, key) -> (state, metrics)`` (not yet jitted).
@@ -67,9 +75,9 @@ def make_train_step(graphdef, tx, obj: ObjectiveSpec | None, lr_schedule=None, e
         out["step"] = state["step"] + 1
         out["nonfinite_steps"] = jnp.where(finite, 0, state["nonfinite_steps"] + 1)
         out["skipped_total"] = state.get("skipped_total", jnp.zeros((), jnp.int32)) + (~finite).astype(jnp.int32)
-        if "ema" in state:
-            out["ema"] = keep(jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p,
-                                           state["ema"], out["params"]), state["ema"])
+        if "ema" in state:    # frozen parameters: their EMA is the parameter itself (no float32 drift)
+            ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, state["ema"], out["params"])
+            out["ema"] = keep(_take_frozen(ema, out["params"], frozen), state["ema"])
         metrics = dict(metrics, grad_norm=gnorm, skipped=(~finite).astype(jnp.int32),
                        skipped_total=out["skipped_total"])
         if lr_schedule is not None:

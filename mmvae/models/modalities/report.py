@@ -141,6 +141,9 @@ def _decoder(spec, m: str, latent: int, dtype, rngs: nnx.Rngs):
 # the BERT's gradients: never add it otherwise). Equal to running the BERT
 # (tests/test_retrieval_quality.py); never needed at query time.
 POOLED = "report/pooled"
+# Parameter path of the report expert's BERT inside MultimodalVAE's state: the prefix whose
+# gradients and updates are zeroed when model.text.freeze holds (mmvae.train.step.make_train_step).
+FROZEN_BERT = "encoders/report/bert"
 
 
 def _present(batch: dict) -> jax.Array:
