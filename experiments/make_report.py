@@ -442,8 +442,10 @@ def render(args, syn: dict, figs: list[Path], brats: dict | None, assets: Path, 
             s_label = G.summarise(rows, "map@10", label)
             queries = [q for q in dict.fromkeys(compact) if any(s["query"] == q for s in s_label)]
             L.append(f"### Label `{label}` (chance {medpix.get('chance', {}).get(label, float('nan')):.3f})\n")
-            L.append(G.markdown(s_label, queries, "map@10"))
-        L.append("Every query subset, with 95% CIs: [`results/medpix_results.csv`](results/medpix_results.csv).\n")
+            L.append(G.markdown(s_label, queries, "map@10", show_queries=True))
+        L.append("`n` = queries (cases with a label and every modality of the column): few cases have all four "
+                 "sequences, so the multi-sequence columns rest on a handful of queries. "
+                 "Every query subset, with 95% CIs: [`results/medpix_results.csv`](results/medpix_results.csv).\n")
         L.append(_cost_table(medpix["results"]))
     L.append("## Reproduce\n")
     L.append("```\npython experiments/make_report.py --out runs/report\n```\n"

@@ -265,3 +265,13 @@ def test_make_report_end_to_end_on_tiny(grid_run, tmp_path):
     assert {(r["method"], r["label"]) for r in ok} == {("vae", "grade"), ("vae", "tumour_volume"),
                                                       ("raw_pca", "grade"), ("raw_pca", "tumour_volume")}
     assert all(int(r["num_queries"]) == 6 for r in ok)
+
+
+def test_markdown_table_can_show_the_number_of_queries_per_column():
+    from mmvae.experiments import grid as G
+    s = [dict(method="raw_pca", fusion="", objective="", train_subset="t1+t2", query=q, mean=m, sd=0.0, n_seeds=1,
+              lo=m, hi=m, num_queries=n) for q, m, n in (("t1", 0.2, 57), ("t1+t2", 0.3, 3))]
+    plain = G.markdown(s, ["t1", "t1+t2"])
+    shown = G.markdown(s, ["t1", "t1+t2"], show_queries=True)
+    assert "| t1 | t1+t2 |" in plain and "(n=" not in plain
+    assert "| t1 (n=57) | t1+t2 (n=3) |" in shown and "| 0.200 | 0.300 |" in shown

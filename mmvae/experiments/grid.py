@@ -398,12 +398,19 @@ def method_label(s: dict) -> str:
     return f"{s['method']} [{s['train_subset']}]"
 
 
-def markdown(summary: Sequence[dict], queries: Sequence[str], metric: str = "map@10") -> str:
-    """One row per method; one column per query subset: ``mean ± sd`` (or ``mean`` for one seed)."""
+def markdown(summary: Sequence[dict], queries: Sequence[str], metric: str = "map@10", *,
+             show_queries: bool = False) -> str:
+    """One row per method; one column per query subset: ``mean ± sd`` (or ``mean`` for one seed).
+
+    ``show_queries``: each column's header gives the number of queries (the most any method
+    had): on a cohort where few cases have every modality a column can rest on a handful."""
     by_method: dict[str, dict] = {}
+    n_q: dict[str, int] = {}
     for s in summary:
         by_method.setdefault(method_label(s), {})[s["query"]] = s
-    head = f"| method ({metric}, mean ± sd over seeds) | " + " | ".join(queries) + " |\n"
+        n_q[s["query"]] = max(n_q.get(s["query"], 0), int(s.get("num_queries", 0)))
+    names = [f"{q} (n={n_q.get(q, 0)})" for q in queries] if show_queries else list(queries)
+    head = f"| method ({metric}, mean ± sd over seeds) | " + " | ".join(names) + " |\n"
     head += "|---|" + "---:|" * len(queries) + "\n"
     lines = []
     for name, qs in by_method.items():
