@@ -245,6 +245,12 @@ def test_make_report_end_to_end_on_tiny(grid_run, tmp_path):
         part = md.split("## MedPix key images + reports", 1)[1].split("## Reproduce", 1)[0]
         assert "Chance (random ranking, same protocol): `category`" in part and "report_tfidf" in part
         assert (docs.parent / "results" / "medpix_results.csv").is_file()
+        assert "(n=" in part                   # every column says how many queries it rests on
+        # each case queried with the sequences it has: (nearly) every labelled case, not 3
+        own = [ln for ln in part.splitlines() if ln.startswith("| `location` | images + report |")]
+        assert len(own) == 1 and int(own[0].split("|")[3]) >= 100
+        assert "MedPix target, `category`: image + text queries above TF-IDF" in part
+        assert "MedPix target, `location`: image-only queries above chance" in part
     # Every figure the page links exists, is a PNG and lies beside the page.
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     assert any("heatmap_poe_default" in x for x in links) and any("projection_pca" in x for x in links)

@@ -29,7 +29,7 @@ import functools
 import json
 import logging
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["raw_intensity_pca", "handcrafted_features", "volume_features", "FEATURE_NAMES",
            "report_minilm", "contrastive_clip", "fit_clip", "supervised", "fit_supervised",
-           "embed_fit", "Fit", "run_baseline", "BASELINES", "report_tfidf", "logreg_features"]
+           "embed_fit", "Fit", "run_baseline", "BASELINES", "report_tfidf", "tfidf_vectors", "logreg_features"]
 
 
 # ============================================================================ helpers
@@ -615,17 +615,25 @@ def supervised(cohort: Cohort, train_idx, config, label: str, *, steps: int | No
 
 
 # ============================================================================ 7/8. TF-IDF, logistic regression
-def _tfidf(cohort: Cohort, train_idx):
-    """Fitted ``TfidfVectorizer`` (training reports) and the ``(N, V)`` matrix of every report."""
+def tfidf_vectors(reports: Sequence[str | None], fit_rows):
+    """``TfidfVectorizer`` fitted on the non-blank ``reports[fit_rows]`` and the sparse
+    ``(N, V)`` matrix of every report (blank or None → a zero row); see :func:`report_tfidf`.
+
+    Raises ConfigError when no fitting row has a report."""
     from sklearn.feature_extraction.text import TfidfVectorizer
 
-    reports = [r if (r and r.strip()) else "" for r in cohort.reports]
-    tr = [reports[i] for i in _train_rows(train_idx, len(cohort)) if reports[i]]
+    reports = [r if (r and r.strip()) else "" for r in reports]
+    tr = [reports[i] for i in np.asarray(fit_rows, int) if reports[i]]
     if not tr:
         raise ConfigError("report_tfidf: no training case has a report")
     vec = TfidfVectorizer(lowercase=True, ngram_range=(1, 2), min_df=2, sublinear_tf=True)
     vec.fit(tr)
     return vec, vec.transform(reports)
+
+
+def _tfidf(cohort: Cohort, train_idx):
+    """Fitted ``TfidfVectorizer`` (training reports) and the ``(N, V)`` matrix of every report."""
+    return tfidf_vectors(cohort.reports, _train_rows(train_idx, len(cohort)))
 
 
 def report_tfidf(cohort: Cohort, train_idx) -> BlockEmbeddings:
