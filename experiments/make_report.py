@@ -296,11 +296,13 @@ def medpix_own_modalities(vae_dirs: Sequence[Path], manifest: Path, labels: Sequ
                 if e.case_ids != ids:
                     raise MmvaeError(f"MedPix cells embed different cases: {vae_dirs[0]} vs another cell")
                 r = retrieval_metrics(np.asarray(e.subset_posterior(subset)[0])[q], np.asarray(e.mu), lab[q], lab, k,
-                                      exclude=q)[f"map@{k}"]
-                per_seed.append(tuple(float(x) for x in r))
-            t = retrieval_metrics(tf[q], tf, lab[q], lab, k, exclude=q)[f"map@{k}"]
+                                      exclude=q)
+                per_seed.append(tuple(float(x) for x in r[f"map@{k}"]))
+            t = retrieval_metrics(tf[q], tf, lab[q], lab, k, exclude=q)
+            n_q = int(t["num_queries"])          # a query whose label no other case has does not count
+            t = t[f"map@{k}"]
             v = np.asarray([x[0] for x in per_seed])
-            rows.append({"label": label, "query": name, "num_queries": int(len(q)), "mean": float(v.mean()),
+            rows.append({"label": label, "query": name, "num_queries": n_q, "mean": float(v.mean()),
                          "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "seed_cis": [x[1:] for x in per_seed],
                          "tfidf": tuple(float(x) for x in t)})
     return rows
@@ -506,7 +508,8 @@ def render(args, syn: dict, figs: list[Path], brats: dict | None, assets: Path, 
         if own:
             L.append("### Each case queried with the modalities it has\n")
             L.append("The columns above count only the cases that have every modality of the column. A radiologist's "
-                     "query is a case with whatever sequences it has: here every labelled case queries with all its "
+                     "query is a case with whatever sequences it has: here every labelled case (whose label another "
+                     "case shares) queries with all its "
                      "image sequences (and its report), and TF-IDF on the report alone is scored on the same queries "
                      f"(mAP@{int(medpix['ctx'].k)}; VAE mean ± sd over seeds, each seed's 95% bootstrap CI).\n")
             L.append("| label | query (each case's own) | n | VAE | VAE per-seed 95% CI | TF-IDF report, same queries "
