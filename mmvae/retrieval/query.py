@@ -663,9 +663,10 @@ def query_main(argv: Sequence[str], out=None) -> None:
           f"model+index load {t_load:.1f} s", file=out)
     u = r.last_uncertainty
     print(f"query uncertainty: posterior mean variance {u['mean_variance']:.3f}, log det {u['log_det']:.1f}; "
-          + ("expert disagreement " + (f"{u['disagreement']:.3f} nats (mean pairwise symmetrised KL "
-                                        "between the unimodal posteriors; large: the modalities point to "
-                                        "different cases)" if u["disagreement"] is not None
+          + ("expert disagreement " + (f"{u['disagreement']:.4g} nats (mean pairwise symmetrised KL "
+                                        "between the unimodal posteriors, summed over latent dimensions; it grows "
+                                        "with the experts' confidence, so compare it between queries of one model: "
+                                        "higher = the modalities agree less)" if u["disagreement"] is not None
                                        else "n/a (one modality)")), file=out)
     for n in r.last_notes:
         print(f"query used: {n}", file=out)
