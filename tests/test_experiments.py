@@ -232,7 +232,7 @@ def test_make_report_end_to_end_on_tiny(grid_run, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     full = next(s for s in summary if s["method"] == "vae" and s["query"] == "+".join(FULL))
     line = next(ln for ln in md.splitlines() if ln.startswith("| all-modality mAP@10 |"))
-    assert f"{full['mean']:.3f} (poe)" in line
+    assert f"{full['mean']:.3f} (poe; {full['num_queries']} queries with every modality)" in line
     assert ("**missed**" in line) == (full["mean"] < 0.60)
     if full["mean"] < 0.60:
         assert f"{0.60 - full['mean']:.3f} below" in line
