@@ -258,9 +258,9 @@ def medpix_own_modalities(vae_dirs: Sequence[Path], manifest: Path, labels: Sequ
     report), not only the cases that have all of a subset's modalities — mAP@k of the VAE
     cells (mean ± sd over seeds) and of the TF-IDF report baseline on the same queries
     (fitted on every report, as the ``report_tfidf`` cells are). One row per label × query."""
-    from mmvae.data import io as mio
     from mmvae.data.manifest import group_cases, read_manifest
     from mmvae.experiments.baselines import tfidf_vectors
+    from mmvae.retrieval.evaluate import chance_map
     from mmvae.retrieval.embed import Embeddings
     from mmvae.retrieval.metrics import retrieval_metrics
     if not vae_dirs:
@@ -270,14 +270,8 @@ def medpix_own_modalities(vae_dirs: Sequence[Path], manifest: Path, labels: Sequ
     if "report" not in mods:
         return []
     cases = {c.case_id: c for c in group_cases(read_manifest(manifest), None)}
-
-    def text(cid: str) -> str:
-        c = cases.get(cid)
-        if c is None:
-            return ""
-        return c.report_text if c.report_text is not None else (mio.load_report(c.report_path) if c.report_path else "")
-
-    tf = np.asarray(tfidf_vectors([text(c) for c in ids], np.arange(len(ids)))[1].todense(), np.float32)
+    reports = [cases[c].read_report() if c in cases else None for c in ids]
+    tf = np.asarray(tfidf_vectors(reports, np.arange(len(ids)))[1].todense(), np.float32)
     img = np.asarray([m not in ("report", "clinical") for m in mods], np.float32)
     rep = np.asarray([m == "report" for m in mods], np.float32)
     present = embs[0].present
@@ -302,7 +296,8 @@ def medpix_own_modalities(vae_dirs: Sequence[Path], manifest: Path, labels: Sequ
             n_q = int(t["num_queries"])          # a query whose label no other case has does not count
             t = t[f"map@{k}"]
             v = np.asarray([x[0] for x in per_seed])
-            rows.append({"label": label, "query": name, "num_queries": n_q, "mean": float(v.mean()),
+            rows.append({"label": label, "query": name, "num_queries": n_q, "chance": chance_map(lab, q, k),
+                         "mean": float(v.mean()),
                          "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "seed_cis": [x[1:] for x in per_seed],
                          "tfidf": tuple(float(x) for x in t)})
     return rows
@@ -513,13 +508,12 @@ def render(args, syn: dict, figs: list[Path], brats: dict | None, assets: Path, 
                      "image sequences (and its report), and TF-IDF on the report alone is scored on the same queries "
                      f"(mAP@{int(medpix['ctx'].k)}; VAE mean ± sd over seeds, each seed's 95% bootstrap CI).\n")
             L.append("| label | query (each case's own) | n | VAE | VAE per-seed 95% CI | TF-IDF report, same queries "
-                     "[95% CI] | chance |\n|---|---|---:|---:|---|---:|---:|")
+                     "[95% CI] | chance, same queries |\n|---|---|---:|---:|---|---:|---:|")
             for r in own:
                 t = r["tfidf"]
                 cis = ", ".join(f"[{lo:.3f}, {hi:.3f}]" for lo, hi in r["seed_cis"])
                 L.append(f"| `{r['label']}` | {r['query']} | {r['num_queries']} | {r['mean']:.3f} ± {r['sd']:.3f} | "
-                         f"{cis} | {t[0]:.3f} [{t[1]:.3f}, {t[2]:.3f}] | "
-                         f"{medpix.get('chance', {}).get(r['label'], float('nan')):.3f} |")
+                         f"{cis} | {t[0]:.3f} [{t[1]:.3f}, {t[2]:.3f}] | {r['chance']:.3f} |")
             L.append("")
             for r in own:
                 if r["query"] != "images + report":
@@ -531,7 +525,7 @@ def render(args, syn: dict, figs: list[Path], brats: dict | None, assets: Path, 
             for r in own:
                 if r["query"] != "images":
                     continue
-                ch = medpix.get("chance", {}).get(r["label"], float("nan"))
+                ch = r["chance"]
                 lo = min(c[0] for c in r["seed_cis"])
                 L.append(f"- MedPix target, `{r['label']}`: image-only queries above chance — "
                          + ("met (every seed's CI above chance)" if lo > ch else "**missed** (a seed's CI reaches chance)")

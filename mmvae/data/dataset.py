@@ -373,13 +373,9 @@ def prepare_cohort(manifest: str | Path, data_cfg, cache: PreprocessCache, token
                     # the kind's entries for a case without the modality (case_arrays' contract)
                     others[m] = build(dataclasses.replace(case, metadata={k: v for k, v in case.metadata.items()
                                                                           if k != m}))
-            report = case.report_text if data_cfg.report else None
+            report = None
             try:
-                if data_cfg.report and report is None and case.report_path is not None:
-                    try:
-                        report = mio.load_report(case.report_path)
-                    except InputError as e:
-                        raise e.with_context(case_id=case.case_id, modality=REPORT) from None
+                report = case.read_report() if data_cfg.report else None
                 if data_cfg.report and report is not None and not report.strip():
                     raise InputError("empty report", case_id=case.case_id, modality=REPORT,
                                      path=case.report_path)

@@ -61,6 +61,18 @@ class CaseEntries:
             out.append(REPORT)
         return out
 
+    def read_report(self) -> str | None:
+        """The report: the inline text, else the file's (:func:`mmvae.data.io.load_report`),
+        else None. Raises InputError naming the case, modality and file when the file
+        cannot be read."""
+        if self.report_text is not None or self.report_path is None:
+            return self.report_text
+        from mmvae.data.io import load_report      # imaging readers: only when a report file is read
+        try:
+            return load_report(self.report_path)
+        except InputError as e:
+            raise e.with_context(case_id=self.case_id, modality=REPORT) from None
+
 
 def _coerce_meta(value: str) -> Any:
     try:

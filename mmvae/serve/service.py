@@ -38,7 +38,6 @@ from typing import Any, BinaryIO, Mapping, Sequence
 
 import numpy as np
 
-from mmvae.data import io as mio
 from mmvae.data.cache import PreprocessCache
 from mmvae.data.dataset import CLINICAL
 from mmvae.data.manifest import CaseEntries, REPORT, group_cases, read_manifest
@@ -194,14 +193,11 @@ class ReviewService:
     def _report(self, ce: CaseEntries | None) -> str | None:
         if ce is None:
             return None
-        if ce.report_text is not None:
-            return ce.report_text
-        if ce.report_path:
-            try:
-                return mio.load_report(ce.report_path)
-            except InputError as e:
-                log.warning("%s", e.with_context(case_id=ce.case_id, modality=REPORT))
-        return None
+        try:
+            return ce.read_report()
+        except InputError as e:
+            log.warning("%s", e)
+            return None
 
     def case_info(self, case_id: str) -> dict:
         """Index metadata of a case + what the manifest knows (image modalities with files,

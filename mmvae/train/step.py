@@ -26,20 +26,19 @@ def _path_str(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
 
-def freeze(tree, frozen: tuple[str, ...]):
-    """Zero the leaves of ``tree`` whose path (``a/b/c``) starts with one of ``frozen``."""
-    if not frozen:
-        return tree
-    return jax.tree_util.tree_map_with_path(
-        lambda p, x: jnp.zeros_like(x) if any(_path_str(p).startswith(f) for f in frozen) else x, tree)
-
-
 def _take_frozen(tree, source, frozen: tuple[str, ...]):
-    """``tree`` with the leaves under a ``frozen`` path prefix taken from ``source``."""
+    """``tree`` with the leaves whose path (``a/b/c``) starts with one of ``frozen`` taken from ``source``."""
     if not frozen:
         return tree
     return jax.tree_util.tree_map_with_path(
         lambda p, x, y: y if any(_path_str(p).startswith(f) for f in frozen) else x, tree, source)
+
+
+def freeze(tree, frozen: tuple[str, ...]):
+    """Zero the leaves of ``tree`` whose path (``a/b/c``) starts with one of ``frozen``."""
+    if not frozen:
+        return tree
+    return _take_frozen(tree, jax.tree.map(jnp.zeros_like, tree), frozen)
 
 
 def make_train_step(graphdef, tx, obj: ObjectiveSpec | None, lr_schedule=None, ema_decay: float = 0.0,
