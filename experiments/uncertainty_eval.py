@@ -66,7 +66,7 @@ def evaluate_run(workdir: Path, emb_path: Path, label: str, k: int) -> list[dict
         aps = []
         for i in q_idx:
             res = index.search(emb.mu[i][None], k, query_logvar=emb.logvar[i][None], exclude=[emb.case_ids[i]],
-                               rerank=rerank)[0]
+                               rerank=rerank, dims=emb.query_dims(emb.present[i]))[0]
             rel = np.array([[r.labels.get(label) == labels[i] for r in res]])
             aps.append(float(average_precision_at_k(rel, np.array([n_rel[labels[i]] - 1]), k)[0]))
         aps = np.array(aps)

@@ -56,7 +56,7 @@ def cmd_train(a, extra):
 
 
 def cmd_embed(a, extra):
-    from mmvae.retrieval.embed import embed_cohort
+    from mmvae.retrieval.embed import embed_cohort, embedding_kind
     from mmvae.runs.trained import load_cohort, load_trained
     from mmvae.runs.files import fingerprint
     config, spec, model, tok, step = load_trained(a.workdir, return_step=True)
@@ -66,7 +66,8 @@ def cmd_embed(a, extra):
     emb = embed_cohort(model, cohort, identity={"model_fingerprint": fingerprint(spec),
                                                 "checkpoint_step": int(step),
                                                 "workdir": str(Path(a.workdir).resolve())},
-                       standardize=bool(config.retrieval.get("standardize", True)))
+                       standardize=bool(config.retrieval.get("standardize", True)),
+                       embedding=embedding_kind(config))
     emb.save(a.out)
     print(f"embedded {len(emb.case_ids)} cases -> {a.out}" + (f" ({len(cohort.skipped)} skipped)" if cohort.skipped else ""))
 

@@ -123,7 +123,11 @@ def base_config() -> ml_collections.ConfigDict:
         process_id=-1,                # -1 = from $JAX_PROCESS_ID / the cluster environment
     )
     c.retrieval = dict(k=10, metric="cosine", rocchio=dict(alpha=1.0, beta=0.75, gamma=0.25),
-                       standardize=True)      # z-score embedding dimensions by the cohort's statistics (embed.py)
+                       standardize=True,      # z-score embedding dimensions by the cohort's statistics (embed.py)
+                       # A case's retrieval vector (mmvae/retrieval/embed.py): "experts" = the unimodal
+                       # experts' means concatenated, compared on the query's modalities; "fused" = the
+                       # fused posterior mean. Chosen by measurement (docs/results.md).
+                       embedding="experts")
     # The review page (mmvae serve, docs/serve.md); CLI flags override.
     c.serve = dict(k=10, max_upload_mb=1024.0, thumbnail_px=192, max_sessions=64, report_excerpt=400)
     return c
@@ -156,6 +160,7 @@ CHOICES = {
     "objective.weights": ("dimension", "sqrt", "uniform"),
     "optim.schedule": ("cosine", "constant"),
     "retrieval.metric": ("cosine", "l2"),
+    "retrieval.embedding": ("fused", "experts"),
     "distributed.initialize": ("auto", "yes", "no"),
 }
 POSITIVE = ("train.batch_size", "train.log_every", "train.keep_checkpoints", "train.max_nonfinite_in_row",

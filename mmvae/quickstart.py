@@ -17,7 +17,7 @@ from mmvae.config import describe_text
 from mmvae.data.synth import make_cohort
 from mmvae.errors import ConfigError
 from mmvae.progress import progress_bar
-from mmvae.retrieval.embed import embed_cohort
+from mmvae.retrieval.embed import embed_cohort, embedding_kind
 from mmvae.retrieval.evaluate import chance_map, evaluate, markdown_table
 from mmvae.retrieval.index import build_index
 from mmvae.runs.files import fingerprint
@@ -85,13 +85,17 @@ def run_quickstart(config, workdir: str | Path, *, show_progress: bool = True, l
     cohort, _, _ = load_cohort(config_t, workdir, str(manifest), tokenizer=tokenizer, show_progress=show_progress)
     ident = {"model_fingerprint": fingerprint(spec), "checkpoint_step": summary["step"]}
     emb = embed_cohort(model, cohort, identity=ident, show_progress=show_progress,
-                       standardize=bool(config_t.retrieval.get("standardize", True)))
+                       standardize=bool(config_t.retrieval.get("standardize", True)),
+                       embedding=embedding_kind(config_t))
     emb.save(workdir / "embeddings.npz")
-    log(f"[3/5] embedded {len(emb.case_ids)} cases (latent {spec.embedding_dim}, fusion {spec.fusion})")
+    vectors = (f"the {len(emb.modalities)} experts' standardised means concatenated ({emb.mu.shape[1]} dims)"
+               if emb.embedding == "experts" else f"the fused posterior mean ({emb.mu.shape[1]} dims)")
+    log(f"[3/5] embedded {len(emb.case_ids)} cases (latent {spec.embedding_dim}, fusion {spec.fusion}; "
+        f"retrieval vectors: {vectors})")
     meta = [{"modalities": [m for m, p in zip(emb.modalities, row) if p > 0], "labels": lab}
             for row, lab in zip(emb.present, emb.labels)]
     index = build_index(emb.mu, emb.logvar, emb.case_ids, meta, kind="flat", metric=config.retrieval.metric,
-                        identity=dict(emb.identity, latent_dim=spec.embedding_dim))
+                        identity=dict(emb.identity))
     index.save(workdir / "index")
     log(f"[4/5] exact FAISS index of {len(emb.case_ids)} cases -> {workdir / 'index'}")
     k = int(config.retrieval.k)
@@ -109,7 +113,7 @@ def run_quickstart(config, workdir: str | Path, *, show_progress: bool = True, l
     atomic_write_text(workdir / "retrieval.md",
                       f"# Leave-one-case-out retrieval of `{config.data.label}` (synthetic cohort)\n\n"
                       f"Model: {spec.fusion} fusion, embedding dimension {spec.embedding_dim}, {summary['step']} steps; "
-                      f"{text}.\n\n"
+                      f"{text}. Retrieval vectors: {vectors}.\n\n"
                       + table + f"\nChance mAP@{k} (random ranking, same protocol): {chance:.3f}\n")
     log(f"Tables: {workdir / 'retrieval.md'}, {workdir / 'retrieval.csv'}")
     return rows

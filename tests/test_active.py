@@ -111,6 +111,7 @@ def test_uncertainty_grows_when_modalities_are_removed(al_run):
     emb = _embed(tmp / "out" / "seed0" / "base", c.data.manifest)
     assert emb.label_probs is not None and emb.label_probs.shape[1] == len(emb.label_classes)
     assert "label_entropy" in case_uncertainty(emb)
+    emb = emb.as_embedding("fused").standardized()     # the spread of the fused posterior
     full = np.ones(len(emb.modalities), np.float32)
     mv_all = posterior_spread(emb.subset_posterior(full)[1])[0]
     n_checked = 0

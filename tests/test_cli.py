@@ -52,9 +52,11 @@ def test_quickstart_writes_a_table_for_every_query_subset(quickstart_run, capsys
     assert 0.03 < chance < 0.3
     # every artefact of the path exists and is consistent
     emb = np.load(wd / "embeddings.npz", allow_pickle=False)
-    assert emb["mu"].shape == (32, 8) and emb["experts_mu"].shape == (32, 5, 8)
+    # retrieval.embedding=experts (the default): the five experts' means concatenated
+    assert emb["mu"].shape == (32, 40) and emb["experts_mu"].shape == (32, 5, 8)
+    assert "Retrieval vectors: the 5 experts' standardised means concatenated (40 dims)." in md
     info = json.loads((wd / "index" / "index.json").read_text())
-    assert info["kind"] == "flat" and info["latent_dim"] == 8
+    assert info["kind"] == "flat" and info["latent_dim"] == 40
     metrics = [json.loads(l) for l in (wd / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [2, 4]
     assert all(np.isfinite(m["loss"]) for m in metrics)

@@ -477,3 +477,64 @@ def test_standardized_embeddings_are_an_affine_map_of_the_posterior(tmp_path):
     back = Embeddings.load(tmp_path / "e.npz")
     assert back.identity["standardize"] == st
     np.testing.assert_allclose(back.subset_posterior(sub)[0], q, atol=1e-6)
+
+
+def _two_expert_cohort(n=60, e=4, seed=0):
+    """Expert ``a`` carries the class (unit variance), expert ``b`` is confident noise (σ² = e⁻⁶):
+    the PoE mean follows ``b``; the concatenated experts keep ``a``'s evidence."""
+    from mmvae.retrieval.embed import Embeddings, fused
+    rng = np.random.default_rng(seed)
+    cls = np.arange(n) % 3
+    centroids = rng.normal(size=(3, e)) * 3.0
+    emu = np.stack([centroids[cls] + rng.normal(size=(n, e)), rng.normal(size=(n, e))], 1).astype(np.float32)
+    elv = np.stack([np.zeros((n, e)), np.full((n, e), -6.0)], 1).astype(np.float32)
+    present = np.ones((n, 2), np.float32)
+    present[::7, 1] = 0                                              # some cases lack b
+    mu, lv = fused(emu, elv, present, "poe")
+    return Embeddings([f"c{i}" for i in range(n)], ["a", "b"], emu, elv, present, mu, lv,
+                      [{"class": str(c)} for c in cls], {"shared_dim": e, "private_dim": 0}, "poe")
+
+
+def test_experts_embedding_concatenates_standardised_experts(tmp_path):
+    """retrieval.embedding=experts: (N, M·E) vectors, each block standardised over the cases that have
+    the modality, zeros for an absent one; a query is compared on its own modalities' blocks."""
+    from mmvae.retrieval.embed import Embeddings, query_dims
+    raw = _two_expert_cohort()
+    n, m, e = raw.experts_mu.shape
+    x = raw.as_embedding("experts").standardized()
+    assert x.mu.shape == (n, m * e) and x.identity["latent_dim"] == m * e and x.embedding == "experts"
+    for j in range(m):
+        have = raw.present[:, j] > 0
+        block = x.mu[:, j * e:(j + 1) * e]
+        np.testing.assert_allclose(block[have].mean(0), 0, atol=1e-5)
+        np.testing.assert_allclose(block[have].std(0), 1, atol=1e-4)
+        assert np.all(block[~have] == 0) and np.all(x.logvar[~have, j * e:(j + 1) * e] == 0)
+    # a query from a alone is a's block of the database vector; its dims are a's block
+    qa, _ = x.subset_posterior(np.array([1, 0], np.float32))
+    np.testing.assert_allclose(qa[:, :e], x.mu[:, :e], atol=1e-6)
+    assert np.all(qa[:, e:] == 0)
+    np.testing.assert_array_equal(x.query_dims(np.array([1, 0])), np.r_[np.ones(e), np.zeros(e)])
+    np.testing.assert_array_equal(query_dims(x.identity, x.modalities, ["a", "b"]), np.ones(m * e))
+    # the fused kind is unchanged by the round trip, and the kind survives save/load
+    np.testing.assert_allclose(x.as_embedding("fused").mu, raw.mu, atol=1e-5)
+    x.save(tmp_path / "x.npz")
+    back = Embeddings.load(tmp_path / "x.npz")
+    assert back.embedding == "experts" and back.identity["standardize"] == x.identity["standardize"]
+    np.testing.assert_allclose(back.subset_posterior(np.array([0, 1], np.float32))[0],
+                               x.subset_posterior(np.array([0, 1], np.float32))[0], atol=1e-6)
+    with pytest.raises(Exception, match="retrieval.embedding"):
+        raw.as_embedding("mean")
+
+
+def test_experts_embedding_keeps_the_evidence_a_confident_expert_hides():
+    """The reason for the option: a confident uninformative expert owns the PoE mean (all-modality mAP
+    near chance); the concatenated experts still retrieve by the informative one."""
+    from mmvae.retrieval.evaluate import chance_map, evaluate
+    raw = _two_expert_cohort()
+    both = [np.ones(2, np.float32)]
+    fused_map = evaluate(raw.standardized(), "class", 10, subsets=both, n_boot=0)[0]["map@10"]
+    experts_map = evaluate(raw.as_embedding("experts").standardized(), "class", 10, subsets=both,
+                           n_boot=0)[0]["map@10"]
+    chance = chance_map([lab["class"] for lab in raw.labels], range(len(raw.labels)))
+    assert fused_map < chance + 0.15, (fused_map, chance)
+    assert experts_map > fused_map + 0.3, (experts_map, fused_map)

@@ -26,7 +26,7 @@ from mmvae.atomic import atomic_write_text
 from mmvae.data.manifest import group_cases, read_manifest
 from mmvae.errors import ConfigError
 from mmvae.experiments.protocol import held_out
-from mmvae.retrieval.embed import embed_cohort
+from mmvae.retrieval.embed import embed_cohort, embedding_kind
 from mmvae.retrieval.evaluate import evaluate
 from mmvae.retrieval.suggest import STRATEGIES, suggest
 from mmvae.runs.files import fingerprint
@@ -42,7 +42,8 @@ def _embed(workdir: Path, manifest: str):
     config, spec, model, tok = load_trained(workdir)
     cohort, _, _ = load_cohort(config, workdir, manifest, tokenizer=tok, show_progress=False)
     return embed_cohort(model, cohort, identity={"model_fingerprint": fingerprint(spec)}, show_progress=False,
-                        standardize=bool(config.retrieval.get("standardize", True)))
+                        standardize=bool(config.retrieval.get("standardize", True)),
+                        embedding=embedding_kind(config))
 
 
 def _map(emb, config, k: int) -> float:

@@ -35,7 +35,7 @@ from mmvae.experiments import baselines, protocol
 from mmvae.experiments.baselines import run_baseline
 from mmvae.experiments.protocol import BlockEmbeddings, held_out
 from mmvae.quickstart import synthesize
-from mmvae.retrieval.embed import embed_cohort, Embeddings
+from mmvae.retrieval.embed import embed_cohort, embedding_kind, Embeddings
 from mmvae.retrieval.evaluate import evaluate
 from mmvae.runs.trained import load_cohort, load_trained
 from mmvae.train.loop import train_and_evaluate
@@ -191,12 +191,17 @@ def _index_of(case_ids: Sequence[str], wanted: Sequence[str]) -> np.ndarray:
 def _train_vae(config, workdir: Path):
     """Train (or resume) a VAE run and embed its whole cohort → ``Embeddings``."""
     emb_path = workdir / "embeddings.npz"
+    kind, standardize = embedding_kind(config), bool(config.retrieval.get("standardize", True))
     if emb_path.exists() and (workdir / "train_done.json").exists():
-        return Embeddings.load(emb_path), json.loads((workdir / "train_done.json").read_text())
+        emb = Embeddings.load(emb_path)
+        if emb.embedding != kind:     # a retrieval option: the saved experts suffice, no retraining
+            emb = emb.as_embedding(kind)
+            emb = emb.standardized() if standardize else emb
+        return emb, json.loads((workdir / "train_done.json").read_text())
     summary = train_and_evaluate(config, workdir, show_progress=False)
     config_t, spec, model, tok = load_trained(workdir)
     cohort, _, _ = load_cohort(config_t, workdir, config.data.manifest, tokenizer=tok, show_progress=False)
-    emb = embed_cohort(model, cohort, show_progress=False, standardize=bool(config_t.retrieval.get("standardize", True)))
+    emb = embed_cohort(model, cohort, show_progress=False, standardize=standardize, embedding=kind)
     emb.save(emb_path)
     info = {"train_seconds": summary.get("train_seconds"), "steps": summary.get("step"),
             "compile_seconds": summary.get("compile_seconds")}

@@ -208,6 +208,8 @@ def ingest(archive: Archive, workdir, index_dir, *, studies: Sequence[str] | Non
             if emb.identity.get("model_fingerprint") != model_identity(spec)["model_fingerprint"]:
                 r.close()
                 raise InputError("embeddings of another model than the workdir's", path=str(standardize_from))
+            if emb.embedding != r.embedding:     # the experts give either kind's statistics
+                emb = emb.as_embedding(r.embedding)
             r.standardize = emb.standardized().identity["standardize"]
     index = r.index
     if index is not None and store_reports and not index.include_text:
@@ -265,7 +267,8 @@ def ingest(archive: Archive, workdir, index_dir, *, studies: Sequence[str] | Non
             if store_reports and text is not None:
                 meta["report"] = text
             if index is None:
-                ident = {**model_identity(r.spec), **({"standardize": r.standardize} if r.standardize else {})}
+                ident = {**model_identity(r.spec, r.embedding), "embedding": r.embedding,
+                         **({"standardize": r.standardize} if r.standardize else {})}
                 index = build_index(mu[None], lv[None], [st.study_uid], [meta], kind="flat", metric="cosine",
                                     identity=ident, include_text=store_reports)
                 r.index = index

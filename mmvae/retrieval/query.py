@@ -54,7 +54,8 @@ from mmvae.data.dataset import (CLINICAL, case_arrays, clinical_arrays, Cohort, 
 from mmvae.data.manifest import CaseEntries, REPORT
 from mmvae.data.text import token_lengths, tokenize
 from mmvae.errors import ConfigError, InputError
-from mmvae.retrieval.embed import apply_standardize, fused, make_encode_fn, query_dims
+from mmvae.retrieval.embed import (case_vectors, check_embedding, embedding_kind, embedding_width, make_encode_fn,
+                                   query_dims)
 from mmvae.retrieval.feedback import rocchio
 from mmvae.retrieval.index import CaseIndex, load_index, RERANKS, Result
 from mmvae.retrieval.uncertainty import expert_disagreement, posterior_spread
@@ -69,9 +70,11 @@ QUERY_CASE = "query"
 FEEDBACK_KEYS = ("relevant", "nonrelevant")
 
 
-def model_identity(spec) -> dict:
-    """The identity an index must have been built with to be searched with ``spec``'s model."""
-    return {"model_fingerprint": fingerprint(spec), "latent_dim": int(spec.embedding_dim)}
+def model_identity(spec, embedding: str = "fused") -> dict:
+    """The identity an index of ``embedding`` vectors (:mod:`mmvae.retrieval.embed`) must have been
+    built with to be searched with ``spec``'s model."""
+    return {"model_fingerprint": fingerprint(spec),
+            "latent_dim": embedding_width(embedding, spec.embedding_dim, len(spec.query_modalities))}
 
 
 def _strip_case(e: InputError) -> InputError:
@@ -105,6 +108,9 @@ class Retriever:
         # Standardisation of a Retriever without an index yet (mmvae.pacs builds one): the
         # cohort statistics its first cases are mapped by (None: raw posterior means).
         self.standardize: dict | None = None
+        # The kind of retrieval vector (mmvae.retrieval.embed): the index's, else the config's.
+        self.embedding = check_embedding(index.identity.get("embedding", "fused")) if index is not None \
+            else embedding_kind(config)
         self.workdir = None if workdir is None else Path(workdir)
         self.index_dir = None if index_dir is None else Path(index_dir)
         self.preprocess = preprocess_config(config.data)
@@ -134,7 +140,12 @@ class Retriever:
         """
         workdir = Path(workdir)
         _, spec, _ = read_run_files(workdir)                     # cheap: fail before loading weights
-        index = load_index(index_dir, expect_identity=model_identity(spec))
+        index = load_index(index_dir)
+        try:
+            kind = check_embedding(index.identity.get("embedding", "fused"))
+        except ConfigError as e:
+            raise InputError(f"index: {e}", path=str(index_dir)) from None
+        index.check_identity(model_identity(spec, kind))
         config, spec, model, tokenizer = load_trained(workdir, use_ema=use_ema)
         stats = json.loads((workdir / "clinical_stats.json").read_text())
         return cls(config=config, spec=spec, model=model, tokenizer=tokenizer, clinical_stats=stats,
@@ -318,9 +329,10 @@ class Retriever:
         present = np.asarray(present)
         if not present.any():
             raise InputError("no usable modality in the query (every input was dropped by the model)")
-        mu, lv = fused(np.asarray(emu), np.asarray(elv), present, self.spec.fusion)
-        mu, lv = apply_standardize(mu, lv, self._stats())   # as the indexed cases
         m = len(self.spec.query_modalities)
+        # The query's vector, as the indexed cases' (kind, standardisation).
+        mu, lv = case_vectors(np.asarray(emu)[:, :m], np.asarray(elv)[:, :m], present[:, :m], self.spec.fusion,
+                              self.embedding, self._stats())
         mv, ld = posterior_spread(lv)
         dis = expert_disagreement(np.asarray(emu)[:, :m], np.asarray(elv)[:, :m], present[:, :m])
         self.last_uncertainty = {"mean_variance": float(mv[0]), "log_det": float(ld[0]),
@@ -400,7 +412,8 @@ class Retriever:
         qlv = None if logvar is None else np.asarray(logvar, np.float32)[None]
         dims = None
         if modalities is not None:
-            dims = query_dims({"private_dim": self.spec.private_dim, "shared_dim": self.spec.latent_dim},
+            dims = query_dims({"private_dim": self.spec.private_dim, "shared_dim": self.spec.latent_dim,
+                               "embedding": self.embedding, "latent_dim": self.index.latent_dim},
                               self.spec.query_modalities, list(modalities))
         return self.index.search(q[None], k, query_logvar=qlv, filter=filter, exclude=exclude,
                                  rerank=rerank, dims=dims)[0]

@@ -64,8 +64,11 @@ def label_entropy(probs: np.ndarray) -> np.ndarray:
 
 def case_uncertainty(emb) -> dict[str, np.ndarray]:
     """Every field of :data:`FIELDS` for each case of an :class:`~mmvae.retrieval.embed.Embeddings`
-    (``label_entropy`` only when it holds label probabilities). Arrays ``(N,)``."""
-    mv, ld = posterior_spread(emb.logvar)
+    (``label_entropy`` only when it holds label probabilities). Arrays ``(N,)``. The spread is
+    the fused posterior's: the retrieval vectors' own when they are ``fused`` (standardised as
+    they are), else recomputed from the experts (unstandardised)."""
+    lv = emb.logvar if getattr(emb, "embedding", "fused") == "fused" else emb.fused_posterior()[1]
+    mv, ld = posterior_spread(lv)
     out = {"mean_variance": mv, "log_det": ld,
            "disagreement": expert_disagreement(emb.experts_mu, emb.experts_logvar, emb.present)}
     if getattr(emb, "label_probs", None) is not None:

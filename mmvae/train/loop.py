@@ -43,7 +43,7 @@ from mmvae.models.modalities.report import FROZEN_BERT, POOLED
 from mmvae.models.mvae import build_model
 from mmvae.models.text import load_hf_bert
 from mmvae.progress import progress_bar
-from mmvae.retrieval.embed import Embeddings
+from mmvae.retrieval.embed import Embeddings, embedding_kind
 from mmvae.runs import checkpoint as ckpt
 from mmvae.runs.files import fingerprint, write_run_files
 from mmvae.runs.setup import init_state, model_spec, objective_spec, optimizer
@@ -116,7 +116,8 @@ def _validation_pass(eval_fn, params, cohort: Cohort, spec, config, mesh, rows: 
         n_total += n
         mu, lv, present = gather((mu, lv, present))
         mus.append(mu[valid]); lvs.append(lv[valid]); pres.append(present[valid])
-    emb = Embeddings.from_experts(np.concatenate(mus), np.concatenate(lvs), np.concatenate(pres), cohort, spec)
+    emb = Embeddings.from_experts(np.concatenate(mus), np.concatenate(lvs), np.concatenate(pres), cohort, spec,
+                                  embedding=embedding_kind(config))
     if config.retrieval.get("standardize", True):
         emb = emb.standardized()
     return ValidationPass({k: v / max(n_total, 1) for k, v in sums.items()}, n_total, emb)
