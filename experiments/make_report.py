@@ -260,7 +260,7 @@ def medpix_own_modalities(vae_dirs: Sequence[Path], manifest: Path, labels: Sequ
     (fitted on every report, as the ``report_tfidf`` cells are). One row per label × query."""
     from mmvae.data.manifest import group_cases, read_manifest
     from mmvae.experiments.baselines import tfidf_vectors
-    from mmvae.retrieval.evaluate import chance_map
+    from mmvae.retrieval.evaluate import chance_map, evaluate
     from mmvae.retrieval.embed import Embeddings
     from mmvae.retrieval.metrics import retrieval_metrics
     if not vae_dirs:
@@ -289,9 +289,8 @@ def medpix_own_modalities(vae_dirs: Sequence[Path], manifest: Path, labels: Sequ
             for e in embs:
                 if e.case_ids != ids:
                     raise MmvaeError(f"MedPix cells embed different cases: {vae_dirs[0]} vs another cell")
-                r = retrieval_metrics(np.asarray(e.subset_posterior(subset)[0])[q], np.asarray(e.mu), lab[q], lab, k,
-                                      exclude=q)
-                per_seed.append(tuple(float(x) for x in r[f"map@{k}"]))
+                r = evaluate(e, label, k, query_idx=q, subsets=[subset], own=True)[0]
+                per_seed.append((r[f"map@{k}"], r[f"map@{k}_lo"], r[f"map@{k}_hi"]))
             t = retrieval_metrics(tf[q], tf, lab[q], lab, k, exclude=q)
             n_q = int(t["num_queries"])          # a query whose label no other case has does not count
             t = t[f"map@{k}"]
@@ -407,6 +406,12 @@ def render(args, syn: dict, figs: list[Path], brats: dict | None, assets: Path, 
              "hand-crafted features + report TF-IDF (a shallow supervised reference); `late_fusion` — one VAE per modality, "
              "L2-normalised posterior means concatenated (first seed only: one run per modality). A "
              "baseline's full query uses every modality it has.\n")
+    kind = G.embedding_kind(G.load_config(args.config, list(args.set)))
+    L.append(f"The VAE rows retrieve with `retrieval.embedding={kind}`: "
+             + ("each case is the concatenation of its experts' standardised means, and a query is compared with "
+                "the cases on the blocks of the modalities it has (`mmvae/retrieval/embed.py`); the fused-posterior "
+                "alternative is compared in docs/model.md (Fusion)." if kind == "experts" else
+                "each case is its fused posterior mean, standardised (`mmvae/retrieval/embed.py`).") + "\n")
     L.append("### Targets\n")
     L.append(R.targets_table(targets))
     missed = [t for t in targets if t.met is False]

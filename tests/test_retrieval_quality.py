@@ -538,3 +538,18 @@ def test_experts_embedding_keeps_the_evidence_a_confident_expert_hides():
     chance = chance_map([lab["class"] for lab in raw.labels], range(len(raw.labels)))
     assert fused_map < chance + 0.15, (fused_map, chance)
     assert experts_map > fused_map + 0.3, (experts_map, fused_map)
+
+
+def test_evaluate_own_queries_each_case_with_what_it_has():
+    """evaluate(own=True): every case with at least one modality of the subset queries with those it has,
+    compared on their blocks; a case lacking ``b`` ranks exactly as its ``a``-only query does."""
+    from mmvae.retrieval.evaluate import evaluate
+    x = _two_expert_cohort().as_embedding("experts").standardized()
+    both, a_only = np.ones(2, np.float32), np.array([1, 0], np.float32)
+    lacks_b = np.nonzero(x.present[:, 1] == 0)[0]
+    strict = evaluate(x, "class", 10, subsets=[both], n_boot=0)[0]
+    own = evaluate(x, "class", 10, subsets=[both], n_boot=0, own=True)[0]
+    assert strict["num_queries"] == len(x.case_ids) - len(lacks_b) and own["num_queries"] == len(x.case_ids)
+    mixed = evaluate(x, "class", 10, subsets=[both], n_boot=0, own=True, query_idx=lacks_b)[0]
+    alone = evaluate(x, "class", 10, subsets=[a_only], n_boot=0, query_idx=lacks_b)[0]
+    assert mixed["num_queries"] == len(lacks_b) and mixed["map@10"] == pytest.approx(alone["map@10"])

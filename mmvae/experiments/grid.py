@@ -197,6 +197,7 @@ def _train_vae(config, workdir: Path):
         if emb.embedding != kind:     # a retrieval option: the saved experts suffice, no retraining
             emb = emb.as_embedding(kind)
             emb = emb.standardized() if standardize else emb
+            emb.save(emb_path)        # the cell's file holds what it was evaluated with
         return emb, json.loads((workdir / "train_done.json").read_text())
     summary = train_and_evaluate(config, workdir, show_progress=False)
     config_t, spec, model, tok = load_trained(workdir)

@@ -21,7 +21,7 @@ import numpy as np
 
 from mmvae.errors import InputError
 from mmvae.models.fusion import all_subsets
-from mmvae.retrieval.metrics import retrieval_metrics
+from mmvae.retrieval.metrics import exact_search, retrieval_metrics
 
 METRICS = ("map", "precision", "recall", "ndcg")
 
@@ -46,7 +46,7 @@ def all_query_subsets(modalities: Sequence[str]) -> list[np.ndarray]:
 
 def evaluate(emb, label: str, k: int = 10, *, query_idx: Sequence[int] | None = None,
              subsets: Sequence[np.ndarray] | None = None, metric: str = "cosine", multilabel: bool = False,
-             n_boot: int = 1000, seed: int = 0) -> list[dict]:
+             n_boot: int = 1000, seed: int = 0, own: bool = False) -> list[dict]:
     """One row per query subset: ``query``, ``num_queries``, ``<metric>@k`` and ``_lo``/``_hi`` (95 % CI).
 
     Args:
@@ -54,8 +54,10 @@ def evaluate(emb, label: str, k: int = 10, *, query_idx: Sequence[int] | None = 
       label: the label field that defines relevance (same value = relevant).
       query_idx: the cases allowed to query (default: every case, leave-one-out).
       subsets: 0/1 rows ``(M,)``; default every non-empty subset of ``emb.modalities``.
-      metric: ``cosine`` | ``l2`` | ``ip`` on the vectors (on the dimensions the query
-        informs when ``emb.query_dims`` says so: private latent blocks).
+      metric: ``cosine`` | ``l2`` on the vectors (on the dimensions the query informs
+        when ``emb.query_dims`` says so: private latent blocks, per-expert vectors).
+      own: a case queries with the modalities of the subset it has (at least one), not
+        only when it has all of them (the query a user makes with what a case has).
     A subset no eligible case has yields ``num_queries = 0`` and no metrics.
     """
     labels = np.asarray([lab.get(label, "") for lab in emb.labels], dtype=object)
@@ -67,15 +69,20 @@ def evaluate(emb, label: str, k: int = 10, *, query_idx: Sequence[int] | None = 
     rows = []
     for s in (subsets if subsets is not None else all_query_subsets(emb.modalities)):
         s = np.asarray(s, np.float32)
-        q_idx = np.nonzero(eligible & np.all(emb.present[:, s > 0] > 0, axis=1) & (labels != ""))[0]
+        has = emb.present[:, s > 0] > 0
+        q_idx = np.nonzero(eligible & (np.any(has, 1) if own else np.all(has, 1)) & (labels != ""))[0]
         row = {"query": subset_name(emb.modalities, s), "num_queries": int(len(q_idx))}
         if len(q_idx):
-            q = np.asarray(emb.subset_posterior(s)[0])
-            db_s = db
-            dims = emb.query_dims(s) if hasattr(emb, "query_dims") else None
-            if dims is not None:     # private blocks: compare on the dimensions the query informs
-                q, db_s = q * dims, db * dims
-            res = retrieval_metrics(q[q_idx], db_s, labels[q_idx], labels, k, exclude=q_idx, metric=metric,
+            q = np.asarray(emb.subset_posterior(s)[0])[q_idx]
+            # The modalities each query has; queries compare on the dimensions theirs inform.
+            used = (emb.present[q_idx] > 0) & (s > 0)
+            ranked = np.full((len(q_idx), min(k, len(labels))), -1, np.int64)
+            for pattern in np.unique(used, axis=0):
+                sel = np.nonzero(np.all(used == pattern, 1))[0]
+                dims = emb.query_dims(pattern.astype(np.float32)) if hasattr(emb, "query_dims") else None
+                qq, dd = (q[sel], db) if dims is None else (q[sel] * dims, db * dims)
+                ranked[sel] = exact_search(qq, dd, k, metric=metric, exclude=q_idx[sel])[0]
+            res = retrieval_metrics(None, None, labels[q_idx], labels, k, exclude=q_idx, ranked=ranked,
                                     multilabel=multilabel, n_boot=n_boot, seed=seed)
             row["num_queries"] = int(res["num_queries"])
             for name in METRICS:
