@@ -29,8 +29,8 @@ What a case's retrieval vector is (``retrieval.embedding``, :func:`case_vectors`
   the direction; the concatenation keeps each modality's evidence, as late fusion of
   per-modality embeddings does in multimodal retrieval (e.g. Baltrušaitis et al. 2019,
   "Multimodal machine learning: a survey and taxonomy", §fusion). Measured on the
-  synthetic cohort (docs/results.md, docs/model.md): all-modality mAP@10 0.397 vs
-  0.305 fused, equal for single-modality queries. Its Gaussian is the product of the
+  synthetic cohort (docs/model.md, 3 seeds): all-modality mAP@10 0.344 vs 0.298 fused
+  (t1+t2+dwi+report 0.410 vs 0.305), tied for single-modality queries. Its Gaussian is the product of the
   experts' (block-diagonal), so posterior-aware re-rankers stay exact; an absent block
   is ``N(0, 1)`` in standardised units.
 """
