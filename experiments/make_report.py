@@ -410,7 +410,7 @@ def render(args, syn: dict, figs: list[Path], brats: dict | None, assets: Path, 
     L.append(f"The VAE rows retrieve with `retrieval.embedding={kind}`: "
              + ("each case is the concatenation of its experts' standardised means, and a query is compared with "
                 "the cases on the blocks of the modalities it has (`mmvae/retrieval/embed.py`); the fused-posterior "
-                "alternative is compared in docs/model.md (Fusion)." if kind == "experts" else
+                "alternative is compared in docs/model.md (Retrieval vectors)." if kind == "experts" else
                 "each case is its fused posterior mean, standardised (`mmvae/retrieval/embed.py`).") + "\n")
     L.append("### Targets\n")
     L.append(R.targets_table(targets))

@@ -14,7 +14,7 @@ def train_tiny_indexed(tmp: Path, cases: int = 40):
     index_dir)``."""
     from mmvae.config import load_config
     from mmvae.data.synth import make_cohort
-    from mmvae.retrieval.embed import embed_cohort
+    from mmvae.retrieval.embed import embed_cohort, embedding_kind
     from mmvae.retrieval.index import build_index
     from mmvae.runs.files import fingerprint
     from mmvae.runs.trained import load_cohort, load_trained
@@ -28,7 +28,8 @@ def train_tiny_indexed(tmp: Path, cases: int = 40):
     stats = json.loads((wd / "clinical_stats.json").read_text())
     cohort, _, _ = load_cohort(config, wd, c.data.manifest, tokenizer=tok, clinical_stats=stats,
                                show_progress=False)
-    emb = embed_cohort(model, cohort, identity={"model_fingerprint": fingerprint(spec)}, show_progress=False)
+    emb = embed_cohort(model, cohort, identity={"model_fingerprint": fingerprint(spec)}, show_progress=False,
+                       embedding=embedding_kind(config))      # the default retrieval vectors (experts)
     meta = [{"modalities": [m for m, p in zip(emb.modalities, row) if p > 0], "labels": lab}
             for row, lab in zip(emb.present, emb.labels)]
     index = build_index(emb.mu, emb.logvar, emb.case_ids, meta, kind="flat", metric="cosine",

@@ -477,3 +477,24 @@ def test_save_refuses_foreign_folder(data, tmp_path):
     with pytest.raises(InputError, match="not an index"):
         ix.save(tmp_path / "x")
     assert (tmp_path / "x" / "precious.txt").read_text() == "keep me"
+
+
+def test_approximate_kinds_keep_recall_when_a_query_informs_one_block():
+    """dims masks (per-expert retrieval vectors: a one-modality query informs a fifth of the vector):
+    hnsw/ivf first passes see whole vectors, so they re-score proportionally more candidates."""
+    from mmvae.retrieval.index import build_index
+    rng = np.random.default_rng(0)
+    n, m, e = 3000, 5, 16
+    cent = rng.normal(size=(30, m * e))
+    pres = rng.random((n, m)) > 0.3
+    pres[np.arange(n), rng.integers(0, m, n)] = True
+    mu = ((cent[rng.integers(0, 30, n)] + rng.normal(size=(n, m * e))) * np.repeat(pres, e, 1)).astype(np.float32)
+    ids = [f"c{i}" for i in range(n)]
+    dims = np.r_[np.ones(e), np.zeros((m - 1) * e)].astype(np.float32)
+    q = ((cent[rng.integers(0, 30, 50)] + rng.normal(size=(50, m * e))) * dims).astype(np.float32)
+    want = [{r.case_id for r in x} for x in build_index(mu, np.zeros_like(mu), ids).search(q, 10, dims=dims)]
+    for kind, floor in (("hnsw", 0.95), ("ivf", 0.9)):
+        got = [{r.case_id for r in x} for x in build_index(mu, np.zeros_like(mu), ids, kind=kind, seed=0)
+               .search(q, 10, dims=dims)]
+        recall = np.mean([len(a & b) / 10 for a, b in zip(want, got)])
+        assert recall >= floor, (kind, recall)

@@ -102,7 +102,8 @@ def test_own_files_return_the_case_at_rank_1(run):
     cid, c = run.full_case()
     row = run.emb.case_ids.index(cid)
     mu, lv = r.encode_query(c["images"], c["report"], clinical=c["meta"])
-    assert mu.shape == lv.shape == (8,) and mu.dtype == np.float32
+    # retrieval.embedding=experts (the default): the five experts' 8-dim means side by side
+    assert run.emb.embedding == "experts" and mu.shape == lv.shape == (40,) and mu.dtype == np.float32
     # exactly the embedding the cohort pipeline computed for this case
     np.testing.assert_allclose(mu, run.emb.mu[row], atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(lv, run.emb.logvar[row], atol=1e-4, rtol=1e-4)
@@ -191,7 +192,7 @@ def test_relevance_feedback_moves_marked_cases(run):
     w = r.config.retrieval.rocchio
     moved = rocchio(mu, r.index.embeddings([relevant])[0], r.index.embeddings([nonrelevant])[0],
                     w.alpha, w.beta, w.gamma)
-    want = r.index.search(moved, n)[0]
+    want = r.search_embedding(moved, k=n, modalities=["t2"])     # compared on the query's blocks
     assert [x.case_id for x in after] == [x.case_id for x in want]
     # no feedback / empty feedback = plain search
     assert [x.case_id for x in r.search(q, k=5, feedback={"relevant": []})] == [x.case_id for x in before[:5]]
@@ -310,7 +311,7 @@ def other_indexes(run, tmp: Path) -> dict:
     emb = run.emb
     meta = [{"modalities": ["t2"], "labels": {}}] * len(emb.case_ids)
     out = {}
-    ident = model_identity(run.retriever.spec)
+    ident = dict(model_identity(run.retriever.spec, run.emb.embedding), embedding=run.emb.embedding)
     out["another model"] = build_index(emb.mu, emb.logvar, emb.case_ids, meta,
                                        identity=dict(ident, model_fingerprint="0123456789abcdef")).save(tmp / "m")
     rng = np.random.default_rng(0)

@@ -497,7 +497,7 @@ def _two_expert_cohort(n=60, e=4, seed=0):
 
 def test_experts_embedding_concatenates_standardised_experts(tmp_path):
     """retrieval.embedding=experts: (N, M·E) vectors, each block standardised over the cases that have
-    the modality, zeros for an absent one; a query is compared on its own modalities' blocks."""
+    the modality, mean 0 and the standardised prior's log-variance for an absent one; a query is compared on its own modalities' blocks."""
     from mmvae.retrieval.embed import Embeddings, query_dims
     raw = _two_expert_cohort()
     n, m, e = raw.experts_mu.shape
@@ -508,7 +508,10 @@ def test_experts_embedding_concatenates_standardised_experts(tmp_path):
         block = x.mu[:, j * e:(j + 1) * e]
         np.testing.assert_allclose(block[have].mean(0), 0, atol=1e-5)
         np.testing.assert_allclose(block[have].std(0), 1, atol=1e-4)
-        assert np.all(block[~have] == 0) and np.all(x.logvar[~have, j * e:(j + 1) * e] == 0)
+        prior_lv = -2 * np.log(np.asarray(x.identity["standardize"]["scale"])[j * e:(j + 1) * e])
+        assert np.all(block[~have] == 0)
+        np.testing.assert_allclose(x.logvar[~have, j * e:(j + 1) * e], np.broadcast_to(prior_lv, (int((~have).sum()), e)),
+                                   rtol=1e-5)
     # a query from a alone is a's block of the database vector; its dims are a's block
     qa, _ = x.subset_posterior(np.array([1, 0], np.float32))
     np.testing.assert_allclose(qa[:, :e], x.mu[:, :e], atol=1e-6)
@@ -553,3 +556,33 @@ def test_evaluate_own_queries_each_case_with_what_it_has():
     mixed = evaluate(x, "class", 10, subsets=[both], n_boot=0, own=True, query_idx=lacks_b)[0]
     alone = evaluate(x, "class", 10, subsets=[a_only], n_boot=0, query_idx=lacks_b)[0]
     assert mixed["num_queries"] == len(lacks_b) and mixed["map@10"] == pytest.approx(alone["map@10"])
+
+
+def test_experts_embedding_with_private_blocks_keeps_each_experts_own_dimensions():
+    """With private blocks an expert holds the prior placeholder (mean 0, log-variance 10) on the other
+    modalities' private blocks: its block in the retrieval vector is its shared + own private dims only,
+    and an absent block carries the standardised prior's log-variance (−2 log s: wider than a posterior)."""
+    from mmvae.retrieval.embed import Embeddings, embedding_width, fused, own_dims
+    rng = np.random.default_rng(1)
+    n, m, shared, p = 30, 3, 4, 2
+    e = shared + m * p
+    emu = np.zeros((n, m, e), np.float32)
+    elv = np.full((n, m, e), 10.0, np.float32)
+    for j in range(m):
+        own = np.r_[np.arange(shared), shared + j * p + np.arange(p)]
+        emu[:, j, own] = rng.normal(size=(n, len(own))) * 0.5
+        elv[:, j, own] = -2.0
+    present = np.ones((n, m), np.float32)
+    present[:5, 2] = 0
+    mu, lv = fused(emu, elv, present, "poe")
+    raw = Embeddings([f"c{i}" for i in range(n)], ["a", "b", "c"], emu, elv, present, mu, lv,
+                     [{"class": str(i % 2)} for i in range(n)], {"shared_dim": shared, "private_dim": p}, "poe")
+    x = raw.as_embedding("experts").standardized()
+    b = shared + p
+    assert x.mu.shape == (n, m * b) == (n, embedding_width("experts", e, m, p))
+    np.testing.assert_allclose(own_dims(emu, p)[:, 1], emu[:, 1, np.r_[0:shared, shared + p:shared + 2 * p]])
+    assert np.all(np.abs(x.logvar[5:]) < 20)                          # no placeholder dims left
+    scale = np.asarray(x.identity["standardize"]["scale"])
+    np.testing.assert_allclose(x.logvar[:5, 2 * b:], np.broadcast_to(-2 * np.log(scale[2 * b:]), (5, b)), rtol=1e-5)
+    assert np.all(x.logvar[:5, 2 * b:] > x.logvar[5:, 2 * b:].max())  # absent = wider than any posterior here
+    np.testing.assert_array_equal(x.query_dims(np.array([0, 1, 0])), np.r_[np.zeros(b), np.ones(b), np.zeros(b)])

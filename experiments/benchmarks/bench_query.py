@@ -154,15 +154,19 @@ def timed_query(r, images: dict, k: int, cache_dir: Path):
     import jax
 
     from mmvae.data.cache import PreprocessCache
-    from mmvae.retrieval.embed import fused
+    from mmvae.retrieval.embed import case_vectors
     r.cache = PreprocessCache(cache_dir)   # a new case: nothing cached
     t0 = time.perf_counter()
     batch = r.query_batch(images)
     t1 = time.perf_counter()
     emu, elv, present = jax.device_get(r._encode(batch))   # as Retriever.encode
-    mu, lv = fused(np.asarray(emu), np.asarray(elv), np.asarray(present), r.spec.fusion)
+    m = len(r.spec.query_modalities)
+    present = np.asarray(present)
+    mu, lv = case_vectors(np.asarray(emu)[:, :m], np.asarray(elv)[:, :m], present[:, :m], r.spec.fusion,
+                          r.embedding, r._stats(), r.spec.private_dim)
+    used = [x for x, p in zip(r.modalities, present[0]) if p > 0]
     t2 = time.perf_counter()
-    res = r.search_embedding(mu[0], lv[0], k=k)
+    res = r.search_embedding(mu[0], lv[0], k=k, modalities=used)
     t3 = time.perf_counter()
     return {"preprocess": t1 - t0, "encode": t2 - t1, "search": t3 - t2, "total": t3 - t0}, (mu[0], lv[0]), res
 

@@ -98,8 +98,9 @@ class Embeddings:
         check_embedding(embedding)
         ident = {k: v for k, v in self.identity.items() if k != "standardize"}
         ident.update(embedding=embedding, latent_dim=embedding_width(
-            embedding, self.experts_mu.shape[-1], len(self.modalities)))
-        mu, lv = case_vectors(self.experts_mu, self.experts_logvar, self.present, self.fusion, embedding)
+            embedding, self.experts_mu.shape[-1], len(self.modalities), self._private()))
+        mu, lv = case_vectors(self.experts_mu, self.experts_logvar, self.present, self.fusion, embedding,
+                              private_dim=self._private())
         return dataclasses.replace(self, mu=mu, logvar=lv, identity=ident, embedding=embedding)
 
     def standardized(self) -> "Embeddings":
@@ -110,9 +111,10 @@ class Embeddings:
         if self.identity.get("standardize"):
             return self
         if self.embedding == "experts":
-            n, m, e = self.experts_mu.shape
+            own = own_dims(self.experts_mu, self._private())
+            n, m, e = own.shape
             have = self.present > 0                                     # (N, M)
-            x = np.where(have[..., None], self.experts_mu, np.nan)
+            x = np.where(have[..., None], own, np.nan)
             with np.errstate(invalid="ignore"), warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)        # a modality no case has
                 center, scale = np.nanmean(x, 0), np.nanstd(x, 0)       # (M, E)
@@ -124,7 +126,8 @@ class Embeddings:
             center, scale = base.mean(0), base.std(0)
         stats = {"center": center.astype(float).tolist(), "scale": np.maximum(scale, 1e-6).astype(float).tolist()}
         if self.embedding == "experts":
-            mu, lv = case_vectors(self.experts_mu, self.experts_logvar, self.present, self.fusion, self.embedding, stats)
+            mu, lv = case_vectors(self.experts_mu, self.experts_logvar, self.present, self.fusion, self.embedding, stats,
+                                  self._private())
         else:
             mu, lv = apply_standardize(self.mu, self.logvar, stats)
         return dataclasses.replace(self, mu=mu, logvar=lv, identity=dict(self.identity, standardize=stats))
@@ -139,7 +142,10 @@ class Embeddings:
         ``subset`` (M,) or (N, M) only, mapped as the database (standardisation)."""
         mask = self.present * np.asarray(subset, np.float32)
         return case_vectors(self.experts_mu, self.experts_logvar, mask, self.fusion, self.embedding,
-                            self.identity.get("standardize"))
+                            self.identity.get("standardize"), self._private())
+
+    def _private(self) -> int:
+        return int(self.identity.get("private_dim", 0) or 0)
 
     def fused_posterior(self) -> tuple[np.ndarray, np.ndarray]:
         """The fused posterior ``(μ, log σ²)`` ``(N, E)`` over each case's modalities, unstandardised,
@@ -188,13 +194,29 @@ def embedding_kind(config) -> str:
     return check_embedding(str(config.retrieval.get("embedding", "fused")))
 
 
-def embedding_width(embedding: str, expert_dim: int, num_modalities: int) -> int:
-    """Length of a retrieval vector: ``E`` (fused) or ``M·E`` (experts)."""
-    return int(expert_dim) * (int(num_modalities) if check_embedding(embedding) == "experts" else 1)
+def embedding_width(embedding: str, expert_dim: int, num_modalities: int, private_dim: int = 0) -> int:
+    """Length of a retrieval vector: ``E`` (fused) or ``M·(E − (M−1)·P)`` (experts: each expert's
+    shared and own private dimensions; ``P`` = ``private_dim``)."""
+    m, p = int(num_modalities), int(private_dim or 0)
+    return int(expert_dim) if check_embedding(embedding) == "fused" else m * (int(expert_dim) - (m - 1) * p)
+
+
+def own_dims(x: np.ndarray, private_dim: int = 0) -> np.ndarray:
+    """Each expert's own dimensions ``(N, M, E) → (N, M, E − (M−1)·P)``: the shared block and
+    its modality's private block (on the other private blocks an expert holds the prior
+    placeholder, :meth:`mmvae.models.mvae.MultimodalVAE._place`). Unchanged when ``P = 0``."""
+    p = int(private_dim or 0)
+    if p <= 0:
+        return x
+    n, m, e = x.shape
+    shared = e - m * p
+    return np.stack([np.concatenate([x[:, j, :shared], x[:, j, shared + j * p: shared + (j + 1) * p]], -1)
+                     for j in range(m)], 1)
 
 
 def case_vectors(experts_mu: np.ndarray, experts_logvar: np.ndarray, mask: np.ndarray, fusion: str,
-                 embedding: str = "fused", stats: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 embedding: str = "fused", stats: dict | None = None,
+                 private_dim: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Retrieval vectors and their log-variances of cases from the experts in ``mask``.
 
     Args:
@@ -202,18 +224,22 @@ def case_vectors(experts_mu: np.ndarray, experts_logvar: np.ndarray, mask: np.nd
       mask: ``(N, M)`` 0/1, the experts to use (present · query subset).
       fusion: the model's fusion (``fused`` only).
       embedding: ``fused`` → the fused posterior of the masked experts ``(N, E)``;
-        ``experts`` → the experts concatenated ``(N, M·E)``, masked blocks ``N(0, 1)``
-        after standardisation (mean 0, log-variance 0).
+        ``experts`` → each expert's own dimensions (:func:`own_dims`) concatenated,
+        ``(N, M·B)``; a masked block has mean 0 and the prior's log-variance
+        (``N(0, I)`` mapped by ``stats``: ``−2 log s``), so it counts as unknown.
       stats: standardisation ``{"center", "scale"}`` over the output's dimensions, or None.
+      private_dim: the model's private block size ``P`` (``experts`` only).
     """
     if check_embedding(embedding) == "fused":
         mu, lv = fused(experts_mu, experts_logvar, mask, fusion)
         return apply_standardize(mu, lv, stats)
-    n, m, e = experts_mu.shape
-    mu, lv = apply_standardize(np.asarray(experts_mu, np.float32).reshape(n, m * e),
-                               np.asarray(experts_logvar, np.float32).reshape(n, m * e), stats)
-    keep = np.repeat(np.asarray(mask) > 0, e, axis=1)
-    return np.where(keep, mu, 0.0).astype(np.float32), np.where(keep, lv, 0.0).astype(np.float32)
+    emu = own_dims(np.asarray(experts_mu, np.float32), private_dim)
+    elv = own_dims(np.asarray(experts_logvar, np.float32), private_dim)
+    n, m, b = emu.shape
+    mu, lv = apply_standardize(emu.reshape(n, m * b), elv.reshape(n, m * b), stats)
+    prior_lv = apply_standardize(np.zeros((1, m * b), np.float32), np.zeros((1, m * b), np.float32), stats)[1]
+    keep = np.repeat(np.asarray(mask) > 0, b, axis=1)
+    return np.where(keep, mu, 0.0).astype(np.float32), np.where(keep, lv, prior_lv).astype(np.float32)
 
 
 def query_dims(identity: dict, modalities, used) -> np.ndarray | None:
@@ -223,17 +249,14 @@ def query_dims(identity: dict, modalities, used) -> np.ndarray | None:
     dimensions and the private blocks of the ``used`` modalities; the private block of a
     modality the query lacks holds the prior mean 0 in the query, and a database case's
     values there would only add noise to its norm. ``experts`` vectors: the blocks of the
-    ``used`` modalities (within each, its shared and own private dimensions), so a case
-    is compared on the modalities the query has. Returns None for fused vectors without
+    ``used`` modalities, so a case is compared on the modalities the query has. Returns None for fused vectors without
     private blocks (every dimension is shared).
     """
     p = int(identity.get("private_dim", 0) or 0)
     shared, mods = int(identity.get("shared_dim", 0) or 0), list(modalities)
     if identity.get("embedding", "fused") == "experts":
-        e = int(identity["latent_dim"]) // len(mods)
-        blocks = [(F.block_mask(shared, p, len(mods), [i]) if p > 0 else np.ones(e, np.float32))
-                  if m in used else np.zeros(e, np.float32) for i, m in enumerate(mods)]
-        return np.concatenate(blocks)
+        b = int(identity["latent_dim"]) // len(mods)
+        return np.concatenate([np.full(b, 1.0 if m in used else 0.0, np.float32) for m in mods])
     if p <= 0:
         return None
     return F.block_mask(shared, p, len(mods), [i for i, m in enumerate(mods) if m in used])

@@ -448,7 +448,7 @@ class CaseIndex:
                 faiss.omp_set_num_threads(threads)
 
     def _candidates(self, x: np.ndarray, qmu: np.ndarray, need: np.ndarray,
-                    allowed_base: np.ndarray, excl: list[np.ndarray]) -> list[np.ndarray]:
+                    allowed_base: np.ndarray, excl: list[np.ndarray], dims=None) -> list[np.ndarray]:
         """Per query, the first ``need[i]`` allowed rows in first-pass order.
 
         Queries with the same allowed set (filter minus their exclusions) share one
@@ -476,7 +476,7 @@ class CaseIndex:
                 if (self.kind == "binary" and not _binary_selectors()) or (
                         self.kind == "hnsw" and n_allowed <= max(int(self.params["ef_search"]), k)):
                     for qi in members:
-                        out[qi] = self._exact_fallback(qmu[qi], need[qi], allowed)
+                        out[qi] = self._exact_fallback(qmu[qi], need[qi], allowed, dims)
                     continue
                 if base_bits is None:                # allowed_base over the faiss ids
                     base_bits = np.zeros(len(self._id2row), dtype=bool)
@@ -495,17 +495,18 @@ class CaseIndex:
                     if len(rows) >= need[qi]:
                         out[qi] = rows[: need[qi]]
                     elif final:
-                        out[qi] = self._exact_fallback(qmu[qi], need[qi], allowed)
+                        out[qi] = self._exact_fallback(qmu[qi], need[qi], allowed, dims)
                     else:
                         still.append(qi)
                 pending = np.array(still, dtype=np.int64)
                 it += 1
         return out  # type: ignore[return-value]
 
-    def _exact_fallback(self, q, need, allowed) -> np.ndarray:
-        """Rank all allowed rows exactly (no selector support, or an HNSW walk came up short)."""
+    def _exact_fallback(self, q, need, allowed, dims=None) -> np.ndarray:
+        """Rank all allowed rows exactly (no selector support, or an HNSW walk came up short),
+        on ``dims`` when given."""
         rows = np.nonzero(allowed)[0]
-        s = self._exact_scores(q, rows)
+        s = self._exact_scores(q, rows, dims)
         return rows[np.argsort(-s, kind="stable")[:need]]
 
     def search(self, query_mu, k: int, *, query_logvar=None,
@@ -529,9 +530,12 @@ class CaseIndex:
           rerank_factor: candidates re-scored = ``rerank_factor·k`` (posterior
             re-ranking, and the exact re-scoring of ``ivfpq``/``binary`` codes).
           dims: optional 0/1 ``(L,)`` mask: score on these dimensions only (a query that
-            informs part of the latent, e.g. without some modalities' private blocks:
-            :func:`mmvae.retrieval.embed.query_dims`). ``flat`` then scores every allowed
-            case exactly; the other kinds re-score ``rerank_factor·k`` first-pass candidates.
+            informs part of the vector: some modalities' private blocks, or the experts
+            blocks of the modalities it has: :func:`mmvae.retrieval.embed.query_dims`).
+            ``flat`` then scores every allowed case exactly; the other kinds re-score
+            ``rerank_factor·k·⌈L/|dims|⌉`` first-pass candidates (the first pass sees the
+            whole vector, whose norm the masked-out blocks change, so a query that informs
+            a fifth of the vector gets five times the candidates).
 
         Returns:
           one list of :class:`Result` per query, best first.
@@ -569,11 +573,13 @@ class CaseIndex:
             if np.all(dims > 0):
                 dims = None
         widen = self.kind in ("ivfpq", "binary") or rerank is not None or dims is not None
-        need = np.minimum(rerank_factor * k, counts) if widen else np.full(Q, k)
+        factor = rerank_factor * (int(np.ceil(self.latent_dim / max(1.0, float((dims > 0).sum()))))
+                                  if dims is not None else 1)
+        need = np.minimum(factor * k, counts) if widen else np.full(Q, k)
         if dims is not None and self.kind == "flat":
             need = counts                        # exact: every allowed case is scored on dims
         x = self._faiss_input(qmu)
-        cands = self._candidates(x, qmu, need.astype(np.int64), allowed, excl)
+        cands = self._candidates(x, qmu, need.astype(np.int64), allowed, excl, dims)
 
         results: list[list[Result]] = []
         for qi in range(Q):

@@ -74,7 +74,7 @@ def model_identity(spec, embedding: str = "fused") -> dict:
     """The identity an index of ``embedding`` vectors (:mod:`mmvae.retrieval.embed`) must have been
     built with to be searched with ``spec``'s model."""
     return {"model_fingerprint": fingerprint(spec),
-            "latent_dim": embedding_width(embedding, spec.embedding_dim, len(spec.query_modalities))}
+            "latent_dim": embedding_width(embedding, spec.embedding_dim, len(spec.query_modalities), spec.private_dim)}
 
 
 def _strip_case(e: InputError) -> InputError:
@@ -332,7 +332,7 @@ class Retriever:
         m = len(self.spec.query_modalities)
         # The query's vector, as the indexed cases' (kind, standardisation).
         mu, lv = case_vectors(np.asarray(emu)[:, :m], np.asarray(elv)[:, :m], present[:, :m], self.spec.fusion,
-                              self.embedding, self._stats())
+                              self.embedding, self._stats(), self.spec.private_dim)
         mv, ld = posterior_spread(lv)
         dis = expert_disagreement(np.asarray(emu)[:, :m], np.asarray(elv)[:, :m], present[:, :m])
         self.last_uncertainty = {"mean_variance": float(mv[0]), "log_det": float(ld[0]),
@@ -344,7 +344,9 @@ class Retriever:
                      report: str | None = None, *,
                      clinical: Mapping[str, Any] | None = None,
                      other: Mapping[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Fused posterior ``(mu, logvar)``, each ``(L,)`` float32, of the given modalities.
+        """The query's retrieval vector ``(mu, logvar)``, each ``(D,)`` float32, from the given
+        modalities: the fused posterior (``D = E``) or the experts side by side (``retrieval.embedding``,
+        :func:`mmvae.retrieval.embed.case_vectors`), mapped as the indexed cases.
 
         Args:
           images: image modality → list of sources (NIfTI file, DICOM series folder or
@@ -392,19 +394,33 @@ class Retriever:
             raise InputError(f"case(s) marked both relevant and non-relevant: {both}")
         if not rel and not non:
             return mu
-        rel_mu = self.index.embeddings(rel)[0] if rel else None
-        non_mu = self.index.embeddings(non)[0] if non else None
+        rel_mu = self._marked_mean(rel) if rel else None
+        non_mu = self._marked_mean(non) if non else None
         r = self.config.retrieval.rocchio
         return rocchio(mu, rel_mu, non_mu, float(r.alpha), float(r.beta), float(r.gamma)).astype(np.float32)
+
+    def _marked_mean(self, ids: list[str]) -> np.ndarray:
+        """Mean ``(1, D)`` of the stored vectors of the marked cases; with per-expert vectors each
+        modality's block is averaged over the marked cases that have it (an absent block, 0, would
+        shrink the query's block)."""
+        mu = self.index.embeddings(ids)[0]
+        if self.embedding != "experts":
+            return mu.mean(0, keepdims=True)
+        mods = list(self.spec.query_modalities)
+        b = mu.shape[1] // len(mods)
+        have = np.asarray([[m in self.index.metadata(c).get("modalities", []) for m in mods] for c in ids])
+        w = np.repeat(have, b, axis=1).astype(np.float32)
+        return ((mu * w).sum(0) / np.maximum(w.sum(0), 1.0))[None].astype(np.float32)
 
     def search_embedding(self, mu, logvar=None, k: int = 10, filter=None, exclude=None,  # noqa: A002
                          feedback=None, rerank: str | None = None,
                          modalities: Sequence[str] | None = None) -> list[Result]:
         """Search with an already encoded query posterior (see :meth:`search`).
 
-        ``modalities``: the modalities the query was encoded from; with private latent
-        blocks the cases are compared on the dimensions those inform
-        (:func:`mmvae.retrieval.embed.query_dims`). None: every dimension."""
+        ``modalities``: the modalities the query was encoded from; the cases are compared on
+        the dimensions those inform (their blocks of per-expert vectors, or the shared and
+        their private latent blocks: :func:`mmvae.retrieval.embed.query_dims`). None: every
+        dimension."""
         k = self._check_k(k)
         if rerank not in RERANKS:
             raise InputError(f"rerank must be one of {list(RERANKS)} (got {rerank!r})")

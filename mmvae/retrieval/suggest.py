@@ -33,6 +33,14 @@ __all__ = ["STRATEGIES", "suggest", "k_center_greedy", "read_labelled", "suggest
 STRATEGIES = ("random", "uncertainty", "disagreement", "coreset", "hybrid")
 
 
+
+def _means(emb) -> np.ndarray:
+    """The standardised fused posterior means ``(N, E)`` the diversity strategies measure distance on
+    (per-expert retrieval vectors would make a distance depend on which modalities a case has)."""
+    if getattr(emb, "embedding", "fused") == "fused":
+        return np.asarray(emb.mu)
+    return emb.as_embedding("fused").standardized().mu
+
 def k_center_greedy(x: np.ndarray, centers: Sequence[int], budget: int, pool: Sequence[int]) -> list[tuple[int, float]]:
     """Greedy k-center: ``budget`` rows of ``pool`` chosen one at a time, each the farthest from
     its nearest center (``centers`` plus those already chosen). ``x (N, D)``. Returns ``[(row,
@@ -104,14 +112,14 @@ def suggest(emb, budget: int, strategy: str, labelled: Sequence[str] = (), *, se
             out.append((i, float(score[i]), fmt.format(score[i]) if np.isfinite(score[i]) else
                         "fewer than two modalities: no disagreement"))
     elif strategy == "coreset":
-        for i, d in k_center_greedy(emb.mu, lab, budget, pool):
+        for i, d in k_center_greedy(_means(emb), lab, budget, pool):
             out.append((i, d, f"distance {d:.3f} to the nearest labelled or chosen case"))
     else:   # hybrid
         score, fmt = _uncertainty_score(unc)
         s = np.nan_to_num(np.asarray(score, np.float64), nan=0.0)
         lo, hi = s[pool].min(), s[pool].max()
         u = 0.05 + 0.95 * ((s - lo) / (hi - lo) if hi > lo else np.ones_like(s))
-        x = np.asarray(emb.mu, np.float64)
+        x = np.asarray(_means(emb), np.float64)
         centers = list(lab)
         left = list(pool)
         if centers:

@@ -96,7 +96,7 @@ class Session:
     id: str
     source: dict                           # {"kind": "case", "case_id"} or {"kind": "upload", "files": {...}}
     modalities: list[str]                  # what the model saw of the query
-    mu: np.ndarray                         # (E,) fused posterior mean of the query
+    mu: np.ndarray                         # (D,) retrieval vector of the query (embed.case_vectors)
     logvar: np.ndarray                     # (E,)
     k: int
     rerank: str | None
