@@ -112,11 +112,14 @@ def main(argv=None) -> int:
         from mmvae.atomic import atomic_write_text
         from mmvae.experiments.report import replace_section
         runs = ", ".join(f"`{Path(w).name}`" for w in a.workdir)
+        from mmvae.retrieval.embed import Embeddings
+        kinds = "/".join(sorted({Embeddings.load(e).embedding for e in embs}))
         n_q = ", ".join(str(r["n"]) for r in rows if r["what"] == "ranking: cosine on means")
         body = (f"`python experiments/uncertainty_eval.py` on {runs}: mAP@{a.k} of the held-out queries ({n_q} "
                 "per run: every held-out case, with all the modalities it has — unlike the targets table's "
                 "all-modality column, which counts only the cases that have every modality) ranked by cosine on "
-                "the posterior means and by the two posterior-aware re-rankers "
+                f"the retrieval vectors (`retrieval.embedding={kinds}`, compared on the query's modalities) and by "
+                "the two posterior-aware re-rankers on the same vectors' Gaussians "
                 "(exact over the flat index), and the Spearman correlation between a query's uncertainty and its "
                 f"retrieval error 1 − AP@{a.k} (cosine), 95 % bootstrap CI over queries "
                 "(docs/model.md for the measures).\n\n" + table)
