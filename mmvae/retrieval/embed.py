@@ -21,9 +21,9 @@ queries are mapped the same way (:func:`apply_standardize`).
 What a case's retrieval vector is (``retrieval.embedding``, :func:`case_vectors`):
 
 - ``fused``: the fused posterior mean ``μ_S`` of the modalities ``S`` it has, ``(E,)``.
-- ``experts`` (the default): the unimodal experts' means, each standardised by its own
-  cohort statistics and concatenated, ``(M·E,)``, with zeros in the blocks of absent
-  modalities; a query is compared with the cases on the blocks of the modalities it
+- ``experts`` (the default): the unimodal experts' means (each expert's shared and own
+  private dimensions, :func:`own_dims`), each standardised by its own cohort statistics and
+  concatenated, ``(M·(E − (M−1)·P),)``, with zeros in the blocks of absent modalities; a query is compared with the cases on the blocks of the modalities it
   has (:func:`query_dims`), so the cosine is a sum of per-modality agreements. The PoE
   mean is a precision-weighted average that lets the most confident expert dominate
   the direction; the concatenation keeps each modality's evidence, as late fusion of
@@ -32,7 +32,7 @@ What a case's retrieval vector is (``retrieval.embedding``, :func:`case_vectors`
   synthetic cohort (docs/model.md, 3 seeds): all-modality mAP@10 0.344 vs 0.298 fused
   (t1+t2+dwi+report 0.410 vs 0.305), tied for single-modality queries. Its Gaussian is the product of the
   experts' (block-diagonal), so posterior-aware re-rankers stay exact; an absent block
-  is ``N(0, 1)`` in standardised units.
+  has mean 0 and the prior's log-variance in standardised units (``−2 log s``).
 """
 from __future__ import annotations
 
@@ -119,16 +119,13 @@ class Embeddings:
                 warnings.simplefilter("ignore", RuntimeWarning)        # a modality no case has
                 center, scale = np.nanmean(x, 0), np.nanstd(x, 0)       # (M, E)
             center, scale = np.nan_to_num(center, nan=0.0), np.nan_to_num(scale, nan=1.0)
-            center, scale = center.reshape(m * e), scale.reshape(m * e)
-        else:
-            have = self.present.sum(1) > 0
-            base = self.mu[have] if have.any() else self.mu
-            center, scale = base.mean(0), base.std(0)
-        stats = {"center": center.astype(float).tolist(), "scale": np.maximum(scale, 1e-6).astype(float).tolist()}
-        if self.embedding == "experts":
+            stats = _stats(center.reshape(m * e), scale.reshape(m * e))
             mu, lv = case_vectors(self.experts_mu, self.experts_logvar, self.present, self.fusion, self.embedding, stats,
                                   self._private())
         else:
+            have = self.present.sum(1) > 0
+            base = self.mu[have] if have.any() else self.mu
+            stats = _stats(base.mean(0), base.std(0))
             mu, lv = apply_standardize(self.mu, self.logvar, stats)
         return dataclasses.replace(self, mu=mu, logvar=lv, identity=dict(self.identity, standardize=stats))
 
@@ -177,6 +174,11 @@ class Embeddings:
                            label_classes=[str(x) for x in z["label_classes"]] if "label_classes" in z.files else [])
         except (OSError, ValueError, KeyError, ConfigError) as e:
             raise InputError(f"cannot read embeddings: {e}", path=str(path)) from None
+
+
+def _stats(center: np.ndarray, scale: np.ndarray) -> dict:
+    """Standardisation statistics as stored in ``identity['standardize']`` (scale floored at 1e-6)."""
+    return {"center": center.astype(float).tolist(), "scale": np.maximum(scale, 1e-6).astype(float).tolist()}
 
 
 EMBEDDINGS = ("fused", "experts")
@@ -249,8 +251,8 @@ def query_dims(identity: dict, modalities, used) -> np.ndarray | None:
     dimensions and the private blocks of the ``used`` modalities; the private block of a
     modality the query lacks holds the prior mean 0 in the query, and a database case's
     values there would only add noise to its norm. ``experts`` vectors: the blocks of the
-    ``used`` modalities, so a case is compared on the modalities the query has. Returns None for fused vectors without
-    private blocks (every dimension is shared).
+    ``used`` modalities, so a case is compared on the modalities the query has. Returns None
+    for fused vectors without private blocks (every dimension is shared).
     """
     p = int(identity.get("private_dim", 0) or 0)
     shared, mods = int(identity.get("shared_dim", 0) or 0), list(modalities)
