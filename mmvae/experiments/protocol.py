@@ -63,6 +63,14 @@ class BlockEmbeddings:
             return b.reshape(b.shape[0], -1), None
         return b.sum(1) / np.maximum(mask.sum(1, keepdims=True), 1), None
 
+    def query_dims(self, subset: np.ndarray) -> np.ndarray | None:
+        """``concat``: the blocks of the modalities in ``subset`` (M,), as a 0/1 ``(M·D,)`` mask, so
+        a query is compared with the cases on the modalities it has (as the VAE's per-expert
+        vectors are: :func:`mmvae.retrieval.embed.query_dims`); ``mean``: None (one shared space)."""
+        if self.combine != "concat":
+            return None
+        return np.repeat((np.asarray(subset) > 0).astype(np.float32), self.blocks.shape[2])
+
     @property
     def mu(self) -> np.ndarray:
         return self.subset_posterior(np.ones(len(self.modalities), np.float32))[0]

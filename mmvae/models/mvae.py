@@ -45,6 +45,9 @@ class ModelSpec:
     set_pooling: str = "poe"
     pooling: str = "flatten"             # spatial pooling of the last feature map (see ImageEncoder)
     conv: str = "auto"                   # 3³ conv implementation (layers.conv_general_dilated); not in the fingerprint
+    image_input: str = "pixels"          # what an image expert reads: pixels | features | both (modalities/image.py)
+    feature_dim: int = 0                 # F of the frozen image features (features/<m>); 0 without them
+    feature_hidden: int = 512            # hidden width of the feature expert's MLPs
     report: bool = True
     bert: BertConfig | None = None
     report_encoder: str = "bert"         # bert | bow (see mmvae.models.modalities.report)
@@ -197,6 +200,18 @@ class MultimodalVAE(nnx.Module):
         if mask is not None:
             present = present * mask
         return fusion.fuse(experts.mu, experts.logvar, present, self.spec.fusion)
+
+    def frozen_features(self, batch: dict) -> dict[str, jax.Array]:
+        """What frozen pretrained networks say of each observed modality that has them:
+        ``{m: (B, F_m)}`` (zeros where absent), in expert order; modalities whose kind gives
+        none (clinical, a report expert trained from scratch) are left out."""
+        out = {}
+        for m, kind in kinds_of(self.spec).items():
+            if kind.observed and kind.frozen_features is not None:
+                f = kind.frozen_features(self.encoders[m], batch, m, self.spec)
+                if f is not None:
+                    out[m] = f
+        return out
 
     # ------------------------------------------------------------------ decode
     def decode(self, z: jax.Array, patched: bool = False) -> dict:

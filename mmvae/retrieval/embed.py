@@ -33,6 +33,20 @@ What a case's retrieval vector is (``retrieval.embedding``, :func:`case_vectors`
   (t1+t2+dwi+report 0.410 vs 0.305), tied for single-modality queries. Its Gaussian is the product of the
   experts' (block-diagonal), so posterior-aware re-rankers stay exact; an absent block
   has mean 0 and the prior's log-variance in standardised units (``−2 log s``).
+- ``features``: what frozen pretrained networks say of each modality that has one
+  (:meth:`mmvae.models.mvae.MultimodalVAE.frozen_features`: the image features of
+  :mod:`mmvae.models.features`, the frozen text model's sentence embedding), one block per
+  modality, no trained part. ``experts+features``: the expert blocks followed by the feature
+  blocks. In both, every dimension is standardised over the cases that have its modality and
+  every block is scaled by ``1/√width``, so each block has about unit norm and the cosine is
+  about the sum of per-block cosines over the blocks both sides have: a 1,280-wide image block
+  does not outvote a 40-wide expert block. This is the zero-shot baseline of frozen slice
+  embeddings (Khun Jush et al. 2024) kept inside the model's retrieval, so the retrieval
+  vectors never know less than the frozen networks (docs/model.md). A frozen block's
+  log-variance is the cohort's spread (0 before standardisation, ``−2 log s`` after).
+
+The layout of ``features`` and ``experts+features`` vectors is ``identity['blocks']``:
+``[[modality, width], ...]`` in vector order (:func:`vector_blocks`).
 """
 from __future__ import annotations
 
@@ -70,14 +84,20 @@ class Embeddings:
     # (mmvae.retrieval.uncertainty.label_entropy); None otherwise.
     label_probs: np.ndarray | None = None
     label_classes: list[str] = dataclasses.field(default_factory=list)
-    # What mu/logvar hold (module doc): "fused" (N, E) or "experts" (N, M·E).
+    # What mu/logvar hold (module doc): "fused" (N, E), "experts" (N, M·E), "features", "experts+features".
     embedding: str = "fused"
+    # Frozen pretrained features (N, Σ_m F_m) of the modalities with frozen_widths[m] > 0, in modality
+    # order (zeros where absent); None when the run computed none.
+    frozen: np.ndarray | None = None
+    frozen_widths: list[int] = dataclasses.field(default_factory=list)
 
     @classmethod
     def from_experts(cls, mu: np.ndarray, logvar: np.ndarray, present: np.ndarray, cohort: Cohort, spec,
-                     identity: dict | None = None, embedding: str = "fused") -> "Embeddings":
+                     identity: dict | None = None, embedding: str = "fused",
+                     frozen: dict[str, np.ndarray] | None = None) -> "Embeddings":
         """Embeddings of ``cohort`` from its experts ``(N, M, E)`` (unstandardised; see
-        :meth:`standardized`); ``embedding``: ``fused`` | ``experts`` (module doc).
+        :meth:`standardized`); ``embedding``: a kind of :data:`EMBEDDINGS` (module doc);
+        ``frozen``: ``{m: (N, F_m)}`` frozen features (needed by the ``features`` kinds).
 
         Only the observed modalities (``spec.query_modalities``) are kept: a label expert,
         used in training, is never part of a case's embedding."""
@@ -85,9 +105,10 @@ class Embeddings:
         mu, logvar, present = mu[:, :m], logvar[:, :m], present[:, :m]
         ident = dict(identity or {}, shared_dim=spec.latent_dim, private_dim=spec.private_dim)
         ident.pop("standardize", None)
+        mat, widths = stack_frozen(frozen, spec.query_modalities, len(mu))
         emb = cls(case_ids=list(cohort.case_ids), modalities=list(spec.query_modalities), experts_mu=mu,
                   experts_logvar=logvar, present=present, mu=mu, logvar=logvar, labels=list(cohort.labels),
-                  identity=ident, fusion=spec.fusion)
+                  identity=ident, fusion=spec.fusion, frozen=mat, frozen_widths=widths)
         return emb.as_embedding(embedding)
 
     def as_embedding(self, embedding: str) -> "Embeddings":
@@ -96,12 +117,22 @@ class Embeddings:
 
         Raises ConfigError for an unknown kind."""
         check_embedding(embedding)
-        ident = {k: v for k, v in self.identity.items() if k != "standardize"}
+        if "features" in embedding and (self.frozen is None or not any(self.frozen_widths)):
+            raise ConfigError(f"retrieval.embedding={embedding!r} needs frozen pretrained features, and these "
+                              "embeddings have none: re-embed with a run whose config reads them "
+                              "(data.features; a frozen text model for the report)")
+        ident = {k: v for k, v in self.identity.items() if k not in ("standardize", "blocks")}
         ident.update(embedding=embedding, latent_dim=embedding_width(
-            embedding, self.experts_mu.shape[-1], len(self.modalities), self._private()))
+            embedding, self.experts_mu.shape[-1], len(self.modalities), self._private(), self.frozen_widths))
+        if "features" in embedding:
+            ident["blocks"] = vector_blocks(embedding, self.modalities, self._expert_width(), self.frozen_widths)
         mu, lv = case_vectors(self.experts_mu, self.experts_logvar, self.present, self.fusion, embedding,
-                              private_dim=self._private())
+                              private_dim=self._private(), frozen=self.frozen, frozen_widths=self.frozen_widths)
         return dataclasses.replace(self, mu=mu, logvar=lv, identity=ident, embedding=embedding)
+
+    def _expert_width(self) -> int:
+        m, e = self.experts_mu.shape[1], self.experts_mu.shape[2]
+        return e - (m - 1) * self._private()
 
     def standardized(self) -> "Embeddings":
         """These embeddings with the cohort's standardisation applied (see the module doc): centre
@@ -110,7 +141,21 @@ class Embeddings:
         cases that have that modality)."""
         if self.identity.get("standardize"):
             return self
-        if self.embedding == "experts":
+        if "features" in self.embedding:
+            raw, _ = case_vectors(self.experts_mu, self.experts_logvar, self.present, self.fusion, self.embedding,
+                                  private_dim=self._private(), frozen=self.frozen, frozen_widths=self.frozen_widths)
+            blocks = self.identity["blocks"]
+            owner = np.concatenate([np.full(w, self.modalities.index(m)) for m, w in blocks])
+            x = np.where(self.present[:, owner] > 0, raw, np.nan)
+            with np.errstate(invalid="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)        # a modality no case has
+                center, scale = np.nanmean(x, 0), np.nanstd(x, 0)
+            center, scale = np.nan_to_num(center, nan=0.0), np.nan_to_num(scale, nan=1.0)
+            width = np.concatenate([np.full(w, float(w)) for _, w in blocks])
+            stats = _stats(center, np.maximum(scale, 1e-6) * np.sqrt(width))      # unit-norm blocks
+            mu, lv = case_vectors(self.experts_mu, self.experts_logvar, self.present, self.fusion, self.embedding,
+                                  stats, self._private(), self.frozen, self.frozen_widths)
+        elif self.embedding == "experts":
             own = own_dims(self.experts_mu, self._private())
             n, m, e = own.shape
             have = self.present > 0                                     # (N, M)
@@ -139,7 +184,7 @@ class Embeddings:
         ``subset`` (M,) or (N, M) only, mapped as the database (standardisation)."""
         mask = self.present * np.asarray(subset, np.float32)
         return case_vectors(self.experts_mu, self.experts_logvar, mask, self.fusion, self.embedding,
-                            self.identity.get("standardize"), self._private())
+                            self.identity.get("standardize"), self._private(), self.frozen, self.frozen_widths)
 
     def _private(self) -> int:
         return int(self.identity.get("private_dim", 0) or 0)
@@ -157,7 +202,9 @@ class Embeddings:
                  labels=np.asarray([json.dumps(x) for x in self.labels], dtype=str),
                  identity=np.asarray(json.dumps(dict(self.identity, fusion=self.fusion, embedding=self.embedding))),
                  **({"label_probs": self.label_probs, "label_classes": np.asarray(self.label_classes, dtype=str)}
-                    if self.label_probs is not None else {}))
+                    if self.label_probs is not None else {}),
+                 **({"frozen": self.frozen, "frozen_widths": np.asarray(self.frozen_widths, np.int64)}
+                    if self.frozen is not None else {}))
         return atomic_write_bytes(path, buf.getvalue())
 
     @classmethod
@@ -171,7 +218,9 @@ class Embeddings:
                            identity=identity, fusion=identity.get("fusion", "poe"),
                            embedding=check_embedding(identity.get("embedding", "fused")),
                            label_probs=z["label_probs"] if "label_probs" in z.files else None,
-                           label_classes=[str(x) for x in z["label_classes"]] if "label_classes" in z.files else [])
+                           label_classes=[str(x) for x in z["label_classes"]] if "label_classes" in z.files else [],
+                           frozen=z["frozen"] if "frozen" in z.files else None,
+                           frozen_widths=[int(x) for x in z["frozen_widths"]] if "frozen_widths" in z.files else [])
         except (OSError, ValueError, KeyError, ConfigError) as e:
             raise InputError(f"cannot read embeddings: {e}", path=str(path)) from None
 
@@ -181,7 +230,7 @@ def _stats(center: np.ndarray, scale: np.ndarray) -> dict:
     return {"center": center.astype(float).tolist(), "scale": np.maximum(scale, 1e-6).astype(float).tolist()}
 
 
-EMBEDDINGS = ("fused", "experts")
+EMBEDDINGS = ("fused", "experts", "features", "experts+features")
 
 
 def check_embedding(embedding: str) -> str:
@@ -196,11 +245,34 @@ def embedding_kind(config) -> str:
     return check_embedding(str(config.retrieval.get("embedding", "fused")))
 
 
-def embedding_width(embedding: str, expert_dim: int, num_modalities: int, private_dim: int = 0) -> int:
-    """Length of a retrieval vector: ``E`` (fused) or ``M·(E − (M−1)·P)`` (experts: each expert's
-    shared and own private dimensions; ``P`` = ``private_dim``)."""
+def embedding_width(embedding: str, expert_dim: int, num_modalities: int, private_dim: int = 0,
+                    frozen_widths=()) -> int:
+    """Length of a retrieval vector: ``E`` (fused), ``M·(E − (M−1)·P)`` (experts: each expert's
+    shared and own private dimensions; ``P`` = ``private_dim``), ``Σ F_m`` (features: the frozen
+    widths) or both (experts+features)."""
     m, p = int(num_modalities), int(private_dim or 0)
-    return int(expert_dim) if check_embedding(embedding) == "fused" else m * (int(expert_dim) - (m - 1) * p)
+    kind = check_embedding(embedding)
+    if kind == "fused":
+        return int(expert_dim)
+    width = m * (int(expert_dim) - (m - 1) * p) if "experts" in kind else 0
+    return width + (int(sum(frozen_widths)) if "features" in kind else 0)
+
+
+def vector_blocks(embedding: str, modalities, expert_width: int, frozen_widths) -> list[list]:
+    """``[[modality, width], ...]``: the blocks of a ``features`` / ``experts+features`` vector in
+    order (expert blocks first, then the frozen blocks of the modalities that have one)."""
+    out = [[str(m), int(expert_width)] for m in modalities] if "experts" in embedding else []
+    return out + [[str(m), int(w)] for m, w in zip(modalities, frozen_widths) if int(w) > 0]
+
+
+def stack_frozen(frozen: dict | None, modalities, n: int) -> tuple[np.ndarray | None, list[int]]:
+    """``{m: (N, F_m)}`` → ``((N, Σ F_m) in modality order, widths (M,) with 0 for the modalities
+    without)``; ``(None, [])`` without any."""
+    if not frozen:
+        return None, []
+    widths = [int(np.asarray(frozen[m]).shape[-1]) if m in frozen else 0 for m in modalities]
+    mats = [np.asarray(frozen[m], np.float32).reshape(n, -1) for m in modalities if m in frozen]
+    return np.concatenate(mats, 1).astype(np.float32), widths
 
 
 def own_dims(x: np.ndarray, private_dim: int = 0) -> np.ndarray:
@@ -218,7 +290,8 @@ def own_dims(x: np.ndarray, private_dim: int = 0) -> np.ndarray:
 
 def case_vectors(experts_mu: np.ndarray, experts_logvar: np.ndarray, mask: np.ndarray, fusion: str,
                  embedding: str = "fused", stats: dict | None = None,
-                 private_dim: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                 private_dim: int = 0, frozen: np.ndarray | None = None,
+                 frozen_widths=()) -> tuple[np.ndarray, np.ndarray]:
     """Retrieval vectors and their log-variances of cases from the experts in ``mask``.
 
     Args:
@@ -227,20 +300,42 @@ def case_vectors(experts_mu: np.ndarray, experts_logvar: np.ndarray, mask: np.nd
       fusion: the model's fusion (``fused`` only).
       embedding: ``fused`` → the fused posterior of the masked experts ``(N, E)``;
         ``experts`` → each expert's own dimensions (:func:`own_dims`) concatenated,
-        ``(N, M·B)``; a masked block has mean 0 and the prior's log-variance
+        ``(N, M·B)``; ``features`` → the frozen blocks ``(N, Σ F_m)``; ``experts+features`` →
+        both (:func:`vector_blocks`). A masked block has mean 0 and the prior's log-variance
         (``N(0, I)`` mapped by ``stats``: ``−2 log s``), so it counts as unknown.
       stats: standardisation ``{"center", "scale"}`` over the output's dimensions, or None.
       private_dim: the model's private block size ``P`` (``experts`` only).
+      frozen, frozen_widths: ``(N, Σ F_m)`` frozen features and each modality's width ``(M,)``
+        (:func:`stack_frozen`; the ``features`` kinds only).
     """
-    if check_embedding(embedding) == "fused":
+    kind = check_embedding(embedding)
+    if kind == "fused":
         mu, lv = fused(experts_mu, experts_logvar, mask, fusion)
         return apply_standardize(mu, lv, stats)
-    emu = own_dims(np.asarray(experts_mu, np.float32), private_dim)
-    elv = own_dims(np.asarray(experts_logvar, np.float32), private_dim)
-    n, m, b = emu.shape
-    mu, lv = apply_standardize(emu.reshape(n, m * b), elv.reshape(n, m * b), stats)
-    prior_lv = apply_standardize(np.zeros((1, m * b), np.float32), np.zeros((1, m * b), np.float32), stats)[1]
-    keep = np.repeat(np.asarray(mask) > 0, b, axis=1)
+    mask = np.asarray(mask) > 0
+    mus, lvs, keeps = [], [], []
+    if "experts" in kind:
+        emu = own_dims(np.asarray(experts_mu, np.float32), private_dim)
+        elv = own_dims(np.asarray(experts_logvar, np.float32), private_dim)
+        n, m, b = emu.shape
+        mus.append(emu.reshape(n, m * b)); lvs.append(elv.reshape(n, m * b))
+        keeps.append(np.repeat(mask, b, axis=1))
+    if "features" in kind:
+        if frozen is None:
+            raise ConfigError(f"retrieval.embedding={kind!r} needs frozen pretrained features; none were given")
+        start = 0
+        for j, w in enumerate(int(x) for x in frozen_widths):
+            if w <= 0:
+                continue
+            block = np.asarray(frozen[:, start:start + w], np.float32)
+            mus.append(block); lvs.append(np.zeros_like(block))
+            keeps.append(np.repeat(mask[:, j:j + 1], w, axis=1))
+            start += w
+    mu, lv = np.concatenate(mus, 1), np.concatenate(lvs, 1)
+    d = mu.shape[1]
+    mu, lv = apply_standardize(mu, lv, stats)
+    prior_lv = apply_standardize(np.zeros((1, d), np.float32), np.zeros((1, d), np.float32), stats)[1]
+    keep = np.concatenate(keeps, 1)
     return np.where(keep, mu, 0.0).astype(np.float32), np.where(keep, lv, prior_lv).astype(np.float32)
 
 
@@ -256,6 +351,9 @@ def query_dims(identity: dict, modalities, used) -> np.ndarray | None:
     """
     p = int(identity.get("private_dim", 0) or 0)
     shared, mods = int(identity.get("shared_dim", 0) or 0), list(modalities)
+    if "features" in identity.get("embedding", "fused"):
+        return np.concatenate([np.full(int(w), 1.0 if m in used else 0.0, np.float32)
+                               for m, w in identity["blocks"]])
     if identity.get("embedding", "fused") == "experts":
         b = int(identity["latent_dim"]) // len(mods)
         return np.concatenate([np.full(b, 1.0 if m in used else 0.0, np.float32) for m in mods])
@@ -296,20 +394,55 @@ def make_encode_fn(model: nnx.Module):
     return lambda batch: encode(state, batch)
 
 
+def frozen_from_batch(batch: dict, spec) -> dict[str, np.ndarray]:
+    """Host-side :meth:`~mmvae.models.mvae.MultimodalVAE.frozen_features` of a batch that carries
+    them precomputed (``features/<m>``; the frozen report BERT's cached ``report/pooled``): the
+    training loop's validation pass, which has no model object. ``{m: (B, F_m)}``."""
+    out = {}
+    for m in spec.image_modalities:
+        if f"features/{m}" in batch:
+            f = np.asarray(batch[f"features/{m}"], np.float32)
+            sm = np.asarray(batch[f"series_mask/{m}"], np.float32) * np.all(np.isfinite(f), -1)
+            f = np.where(np.isfinite(f), f, 0.0)
+            out[m] = (f * sm[..., None]).sum(1) / np.maximum(sm.sum(1, keepdims=True), 1.0)
+    if spec.report and spec.report_decoder == "embedding" and "report/pooled" in batch:
+        pooled = np.asarray(batch["report/pooled"], np.float32)
+        norm = np.linalg.norm(pooled, axis=-1, keepdims=True)
+        present = (np.asarray(batch["report/mask"]).sum(-1) > 0)[:, None]
+        out["report"] = np.where(norm > 0, pooled / np.maximum(norm, 1e-12), 0.0) * present
+    return out
+
+
+def make_frozen_fn(model: nnx.Module):
+    """Jitted ``batch -> {m: (B, F_m)}``: :meth:`~mmvae.models.mvae.MultimodalVAE.frozen_features`."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def frozen(state, batch):
+        return nnx.merge(graphdef, state).frozen_features(batch)
+
+    return lambda batch: frozen(state, batch)
+
+
 def embed_cohort(model, cohort: Cohort, *, batch_size: int = 32, identity: dict | None = None,
                  show_progress: bool = True, standardize: bool = True, embedding: str = "fused") -> Embeddings:
     """Encode every case of ``cohort`` (batched, jitted; the last batch padded); ``standardize``:
     map the embeddings by the cohort's statistics (:meth:`Embeddings.standardized`);
-    ``embedding``: ``fused`` | ``experts`` (module doc)."""
+    ``embedding``: a kind of :data:`EMBEDDINGS` (module doc). The frozen features are kept
+    whenever the cohort or the model gives them (the ``features`` kinds need them)."""
     encode = make_encode_fn(model)
-    mus, lvs, pres = [], [], []
+    frozen_fn = make_frozen_fn(model)
+    mus, lvs, pres, frozen = [], [], [], {}
     n_batches = -(-len(cohort) // batch_size)
     for batch, valid in progress_bar(eval_batches(cohort, batch_size), total=n_batches, desc="embed",
                                      enable=show_progress):
         mu, lv, p = jax.device_get(encode(batch))
         mus.append(np.asarray(mu)[valid]); lvs.append(np.asarray(lv)[valid]); pres.append(np.asarray(p)[valid])
+        for m, f in jax.device_get(frozen_fn(batch)).items():
+            frozen.setdefault(m, []).append(np.asarray(f)[valid])
     emb = Embeddings.from_experts(np.concatenate(mus), np.concatenate(lvs), np.concatenate(pres), cohort,
-                                  model.spec, identity, embedding)
+                                  model.spec, identity, embedding,
+                                  frozen={m: np.concatenate(v) for m, v in frozen.items()})
     if model.spec.label_classes:
         emb = dataclasses.replace(emb, label_probs=label_probabilities(model, emb.fused_posterior()[0]),
                                   label_classes=list(model.spec.label_classes))

@@ -49,13 +49,14 @@ import numpy as np
 
 from mmvae.data import io as mio
 from mmvae.data.cache import PreprocessCache
+from mmvae.models.features import FeatureConfig, FeatureExtractor, case_features, needs_features
 from mmvae.data.dataset import (CLINICAL, case_arrays, clinical_arrays, Cohort, fixed_arrays, load_case_images,
                                 preprocess_config, standardize_clinical)
 from mmvae.data.manifest import CaseEntries, REPORT
 from mmvae.data.text import token_lengths, tokenize
 from mmvae.errors import ConfigError, InputError
 from mmvae.retrieval.embed import (case_vectors, check_embedding, embedding_kind, embedding_width, make_encode_fn,
-                                   query_dims)
+                                   make_frozen_fn, query_dims, stack_frozen, vector_blocks)
 from mmvae.retrieval.feedback import rocchio
 from mmvae.retrieval.index import CaseIndex, load_index, RERANKS, Result
 from mmvae.retrieval.uncertainty import expert_disagreement, posterior_spread
@@ -70,11 +71,20 @@ QUERY_CASE = "query"
 FEEDBACK_KEYS = ("relevant", "nonrelevant")
 
 
-def model_identity(spec, embedding: str = "fused") -> dict:
+def model_identity(spec, embedding: str = "fused", blocks=None) -> dict:
     """The identity an index of ``embedding`` vectors (:mod:`mmvae.retrieval.embed`) must have been
-    built with to be searched with ``spec``'s model."""
+    built with to be searched with ``spec``'s model; ``blocks``: the index's vector layout
+    (``identity['blocks']``, the ``features`` kinds), whose frozen widths the model cannot know."""
+    mods = list(spec.query_modalities)
+    widths = [0] * len(mods)
+    if "features" in embedding:
+        expert = {m: w for m, w in (blocks or [])[:len(mods)]} if "experts" in embedding else {}
+        frozen = [(m, w) for m, w in (blocks or [])][len(expert):]
+        for m, w in frozen:
+            if m in mods:
+                widths[mods.index(m)] = int(w)
     return {"model_fingerprint": fingerprint(spec),
-            "latent_dim": embedding_width(embedding, spec.embedding_dim, len(spec.query_modalities), spec.private_dim)}
+            "latent_dim": embedding_width(embedding, spec.embedding_dim, len(mods), spec.private_dim, widths)}
 
 
 def _strip_case(e: InputError) -> InputError:
@@ -126,6 +136,7 @@ class Retriever:
             cache_dir = self._tmp.name
         self.cache = PreprocessCache(cache_dir)
         self._encode = make_encode_fn(model)   # jitted once; one-case batches keep one shape
+        self._frozen = make_frozen_fn(model)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -145,7 +156,7 @@ class Retriever:
             kind = check_embedding(index.identity.get("embedding", "fused"))
         except ConfigError as e:
             raise InputError(f"index: {e}", path=str(index_dir)) from None
-        index.check_identity(model_identity(spec, kind))
+        index.check_identity(model_identity(spec, kind, index.identity.get("blocks")))
         config, spec, model, tokenizer = load_trained(workdir, use_ema=use_ema)
         stats = json.loads((workdir / "clinical_stats.json").read_text())
         return cls(config=config, spec=spec, model=model, tokenizer=tokenizer, clinical_stats=stats,
@@ -310,16 +321,35 @@ class Retriever:
         num, num_mask, cat, cat_mask = clinical_arrays([case], list(data.clinical.numeric),
                                                         dict(data.clinical.categorical))
         num, _ = standardize_clinical(num, num_mask, self.clinical_stats)
+        others = case_arrays([case], case_builders(self.config))
+        if needs_features(self.config):
+            # the frozen image features, exactly as the cohort's (mmvae.runs.trained.with_features)
+            fcfg = FeatureConfig.from_config(self.config)
+            extractor = FeatureExtractor.get(fcfg)
+            for m in self.image_modalities:
+                f = np.zeros((1, self.max_series, fcfg.dim(spatial_dims)), np.float32)
+                if m in arrays:
+                    try:
+                        got = case_features(imgs[m], self.cache, extractor, spatial_dims=spatial_dims,
+                                            b_value=data.get("dwi_b_value", "highest"), modality=m)
+                    except InputError as e:
+                        raise _strip_case(e) from None
+                    n = min(self.max_series, got.shape[0], arrays[m].shape[0])
+                    f[0, :n] = got[:n]
+                others[f"features/{m}"] = f
         cohort = Cohort(case_ids=[QUERY_CASE], image_modalities=self.image_modalities,
                         images={m: [arrays.get(m)] for m in self.image_modalities}, reports=[report],
-                        arrays=fixed_arrays(tokens, token_mask, num, num_mask, cat, cat_mask,
-                                            case_arrays([case], case_builders(self.config))),
+                        arrays=fixed_arrays(tokens, token_mask, num, num_mask, cat, cat_mask, others),
                         labels=[{}], shape=tuple(self.preprocess.shape), max_series=self.max_series,
                         clinical_stats=self.clinical_stats)
         return cohort.batch([0])
 
     def _stats(self) -> dict | None:
         return self.index.identity.get("standardize") if self.index is not None else self.standardize
+
+    def _identity(self) -> dict:
+        """The identity the query's vector must match: the index's ({} before there is one)."""
+        return self.index.identity if self.index is not None else {}
 
     def encode(self, images=None, report=None, *, clinical=None,
                other=None) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -330,9 +360,17 @@ class Retriever:
         if not present.any():
             raise InputError("no usable modality in the query (every input was dropped by the model)")
         m = len(self.spec.query_modalities)
+        frozen, widths = None, ()
+        if "features" in self.embedding:
+            frozen, widths = stack_frozen(jax.device_get(self._frozen(batch)), self.spec.query_modalities, 1)
+            blocks = self._identity().get("blocks")
+            have = vector_blocks("features", self.spec.query_modalities, 0, widths)
+            if blocks is not None and have != [list(b) for b in blocks][m if "experts" in self.embedding else 0:]:
+                raise ConfigError(f"the query's frozen features {have} differ from the index's {blocks}: the index was "
+                                  "built with other data.features or another text model; re-embed and re-index")
         # The query's vector, as the indexed cases' (kind, standardisation).
         mu, lv = case_vectors(np.asarray(emu)[:, :m], np.asarray(elv)[:, :m], present[:, :m], self.spec.fusion,
-                              self.embedding, self._stats(), self.spec.private_dim)
+                              self.embedding, self._stats(), self.spec.private_dim, frozen, widths)
         mv, ld = posterior_spread(lv)
         dis = expert_disagreement(np.asarray(emu)[:, :m], np.asarray(elv)[:, :m], present[:, :m])
         self.last_uncertainty = {"mean_variance": float(mv[0]), "log_det": float(ld[0]),
@@ -404,12 +442,16 @@ class Retriever:
         modality's block is averaged over the marked cases that have it (an absent block, 0, would
         shrink the query's block)."""
         mu = self.index.embeddings(ids)[0]
-        if self.embedding != "experts":
+        if self.embedding == "fused":
             return mu.mean(0, keepdims=True)
         mods = list(self.spec.query_modalities)
-        b = mu.shape[1] // len(mods)
-        have = np.asarray([[m in self.index.metadata(c).get("modalities", []) for m in mods] for c in ids])
-        w = np.repeat(have, b, axis=1).astype(np.float32)
+        if self.embedding == "experts":
+            blocks = [(m, mu.shape[1] // len(mods)) for m in mods]
+        else:
+            blocks = [(m, int(w)) for m, w in self.index.identity["blocks"]]
+        have = [self.index.metadata(c).get("modalities", []) for c in ids]
+        w = np.concatenate([np.repeat(np.asarray([[m in h] for h in have], np.float32), width, axis=1)
+                            for m, width in blocks], 1)
         return ((mu * w).sum(0) / np.maximum(w.sum(0), 1.0))[None].astype(np.float32)
 
     def search_embedding(self, mu, logvar=None, k: int = 10, filter=None, exclude=None,  # noqa: A002
@@ -429,7 +471,8 @@ class Retriever:
         dims = None
         if modalities is not None:
             dims = query_dims({"private_dim": self.spec.private_dim, "shared_dim": self.spec.latent_dim,
-                               "embedding": self.embedding, "latent_dim": self.index.latent_dim},
+                               "embedding": self.embedding, "latent_dim": self.index.latent_dim,
+                               "blocks": self.index.identity.get("blocks")},
                               self.spec.query_modalities, list(modalities))
         return self.index.search(q[None], k, query_logvar=qlv, filter=filter, exclude=exclude,
                                  rerank=rerank, dims=dims)[0]

@@ -44,7 +44,8 @@ def spec_from_dict(d: dict) -> ModelSpec:
 # Spec fields added after runs existed, with the value that reproduces the older model:
 # at that value they stay out of the fingerprint, so older checkpoints still load.
 _NEUTRAL_LATER_FIELDS = {"full_res_channels": -1, "pooling": "flatten", "label_classes": (), "label_hidden": 64,
-                         "private_dim": 0, "extra": (), "report_encoder": "bert"}
+                         "private_dim": 0, "extra": (), "report_encoder": "bert", "image_input": "pixels",
+                         "feature_dim": 0, "feature_hidden": 512}
 
 
 # Fields that choose how the same function is computed, not which function: never fingerprinted.

@@ -7,6 +7,7 @@ import optax
 from flax import nnx
 
 from mmvae.errors import ConfigError
+from mmvae.models.features import FeatureConfig
 from mmvae.models.mvae import ModelSpec
 from mmvae.models.text import BertConfig
 from mmvae.models import likelihoods
@@ -37,6 +38,7 @@ def model_spec(config, vocab_size: int = 0, special_ids: tuple[int, ...] = (0,),
                               intermediate_size=int(m.text.intermediate), max_position=int(d.text.max_len))
     if d.image_modalities and len(d.shape) != int(d.spatial_dims):
         raise ConfigError(f"data.shape {tuple(d.shape)} must have data.spatial_dims={d.spatial_dims} axes")
+    image_input = str(m.image.get("input", "pixels"))
     spec = ModelSpec(
         image_modalities=tuple(d.image_modalities), shape=tuple(int(s) for s in d.shape),
         latent_dim=int(m.latent_dim), fusion=m.fusion, channels=tuple(int(c) for c in m.image.channels),
@@ -51,7 +53,9 @@ def model_spec(config, vocab_size: int = 0, special_ids: tuple[int, ...] = (0,),
         init_log_scale=float(o.init_log_scale), dtype=m.dtype,
         pooling=m.image.get("pooling", "flatten"), conv=m.image.get("conv", "auto"), label_classes=tuple(label_classes),
         label_hidden=int(m.get("label", {}).get("hidden", 64)), private_dim=int(m.get("private_dim", 0)),
-        extra=other_modalities(config))
+        extra=other_modalities(config), image_input=image_input,
+        feature_dim=FeatureConfig.from_config(config).dim(int(d.spatial_dims)) if image_input != "pixels" else 0,
+        feature_hidden=int(m.image.get("feature_hidden", 512)))
     spec.validate()
     return spec
 

@@ -20,6 +20,7 @@ from mmvae.data.manifest import read_manifest
 from mmvae.data.text import build_word_tokenizer, load_tokenizer
 from mmvae.data.io import load_report
 from mmvae.errors import CheckpointError, ConfigError, InputError
+from mmvae.models.features import needs_features
 from mmvae.models.modalities import KINDS
 from mmvae.models.mvae import build_model
 from mmvae.runs import checkpoint as ckpt
@@ -99,8 +100,12 @@ def report_texts(manifest: str | Path, on_error: str = "raise") -> list[str]:
 
 
 def load_cohort(config, workdir: Path, manifest: str | None = None, *, tokenizer=None,
-                clinical_stats=None, show_progress=True):
-    """Prepare the cohort of ``manifest`` (default ``data.manifest``) with the run's cache."""
+                clinical_stats=None, show_progress=True, features: bool | None = None):
+    """Prepare the cohort of ``manifest`` (default ``data.manifest``) with the run's cache.
+
+    ``features``: add the frozen pretrained image features ``features/<m>`` ``(N, S, F)``
+    (:func:`mmvae.models.features.cohort_features`); default: when the config reads them
+    (:func:`~mmvae.models.features.needs_features`)."""
     manifest = manifest or config.data.manifest
     if not manifest:
         raise ConfigError("data.manifest is empty: give a cohort manifest")
@@ -110,7 +115,23 @@ def load_cohort(config, workdir: Path, manifest: str | None = None, *, tokenizer
         tokenizer = get_tokenizer(config, workdir, report_texts(manifest, config.data.on_error))
     cohort = prepare_cohort(manifest, config.data, cache, tokenizer, clinical_stats=clinical_stats,
                             show_progress=show_progress, builders=case_builders(config))
+    if features if features is not None else needs_features(config):
+        cohort = with_features(cohort, config, manifest, cache, show_progress=show_progress)
     return cohort, tokenizer, cache
+
+
+def with_features(cohort, config, manifest, cache: PreprocessCache, *, show_progress: bool = True):
+    """``cohort`` with its frozen pretrained image features ``features/<m>`` (cached in ``cache``)."""
+    import dataclasses
+    from mmvae.data.manifest import group_cases
+    from mmvae.models.features import FeatureConfig, FeatureExtractor, cohort_features
+    d = config.data
+    cases = {c.case_id: c for c in group_cases(read_manifest(manifest))}   # the paths prepare_cohort read
+    extractor = FeatureExtractor.get(FeatureConfig.from_config(config))
+    arrays = cohort_features(cohort, cases, cache, extractor, spatial_dims=int(d.spatial_dims),
+                             b_value=d.get("dwi_b_value", "highest"), show_progress=show_progress,
+                             workers=int(d.get("workers", 2)))
+    return dataclasses.replace(cohort, arrays={**cohort.arrays, **arrays})
 
 
 

@@ -43,7 +43,7 @@ from mmvae.models.modalities.report import FROZEN_BERT, POOLED
 from mmvae.models.mvae import build_model
 from mmvae.models.text import load_hf_bert
 from mmvae.progress import progress_bar
-from mmvae.retrieval.embed import Embeddings, embedding_kind
+from mmvae.retrieval.embed import Embeddings, embedding_kind, frozen_from_batch
 from mmvae.runs import checkpoint as ckpt
 from mmvae.runs.files import fingerprint, write_run_files
 from mmvae.runs.setup import init_state, model_spec, objective_spec, optimizer
@@ -107,8 +107,10 @@ def _validation_pass(eval_fn, params, cohort: Cohort, spec, config, mesh, rows: 
     bs = int(config.train.batch_size)
     sums: dict[str, np.ndarray] = {}
     n_total = 0
-    mus, lvs, pres = [], [], []
+    mus, lvs, pres, frozen = [], [], [], {}
     for batch, valid in eval_batch_stream(cohort, bs, rows, prefetch=int(config.data.prefetch)):
+        for m, f in frozen_from_batch(batch, spec).items():
+            frozen.setdefault(m, []).append(f[valid])
         metrics, mu, lv, present = eval_fn(params, shard_batch(batch, mesh, bs), jnp.int32(step))
         n = int(valid.sum())
         for k, v in _host_metrics(metrics).items():
@@ -117,7 +119,8 @@ def _validation_pass(eval_fn, params, cohort: Cohort, spec, config, mesh, rows: 
         mu, lv, present = gather((mu, lv, present))
         mus.append(mu[valid]); lvs.append(lv[valid]); pres.append(present[valid])
     emb = Embeddings.from_experts(np.concatenate(mus), np.concatenate(lvs), np.concatenate(pres), cohort, spec,
-                                  embedding=embedding_kind(config))
+                                  embedding=embedding_kind(config),
+                                  frozen={m: np.concatenate(v) for m, v in frozen.items()})
     if config.retrieval.get("standardize", True):
         emb = emb.standardized()
     return ValidationPass({k: v / max(n_total, 1) for k, v in sums.items()}, n_total, emb)

@@ -1,10 +1,22 @@
-"""Image modalities (MRI sequences, key images): ``image/<m> (B, S, *shape)`` + ``series_mask/<m> (B, S)``.
+"""Image modalities (MRI sequences, key images): ``image/<m> (B, S, *shape)``, frozen features
+``features/<m> (B, S, F)`` and ``series_mask/<m> (B, S)``.
 
-Encoder: residual conv stages with space-to-depth down-sampling, spatial pooling, then
-a set pooling over the S series of a case. Decoder: the mirror, with an optional
-"unpatchify" head. Likelihood: Laplace or Gaussian per voxel with one scale per image
-modality (:func:`mmvae.models.likelihoods.image_log_likelihood`), averaged over a case's
-series. A series holding NaN/Inf is dropped from its case (counted in ``nonfinite``).
+What the expert reads is ``model.image.input`` (:attr:`ModelSpec.image_input`):
+
+* ``pixels``: residual conv stages with space-to-depth down-sampling, spatial pooling, then
+  a set pooling over the S series of a case. Decoder: the mirror, with an optional
+  "unpatchify" head. Likelihood: Laplace or Gaussian per voxel with one scale per image
+  modality (:func:`mmvae.models.likelihoods.image_log_likelihood`), averaged over a case's
+  series.
+* ``features``: the frozen pretrained network's pooled features of each series
+  (:mod:`mmvae.models.features`) → LayerNorm → MLP → Gaussian, the same set pooling.
+  Decoder: an MLP to the mean of a diagonal Gaussian over the features with a learned
+  per-dimension log σ (a calibrated decoder, Rybkin et al. 2021), averaged over the series.
+  No convolution runs in training: the features are computed once and cached.
+* ``both``: the conv encoder's per-series vector and the features' MLP vector concatenated
+  before the Gaussian head; the pixel decoder (generation keeps working).
+
+A series holding NaN/Inf is dropped from its case (counted in ``nonfinite``).
 """
 from __future__ import annotations
 
@@ -17,7 +29,7 @@ from flax import nnx
 
 from mmvae.errors import ConfigError
 from mmvae.models import fusion, likelihoods
-from mmvae.models.layers import CONV_IMPLS, ConvResBlock, Downsample, Upsample, dense, space_to_depth
+from mmvae.models.layers import CONV_IMPLS, MLP, ConvResBlock, Downsample, Upsample, dense, space_to_depth
 from mmvae.models.modalities.kind import Kind
 
 
@@ -243,27 +255,122 @@ def _inputs(batch: dict, m: str) -> tuple[jax.Array, jax.Array, jax.Array]:
     return jnp.where(jnp.isfinite(x), x, 0.0), sm * finite, dropped
 
 
-def _encoder(spec, m: str, latent: int, dtype, rngs: nnx.Rngs) -> ImageEncoder:
+class FeatureEncoder(nnx.Module):
+    """Frozen features ``(B, S, F)`` (and, with ``pixels``, the images) → Gaussian ``(B, L)``.
+
+    Per series: LayerNorm → MLP(F → hidden → 4L) → SiLU (‖ the conv encoder's 4L-vector of the
+    series' pixels when ``pixels`` is given) → dense → (μ, log σ²); series of a case are pooled
+    like :class:`ImageEncoder`'s (``poe``: product of the series' Gaussians; ``mean``: masked
+    mean of the vectors, then one Gaussian).
+    """
+
+    def __init__(self, feature_dim: int, hidden: int, latent_dim: int, *, pixels: ImageEncoder | None = None,
+                 set_pooling: str = "poe", dtype=jnp.float32, rngs: nnx.Rngs):
+        if set_pooling not in ("poe", "mean"):
+            raise ConfigError(f"model.image.set_pooling={set_pooling!r} is not available with feature inputs "
+                              "(poe | mean)")
+        self.set_pooling = set_pooling
+        self.norm = nnx.LayerNorm(feature_dim, rngs=rngs)
+        self.mlp = MLP([feature_dim, hidden, 4 * latent_dim], dtype=dtype, rngs=rngs)
+        self.pixels = pixels
+        self.head = nnx.Linear(4 * latent_dim * (2 if pixels is not None else 1), 2 * latent_dim, rngs=rngs)
+
+    def __call__(self, feats: jax.Array, series_mask: jax.Array, x: jax.Array | None = None) -> fusion.Gaussian:
+        b, s = feats.shape[:2]
+        h = jax.nn.silu(self.mlp(self.norm(feats.astype(jnp.float32)))).astype(jnp.float32)      # (B, S, 4L)
+        if self.pixels is not None:
+            h = jnp.concatenate([h, self.pixels.features(x.reshape((b * s,) + x.shape[2:])).reshape(b, s, -1)], -1)
+        m = series_mask.astype(jnp.float32)
+        if self.set_pooling == "poe":
+            mu, lv = jnp.split(self.head(h), 2, axis=-1)
+            return fusion.poe(mu, lv, m, prior=False)
+        pooled = jnp.sum(h * m[..., None], 1) / jnp.maximum(jnp.sum(m, 1, keepdims=True), 1.0)
+        mu, lv = jnp.split(self.head(pooled), 2, axis=-1)
+        return fusion.Gaussian(mu, lv)
+
+
+class FeatureDecoder(nnx.Module):
+    """``z (N, L)`` → mean ``(N, F)`` of a diagonal Gaussian over the frozen features, with a
+    learned per-dimension log σ ``(F,)`` floored at :data:`FEATURE_MIN_LOG_SCALE`."""
+
+    def __init__(self, latent_dim: int, feature_dim: int, hidden: int, *, rngs: nnx.Rngs):
+        self.mlp = MLP([latent_dim, hidden, feature_dim], rngs=rngs)
+        self.log_scale = nnx.Param(jnp.full((feature_dim,), -1.0, jnp.float32))
+
+    def __call__(self, z: jax.Array, patched: bool = False) -> jax.Array:
+        return self.mlp(z).astype(jnp.float32)
+
+
+# The features are a deterministic function of the pixels: without a floor σ could shrink without
+# bound on a small cohort and the image term own the ELBO (as for the report embedding decoder).
+FEATURE_MIN_LOG_SCALE = -6.0
+
+
+def _pixel_encoder(spec, latent: int, dtype, rngs: nnx.Rngs) -> ImageEncoder:
     return ImageEncoder(spec.shape, spec.channels, latent, blocks=spec.blocks, patch=spec.patch,
                         full_res_blocks=spec.full_res_blocks, set_pooling=spec.set_pooling,
                         pooling=spec.pooling, conv=spec.conv, dtype=dtype, rngs=rngs)
 
 
-def _decoder(spec, m: str, latent: int, dtype, rngs: nnx.Rngs) -> ImageDecoder:
+def _encoder(spec, m: str, latent: int, dtype, rngs: nnx.Rngs) -> ImageEncoder | FeatureEncoder:
+    if spec.image_input == "features":
+        return FeatureEncoder(spec.feature_dim, spec.feature_hidden, latent, set_pooling=spec.set_pooling,
+                              dtype=dtype, rngs=rngs)
+    if spec.image_input == "both":
+        return FeatureEncoder(spec.feature_dim, spec.feature_hidden, latent, set_pooling=spec.set_pooling,
+                              pixels=_pixel_encoder(spec, latent, dtype, rngs), dtype=dtype, rngs=rngs)
+    return _pixel_encoder(spec, latent, dtype, rngs)
+
+
+def _decoder(spec, m: str, latent: int, dtype, rngs: nnx.Rngs) -> ImageDecoder | FeatureDecoder:
+    if spec.image_input == "features":
+        return FeatureDecoder(latent, spec.feature_dim, spec.feature_hidden, rngs=rngs)
     return ImageDecoder(spec.shape, spec.channels, latent, patch=spec.patch,
                         blocks=spec.blocks if spec.decoder_blocks < 0 else spec.decoder_blocks,
                         full_res_blocks=spec.full_res_blocks, full_res_channels=spec.full_res_channels,
                         conv=spec.conv, dtype=dtype, rngs=rngs)
 
 
-def _encode(encoder: ImageEncoder, batch: dict, m: str):
+def _feature_inputs(batch: dict, m: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(features (B, S, F) with non-finite values zeroed, series mask without the non-finite
+    series, count of present series dropped ())``."""
+    f, sm = batch[f"features/{m}"], batch[f"series_mask/{m}"].astype(jnp.float32)
+    finite = jnp.all(jnp.isfinite(f), axis=-1)
+    dropped = jnp.sum((~finite) & (sm > 0)).astype(jnp.int32)
+    return jnp.where(jnp.isfinite(f), f, 0.0), sm * finite, dropped
+
+
+def _encode(encoder, batch: dict, m: str):
+    if isinstance(encoder, FeatureEncoder):
+        f, sm, dropped = _feature_inputs(batch, m)
+        x = None
+        if encoder.pixels is not None:
+            x, sm_x, dropped_x = _inputs(batch, m)
+            sm, dropped = sm * sm_x, dropped + dropped_x
+        return encoder(f, sm, x), (jnp.sum(sm, -1) > 0).astype(jnp.float32), dropped
     x, sm, dropped = _inputs(batch, m)
     return encoder(x, sm), (jnp.sum(sm, -1) > 0).astype(jnp.float32), dropped
 
 
+def _frozen_features(encoder, batch: dict, m: str, spec) -> jax.Array | None:
+    """``(B, F)``: the mean of the present series' frozen features (zeros without any), or None
+    when the batch carries none."""
+    if f"features/{m}" not in batch:
+        return None
+    f, sm, _ = _feature_inputs(batch, m)
+    return jnp.sum(f * sm[..., None], 1) / jnp.maximum(jnp.sum(sm, 1, keepdims=True), 1.0)
+
+
 def _log_likelihood(model, m: str, out: jax.Array, batch: dict, reps: int) -> jax.Array:
-    """``out (R·B, *shape)`` (or the patched layout) → ``(R, B)``: mean over present series."""
+    """``out (R·B, *shape)`` (or the patched layout; features: ``(R·B, F)``) → ``(R, B)``: mean over
+    present series."""
     spec = model.spec
+    if spec.image_input == "features":
+        f, sm, _ = _feature_inputs(batch, m)
+        b = f.shape[0]
+        log_scale = jnp.maximum(model.decoders[m].log_scale[...], FEATURE_MIN_LOG_SCALE)
+        ll = likelihoods.diagonal_gaussian_log_likelihood(f[None], out.reshape(reps, b, 1, -1), log_scale)
+        return jnp.sum(ll * sm[None], -1) / jnp.maximum(jnp.sum(sm, -1), 1.0)[None]
     x, sm, _ = _inputs(batch, m)
     b, s = x.shape[:2]
     dec = model.decoders[m]
@@ -279,8 +386,21 @@ def _log_likelihood(model, m: str, out: jax.Array, batch: dict, reps: int) -> ja
     return jnp.sum(ll_rs * sm[None], -1) / jnp.maximum(jnp.sum(sm, -1), 1.0)[None]
 
 
+IMAGE_INPUTS = ("pixels", "features", "both")
+
+
 def _validate(spec) -> None:
     if not spec.image_modalities:
+        return
+    if spec.image_input not in IMAGE_INPUTS:
+        raise ConfigError(f"model.image.input: unknown {spec.image_input!r}; choose one of {IMAGE_INPUTS}")
+    if spec.image_input != "pixels" and spec.feature_dim <= 0:
+        raise ConfigError(f"model.image.input={spec.image_input!r} needs the frozen features' size "
+                          f"(ModelSpec.feature_dim > 0, from data.features)")
+    if spec.image_input != "pixels" and spec.set_pooling not in ("poe", "mean"):
+        raise ConfigError(f"model.image.set_pooling={spec.set_pooling!r} is not available with "
+                          f"model.image.input={spec.image_input!r} (poe | mean)")
+    if spec.image_input == "features":
         return
     if spec.pooling not in POOLINGS:
         raise ConfigError(f"model.image.pooling: unknown {spec.pooling!r}; choose one of {POOLINGS}")
@@ -299,9 +419,17 @@ def _validate(spec) -> None:
                               f"{spec.patch} × 2 ** (len(model.image.channels) {len(spec.channels)} - 1)")
 
 
+def _batch_keys(spec, m: str) -> dict:
+    keys = {f"series_mask/{m}": ((-1,), "float32")}
+    if spec.image_input != "features":
+        keys[f"image/{m}"] = ((-1,) + tuple(spec.shape), "float32")
+    if spec.image_input != "pixels":
+        keys[f"features/{m}"] = ((-1, int(spec.feature_dim)), "float32")
+    return keys
+
+
 KIND = Kind(
     name="image", names=lambda spec: tuple(spec.image_modalities), encoder=_encoder, decoder=_decoder,
     encode=_encode, log_likelihood=_log_likelihood, validate=_validate, patched=True,
-    batch_keys=lambda spec, m: {f"image/{m}": ((-1,) + tuple(spec.shape), "float32"),
-                                f"series_mask/{m}": ((-1,), "float32")},
-    size=lambda spec, m: int(math.prod(spec.shape)))
+    batch_keys=_batch_keys, frozen_features=_frozen_features,
+    size=lambda spec, m: int(spec.feature_dim) if spec.image_input == "features" else int(math.prod(spec.shape)))

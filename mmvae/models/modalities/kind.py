@@ -16,7 +16,11 @@ size, R: decoder repeats of the batch):
   without the batch axis}`` from its manifest metadata (``options``: the modality's entry in
   ``data.other_modalities``), for kinds without a dedicated loader: the data pipeline and
   the query use it;
-* ``observed``: False for a kind that is never part of a query or an embedding (the label).
+* ``observed``: False for a kind that is never part of a query or an embedding (the label);
+* ``frozen_features(encoder, batch, m, spec)`` (optional) → ``(B, F)`` or None: what a frozen
+  pretrained network says of the modality (image features, the frozen text model's sentence
+  embedding), zeros where absent; the retrieval vectors ``features`` and ``experts+features``
+  are made of them (:mod:`mmvae.retrieval.embed`).
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ class Kind:
     case_arrays: Callable[..., dict] | None = None
     observed: bool = True
     patched: bool = False                          # the decoder can return the space-to-depth layout
+    frozen_features: Callable[..., Any] | None = None
 
     def modalities(self, spec) -> tuple[str, ...]:
         if self.names is not None:

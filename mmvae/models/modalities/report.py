@@ -175,6 +175,18 @@ def _log_likelihood(model, m: str, out: jax.Array, batch: dict, reps: int) -> ja
     return likelihoods.bag_of_words_log_likelihood(counts[None], logits)
 
 
+def _frozen_features(encoder, batch: dict, m: str, spec):
+    """``(B, H)``: the frozen pretrained text model's sentence embedding (masked mean pooling, L2
+    normalised, as sentence-transformers computes it for all-MiniLM-L6-v2), zeros without a report;
+    None when the report BERT is not a frozen pretrained one (``report_decoder='embedding'``)."""
+    if spec.report_decoder != "embedding" or not isinstance(encoder, ReportEncoder):
+        return None
+    pooled = batch[POOLED] if POOLED in batch else encoder.pooled(batch["report/ids"], batch["report/mask"])
+    pooled = jax.lax.stop_gradient(pooled.astype(jnp.float32))
+    norm = jnp.sqrt(jnp.sum(pooled * pooled, -1, keepdims=True))
+    return jnp.where(norm > 0, pooled / jnp.maximum(norm, 1e-12), 0.0) * _present(batch)[:, None]
+
+
 def _validate(spec) -> None:
     if spec.report_encoder not in REPORT_ENCODERS:
         raise ConfigError(f"model.text.encoder: unknown {spec.report_encoder!r}; choose one of {REPORT_ENCODERS}")
@@ -194,6 +206,6 @@ def _max_len(spec) -> int:
 
 KIND = Kind(
     name="report", names=lambda spec: (REPORT,) if spec.report else (), encoder=_encoder, decoder=_decoder,
-    encode=_encode, log_likelihood=_log_likelihood, validate=_validate,
+    encode=_encode, log_likelihood=_log_likelihood, validate=_validate, frozen_features=_frozen_features,
     batch_keys=lambda spec, m: {"report/ids": ((_max_len(spec),), "int32"), "report/mask": ((_max_len(spec),), "int32")},
     size=lambda spec, m: spec.bert.hidden_size if spec.report_decoder == "embedding" else _max_len(spec))
