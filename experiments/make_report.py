@@ -62,7 +62,7 @@ def parse(argv=None):
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override of --config")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--fusions", default="poe,moe,mopoe")
-    p.add_argument("--baselines", default="raw_pca,handcrafted,report_minilm,report_tfidf,clip,supervised,"
+    p.add_argument("--baselines", default="raw_pca,handcrafted,pretrained,report_minilm,report_tfidf,clip,supervised,"
                                           "logreg_tfidf,late_fusion",
                    help="late_fusion runs for the first seed only")
     p.add_argument("--semi", default="labels20,labels100",
@@ -74,14 +74,14 @@ def parse(argv=None):
     p.add_argument("--brats-config", default=str(ROOT / "configs" / "brats.py"))
     p.add_argument("--brats-set", action="append", default=[], metavar="KEY=VALUE",
                    help="override of the BraTS config (after the report's CPU defaults)")
-    p.add_argument("--brats-baselines", default="raw_pca,handcrafted")
+    p.add_argument("--brats-baselines", default="raw_pca,handcrafted,pretrained")
     p.add_argument("--medpix", default=str(ROOT.parent / "shared" / "data" / "medpix-dev"))
     p.add_argument("--no-medpix", action="store_true")
     p.add_argument("--medpix-config", default=str(ROOT / "configs" / "medpix.py"))
     p.add_argument("--medpix-set", action="append", default=[], metavar="KEY=VALUE")
     # report_minilm needs the `text` extra (its cells fail, saying so, without it); on MedPix it is
     # the strongest report baseline (leave-one-out mAP@10 0.154 category / 0.640 location, seed-free).
-    p.add_argument("--medpix-baselines", default="report_tfidf,report_minilm,raw_pca,handcrafted")
+    p.add_argument("--medpix-baselines", default="report_tfidf,report_minilm,raw_pca,handcrafted,pretrained")
     p.add_argument("--medpix-seeds", default="0,1,2")
     p.add_argument("--figures", default="pca,tsne", help="projections of the latent-space figures ('' for none)")
     p.add_argument("--no-diagnostics", dest="diagnostics", action="store_false",
@@ -398,7 +398,9 @@ def render(args, syn: dict, figs: list[Path], brats: dict | None, assets: Path, 
                  "issue's targets are defined over 3 seeds: `python experiments/make_report.py --seeds 0,1,2`.\n")
     L.append("Baselines, on the same split and metric (`mmvae/experiments/baselines.py`): `raw_pca` — PCA "
              "of the downsampled preprocessed volumes; `handcrafted` — per-sequence intensity histogram and "
-             "texture statistics inside the foreground; `report_minilm` — mean-pooled all-MiniLM-L6-v2 "
+             "texture statistics inside the foreground; `pretrained` — zero-shot frozen ImageNet EfficientNet-Lite0 "
+             "features of each sequence (2.5-D for volumes) + all-MiniLM-L6-v2 on the report, each block "
+             "standardised, nothing trained (docs/model.md); `report_minilm` — mean-pooled all-MiniLM-L6-v2 "
              "embedding of the report; `clip` — CLIP-style InfoNCE image and report encoders, no VAE; "
              "`supervised` — penultimate layer of a classifier trained on the training cases' labels (an "
              "upper reference: it sees labels, the unsupervised VAEs do not); `report_tfidf` — TF-IDF of the "

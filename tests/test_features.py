@@ -117,7 +117,6 @@ def test_feature_cache_is_reused_and_keyed_by_content(tmp_path):
     manifest = _nifti_cohort(tmp_path)
     c = base_config().data
     c.image_modalities, c.report, c.shape, c.spacing, c.workers = ["t1", "t2"], False, (8, 8, 8), (8.0, 8.0, 8.0), 1
-    cache = PreprocessCache(tmp_path / "cache")
     cohort = prepare_cohort(manifest, c, cache, show_progress=False)
     cases = {x.case_id: x for x in group_cases(read_manifest(manifest))}
     ex = _CountingExtractor(feat.FeatureConfig(slices=4, size=32, batch_size=5))
@@ -333,3 +332,54 @@ def test_pretrained_baseline_blocks_standardised_on_training_rows():
     assert r["map@5"] > 0.9
     with pytest.raises(ConfigError, match="features"):
         pretrained(dataclasses.replace(cohort, arrays={}), np.arange(20), report=False)
+
+
+# --------------------------------------------------------------------------- end to end, real weights
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@needs_weights
+def test_medpix_feature_experts_train_embed_index_and_query_reproduce_a_case(tmp_path):
+    """configs/medpix.py (feature experts, experts+features vectors) on 12 real MedPix cases: train,
+    embed, index; a query with one case's own key images and report gives back its stored vector
+    (cosine 1 on the query's blocks) and ranks that case first; the feature cache is reused."""
+    if not (DATA / "medpix-dev").is_dir():
+        pytest.skip(f"real sample data not found at {DATA / 'medpix-dev'} (see the developers' README)")
+    from mmvae.config import load_config
+    from mmvae.data.scan import scan_folder
+    from mmvae.retrieval.embed import embed_cohort
+    from mmvae.retrieval.index import build_index
+    from mmvae.retrieval.query import Retriever
+    from mmvae.runs.files import fingerprint
+    from mmvae.runs.trained import load_cohort, load_trained
+    from mmvae.train.loop import train_and_evaluate
+    entries = scan_folder(DATA / "medpix-dev", layout="keyimages")
+    keep = sorted({e.case_id for e in entries})[:12]
+    man = write_manifest([e for e in entries if e.case_id in keep], tmp_path / "m.jsonl")
+    c = load_config("configs/medpix.py:text=scratch,steps=3", [
+        f"data.manifest={man}", "data.shape=(32,32)", "model.image.channels=(8,16)", "model.latent_dim=4",
+        "train.batch_size=4", "model.text.hidden=16", "model.text.intermediate=32",
+        "model.image.feature_hidden=32", f"data.cache_dir={tmp_path / 'cache'}"])
+    assert c.model.image.input == "features" and c.retrieval.embedding == "experts+features"
+    train_and_evaluate(c, tmp_path / "run", show_progress=False)
+    config, spec, model, tok = load_trained(tmp_path / "run")
+    assert spec.image_input == "features" and spec.feature_dim == 1280
+    cohort, _, _ = load_cohort(config, tmp_path / "run", str(man), tokenizer=tok, show_progress=False)
+    emb = embed_cohort(model, cohort, identity={"model_fingerprint": fingerprint(spec)}, show_progress=False,
+                       embedding="experts+features")
+    widths = dict(zip(emb.modalities, emb.frozen_widths))
+    assert all(widths[m] == 1280 for m in spec.image_modalities) and widths["report"] == 0   # scratch BERT
+    meta = [{"modalities": [m for m, p in zip(emb.modalities, row) if p > 0], "labels": lab}
+            for row, lab in zip(emb.present, emb.labels)]
+    idx = build_index(emb.mu, emb.logvar, emb.case_ids, meta, kind="flat", metric="cosine",
+                      identity=dict(emb.identity)).save(tmp_path / "index")
+    i = next(j for j, cid in enumerate(cohort.case_ids) if len(meta[j]["modalities"]) >= 2)
+    case = next(x for x in group_cases(read_manifest(man)) if x.case_id == cohort.case_ids[i])
+    with Retriever.load(tmp_path / "run", idx, cache_dir=tmp_path / "cache") as r:
+        mu, _, used = r.encode({m: p for m, p in case.images.items() if m in spec.image_modalities},
+                               case.read_report())
+        dims = emb.query_dims(np.asarray([m in used for m in emb.modalities], np.float32))
+        a, b = mu * dims, emb.mu[i] * dims
+        assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) > 0.999
+        hits = r.search_embedding(mu, k=3, modalities=used)
+        assert hits[0].case_id == cohort.case_ids[i]
