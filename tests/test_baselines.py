@@ -276,7 +276,7 @@ def test_supervised_learns_and_never_reads_held_out_labels(tiny, small_config):
 def test_run_baseline_dispatch(tiny):
     config, cohort, tr, q = tiny
     assert set(B.BASELINES) == {"raw_pca", "handcrafted", "report_minilm", "clip", "supervised", "report_tfidf",
-                                "logreg_tfidf"}
+                                "logreg_tfidf", "pretrained"}
     from mmvae.experiments.grid import BASELINES as GRID_BASELINES
     assert set(GRID_BASELINES) == set(B.BASELINES)
     emb = B.run_baseline("handcrafted", cohort, tr, config, label="class", seed=0, steps=None)

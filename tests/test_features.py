@@ -117,6 +117,7 @@ def test_feature_cache_is_reused_and_keyed_by_content(tmp_path):
     manifest = _nifti_cohort(tmp_path)
     c = base_config().data
     c.image_modalities, c.report, c.shape, c.spacing, c.workers = ["t1", "t2"], False, (8, 8, 8), (8.0, 8.0, 8.0), 1
+    cache = PreprocessCache(tmp_path / "cache")
     cohort = prepare_cohort(manifest, c, cache, show_progress=False)
     cases = {x.case_id: x for x in group_cases(read_manifest(manifest))}
     ex = _CountingExtractor(feat.FeatureConfig(slices=4, size=32, batch_size=5))
@@ -383,3 +384,31 @@ def test_medpix_feature_experts_train_embed_index_and_query_reproduce_a_case(tmp
         assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) > 0.999
         hits = r.search_embedding(mu, k=3, modalities=used)
         assert hits[0].case_id == cohort.case_ids[i]
+
+
+def test_unreadable_feature_source_is_dropped_with_a_note_under_on_error_skip(tmp_path):
+    """data.on_error='skip': a source whose pictures fail leaves its case-modality (noted), the rest stays."""
+    from mmvae.data.dataset import prepare_cohort
+    manifest = _nifti_cohort(tmp_path)
+    c = base_config().data
+    c.image_modalities, c.report, c.shape, c.spacing, c.workers = ["t1", "t2"], False, (8, 8, 8), (8.0, 8.0, 8.0), 1
+    cache = PreprocessCache(tmp_path / "cache")
+    cohort = prepare_cohort(manifest, c, cache, show_progress=False)
+    cases = {x.case_id: x for x in group_cases(read_manifest(manifest))}
+    bad = cases["c1"].images["t2"][0]
+
+    class Failing(_CountingExtractor):
+        pass
+
+    ex = Failing(feat.FeatureConfig(slices=2, size=16))
+    orig = feat._source_pictures
+    try:
+        feat._source_pictures = lambda p, *a: (_ for _ in ()).throw(ValueError("broken")) if p == bad else orig(p, *a)
+        with pytest.raises(InputError, match="c1.*t2"):
+            feat.cohort_features(cohort, cases, cache, ex, spatial_dims=3, show_progress=False)
+        failed = {}
+        arrays = feat.cohort_features(cohort, cases, cache, ex, spatial_dims=3, show_progress=False, failed=failed)
+    finally:
+        feat._source_pictures = orig
+    assert list(failed) == [bad] and "broken" in str(failed[bad])
+    assert np.all(arrays["features/t2"][1] == 0) and np.any(arrays["features/t2"][0] != 0)

