@@ -112,14 +112,19 @@ def _nifti_cohort(tmp_path, n=3):
     return tmp_path / "m.jsonl"
 
 
-def test_feature_cache_is_reused_and_keyed_by_content(tmp_path):
+def _prepared(tmp_path):
+    """``(cohort, case id → manifest entries, cache)`` of :func:`_nifti_cohort`, 8³ pixel arrays."""
     from mmvae.data.dataset import prepare_cohort
     manifest = _nifti_cohort(tmp_path)
     c = base_config().data
     c.image_modalities, c.report, c.shape, c.spacing, c.workers = ["t1", "t2"], False, (8, 8, 8), (8.0, 8.0, 8.0), 1
     cache = PreprocessCache(tmp_path / "cache")
     cohort = prepare_cohort(manifest, c, cache, show_progress=False)
-    cases = {x.case_id: x for x in group_cases(read_manifest(manifest))}
+    return cohort, {x.case_id: x for x in group_cases(read_manifest(manifest))}, cache
+
+
+def test_feature_cache_is_reused_and_keyed_by_content(tmp_path):
+    cohort, cases, cache = _prepared(tmp_path)
     ex = _CountingExtractor(feat.FeatureConfig(slices=4, size=32, batch_size=5))
     a = feat.cohort_features(cohort, cases, cache, ex, spatial_dims=3, show_progress=False)
     assert set(a) == {"features/t1", "features/t2"} and a["features/t1"].shape == (3, 1, 4)   # meanmax of D=2
@@ -388,13 +393,7 @@ def test_medpix_feature_experts_train_embed_index_and_query_reproduce_a_case(tmp
 
 def test_unreadable_feature_source_is_dropped_with_a_note_under_on_error_skip(tmp_path):
     """data.on_error='skip': a source whose pictures fail leaves its case-modality (noted), the rest stays."""
-    from mmvae.data.dataset import prepare_cohort
-    manifest = _nifti_cohort(tmp_path)
-    c = base_config().data
-    c.image_modalities, c.report, c.shape, c.spacing, c.workers = ["t1", "t2"], False, (8, 8, 8), (8.0, 8.0, 8.0), 1
-    cache = PreprocessCache(tmp_path / "cache")
-    cohort = prepare_cohort(manifest, c, cache, show_progress=False)
-    cases = {x.case_id: x for x in group_cases(read_manifest(manifest))}
+    cohort, cases, cache = _prepared(tmp_path)
     bad = cases["c1"].images["t2"][0]
 
     class Failing(_CountingExtractor):
