@@ -72,6 +72,7 @@ from flax import nnx
 
 from mmvae.atomic import atomic_write_bytes, atomic_write_text
 from mmvae.errors import CheckpointError, ConfigError, InputError
+from mmvae.data.cache import source_hash   # SHA-256 of a file's bytes
 
 __all__ = [
     "EfficientNetLite",
@@ -608,14 +609,6 @@ def efficientnet_lite0_available(cache_dir: str | os.PathLike | None = None) -> 
     return find_efficientnet_lite0_weights() is not None or (st.is_file() and side.is_file())
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _read_cache(st: Path, side: Path) -> dict[str, np.ndarray] | None:
     """The cached tensors, or None when absent / corrupt (then it is rebuilt)."""
     from safetensors.numpy import load
@@ -748,7 +741,7 @@ def load_efficientnet_lite0(*, cache_dir: str | os.PathLike | None = None, dtype
                               f"installed: {EXTRA_HINT}")
         if not pth.is_file():
             raise CheckpointError(f"{str(pth)!r} does not exist")
-        digest = _sha256_file(pth)
+        digest = source_hash(pth)
         if digest != EFFICIENTNET_LITE0_SHA256:
             raise CheckpointError(f"{str(pth)!r}: refused: checksum mismatch (SHA-256 "
                                   f"{digest[:16]}..., expected {EFFICIENTNET_LITE0_SHA256[:16]}"

@@ -60,7 +60,6 @@ import copy
 import dataclasses
 import functools
 import glob
-import hashlib
 import json
 import logging
 import math
@@ -77,6 +76,7 @@ import numpy as np
 
 from mmvae.atomic import atomic_save_npy, atomic_write_bytes, atomic_write_text
 from mmvae.errors import IndexError_, InputError
+from mmvae.data.cache import source_hash   # SHA-256 of a file's bytes
 
 log = logging.getLogger(__name__)
 
@@ -136,14 +136,6 @@ def _jsonable(x, what: str):
         return json.loads(json.dumps(x, default=_json_default, allow_nan=False))
     except (TypeError, ValueError) as e:
         raise InputError(f"{what} must be JSON serialisable: {e}") from None
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _check_k(k) -> int:
@@ -755,7 +747,7 @@ class CaseIndex:
             lines.append(json.dumps(rec, ensure_ascii=False))
         atomic_write_text(d / "metadata.jsonl", "".join(x + "\n" for x in lines))
         for name in sorted(p.name for p in d.iterdir() if not p.name.startswith(".")):
-            files[name] = _sha256_file(d / name)
+            files[name] = source_hash(d / name)
         info = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
@@ -962,7 +954,7 @@ def load_index(folder: str | os.PathLike, *, expect_identity: Mapping | None = N
         p = folder / name
         if os.sep in name or name.startswith(".") or not p.is_file():
             raise IndexError_(f"index file {name} is missing")
-        if _sha256_file(p) != sha:
+        if source_hash(p) != sha:
             raise IndexError_(f"index file {name} is corrupt (checksum mismatch)")
 
     data = np.frombuffer((folder / "index.faiss").read_bytes(), dtype=np.uint8)
