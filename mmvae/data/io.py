@@ -787,21 +787,24 @@ def validate_series(series: Series, spatial_dims: int) -> Series:
 
 
 def load_report(path: str | os.PathLike) -> str:
-    """Read a UTF-8 report (a BOM is dropped); return it stripped of outer whitespace.
+    """Read a report file; return it stripped of outer whitespace.
 
-    Raises InputError for a missing or unreadable file, invalid UTF-8 or an
-    empty/whitespace-only report.
+    UTF-8 (a byte-order mark is dropped; a UTF-16/UTF-32 byte-order mark is honoured):
+    :func:`mmvae.data.text.decode_text`. The text must pass
+    :func:`mmvae.data.text.check_report_text` (not blank, not mostly control characters).
+    Raises InputError naming the file for a missing or unreadable file, another encoding
+    (named), or text that is not text.
     """
+    from mmvae.data.text import check_report_text, decode_text
     p = Path(path)
     if not p.is_file():
         raise InputError("report file not found", path=str(p))
     try:
-        text = p.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise InputError(f"report is not valid UTF-8 (byte {e.start})", path=str(p)) from None
+        raw = p.read_bytes()
     except OSError as e:
         raise InputError(f"cannot read report ({_describe(e)})", path=str(p)) from None
-    text = text.strip()
-    if not text:
-        raise InputError("empty report", path=str(p))
-    return text
+    try:
+        return check_report_text(decode_text(raw)).strip()
+    except InputError as e:
+        reason = e.reason if e.reason.startswith(("report", "empty report")) else f"report {e.reason}"
+        raise InputError(reason, path=str(p)) from None

@@ -30,6 +30,7 @@ from typing import Any, Iterable
 
 from mmvae.errors import InputError
 from mmvae.atomic import atomic_write_text
+from mmvae.data.text import check_report_text, decode_text
 
 REPORT = "report"
 
@@ -64,9 +65,14 @@ class CaseEntries:
     def read_report(self) -> str | None:
         """The report: the inline text, else the file's (:func:`mmvae.data.io.load_report`),
         else None. Raises InputError naming the case, modality and file when the file
-        cannot be read."""
-        if self.report_text is not None or self.report_path is None:
-            return self.report_text
+        cannot be read or the text is not text (:func:`mmvae.data.text.check_report_text`)."""
+        if self.report_text is not None:
+            try:
+                return check_report_text(self.report_text)
+            except InputError as e:
+                raise e.with_context(case_id=self.case_id, modality=REPORT) from None
+        if self.report_path is None:
+            return None
         from mmvae.data.io import load_report      # imaging readers: only when a report file is read
         try:
             return load_report(self.report_path)
@@ -89,9 +95,11 @@ def read_manifest(path: str | os.PathLike) -> list[ManifestEntry]:
     root = path.parent.resolve()
     entries: list[ManifestEntry] = []
     try:
-        raw = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
+        raw = decode_text(path.read_bytes())    # UTF-8, Excel's byte-order mark dropped; other encodings named
+    except OSError as e:
         raise InputError(f"cannot read manifest: {e}", path=str(path)) from None
+    except InputError as e:
+        raise InputError(f"manifest {e.reason}", path=str(path)) from None
     if path.suffix == ".jsonl":
         for lineno, line in enumerate(raw.splitlines(), 1):
             if not line.strip():

@@ -275,7 +275,7 @@ def _scan_keyimages(root: Path, res: ScanResult) -> None:
     lab_path = root / "labels.csv"
     if lab_path.is_file():
         import csv
-        with open(lab_path, newline="", encoding="utf-8") as f:
+        with open(lab_path, newline="", encoding="utf-8-sig") as f:
             for row in csv.DictReader(f):
                 cid = (row.pop("case_id", "") or "").strip()
                 if cid:

