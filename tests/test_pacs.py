@@ -94,6 +94,24 @@ def test_rules_file_errors(tmp_path):
         load_rules(bad)
 
 
+def test_series_of_one_modality_chosen_by_the_folder_rule():
+    """A 3-image localizer described like the T2 does not become the study's T2: among series the
+    same rule matches, the folder loader's rule (most images, then the higher SeriesNumber) decides."""
+    from mmvae.data.io import series_preference
+    loc = SeriesInfo("s", "1.1", "t2_tse_tra", 2, 3)
+    t2 = SeriesInfo("s", "1.2", "t2_tse_tra", 5, 24)
+    t2_again = SeriesInfo("s", "1.3", "t2_tse_tra", 7, 24)
+    chosen, notes = map_series([loc, t2], load_rules(), ["t2"])
+    assert chosen["t2"] is t2
+    said = " | ".join(notes)
+    assert "series 5 't2_tse_tra' (24 images)" in said and "the most images" in said
+    assert "series 2 't2_tse_tra' (3 images)" in said and "not used" in said
+    chosen, notes = map_series([t2_again, loc, t2], load_rules(), ["t2"])       # a tie: the later series
+    assert chosen["t2"] is t2_again and any("then the higher series number" in n for n in notes)
+    # the same ranking as a DICOM folder's (mmvae.data.io.choose_series)
+    ranked = sorted([loc, t2, t2_again], key=lambda s: series_preference(s.instances, s.number, s.series_uid))
+    assert ranked[0] is t2_again and ranked[-1] is loc
+
 # ----------------------------------------------------------------------------- ingest + query
 def test_ingest_query_add_delete(env, capsys):
     archive, tmp = env["archive"], env["tmp"]

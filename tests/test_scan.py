@@ -124,3 +124,32 @@ def test_scan_errors(tmp_path):
     tiny_nifti(tmp_path / "b" / "c1" / "c1_t1.nii.gz")
     with pytest.raises(InputError, match="no images found"):
         scan_folder(tmp_path / "b", modalities=["flair"])
+
+
+def test_check_names_case_modality_and_file_of_a_zigzag_series(tmp_path, capsys):
+    """`mmvae check` on a scanned DICOM folder whose T2 has slices shifted in-plane: one line
+    naming the case, the modality, the folder and the slice file."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent))
+    import pydicom
+    from _dicom import write_series
+    from mmvae.cli import main
+
+    root = tmp_path / "study"
+    t2 = write_series(root / "c1" / "t2_tse_tra", 8, description="t2_tse_tra")
+    for k, f in enumerate(sorted(t2.glob("*.dcm"))[1:-1], start=1):
+        ds = pydicom.dcmread(str(f))
+        ds.ImagePositionPatient = [float(ds.ImagePositionPatient[0]) + (6.0 if k % 2 else -6.0)] + \
+            [float(x) for x in ds.ImagePositionPatient[1:]]
+        ds.save_as(str(f), enforce_file_format=True)
+    manifest = tmp_path / "m.jsonl"
+    assert main(["scan", str(root), "--layout", "dicom", "--out", str(manifest)]) in (0, None)
+    capsys.readouterr()
+    tiny = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
+    rc = main(["check", "--manifest", str(manifest), "--config", tiny, "--quiet",
+               "--config.data.image_modalities=['t2']", "--config.data.clinical.numeric=[]",
+               "--config.data.clinical.categorical={}"])
+    out = capsys.readouterr().out
+    assert rc == 2
+    line = next(x for x in out.splitlines() if "in-plane" in x)
+    assert "case 'c1'" in line and "modality 't2'" in line and f"file '{t2}'" in line and "0002.dcm" in line

@@ -38,6 +38,18 @@ MISSING_SLICE_FACTOR = 1.5
 SAME_POSITION_MM = 0.01
 #: Tolerance on ImageOrientationPatient cosines / PixelSpacing within one series.
 ORIENTATION_ATOL = 1e-4
+#: Every slice position must lie on the line from the first to the last position: the in-plane
+#: distance (perpendicular to the slice normal) from its place on that line may not exceed
+#: ``max(INPLANE_TOL_MM, INPLANE_TOL_PIXELS × the smaller pixel spacing)`` (a zig-zag series is refused).
+INPLANE_TOL_MM = 0.1
+INPLANE_TOL_PIXELS = 0.1
+#: DiffusionBValue (0018,9087) and the Siemens private b-value (0019,100C) of one image disagree
+#: when they differ by more than ``max(1 s/mm², B_VALUE_RTOL × the larger)``.
+B_VALUE_RTOL = 0.01
+#: Largest image the loaders read, in voxels (all volumes of a file or series together):
+#: 2**28 = 268,435,456 voxels, 1 GiB as float32. Checked from the headers before any voxel is
+#: read or decoded; a loader's ``max_voxels`` argument overrides it.
+MAX_VOXELS = 2 ** 28
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -49,10 +61,23 @@ def _is_nifti(path: Path) -> bool:
     return path.name.lower().endswith(_NIFTI_SUFFIXES)
 
 
+def _limit(max_voxels: int | None) -> int:
+    return MAX_VOXELS if max_voxels is None else int(max_voxels)
+
+
+def _too_big(what: str, n: int, limit: int, unit: str = "voxels") -> str:
+    return (f"{what} = {n} {unit}, more than the loaders read (max_voxels={limit}); "
+            "refused before reading (a wrong header, or an image to crop or downsample first)")
+
+
+def _out_of_memory(what: str) -> str:
+    return f"out of memory (MemoryError) {what}"
+
+
 # --------------------------------------------------------------------------- NIfTI
 
 
-def load_nifti(path: str | os.PathLike) -> Series:
+def load_nifti(path: str | os.PathLike, *, max_voxels: int | None = None) -> Series:
     """Load a ``.nii``/``.nii.gz`` file.
 
     Returns a Series with a float32 array of the stored shape (trailing singleton
@@ -65,8 +90,11 @@ def load_nifti(path: str | os.PathLike) -> Series:
     header with ``sform_code = qform_code = 0``: its only affine is nibabel's fallback
     (voxel sizes, no orientation), which would silently mirror left and right against
     RAS. The data are read completely here (nibabel is lazy and a truncated gzip
-    stream only fails when the voxels are read). The field of view is checked
-    (:func:`check_geometry`) before the voxels are read.
+    stream only fails when the voxels are read). Before any voxel is read: the declared
+    voxel count (all volumes) must not exceed ``max_voxels`` (default :data:`MAX_VOXELS`), the
+    file must hold the ``vox_offset + voxels × itemsize`` bytes its header declares
+    (:func:`_check_nifti_length`: a truncated or header-only file is refused without
+    allocating), and the field of view is checked (:func:`check_geometry`).
     """
     import nibabel as nib
 
@@ -79,6 +107,16 @@ def load_nifti(path: str | os.PathLike) -> Series:
             raise InputError(f"not a NIfTI file (nibabel reads it as {type(img).__name__})",
                              path=str(p))
         hdr = img.header
+        shape = tuple(int(x) for x in hdr.get_data_shape())
+        n = 1
+        for x in shape:
+            n *= x
+        limit = _limit(max_voxels)
+        if n > limit:
+            raise InputError(_too_big(f"header declares {'x'.join(map(str, shape))}", n, limit), path=str(p))
+        offset = getattr(img.dataobj, "offset", None)       # the header copy's vox_offset may read 0
+        _check_nifti_length(p, int(offset if offset is not None else hdr["vox_offset"]),
+                            n * int(hdr.get_data_dtype().itemsize))
         if int(hdr["sform_code"]) <= 0 and int(hdr["qform_code"]) <= 0:
             raise InputError("NIfTI header has no orientation (sform_code = qform_code = 0): left and right "
                              "cannot be told apart; set the sform/qform (e.g. convert again with dcm2niix)",
@@ -94,12 +132,49 @@ def load_nifti(path: str | os.PathLike) -> Series:
     except InputError:
         raise
     except MemoryError:
-        raise
+        raise InputError(_out_of_memory("reading the voxels"), path=str(p)) from None
     except Exception as e:  # nibabel / gzip / zlib / OS errors of every kind
         raise InputError(f"cannot read NIfTI file ({_describe(e)})", path=str(p)) from None
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     return Series(array=data, affine=affine, path=str(p))
+
+
+def _check_nifti_length(p: Path, offset: int, nbytes: int) -> None:
+    """Refuse a NIfTI file holding fewer than ``offset + nbytes`` (data) bytes, without allocating.
+
+    ``.nii``: the file size. ``.nii.gz``: when the gzip trailer's ISIZE (uncompressed length
+    mod 2**32 of the last member) equals the declared length the file is taken as complete (a
+    truncated stream ends in compressed bytes, which match by chance once in 2**32; nibabel's
+    read still fails on it); otherwise the stream is decompressed in 1 MiB chunks, counted and
+    dropped, up to the declared length (never more)."""
+    need = offset + nbytes
+    if not p.name.lower().endswith(".gz"):
+        have = p.stat().st_size
+    else:
+        import gzip
+        import zlib
+        with open(p, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() >= 18:
+                f.seek(-4, os.SEEK_END)
+                if int.from_bytes(f.read(4), "little") == need % 2 ** 32:
+                    return
+        have = 0
+        try:
+            with gzip.open(p, "rb") as f:
+                while have < need:
+                    chunk = f.read(min(1 << 20, need - have))
+                    if not chunk:
+                        break
+                    have += len(chunk)
+        except EOFError:
+            pass  # the stream ended early: counted so far
+        except (OSError, zlib.error) as e:
+            raise InputError(f"cannot read NIfTI file ({_describe(e)})", path=str(p)) from None
+    if have < need:
+        raise InputError(f"cannot read NIfTI file (truncated file: the header declares {nbytes} bytes of voxel "
+                         f"data from byte {offset}, the file holds {max(0, have - offset)})", path=str(p))
 
 
 #: Plausible voxel size (mm) and field of view (mm per axis) of a medical image: outside,
@@ -185,43 +260,61 @@ class _Slice:
     rows: int
     cols: int
     position: float = 0.0  # projected on the slice normal (mm)
+    slope: float = 1.0      # RescaleSlope
+    intercept: float = 0.0  # RescaleIntercept
+
+
+#: Groups a DICOM dataset without the Part-10 preamble (legacy ACR-NEMA style) starts with.
+_LEGACY_FIRST_GROUPS = (0x0002, 0x0008)
+
+
+def _starts_like_dataset(head: bytes) -> bool:
+    """Whether bytes 0-3 are the tag of a first data element (group 0002 or 0008, either byte order)."""
+    if len(head) < 8:
+        return False
+    return (int.from_bytes(head[:2], "little") in _LEGACY_FIRST_GROUPS
+            or int.from_bytes(head[:2], "big") in _LEGACY_FIRST_GROUPS)
 
 
 def _read_dicom_file(p: Path):
-    """Return the pydicom dataset of an image file, or None when ``p`` is to be skipped.
+    """Return the pydicom dataset of an image file, or the reason (a string) it is skipped,
+    or None when it is skipped without a word (hidden files, files named DICOMDIR).
 
-    Rule: hidden files and files named DICOMDIR are skipped; a file is read if it
-    has the Part-10 'DICM' marker, or (without it) if its name ends with
-    .dcm/.dicom/.ima and pydicom can parse it; parsed files without PixelData
+    Rule, decided from the first 132 bytes before any parsing: a file with the Part-10 'DICM'
+    marker at byte 128 is parsed (a file that then fails to parse is an error); a file without
+    it is parsed only when its name ends with .dcm/.dicom/.ima *and* it starts with a data
+    element of group 0002 or 0008 (a legacy file without preamble); anything else (a zero-filled
+    file, a text file, a log) is skipped at once as not DICOM. Parsed files without PixelData
     (DICOMDIR, structured reports, presentation states) are skipped.
     """
     import pydicom
-    from pydicom.errors import InvalidDicomError
 
     if p.name.startswith(".") or p.name.upper() == "DICOMDIR":
         return None
     try:
-        ds = pydicom.dcmread(str(p))
-    except InvalidDicomError:
-        if not p.name.lower().endswith(_DICOM_SUFFIXES):
-            return None
-        try:
-            ds = pydicom.dcmread(str(p), force=True)
-        except MemoryError:
-            raise
-        except Exception as e:
-            raise InputError(f"cannot read DICOM file {p.name!r} ({_describe(e)})",
-                             path=str(p.parent)) from None
+        with open(p, "rb") as f:
+            head = f.read(132)
+    except OSError as e:
+        raise InputError(f"cannot read file {p.name!r} ({_describe(e)})", path=str(p.parent)) from None
+    force = False
+    if head[128:132] != b"DICM":
+        if not p.name.lower().endswith(_DICOM_SUFFIXES) or not _starts_like_dataset(head):
+            if head and not head.strip(b"\0"):
+                return "not a DICOM file (zero-filled: no 'DICM' marker at byte 128)"
+            return "not a DICOM file (no 'DICM' marker at byte 128, no data element at its start)"
+        force = True
+    try:
+        ds = pydicom.dcmread(str(p), force=force)
     except MemoryError:
-        raise
+        raise InputError(_out_of_memory(f"reading DICOM file {p.name!r}"), path=str(p.parent)) from None
     except Exception as e:
         raise InputError(f"cannot read DICOM file {p.name!r} ({_describe(e)})",
                          path=str(p.parent)) from None
     meta = getattr(ds, "file_meta", None)
     if meta is not None and str(meta.get("MediaStorageSOPClassUID", "")) == _DICOMDIR_SOP_CLASS:
-        return None
+        return "a DICOMDIR (index of a media set), not an image"
     if "PixelData" not in ds:
-        return None
+        return "DICOM file without pixel data (e.g. a report or presentation state)"
     return ds
 
 
@@ -244,10 +337,18 @@ def _make_slice(p: Path, ds, folder: Path) -> _Slice:
     if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
         raise InputError(f"DICOM file {p.name!r} is not a grayscale image", path=str(folder))
     image_type = [str(x).upper() for x in (ds.get("ImageType") or [])]
-    if "MOSAIC" in image_type:
-        raise InputError(f"DICOM file {p.name!r} is a Siemens mosaic (several slices packed in one "
+    in_mosaic = _siemens_int(ds, 0x100A)    # NumberOfImagesInMosaic (0019,100A)
+    if "MOSAIC" in image_type or (in_mosaic or 0) > 1:
+        said = ("ImageType MOSAIC" if "MOSAIC" in image_type else
+                f"NumberOfImagesInMosaic (0019,100A) = {in_mosaic}, though its ImageType lacks MOSAIC")
+        raise InputError(f"DICOM file {p.name!r} is a Siemens mosaic by its {said} (several slices packed in one "
                          "image), which mmvae does not unpack; convert the series with dcm2niix",
                          path=str(folder))
+    slope, intercept = _rescale(p, ds, folder)
+    try:
+        dicom_b_value(ds)                    # both b-value tags read; refused when they disagree
+    except InputError as e:
+        raise InputError(f"DICOM file {p.name!r}: {e.reason}", path=str(folder)) from None
     iop = _float_list(ds, "ImageOrientationPatient", 6, p, folder)
     ipp = _float_list(ds, "ImagePositionPatient", 3, p, folder)
     r, c = iop[:3], iop[3:]
@@ -257,27 +358,113 @@ def _make_slice(p: Path, ds, folder: Path) -> _Slice:
     ps = _float_list(ds, "PixelSpacing", 2, p, folder)
     if np.any(ps <= 0):
         raise InputError(f"DICOM file {p.name!r} has a non-positive PixelSpacing", path=str(folder))
-    return _Slice(p, ds, iop, ipp, ps, int(ds.Rows), int(ds.Columns))
+    return _Slice(p, ds, iop, ipp, ps, int(ds.Rows), int(ds.Columns), slope=slope, intercept=intercept)
+
+
+def _rescale(p: Path, ds, folder: Path) -> tuple[float, float]:
+    """``(RescaleSlope, RescaleIntercept)``: absent or empty → ``(1, 0)``; a value that is not a
+    finite number, a slope of 0 (every voxel would be the intercept), or a Modality LUT Sequence
+    (a rescaling mmvae does not apply) is refused."""
+    out = []
+    for kw, default in (("RescaleSlope", 1.0), ("RescaleIntercept", 0.0)):
+        v = ds.get(kw)
+        if v is None or (isinstance(v, str) and not v.strip()):
+            out.append(default)
+            continue
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            f = float("nan")
+        if not np.isfinite(f):
+            raise InputError(f"DICOM file {p.name!r} has a {kw} that is not a finite number ({v!r})",
+                             path=str(folder))
+        out.append(f)
+    if out[0] == 0.0:
+        raise InputError(f"DICOM file {p.name!r} has RescaleSlope 0 (every voxel would equal the intercept); "
+                         "refused rather than read as 1", path=str(folder))
+    if "ModalityLUTSequence" in ds:
+        raise InputError(f"DICOM file {p.name!r} has a Modality LUT Sequence, a rescaling mmvae does not apply",
+                         path=str(folder))
+    return out[0], out[1]
+
+
+def _check_pixel_data_length(p: Path, ds, folder: Path) -> None:
+    """Native (uncompressed) pixel data must hold one image of Rows × Columns × BitsAllocated
+    (one pad byte allowed): several images' worth is several slices packed in one (refused, as
+    is a shorter one). Encapsulated (compressed) data are checked when decoded."""
+    meta = getattr(ds, "file_meta", None)
+    ts = meta.get("TransferSyntaxUID") if meta is not None else None
+    if ts is None or getattr(ts, "is_compressed", True):
+        return
+    try:
+        data = ds.PixelData
+        bits = int(ds.get("BitsAllocated") or 0)
+        need = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1) * bits + 7) // 8
+    except (TypeError, ValueError, AttributeError):
+        return
+    if not isinstance(data, (bytes, bytearray)) or need <= 0:
+        return
+    have = len(data)
+    if have < need:
+        raise InputError(f"DICOM file {p.name!r}: PixelData holds {have} bytes, one {int(ds.Rows)}x{int(ds.Columns)} "
+                         f"{bits}-bit image needs {need} (truncated)", path=str(folder))
+    if have > need + 1:
+        k = have / need
+        what = f"{int(k)} images" if have % need in (0, 1) else f"{k:.2f} images"
+        raise InputError(f"DICOM file {p.name!r}: PixelData holds {have} bytes = {what} of {int(ds.Rows)}x"
+                         f"{int(ds.Columns)} {bits}-bit while NumberOfFrames says 1 (several slices packed in "
+                         "one image?); refused", path=str(folder))
+
+
+def _siemens_int(ds, element: int) -> int | None:
+    """An integer of the Siemens private group (0019,10xx) (private creator 'SIEMENS ...' or absent)."""
+    v = _siemens_value(ds, element)
+    try:
+        return None if v is None else int(float(v))
+    except (TypeError, ValueError):
+        return None
+
+
+def _siemens_value(ds, element: int):
+    creator = ds.get((0x0019, 0x0010))
+    if creator is not None and "SIEMENS" not in str(creator.value).upper():
+        return None                      # group 0019 of another vendor: another meaning
+    el = ds.get((0x0019, element))
+    if el is None:
+        return None
+    v = el.value
+    if isinstance(v, (bytes, bytearray)):
+        b = bytes(v)
+        if element == 0x100A and len(b) == 2:           # US, raw (VR UN)
+            return int.from_bytes(b, "little")
+        v = b.decode("ascii", "ignore").strip("\x00 ")
+    if isinstance(v, (list, tuple)):
+        v = v[0] if v else None
+    return None if v in (None, "") else v
 
 
 def dicom_b_value(ds) -> float | None:
-    """DiffusionBValue (0018,9087), else the Siemens private b-value (0019,100C)."""
+    """DiffusionBValue (0018,9087), else the Siemens private b-value (0019,100C) (read only
+    when the group's private creator is Siemens or absent).
+
+    Raises InputError (without a path: callers add it) when both are present and differ by
+    more than ``max(1 s/mm², B_VALUE_RTOL × the larger)``."""
+    std = None
     el = ds.get((0x0018, 0x9087))
     if el is not None and el.value not in (None, "", b""):
         try:
-            return float(el.value)
+            std = float(el.value)
         except (TypeError, ValueError):
-            pass
-    el = ds.get((0x0019, 0x100C))
-    if el is not None:
-        v = el.value
-        if isinstance(v, (bytes, bytearray)):
-            v = bytes(v).decode("ascii", "ignore").strip("\x00 ")
-        try:
-            return float(v)
-        except (TypeError, ValueError):
-            return None
-    return None
+            std = None
+    v = _siemens_value(ds, 0x100C)
+    try:
+        priv = None if v is None else float(v)
+    except (TypeError, ValueError):
+        priv = None
+    if std is not None and priv is not None and abs(std - priv) > max(1.0, B_VALUE_RTOL * max(abs(std), abs(priv))):
+        raise InputError(f"b-values disagree: DiffusionBValue (0018,9087) {std:g} vs Siemens private (0019,100C) "
+                         f"{priv:g} s/mm²")
+    return std if std is not None else priv
 
 
 def _int_tag(ds, keyword: str) -> int | None:
@@ -381,6 +568,28 @@ def _check_consistent(slices: list[_Slice], folder: Path) -> None:
                              f"({ref.path.name!r} vs {s.path.name!r})", path=str(folder))
 
 
+def _check_line(slices: list[_Slice], folder: Path) -> None:
+    """``slices`` sorted by position: every ImagePositionPatient must lie on the line from the
+    first to the last one (the line the affine's third column follows), in-plane within
+    ``max(INPLANE_TOL_MM, INPLANE_TOL_PIXELS × pixel spacing)``. The positions along it are
+    checked by :func:`_check_spacing`, the line's tilt by :func:`check_geometry`."""
+    if len(slices) < 3:
+        return
+    ref = slices[0]
+    normal = np.cross(ref.iop[:3], ref.iop[3:])
+    normal /= np.linalg.norm(normal)
+    step = (slices[-1].ipp - ref.ipp) / (len(slices) - 1)
+    d = np.stack([s.ipp for s in slices]) - (ref.ipp + np.arange(len(slices))[:, None] * step)
+    inplane = np.linalg.norm(d - (d @ normal)[:, None] * normal, axis=1)
+    tol = max(INPLANE_TOL_MM, INPLANE_TOL_PIXELS * float(np.min(ref.spacing)))
+    worst = int(np.argmax(inplane))
+    if inplane[worst] > tol:
+        raise InputError(f"slice positions are not on one line: {slices[worst].path.name!r} lies "
+                         f"{inplane[worst]:.3f} mm in-plane off the line from {ref.path.name!r} to "
+                         f"{slices[-1].path.name!r} (tolerance {tol:.3f} mm); slices shifted in-plane cannot "
+                         "be stacked into one volume", path=str(folder))
+
+
 def _check_spacing(slices: list[_Slice], folder: Path) -> None:
     """``slices`` sorted by position; raise on a missing slice or uneven spacing."""
     if len(slices) < 3:
@@ -428,7 +637,7 @@ def _pixels(s: _Slice, folder: Path) -> np.ndarray:
     try:
         arr = np.asarray(s.ds.pixel_array, dtype=np.float64)
     except MemoryError:
-        raise
+        raise InputError(_out_of_memory(f"decoding the pixel data of {s.path.name!r}"), path=str(folder)) from None
     except Exception as e:
         ts = getattr(getattr(s.ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(ts, "name", str(ts)) if ts is not None else "unknown"
@@ -439,9 +648,7 @@ def _pixels(s: _Slice, folder: Path) -> np.ndarray:
     if arr.shape != (s.rows, s.cols):
         raise InputError(f"pixel data of {s.path.name!r} has shape {arr.shape}, expected "
                          f"{(s.rows, s.cols)}", path=str(folder))
-    slope = float(s.ds.get("RescaleSlope", 1.0) or 1.0)
-    intercept = float(s.ds.get("RescaleIntercept", 0.0) or 0.0)
-    return (arr * slope + intercept).T  # (columns, rows) = (i, j)
+    return (arr * s.slope + s.intercept).T  # (columns, rows) = (i, j)
 
 
 def _volume(slices: list[_Slice], folder: Path) -> Series:
@@ -459,13 +666,18 @@ def _volume(slices: list[_Slice], folder: Path) -> Series:
         lps[:3, 2] = normal * float(thick)
     lps[:3, 3] = ref.ipp
     check_geometry((ref.cols, ref.rows, len(slices)), lps, str(folder))     # e.g. gantry tilt, before decoding
-    data = np.stack([_pixels(s, folder) for s in slices], axis=-1).astype(np.float32)
+    try:
+        data = np.stack([_pixels(s, folder) for s in slices], axis=-1).astype(np.float32)
+    except MemoryError:
+        raise InputError(_out_of_memory(f"stacking {len(slices)} slices of {ref.cols}x{ref.rows}"),
+                         path=str(folder)) from None
     return Series(array=data, affine=_LPS_TO_RAS @ lps, path=str(folder))
 
 
-def _headers(folder: Path) -> dict[str, list[tuple[Path, Any]]]:
+def _headers(folder: Path, skipped: list[tuple[str, str]] | None = None) -> dict[str, list[tuple[Path, Any]]]:
     """SeriesInstanceUID → ``(file, dataset)`` of the folder's image files (an image stored twice,
-    same SOPInstanceUID, counted once). Nothing is validated or decoded here."""
+    same SOPInstanceUID, counted once). Nothing is validated or decoded here. ``skipped``, when
+    given, receives ``(file name, why)`` of each file skipped (:func:`_read_dicom_file`)."""
     if not folder.is_dir():
         raise InputError("DICOM folder not found", path=str(folder))
     files = sorted((e for e in os.scandir(folder) if e.is_file()), key=lambda e: e.name)
@@ -475,6 +687,10 @@ def _headers(folder: Path) -> dict[str, list[tuple[Path, Any]]]:
         p = Path(entry.path)
         ds = _read_dicom_file(p)
         if ds is None:
+            continue
+        if isinstance(ds, str):
+            if skipped is not None:
+                skipped.append((p.name, ds))
             continue
         sop = str(ds.get("SOPInstanceUID", "") or "")
         if sop and sop in seen_sop:  # the same image stored twice
@@ -490,10 +706,17 @@ def _series_number(items: list[tuple[Path, Any]]) -> int | None:
     return _int_tag(items[0][1], "SeriesNumber")
 
 
-def _series_volumes(uid: str, items: list[tuple[Path, Any]], folder: Path) -> list[DicomVolume]:
+def _series_volumes(uid: str, items: list[tuple[Path, Any]], folder: Path,
+                    max_voxels: int | None = None) -> list[DicomVolume]:
     """Validate and decode one series into its volumes (see :func:`_split_volumes`)."""
     slices = [_make_slice(p, ds, folder) for p, ds in items]
     _check_consistent(slices, folder)
+    for s in slices:
+        _check_pixel_data_length(s.path, s.ds, folder)
+    n, limit = slices[0].cols * slices[0].rows * len(slices), _limit(max_voxels)
+    if n > limit:
+        raise InputError(_too_big(f"series of {slices[0].cols}x{slices[0].rows}x{len(slices)} (columns x rows x "
+                                  "images)", n, limit), path=str(folder))
     normal = np.cross(slices[0].iop[:3], slices[0].iop[3:])
     if np.linalg.norm(normal) < 0.5:
         raise InputError(f"degenerate ImageOrientationPatient in {slices[0].path.name!r}", path=str(folder))
@@ -504,13 +727,14 @@ def _series_volumes(uid: str, items: list[tuple[Path, Any]], folder: Path) -> li
     out = []
     for key, value, vol in _split_volumes(slices, folder):
         vol = sorted(vol, key=lambda s: (s.position, s.path.name))
+        _check_line(vol, folder)
         _check_spacing(vol, folder)
         out.append(DicomVolume(_volume(vol, folder), uid, desc, key, value, [str(s.path) for s in vol],
                                _series_number(items)))
     return out
 
 
-def load_dicom_volumes(folder: str | os.PathLike) -> list[DicomVolume]:
+def load_dicom_volumes(folder: str | os.PathLike, *, max_voxels: int | None = None) -> list[DicomVolume]:
     """Every volume of every series of a DICOM folder, with its series/split information.
 
     Volumes are ordered by (SeriesNumber, SeriesInstanceUID), then split value. Any
@@ -524,38 +748,58 @@ def load_dicom_volumes(folder: str | os.PathLike) -> list[DicomVolume]:
         num = _series_number(by_uid[uid])
         return (num if num is not None else 1 << 62, uid)
 
-    return [v for uid in sorted(by_uid, key=series_order) for v in _series_volumes(uid, by_uid[uid], folder)]
+    return [v for uid in sorted(by_uid, key=series_order)
+            for v in _series_volumes(uid, by_uid[uid], folder, max_voxels)]
+
+
+def series_preference(images: int, number: int | None, uid: str) -> tuple:
+    """Sort key (ascending: preferred first) of the one rule choosing among series: the most
+    images, then the higher SeriesNumber (acquired later; a missing number ranks lowest), then
+    the lower UID. Used by :func:`choose_series` (a DICOM folder) and by the PACS ingest
+    (:func:`mmvae.pacs.rules.map_series`, among series one modality rule matches)."""
+    return (-int(images), -(number if number is not None else -1), str(uid))
+
+
+def preference_reason(counts: list[int]) -> str:
+    """Why the first of series ranked by :func:`series_preference` (their image ``counts``) won."""
+    tie = len(counts) > 1 and counts[0] == counts[1]
+    return "the most images, then the higher series number" if tie else "the most images"
+
+
+def _skip_note(skipped: list[tuple[str, str]]) -> list[str]:
+    if not skipped:
+        return []
+    shown = "; ".join(f"{name!r}: {why}" for name, why in skipped[:10])
+    more = f"; and {len(skipped) - 10} more" if len(skipped) > 10 else ""
+    return [f"skipped {len(skipped)} file(s) that are not DICOM images: {shown}{more}"]
 
 
 def choose_series(folder: str | os.PathLike) -> tuple[str, list[tuple[Path, Any]], list[str]]:
     """The series of a DICOM folder to use: ``(uid, its files, notes)``.
 
-    Rule: the series with the most images; ties go to the higher SeriesNumber (acquired
-    later; a missing number ranks lowest), then the UID. Decided from the headers alone, so
-    a series that is not used (a localizer, a dose report, a screenshot) never stops the
-    folder, whatever is wrong with it."""
+    Rule (:func:`series_preference`): the series with the most images; ties go to the higher
+    SeriesNumber (acquired later; a missing number ranks lowest), then the lower UID. Decided
+    from the headers alone, so a series that is not used (a localizer, a dose report, a
+    screenshot) never stops the folder, whatever is wrong with it. Files skipped as not DICOM
+    images (:func:`_read_dicom_file`) are named in a note, with the reason."""
     folder = Path(folder)
-    by_uid = _headers(folder)
+    skipped: list[tuple[str, str]] = []
+    by_uid = _headers(folder, skipped)
     if len(by_uid) == 1:
         uid = next(iter(by_uid))
-        return uid, by_uid[uid], []
+        return uid, by_uid[uid], _skip_note(skipped)
 
-    def rank(uid):
-        n = _series_number(by_uid[uid])
-        return (len(by_uid[uid]), n if n is not None else -1, uid)
-
-    ranked = sorted(by_uid, key=rank, reverse=True)
+    ranked = sorted(by_uid, key=lambda u: series_preference(len(by_uid[u]), _series_number(by_uid[u]), u))
 
     def name(uid):
         n = _series_number(by_uid[uid])
         desc = str(by_uid[uid][0][1].get("SeriesDescription", "") or "")
         return f"series {n if n is not None else '?'} {desc!r} ({len(by_uid[uid])} images)"
 
-    tie = len(ranked) > 1 and len(by_uid[ranked[0]]) == len(by_uid[ranked[1]])
-    why = "the most images, then the higher series number" if tie else "the most images"
+    why = preference_reason([len(by_uid[u]) for u in ranked])
     note = (f"folder holds {len(by_uid)} series: using {name(ranked[0])} ({why}); dropped "
             + ", ".join(name(u) for u in ranked[1:]))
-    return ranked[0], by_uid[ranked[0]], [note]
+    return ranked[0], by_uid[ranked[0]], [note] + _skip_note(skipped)
 
 
 #: How a DWI series with several b-values is reduced (``data.dwi_b_value``).
@@ -646,12 +890,15 @@ def load_dicom_series(folder: str | os.PathLike) -> list[Series]:
 # --------------------------------------------------------------------------- PNG
 
 
-def load_png(path: str | os.PathLike, affine: np.ndarray | None = None) -> Series:
+def load_png(path: str | os.PathLike, affine: np.ndarray | None = None, *,
+             max_voxels: int | None = None) -> Series:
     """Load a 2D key image as grayscale float32 of shape ``(X, Y) = (columns, rows)``.
 
     Colour images are converted with PIL's ``convert("L")`` (ITU-R 601-2 luma,
     alpha ignored); 16-bit and float images keep their values. The affine is
-    ``affine`` if given, else the identity.
+    ``affine`` if given, else the identity. An image of more than ``max_voxels`` pixels
+    (default :data:`MAX_VOXELS`) is refused from its header, before decoding; Pillow's own
+    decompression-bomb guard (above ``2 × PIL.Image.MAX_IMAGE_PIXELS``) also applies.
     """
     from PIL import Image
 
@@ -660,13 +907,18 @@ def load_png(path: str | os.PathLike, affine: np.ndarray | None = None) -> Serie
         raise InputError("file not found", path=str(p))
     try:
         with Image.open(p) as im:
+            w, h = im.size
+            if w * h > _limit(max_voxels):
+                raise InputError(_too_big(f"image of {w}x{h}", w * h, _limit(max_voxels), "pixels"), path=str(p))
             im.load()
             if im.mode in ("I", "F") or im.mode.startswith("I;16"):
                 arr = np.asarray(im).astype(np.float32)
             else:
                 arr = np.asarray(im.convert("L")).astype(np.float32)
-    except MemoryError:
+    except InputError:
         raise
+    except MemoryError:
+        raise InputError(_out_of_memory("decoding the image"), path=str(p)) from None
     except Exception as e:
         raise InputError(f"cannot read PNG image ({_describe(e)})", path=str(p)) from None
     if arr.ndim != 2:
@@ -685,32 +937,36 @@ class Loaded:
     notes: list[str]
 
 
-def load_series(path: str | os.PathLike, *, spatial_dims: int = 3, b_value: str | float = "highest") -> list[Series]:
+def load_series(path: str | os.PathLike, *, spatial_dims: int = 3, b_value: str | float = "highest",
+                max_voxels: int | None = None) -> list[Series]:
     """Load an image source and validate it (see :func:`load_image`)."""
-    return load_image(path, spatial_dims=spatial_dims, b_value=b_value).series
+    return load_image(path, spatial_dims=spatial_dims, b_value=b_value, max_voxels=max_voxels).series
 
 
-def load_image(path: str | os.PathLike, *, spatial_dims: int = 3, b_value: str | float = "highest") -> Loaded:
+def load_image(path: str | os.PathLike, *, spatial_dims: int = 3, b_value: str | float = "highest",
+               max_voxels: int | None = None) -> Loaded:
     """Load an image source, choose among its volumes by stated rules, and validate.
 
     ``path`` is a DICOM folder, a ``.nii``/``.nii.gz`` file or a ``.png`` file
     (suffixes case-insensitive). A DICOM folder's volumes are reduced by
     :func:`choose_volumes` (one series per folder; one b-value by ``b_value``);
-    every returned Series passed :func:`validate_series` with ``spatial_dims``.
+    every returned Series passed :func:`validate_series` with ``spatial_dims``. An image
+    of more than ``max_voxels`` voxels (default :data:`MAX_VOXELS`) is refused from its
+    headers before any voxel is read.
     """
     p = Path(path)
     notes: list[str] = []
     if p.is_dir():
         uid, items, notes = choose_series(p)
-        vols, more = choose_volumes(_series_volumes(uid, items, p), b_value)
+        vols, more = choose_volumes(_series_volumes(uid, items, p, max_voxels), b_value)
         notes += more
         series = [v.series for v in vols]
     elif not p.exists():
         raise InputError("file not found", path=str(p))
     elif _is_nifti(p):
-        series = [load_nifti(p)]
+        series = [load_nifti(p, max_voxels=max_voxels)]
     elif p.name.lower().endswith(".png"):
-        series = [load_png(p)]
+        series = [load_png(p, max_voxels=max_voxels)]
     else:
         raise InputError("unsupported file type (expected .nii, .nii.gz, .png or a DICOM "
                          "folder)", path=str(p))

@@ -217,6 +217,13 @@ def resample_to_spacing(series: Series, spacing, order: int = 1) -> Series:
         return Series(array=arr, affine=np.asarray(series.affine, dtype=np.float64), path=series.path)
     n_old = np.array(arr.shape, dtype=np.float64)
     n_new = np.maximum(1, np.round(n_old * old / new)).astype(int)
+    from mmvae.data.io import MAX_VOXELS
+    total = int(np.prod([int(x) for x in n_new], dtype=object))
+    if total > MAX_VOXELS:
+        raise InputError(f"resampling {tuple(int(x) for x in n_old)} voxels of {tuple(np.round(old, 4))} mm to "
+                         f"{tuple(new)} mm gives {'x'.join(str(int(x)) for x in n_new)} = {total} voxels, more "
+                         f"than the loaders handle (mmvae.data.io.MAX_VOXELS={MAX_VOXELS}); use a coarser "
+                         "data.spacing", path=series.path or None)
     f = new / old  # old voxels per new voxel
     offset = (n_old - 1) / 2 - (n_new - 1) / 2 * f
     out = ndimage.affine_transform(arr, f, offset=offset, output_shape=tuple(n_new),
@@ -412,7 +419,25 @@ def normalize_intensity(array: np.ndarray, mask: np.ndarray | None,
 
 def preprocess_series_with_mask(series: Series, cfg: PreprocessConfig, *,
                                 reference: Series | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`preprocess_series`, also returning the foreground mask (bool, ``cfg.shape``)."""
+    """:func:`preprocess_series`, also returning the foreground mask (bool, ``cfg.shape``).
+
+    Running out of memory, or a numeric failure whose message is empty, is an InputError naming
+    the series with a non-empty reason (e.g. ``out of memory (MemoryError) preprocessing a
+    (512, 512, 300) image``), never a bare exception with an empty text."""
+    try:
+        return _preprocess_series_with_mask(series, cfg, reference=reference)
+    except MemoryError:
+        raise InputError(f"out of memory (MemoryError) preprocessing a {tuple(np.shape(series.array))} image",
+                         path=series.path or None) from None
+    except (ValueError, RuntimeError) as e:
+        if str(e).strip():
+            raise
+        raise InputError(f"preprocessing failed ({type(e).__name__}, no message) on a "
+                         f"{tuple(np.shape(series.array))} image", path=series.path or None) from None
+
+
+def _preprocess_series_with_mask(series: Series, cfg: PreprocessConfig, *,
+                                 reference: Series | None = None) -> tuple[np.ndarray, np.ndarray]:
     arr = np.asarray(series.array)
     if arr.ndim != len(cfg.shape):
         raise InputError(f"{arr.ndim}D image but preprocess.shape {cfg.shape} has "

@@ -21,8 +21,12 @@ A rule matches a series when every given condition holds:
 
 Rules are tried in order; the first that matches gives the series its modality. Rules naming
 a modality the model does not have are ignored. When several series get the same modality,
-the one matched by the earliest rule wins, then the lower SeriesNumber, then more
-instances; the others are logged as not used. Series matching no rule are skipped (logged).
+the one matched by the earliest rule wins (the rules' order is a stated preference, e.g. the
+computed high-b image before the acquired multi-b series); among series the same rule matches,
+the DICOM folder loader's rule decides (:func:`mmvae.data.io.series_preference`): the most
+instances, then the higher SeriesNumber, then the lower UID, so a 3-image localizer described
+``t2_tse_tra`` never beats the 24-image T2. The choice and its reason are logged, the others
+as not used. Series matching no rule are skipped (logged).
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from mmvae.data.io import preference_reason, series_preference
 from mmvae.errors import InputError
 
 __all__ = ["Rule", "SeriesInfo", "DEFAULT_RULES", "load_rules", "map_series"]
@@ -82,7 +87,8 @@ class SeriesInfo:
     attributes: dict[str, Any] = field(default_factory=dict)   # keyword → value (first instance)
 
     def name(self) -> str:
-        return f"series {self.number if self.number is not None else '?'} {self.description!r} ({self.series_uid})"
+        return (f"series {self.number if self.number is not None else '?'} {self.description!r} "
+                f"({self.instances} images) {self.series_uid}")
 
 
 def _rule(d: Mapping, i: int, where: str) -> Rule:
@@ -170,13 +176,16 @@ def map_series(series: Sequence[SeriesInfo], rules: Sequence[Rule],
         matched.setdefault(rule.modality, []).append((rule.number, s, rule))
     chosen: dict[str, SeriesInfo] = {}
     for m in modalities:
-        cands = sorted(matched.get(m, []), key=lambda x: (x[0], x[1].number if x[1].number is not None else 1 << 30,
-                                                          -x[1].instances, x[1].series_uid))
+        cands = sorted(matched.get(m, []),
+                       key=lambda x: (x[0], *series_preference(x[1].instances, x[1].number, x[1].series_uid)))
         if not cands:
             continue
         _, best, rule = cands[0]
         chosen[m] = best
-        notes.append(f"{best.name()} → {m} by {rule.text()}")
+        same = [c for c in cands if c[0] == rule.number]
+        why = (f" (of {len(same)} series this rule matches: {preference_reason([c[1].instances for c in same])}, "
+               "as for a DICOM folder)" if len(same) > 1 else "")
+        notes.append(f"{best.name()} → {m} by {rule.text()}{why}")
         for _, other, r in cands[1:]:
             notes.append(f"{other.name()}: also {m} by {r.text()}; not used ({best.name()} ranks first)")
     return chosen, notes
