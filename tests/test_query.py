@@ -408,6 +408,27 @@ def test_bad_input_cli(run, bad_files, tmp_path, capsys):
     assert digest(run.index_dir) == run.digest
 
 
+def test_query_text_that_is_not_text_is_refused(run, tmp_path, capsys):
+    """Issue 30: a report of NUL bytes (or mostly control characters) is no query, however it
+    arrives: the API (the review page's text query goes through it), --report, --report-file."""
+    r = run.retriever
+    cid, c = run.full_case()
+    for text in ("\x00" * 100, "Lesion" + "\x01\x02" * 10):
+        with pytest.raises(InputError, match=r"modality 'report'.*(no readable text|not text)"):
+            r.search(report=text, k=3)
+    f = tmp_path / "nul_report.txt"
+    f.write_bytes(b"\x00" * 100)
+    t2 = c["images"]["t2"][0]
+    for extra in (["--report", "\x01" * 50], ["--report-file", f]):
+        rc, out, err = cli(capsys, *base_args(run), "--t2", t2, *extra)
+        assert rc == 2 and "modality 'report'" in err and "no readable text" in err, err
+        assert err.count("\n") == 1 and out == ""
+    assert "nul_report.txt" in cli(capsys, *base_args(run), "--report-file", f)[2]
+    # a readable report with a stray control character still queries
+    res = r.search(report=c["report"] + "\x0c\x1b", k=3)
+    assert len(res) == 3
+
+
 def test_query_says_what_the_loader_chose(run, tmp_path, capsys):
     """A multi-b-value DWI folder: the query uses the highest b-value and says so (table and JSON)."""
     sys.path.insert(0, str(Path(__file__).parent))

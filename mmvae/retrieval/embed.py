@@ -4,7 +4,10 @@ An embedding file (``.npz``, no pickle) holds, for N cases with M modalities and
 latent size L: ``experts_mu``/``experts_logvar`` ``(N, M, L)``, ``present`` ``(N, M)``,
 ``mu``/``logvar`` ``(N, L)`` (the posterior over every modality the case has, under
 the model's fusion), ``case_ids``, ``modalities``, ``labels`` (JSON per case) and the
-model identity (fingerprint, latent size, checkpoint step). Keeping the experts lets
+model identity (fingerprint, latent size, checkpoint step, and ``weights_digest``: the
+SHA-256 of the exact parameters that encoded the cases, :func:`mmvae.runs.trained.weights_digest`,
+recorded by :func:`embed_cohort`; an index built from the file carries it, and a run whose
+weights differ refuses that index, :func:`mmvae.retrieval.query.check_weights`). Keeping the experts lets
 any query subset be evaluated without re-encoding: the posterior of subset S is
 ``fuse(experts, present · S)``.
 
@@ -429,7 +432,11 @@ def embed_cohort(model, cohort: Cohort, *, batch_size: int = 32, identity: dict 
     """Encode every case of ``cohort`` (batched, jitted; the last batch padded); ``standardize``:
     map the embeddings by the cohort's statistics (:meth:`Embeddings.standardized`);
     ``embedding``: a kind of :data:`EMBEDDINGS` (module doc). The frozen features are kept
-    whenever the cohort or the model gives them (the ``features`` kinds need them)."""
+    whenever the cohort or the model gives them (the ``features`` kinds need them).
+    ``identity`` gets ``weights_digest``, the digest of ``model``'s parameters (the vectors
+    are those weights' and no others')."""
+    from mmvae.runs.trained import weights_digest
+    identity = dict(identity or {}, weights_digest=weights_digest(model))
     encode = make_encode_fn(model)
     frozen_fn = make_frozen_fn(model)
     mus, lvs, pres, frozen = [], [], [], {}

@@ -53,7 +53,7 @@ from mmvae.models.features import FeatureConfig, FeatureExtractor, case_features
 from mmvae.data.dataset import (CLINICAL, case_arrays, clinical_arrays, Cohort, fixed_arrays, load_case_images,
                                 preprocess_config, standardize_clinical)
 from mmvae.data.manifest import CaseEntries, REPORT
-from mmvae.data.text import token_lengths, tokenize
+from mmvae.data.text import check_report_text, token_lengths, tokenize
 from mmvae.errors import ConfigError, InputError
 from mmvae.retrieval.embed import (case_vectors, check_embedding, embedding_kind, embedding_width, make_encode_fn,
                                    make_frozen_fn, query_dims, stack_frozen, vector_blocks)
@@ -61,9 +61,9 @@ from mmvae.retrieval.feedback import rocchio
 from mmvae.retrieval.index import CaseIndex, load_index, RERANKS, Result
 from mmvae.retrieval.uncertainty import expert_disagreement, posterior_spread
 from mmvae.runs.files import fingerprint, read_run_files
-from mmvae.runs.trained import case_builders, load_trained
+from mmvae.runs.trained import case_builders, load_trained, weights_digest
 
-__all__ = ["Retriever", "Result", "model_identity", "parse_filter", "parse_feedback", "query_main"]
+__all__ = ["Retriever", "Result", "model_identity", "check_weights", "parse_filter", "parse_feedback", "query_main"]
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,37 @@ def model_identity(spec, embedding: str = "fused", blocks=None) -> dict:
                 widths[mods.index(m)] = int(w)
     return {"model_fingerprint": fingerprint(spec),
             "latent_dim": embedding_width(embedding, spec.embedding_dim, len(mods), spec.private_dim, widths)}
+
+
+_UNCHECKED: set[str] = set()      # indexes already warned about (no weights digest), once per process
+
+
+def check_weights(identity: Mapping, digest: str, step: int | None, *, workdir, index_dir) -> None:
+    """Refuse an index whose vectors other weights computed (stale state).
+
+    ``identity``: the index's (:attr:`CaseIndex.identity`); ``digest``/``step``: the loaded
+    run's :func:`~mmvae.runs.trained.weights_digest` and checkpoint step. A different
+    ``weights_digest`` raises :class:`InputError` saying how to re-embed; an index without
+    one (built before it was recorded) is accepted with one warning per index folder and
+    process, since its staleness cannot be checked."""
+    have = identity.get("weights_digest")
+    if not have:
+        key = str(Path(index_dir).resolve())
+        if key not in _UNCHECKED:
+            _UNCHECKED.add(key)
+            log.warning("index %s records no weights digest (built by an older mmvae): whether it is stale "
+                        "against the weights of run %s cannot be checked; re-run `mmvae embed` and `mmvae index` "
+                        "to record it", index_dir, workdir)
+        return
+    if have == digest:
+        return
+    built = identity.get("checkpoint_step")
+    raise InputError(
+        f"index {index_dir} was built from weights {str(have)[:12]}"
+        + (f" (step {built})" if built is not None else "")
+        + f" but run {workdir} has {digest[:12]}" + (f" (step {step})" if step is not None else "")
+        + f": its vectors are stale; re-run `mmvae embed --workdir {workdir} --manifest MANIFEST --out EMB.npz "
+          f"&& mmvae index --embeddings EMB.npz --out {index_dir}`")
 
 
 def _strip_case(e: InputError) -> InputError:
@@ -139,6 +170,7 @@ class Retriever:
         self._frozen = make_frozen_fn(model)
         self.last_blocks: list | None = None   # layout of the last query's features-kind vector
         self.blocks: list | None = None        # the standardisation source's layout (PACS, before an index)
+        self._weights_digest: str | None = None   # of the model's parameters (weights_digest)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -148,8 +180,10 @@ class Retriever:
 
         The index must have been built from this model's embeddings: its identity must
         hold this model's ``model_fingerprint`` and ``latent_dim``, else
-        :class:`~mmvae.errors.IndexError_`. ``cache_dir``: preprocessed-array cache for
-        query files (default: a temporary folder removed with the Retriever).
+        :class:`~mmvae.errors.IndexError_`, and the exact weights loaded here (its
+        ``weights_digest``), else :class:`~mmvae.errors.InputError` (:func:`check_weights`).
+        ``cache_dir``: preprocessed-array cache for query files (default: a temporary
+        folder removed with the Retriever).
         """
         workdir = Path(workdir)
         _, spec, _ = read_run_files(workdir)                     # cheap: fail before loading weights
@@ -159,10 +193,22 @@ class Retriever:
         except ConfigError as e:
             raise InputError(f"index: {e}", path=str(index_dir)) from None
         index.check_identity(model_identity(spec, kind, index.identity.get("blocks")))
-        config, spec, model, tokenizer = load_trained(workdir, use_ema=use_ema)
+        config, spec, model, tokenizer, step = load_trained(workdir, use_ema=use_ema, return_step=True)
+        digest = weights_digest(model)
+        check_weights(index.identity, digest, step, workdir=workdir, index_dir=index_dir)
         stats = json.loads((workdir / "clinical_stats.json").read_text())
-        return cls(config=config, spec=spec, model=model, tokenizer=tokenizer, clinical_stats=stats,
-                   index=index, workdir=workdir, index_dir=index_dir, cache_dir=cache_dir)
+        r = cls(config=config, spec=spec, model=model, tokenizer=tokenizer, clinical_stats=stats,
+                index=index, workdir=workdir, index_dir=index_dir, cache_dir=cache_dir)
+        r._weights_digest = digest
+        return r
+
+    @property
+    def weights_digest(self) -> str:
+        """:func:`~mmvae.runs.trained.weights_digest` of the model: record it as
+        ``identity['weights_digest']`` in an index built from this Retriever's vectors."""
+        if self._weights_digest is None:
+            self._weights_digest = weights_digest(self.model)
+        return self._weights_digest
 
     def close(self) -> None:
         """Remove the temporary preprocessing cache (if the Retriever made one)."""
@@ -284,8 +330,10 @@ class Retriever:
                 raise InputError("this model has no report modality", modality=REPORT)
             if not isinstance(report, str):
                 raise InputError(f"report must be a string, got {type(report).__name__}", modality=REPORT)
-            if not report.strip():
-                raise InputError("empty report", modality=REPORT)
+            try:
+                check_report_text(report)     # not blank, not mostly control characters (docs/data.md)
+            except InputError as e:
+                raise e.with_context(modality=REPORT) from None
         meta = self._check_clinical(clinical)
         others = self._check_other(other)
         if not imgs and report is None and not meta and not others:
@@ -690,6 +738,11 @@ def query_main(argv: Sequence[str], out=None) -> None:
         raise InputError(f"unexpected argument(s) {rest}")
     images = {m: getattr(a, f"image:{m}") for m in mods if getattr(a, f"image:{m}")}
     report = a.report
+    if report is not None:      # before the model is loaded
+        try:
+            check_report_text(report)
+        except InputError as e:
+            raise e.with_context(modality=REPORT) from None
     if a.report_file is not None:
         try:
             report = mio.load_report(a.report_file)

@@ -4,14 +4,18 @@
 (:mod:`mmvae.runs.files`) and a checkpoint (:mod:`mmvae.runs.checkpoint`);
 :func:`load_cohort` prepares a manifest with the run's preprocessing cache and report
 tokenizer. Training (:mod:`mmvae.train`), retrieval and experiments all load runs through
-here, so retrieval never imports the training loop.
+here, so retrieval never imports the training loop. :func:`weights_digest` names the exact
+parameters of a model (embeddings files and indexes record it, and a run whose weights have
+moved on refuses an index built from older ones: :mod:`mmvae.retrieval.query`).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
 import jax
+import numpy as np
 from flax import nnx
 
 from mmvae.data.cache import PreprocessCache
@@ -183,3 +187,35 @@ def load_trained(workdir: str | Path, *, use_ema: bool = True, step: int | None 
     if return_step:
         return config, spec, model, tokenizer, step
     return config, spec, model, tokenizer
+
+
+def _param_path(path) -> str:
+    """``decoders/clinical/mlp/layers/0/bias``: a leaf's key path, without the Variable's own
+    ``.value`` attribute (whose presence differs between flax versions)."""
+    parts = []
+    for k in path:
+        name = getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))
+        parts.append(str(name))
+    while parts and parts[-1] in ("value", "raw_value"):
+        parts.pop()
+    return "/".join(parts)
+
+
+def weights_digest(model) -> str:
+    """SHA-256 (hex) of a model's parameters: every ``nnx.Param`` leaf in order of its key
+    path, each as path, dtype, shape and little-endian bytes.
+
+    The same parameters give the same digest in any process and on any device; any changed
+    value, shape or dtype changes it. The model fingerprint (:func:`mmvae.runs.files.fingerprint`)
+    names the configuration; this names the weights (checkpoint step and EMA choice included).
+    """
+    leaves = jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))
+    items = sorted(((_param_path(path), x) for path, x in leaves), key=lambda t: t[0])
+    values = jax.device_get([x for _, x in items])
+    h = hashlib.sha256()
+    for (path, _), x in zip(items, values):
+        a = np.asarray(x)
+        a = np.ascontiguousarray(a.astype(a.dtype.newbyteorder("<")) if a.dtype.byteorder == ">" else a)
+        h.update(f"{path}|{a.dtype.str}|{a.shape}\n".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
