@@ -14,13 +14,12 @@ from pathlib import Path
 
 from mmvae.errors import MmvaeError
 
-REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 def _config(spec: str | None, overrides: list[str], default: str):
     from mmvae.config import load_config
     if spec is None:
-        spec = str(REPO_CONFIGS / default)
+        spec = default
     return load_config(spec, overrides)
 
 
@@ -255,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_synth)
 
     s = sub.add_parser("train", help="train a model; --config.a.b=value overrides any config field")
-    s.add_argument("--config", help="config file[:args], default configs/quickstart.py")
+    s.add_argument("--config", help="config file[:args] or a shipped config by name (quickstart, brats, medpix, ...), default quickstart")
     s.add_argument("--workdir", required=True)
     s.add_argument("--manifest", help="cohort manifest (overrides data.manifest)")
     s.add_argument("--quiet", action="store_true")
@@ -303,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "override apply), list every problem and choice; exit 0, or 2 when a case "
                                    "or modality would be dropped.")
     s.add_argument("--manifest", required=True)
-    s.add_argument("--config", help="config file[:args] whose data.* settings apply (default configs/quickstart.py)")
+    s.add_argument("--config", help="config file[:args] or shipped name whose data.* settings apply (default quickstart)")
     s.add_argument("--workdir", help="where the tokenizer is built (default: <manifest folder>/.mmvae-check)")
     s.add_argument("--cache-dir", help="preprocessing cache (default: the config's, else <workdir>/cache)")
     s.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -373,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("quickstart", help="synth → train → embed → index → evaluate, offline, on CPU")
     s.add_argument("--workdir", default="runs/quickstart")
-    s.add_argument("--config", help="config file[:args], default configs/quickstart.py")
+    s.add_argument("--config", help="config file[:args] or a shipped config by name (quickstart, brats, medpix, ...), default quickstart")
     s.add_argument("--cases", type=int)
     s.add_argument("--steps", type=int)
     s.add_argument("--quiet", action="store_true")

@@ -227,8 +227,41 @@ class ConfigArgs(dict):
         return super().pop(k, *default)
 
 
+def shipped_configs_dir() -> Path:
+    """The folder of the configs that ship with mmvae (``configs/`` of the repository,
+    installed as the package ``mmvae.configs``)."""
+    spec = importlib.util.find_spec("mmvae.configs")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0])
+    return Path(__file__).resolve().parent.parent / "configs"
+
+
+def shipped_config_names() -> list[str]:
+    """Names ``--config NAME`` accepts: the shipped config files, without ``.py``."""
+    d = shipped_configs_dir()
+    return sorted(f.stem for f in d.glob("*.py") if not f.name.startswith("_")) if d.is_dir() else []
+
+
+def resolve_config_path(path: str) -> Path:
+    """A config file: ``path`` itself when it is a file, else a shipped config named ``path``
+    (``brats`` or ``brats.py``: ``configs/brats.py``, also after a plain ``pip install``).
+
+    Raises:
+      ConfigError: neither exists (the message lists the shipped names).
+    """
+    p = Path(path)
+    if p.is_file():
+        return p
+    name = p.name[:-3] if p.name.endswith(".py") else p.name
+    if p.parent in (Path("."), Path("configs")) and name in shipped_config_names():
+        return shipped_configs_dir() / f"{name}.py"
+    raise ConfigError(f"config file not found: {path} (shipped configs, usable by name: "
+                      f"{', '.join(shipped_config_names())})")
+
+
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-    """Load ``path/to/config.py[:ARGS]`` and apply ``--config.a.b=value`` overrides.
+    """Load ``path/to/config.py[:ARGS]`` (or a shipped config by name, ``brats[:ARGS]``) and
+    apply ``--config.a.b=value`` overrides.
 
     Fails with :class:`ConfigError`, before anything runs, on: a missing file, a file
     without ``get_config``, an ``ARGS`` key the file does not read, a field the
@@ -236,9 +269,7 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     unknown key or with a value of the wrong type, and values :func:`validate` rejects.
     """
     path, _, arg = spec.partition(":")
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {path}")
+    p = resolve_config_path(path)
     mod_spec = importlib.util.spec_from_file_location(f"_mmvae_config_{p.stem}", p)
     module = importlib.util.module_from_spec(mod_spec)
     try:

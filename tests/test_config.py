@@ -8,7 +8,7 @@ from mmvae.config import apply_override, base_config, load_config, validate
 from mmvae.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").glob("*.py"))
+CONFIGS = sorted(f for f in (ROOT / "configs").glob("*.py") if not f.name.startswith("_"))
 TINY = str(ROOT / "configs" / "tiny.py")
 
 
@@ -139,3 +139,31 @@ def test_recipe_text_choice_auto_minilm_scratch(monkeypatch, tmp_path):
         load_config(qs + ":text=minilm")
     with pytest.raises(ConfigError, match="text='bert'"):
         load_config(qs + ":text=bert")
+
+
+def test_shipped_configs_by_name_from_any_folder(tmp_path, monkeypatch):
+    """`--config brats[:ARGS]` names a shipped config wherever the command runs (a pip user has
+    no clone); a path still wins; an unknown name lists the shipped ones."""
+    from mmvae.config import resolve_config_path, shipped_config_names
+    monkeypatch.chdir(tmp_path)
+    assert set(shipped_config_names()) == {p.stem for p in CONFIGS}
+    c = load_config("brats:steps=7")
+    assert c.train.steps == 7 and c.data.label == "grade"
+    assert resolve_config_path("configs/medpix.py").resolve() == (ROOT / "configs" / "medpix.py").resolve()
+    (tmp_path / "brats.py").write_text("from mmvae.config import base_config\n"
+                                       "def get_config(arg=None):\n    c = base_config()\n"
+                                       "    c.train.steps = 3\n    return c\n")
+    assert load_config("brats.py").train.steps == 3            # the user's file beside them wins
+    with pytest.raises(ConfigError, match=r"not found: nosuch .*brats, keyimage2d, medpix"):
+        load_config("nosuch")
+
+
+def test_pyproject_ships_every_package_and_the_configs():
+    """The explicit package list of pyproject.toml (needed to map configs/ to mmvae.configs)
+    names every package of the source tree: a new subpackage not listed would be missing
+    from a wheel."""
+    import tomllib
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "mmvae").rglob("__init__.py")}
+    assert set(tool["packages"]) == found | {"mmvae.configs"}
+    assert tool["package-dir"] == {"mmvae.configs": "configs"}
