@@ -782,7 +782,9 @@ def build_index(mu, logvar, case_ids: Sequence[str], meta: Sequence[dict] | None
         JSON value, usually ``{name: value}``), optionally ``report`` (kept only when
         ``include_text``); None = no metadata.
       identity: model/checkpoint/config identity (JSON-able); ``latent_dim`` is
-        filled in (and must equal L when given).
+        filled in (and must equal L when given). Built from embeddings, it carries their
+        ``weights_digest`` (the parameters that computed the vectors), which
+        :meth:`mmvae.retrieval.query.Retriever.load` compares with the run's.
       nlist: IVF lists (default :func:`default_nlist`); nprobe: lists probed
         (default :func:`default_nprobe`); m_pq: PQ sub-quantizers, must divide L
         (default :func:`default_m_pq`); hnsw_m / ef_construction / ef_search: HNSW
