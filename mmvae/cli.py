@@ -64,7 +64,8 @@ def cmd_embed(a, extra):
     cohort, _, _ = load_cohort(config, Path(a.workdir), a.manifest, tokenizer=tok, clinical_stats=stats)
     emb = embed_cohort(model, cohort, identity={"model_fingerprint": fingerprint(spec),
                                                 "checkpoint_step": int(step),
-                                                "workdir": str(Path(a.workdir).resolve())},
+                                                "workdir": str(Path(a.workdir).resolve()),
+                                                "label": str(config.data.get("label", "") or "")},
                        standardize=bool(config.retrieval.get("standardize", True)),
                        embedding=embedding_kind(config))
     emb.save(a.out)
@@ -83,19 +84,42 @@ def cmd_index(a, extra):
     print(f"{a.kind} index of {len(emb.case_ids)} cases -> {a.out}")
 
 
+def _evaluation_label(emb, asked: str | None) -> str:
+    """The label that defines relevance: ``--label``, else the run's ``data.label`` recorded in
+    the embeddings, else the one label the cases carry. A label no case has is an error."""
+    from mmvae.errors import InputError
+    have = sorted({k for lab in emb.labels for k, v in lab.items() if str(v) != ""})
+    label = asked or str(emb.identity.get("label", "") or "")
+    run_config = Path(str(emb.identity.get("workdir", ""))) / "config.json"
+    if not label and emb.identity.get("workdir") and run_config.is_file():    # files embedded before the label was recorded
+        label = str(json.loads(run_config.read_text()).get("data", {}).get("label", "") or "")
+    if not label:
+        if len(have) != 1:
+            raise InputError(f"{len(have)} labels in the embeddings ({', '.join(have) or 'none'}): "
+                             "choose one with --label")
+        label = have[0]
+    if label not in have:
+        raise InputError(f"label {label!r}: no case of the embeddings has it (labels present: "
+                         f"{', '.join(have) or 'none'})")
+    return label
+
+
 def cmd_evaluate(a, extra):
     from mmvae.quickstart import rows_to_csv
     from mmvae.atomic import atomic_write_text
     from mmvae.retrieval.embed import Embeddings
-    from mmvae.retrieval.evaluate import evaluate, markdown_table, parse_subset
+    from mmvae.retrieval.evaluate import chance_map, evaluate, markdown_table, parse_subset
     emb = Embeddings.load(a.embeddings)
+    label = _evaluation_label(emb, a.label)
     subsets = [parse_subset(s, emb.modalities) for s in a.subsets] if a.subsets else None
-    rows = evaluate(emb, a.label, a.k, subsets=subsets, metric=a.metric, multilabel=a.multilabel,
-                            n_boot=a.bootstrap)
+    rows = evaluate(emb, label, a.k, subsets=subsets, metric=a.metric, multilabel=a.multilabel,
+                    n_boot=a.bootstrap, own=a.own, chance=True)
     table = markdown_table(rows, a.k)
     if a.out:
         atomic_write_text(Path(a.out).with_suffix(".csv"), rows_to_csv(rows))
         atomic_write_text(Path(a.out).with_suffix(".md"), table)
+    print(f"label {label!r}; {'each case queries with the modalities of the subset it has' if a.own else 'queries: the cases that have every modality of the subset'}; "
+          f"leave-one-out over {len(emb.case_ids)} cases")
     print(table)
 
 
@@ -277,8 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("evaluate", help="leave-one-case-out retrieval metrics for query subsets")
     s.add_argument("--embeddings", required=True)
-    s.add_argument("--label", default="class")
+    s.add_argument("--label", help="relevance = same value of this label (default: the run's data.label)")
     s.add_argument("--k", type=int, default=10)
+    s.add_argument("--own", action="store_true",
+                   help="each case queries with the modalities of the subset it has (at least one), as "
+                        "docs/results.md's real-cohort tables; default: only cases that have all of them")
     s.add_argument("--metric", default="cosine", choices=["cosine", "l2"])
     s.add_argument("--subsets", nargs="*", help="e.g. t2 t1+t2 (default: every non-empty subset)")
     s.add_argument("--multilabel", action="store_true", help="labels hold several values joined by '|'")

@@ -83,7 +83,8 @@ def run_quickstart(config, workdir: str | Path, *, show_progress: bool = True, l
         f"final loss {summary['metrics'].get('loss', float('nan')):.1f}; " + text)
     config_t, spec, model, tokenizer = load_trained(workdir)
     cohort, _, _ = load_cohort(config_t, workdir, str(manifest), tokenizer=tokenizer, show_progress=show_progress)
-    ident = {"model_fingerprint": fingerprint(spec), "checkpoint_step": summary["step"]}
+    ident = {"model_fingerprint": fingerprint(spec), "checkpoint_step": summary["step"],
+             "workdir": str(Path(workdir).resolve()), "label": str(config_t.data.label)}
     emb = embed_cohort(model, cohort, identity=ident, show_progress=show_progress,
                        standardize=bool(config_t.retrieval.get("standardize", True)),
                        embedding=embedding_kind(config_t))

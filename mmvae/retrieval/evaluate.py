@@ -46,7 +46,7 @@ def all_query_subsets(modalities: Sequence[str]) -> list[np.ndarray]:
 
 def evaluate(emb, label: str, k: int = 10, *, query_idx: Sequence[int] | None = None,
              subsets: Sequence[np.ndarray] | None = None, metric: str = "cosine", multilabel: bool = False,
-             n_boot: int = 1000, seed: int = 0, own: bool = False) -> list[dict]:
+             n_boot: int = 1000, seed: int = 0, own: bool = False, chance: bool = False) -> list[dict]:
     """One row per query subset: ``query``, ``num_queries``, ``<metric>@k`` and ``_lo``/``_hi`` (95 % CI).
 
     Args:
@@ -58,6 +58,8 @@ def evaluate(emb, label: str, k: int = 10, *, query_idx: Sequence[int] | None = 
         when ``emb.query_dims`` says so: private latent blocks, per-expert vectors).
       own: a case queries with the modalities of the subset it has (at least one), not
         only when it has all of them (the query a user makes with what a case has).
+      chance: also ``chance_map@k``, the mAP@k of random rankings for the same queries
+        (:func:`chance_map`; single-label only).
     A subset no eligible case has yields ``num_queries = 0`` and no metrics.
     """
     labels = np.asarray([lab.get(label, "") for lab in emb.labels], dtype=object)
@@ -85,6 +87,8 @@ def evaluate(emb, label: str, k: int = 10, *, query_idx: Sequence[int] | None = 
             res = retrieval_metrics(None, None, labels[q_idx], labels, k, exclude=q_idx, ranked=ranked,
                                     multilabel=multilabel, n_boot=n_boot, seed=seed)
             row["num_queries"] = int(res["num_queries"])
+            if chance and not multilabel:
+                row[f"chance_map@{k}"] = chance_map(labels, q_idx, k, seed=seed)
             for name in METRICS:
                 mean, lo, hi = res[f"{name}@{k}"]
                 row[f"{name}@{k}"], row[f"{name}@{k}_lo"], row[f"{name}@{k}_hi"] = float(mean), float(lo), float(hi)
@@ -107,23 +111,28 @@ def chance_map(labels: Sequence, query_idx: Sequence[int], k: int = 10, *, draws
     rng = np.random.default_rng(seed)
     vals = []
     for _ in range(draws):
-        ranked = np.empty((len(q), k), np.int64)
+        ranked = np.full((len(q), k), -1, np.int64)       # -1: no result (k ≥ the other cases)
         for r, i in enumerate(q):
             perm = rng.permutation(n)
-            ranked[r] = perm[perm != i][:k]
+            rest = perm[perm != i][:k]
+            ranked[r, :len(rest)] = rest
         res = retrieval_metrics(None, None, labels[q], labels, k, exclude=q, ranked=ranked, n_boot=0)
         vals.append(float(res[f"map@{k}"][0]))
     return float(np.mean(vals))
 
 
 def markdown_table(rows: list[dict], k: int = 10) -> str:
-    head = f"| query | n | mAP@{k} (95% CI) | P@{k} | R@{k} | nDCG@{k} |\n|---|---:|---|---:|---:|---:|\n"
+    """Rows of :func:`evaluate` as a Markdown table (a chance column when the rows have one)."""
+    ch = any(f"chance_map@{k}" in r for r in rows)
+    head = (f"| query | n | mAP@{k} (95% CI) | P@{k} | R@{k} | nDCG@{k} |" + (f" chance mAP@{k} |" if ch else "")
+            + "\n|---|---:|---|---:|---:|---:|" + ("---:|" if ch else "") + "\n")
     lines = []
     for r in rows:
         if f"map@{k}" not in r:
-            lines.append(f"| {r['query']} | 0 | – | – | – | – |")
+            lines.append(f"| {r['query']} | 0 | – | – | – | – |" + (" – |" if ch else ""))
             continue
         lines.append(f"| {r['query']} | {r['num_queries']} | {r[f'map@{k}']:.3f} "
                      f"({r[f'map@{k}_lo']:.3f}–{r[f'map@{k}_hi']:.3f}) | {r[f'precision@{k}']:.3f} | "
-                     f"{r[f'recall@{k}']:.3f} | {r[f'ndcg@{k}']:.3f} |")
+                     f"{r[f'recall@{k}']:.3f} | {r[f'ndcg@{k}']:.3f} |"
+                     + (f" {r[f'chance_map@{k}']:.3f} |" if ch else ""))
     return head + "\n".join(lines) + "\n"

@@ -762,7 +762,8 @@ def query_main(argv: Sequence[str], out=None) -> None:
     t0 = time.perf_counter()
     r = Retriever.load(a.workdir, a.index, cache_dir=a.cache_dir)
     t_load = time.perf_counter() - t0
-    k = int(config.retrieval.k) if a.k is None else a.k
+    # The config's default k never exceeds a small index (6 cases: 6 results); an explicit --k does.
+    k = min(int(config.retrieval.k), r.index.size) if a.k is None else a.k
     try:
         r._check_k(k)
         t1 = time.perf_counter()
