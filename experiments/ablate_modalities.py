@@ -58,7 +58,7 @@ def build_cells(modalities, train_subsets, fusions, objectives, seeds, baselines
                 cells.append(Cell(b, images, seed=s))
             elif b in ("report_minilm", "report_tfidf"):
                 cells.append(Cell(b, ("report",), seed=s))
-            elif b == "logreg_tfidf":
+            elif b in ("logreg_tfidf", "pretrained"):   # image features + report; no clinical block
                 cells.append(Cell(b, images + (("report",) if "report" in modalities else ()), seed=s))
             else:
                 cells.append(Cell(b, tuple(modalities), seed=s))
