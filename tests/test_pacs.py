@@ -122,6 +122,7 @@ def test_ingest_query_add_delete(env, capsys):
     index = load_index(idx)
     assert index.size == n
     with Retriever.load(env["workdir"], idx) as r:
+        assert index.identity["weights_digest"] == r.weights_digest      # staleness checkable (no warning)
         for cid in env["first4"]:
             st = env["studies"][cid]
             doc = query_study(r, archive, st["study_uid"], k=3)

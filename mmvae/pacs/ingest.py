@@ -271,6 +271,7 @@ def ingest(archive: Archive, workdir, index_dir, *, studies: Sequence[str] | Non
             if index is None:
                 blocks = getattr(r, "blocks", None) or r.last_blocks
                 ident = {**model_identity(r.spec, r.embedding, blocks), "embedding": r.embedding,
+                         "weights_digest": r.weights_digest,       # ties the index to these weights
                          **({"standardize": r.standardize} if r.standardize else {}),
                          **({"blocks": blocks} if blocks else {})}
                 index = build_index(mu[None], lv[None], [st.study_uid], [meta], kind="flat", metric="cosine",
