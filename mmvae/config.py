@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import ml_collections
 
+from mmvae.data.checks import MAX_VOXELS
 from mmvae.data.text import find_minilm_dir
 from mmvae.errors import ConfigError, MmvaeError
 
@@ -47,6 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
         extra_modalities="error",     # manifest modality not in the config: error | ignore
         text=dict(max_len=256, tokenizer_dir="", vocab_max=4096),   # 256 subword tokens: p90 of real reports (docs/data.md)
         dwi_b_value="highest",        # DWI series with several b-values: highest | lowest | all | a b-value in s/mm²
+        max_voxels=MAX_VOXELS,        # largest image read (voxels, all volumes of a file/series), refused from its headers
         clinical=dict(numeric=[], categorical={}),   # e.g. numeric=['age'], categorical={'sex': ['F','M']}
         other_modalities={},          # modalities of other registered kinds: {name: {'kind': ..., **options}}
         # Frozen pretrained image features (mmvae/models/features.py): the network, K pictures per
@@ -182,7 +184,7 @@ CHOICES = {
 POSITIVE = ("train.batch_size", "train.log_every", "train.keep_checkpoints", "train.max_nonfinite_in_row",
             "model.latent_dim", "data.max_series", "data.text.max_len", "retrieval.k",
             "serve.k", "serve.max_upload_mb", "data.features.slices", "data.features.batch_size",
-            "model.image.feature_hidden", "serve.thumbnail_px", "serve.max_sessions", "serve.report_excerpt")
+            "model.image.feature_hidden", "serve.thumbnail_px", "data.max_voxels", "serve.max_sessions", "serve.report_excerpt")
 NON_NEGATIVE = ("train.steps", "train.eval_every", "train.checkpoint_every", "train.keep_best",
                 "train.eval_n_boot", "train.fsdp_min_size", "optim.warmup_steps", "optim.weight_decay",
                 "optim.clip_norm", "objective.kl_warmup_steps", "objective.beta", "data.prefetch",

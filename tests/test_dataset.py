@@ -275,3 +275,34 @@ def test_load_cohort_tokenizes_report_files_and_warns_on_a_stale_tokenizer(cohor
     with caplog.at_level("WARNING", logger="mmvae.runs.trained"):
         load_cohort(c, tmp_path / "stale", str(manifest), show_progress=False)
     assert "holds special tokens only while the cohort has 1 report(s)" in caplog.text
+
+
+def test_data_max_voxels_refuses_a_larger_nifti_naming_the_limit(tmp_path):
+    """``data.max_voxels`` reaches the loaders: a NIfTI above it is refused from its header,
+    the message naming the case, the file and the limit; at the default it is read."""
+    big = save_nii(tmp_path / "big" / "big_t1.nii.gz", blob(7))           # 12³ = 1728 voxels
+    m = write_manifest([ManifestEntry("big", "t1", str(big))], tmp_path / "m.jsonl")
+    with pytest.raises(InputError) as e:
+        prepare_cohort(m, data_cfg(report=False, image_modalities=["t1"], max_voxels=1000),
+                       PreprocessCache(tmp_path / "c1"), show_progress=False)
+    msg = str(e.value)
+    assert "max_voxels=1000" in msg and "1728 voxels" in msg and "case 'big'" in msg and "big_t1.nii.gz" in msg
+    assert base_config().data.max_voxels == 2 ** 28
+    cohort = prepare_cohort(m, data_cfg(report=False, image_modalities=["t1"]), PreprocessCache(tmp_path / "c2"),
+                            show_progress=False)
+    assert cohort.case_ids == ["big"]
+
+
+def test_preprocessing_failure_with_an_empty_message_still_has_a_reason(tmp_path, monkeypatch):
+    import mmvae.data.dataset as ds
+
+    def boom(*a, **k):
+        raise ValueError()
+
+    monkeypatch.setattr(ds, "_load_and_preprocess", boom)
+    img = save_nii(tmp_path / "a_t1.nii.gz", blob(1))
+    m = write_manifest([ManifestEntry("a", "t1", str(img))], tmp_path / "m.jsonl")
+    with pytest.raises(InputError, match=r"preprocessing failed: ValueError") as e:
+        prepare_cohort(m, data_cfg(report=False, image_modalities=["t1"]), PreprocessCache(tmp_path / "c"),
+                       show_progress=False)
+    assert "case 'a'" in str(e.value)

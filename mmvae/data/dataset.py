@@ -28,6 +28,7 @@ import numpy as np
 from mmvae.atomic import atomic_write_text
 from mmvae.data import io as mio
 from mmvae.data.cache import PreprocessCache, source_hash
+from mmvae.data.checks import _describe
 from mmvae.data.manifest import REPORT, CaseEntries, group_cases, read_manifest
 from mmvae.data.preprocess import PreprocessConfig, preprocess_series
 from mmvae.data.text import token_lengths, tokenize
@@ -225,14 +226,16 @@ def with_listed_labels(cohort: Cohort, label: str, classes: Sequence[str], case_
 
 
 def _load_and_preprocess(path: str, cfg: PreprocessConfig, spatial_dims: int,
-                         reference: str | None, b_value: str | float = "highest") -> tuple[np.ndarray, list[str]]:
+                         reference: str | None, b_value: str | float = "highest",
+                         max_voxels: int | None = None) -> tuple[np.ndarray, list[str]]:
     """``((V, *shape) float32, notes)``: the chosen volumes of ``path`` preprocessed, and the
     loader's choices in words. An output that is constant (e.g. nothing left after cropping)
-    is an InputError naming ``path``, not an all-zero input."""
+    is an InputError naming ``path``, not an all-zero input. ``max_voxels``: the loaders'
+    size limit (``data.max_voxels``; None: :data:`mmvae.data.io.MAX_VOXELS`)."""
     ref = None
     if reference is not None:
-        ref = mio.load_image(reference, spatial_dims=spatial_dims, b_value=b_value).series[0]
-    loaded = mio.load_image(path, spatial_dims=spatial_dims, b_value=b_value)
+        ref = mio.load_image(reference, spatial_dims=spatial_dims, b_value=b_value, max_voxels=max_voxels).series[0]
+    loaded = mio.load_image(path, spatial_dims=spatial_dims, b_value=b_value, max_voxels=max_voxels)
     out = np.stack([preprocess_series(v, cfg, reference=ref) for v in loaded.series]).astype(np.float32)
     for v in out:
         if not np.any(v != v.flat[0]):
@@ -243,10 +246,14 @@ def _load_and_preprocess(path: str, cfg: PreprocessConfig, spatial_dims: int,
 
 def load_case_images(case: CaseEntries, modality: str, paths: Sequence[str], cache: PreprocessCache,
                      cfg: PreprocessConfig, spatial_dims: int, reference: str | None, *,
-                     b_value: str | float = "highest", notes: list | None = None) -> np.ndarray:
+                     b_value: str | float = "highest", notes: list | None = None,
+                     max_voxels: int | None = None) -> np.ndarray:
     """All volumes of one modality of one case, preprocessed: ``(V, *shape)`` (memmap when single).
 
-    ``notes``: when given, receives the loader's choices as ``(path, note)``."""
+    ``notes``: when given, receives the loader's choices as ``(path, note)``. ``max_voxels``:
+    a file larger than this is refused from its headers (``data.max_voxels``; None: the
+    loaders' :data:`~mmvae.data.io.MAX_VOXELS`); an array already in ``cache`` is not read
+    again, so the limit is not its cache key."""
     arrays = []
     for p in paths:
         try:
@@ -256,14 +263,14 @@ def load_case_images(case: CaseEntries, modality: str, paths: Sequence[str], cac
             key = cache.key(source_hash(p), repr(cfg.key()), str(spatial_dims), ref_part, f"b={b_value}")
             use_ref = reference if reference and reference != p else None
             arr, said = cache.get_or_build_noted(
-                key, lambda: _load_and_preprocess(p, cfg, spatial_dims, use_ref, b_value))
+                key, lambda: _load_and_preprocess(p, cfg, spatial_dims, use_ref, b_value, max_voxels))
             arrays.append(arr)
             if notes is not None:
                 notes.extend((p, x) for x in said)
         except InputError as e:
             raise e.with_context(case_id=case.case_id, modality=modality, path=p) from None
         except (ValueError, RuntimeError, MemoryError) as e:   # numeric failure deep in preprocessing
-            raise InputError(f"preprocessing failed: {e}", case_id=case.case_id, modality=modality,
+            raise InputError(f"preprocessing failed: {_describe(e, full=True)}", case_id=case.case_id, modality=modality,
                              path=p) from None
     return arrays[0] if len(arrays) == 1 else np.concatenate(arrays, 0)
 
@@ -329,7 +336,8 @@ def prepare_cohort(manifest: str | Path, data_cfg, cache: PreprocessCache, token
     ref_mod = data_cfg.reference_modality or None
     on_error = data_cfg.on_error
 
-    b_value = data_cfg.get("dwi_b_value", "highest")
+    b_value = data_cfg.dwi_b_value
+    max_voxels = int(data_cfg.max_voxels)
     max_series = int(data_cfg.max_series)
 
     def work(case: CaseEntries):
@@ -355,7 +363,7 @@ def prepare_cohort(manifest: str | Path, data_cfg, cache: PreprocessCache, token
                 said: list = []
                 try:
                     imgs[m] = load_case_images(case, m, case.images[m], cache, cfg, spatial_dims, ref,
-                                               b_value=b_value, notes=said)
+                                               b_value=b_value, notes=said, max_voxels=max_voxels)
                 except InputError as e:
                     dropped(e, m)
                     continue
