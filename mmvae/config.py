@@ -143,7 +143,10 @@ def base_config() -> ml_collections.ConfigDict:
                        # Chosen by measurement per cohort (docs/results.md, docs/model.md).
                        embedding="experts")
     # The review page (mmvae serve, docs/serve.md); CLI flags override.
-    c.serve = dict(k=10, max_upload_mb=1024.0, thumbnail_px=192, max_sessions=64, report_excerpt=400)
+    # request_timeout_s: deadline of a query's worker (upload, encoding); workers: uploads saved and
+    # loaded at once (docs/serve.md, limits).
+    c.serve = dict(k=10, max_upload_mb=1024.0, thumbnail_px=192, max_sessions=64, report_excerpt=400,
+                   request_timeout_s=60.0, workers=2)
     return c
 
 
@@ -184,7 +187,8 @@ CHOICES = {
 POSITIVE = ("train.batch_size", "train.log_every", "train.keep_checkpoints", "train.max_nonfinite_in_row",
             "model.latent_dim", "data.max_series", "data.text.max_len", "retrieval.k",
             "serve.k", "serve.max_upload_mb", "data.features.slices", "data.features.batch_size",
-            "model.image.feature_hidden", "serve.thumbnail_px", "data.max_voxels", "serve.max_sessions", "serve.report_excerpt")
+            "model.image.feature_hidden", "serve.thumbnail_px", "data.max_voxels", "serve.max_sessions", "serve.report_excerpt",
+            "serve.request_timeout_s", "serve.workers")
 NON_NEGATIVE = ("train.steps", "train.eval_every", "train.checkpoint_every", "train.keep_best",
                 "train.eval_n_boot", "train.fsdp_min_size", "optim.warmup_steps", "optim.weight_decay",
                 "optim.clip_norm", "objective.kl_warmup_steps", "objective.beta", "data.prefetch",
