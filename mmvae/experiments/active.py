@@ -42,7 +42,7 @@ def _embed(workdir: Path, manifest: str):
     config, spec, model, tok = load_trained(workdir)
     cohort, _, _ = load_cohort(config, workdir, manifest, tokenizer=tok, show_progress=False)
     return embed_cohort(model, cohort, identity={"model_fingerprint": fingerprint(spec)}, show_progress=False,
-                        standardize=bool(config.retrieval.get("standardize", True)),
+                        standardize=bool(config.retrieval.standardize),
                         embedding=embedding_kind(config))
 
 

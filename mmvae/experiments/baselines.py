@@ -548,7 +548,7 @@ def _train(graphdef, params, train: Cohort, config, kind: str, steps: int, seed:
     model = nnx.merge(graphdef, params)
     vae = model.vae if isinstance(model, _Classifier) else model
     frozen = ()
-    if config.model.text.get("freeze", False) and "report" in vae.encoders and isinstance(
+    if config.model.text.freeze and "report" in vae.encoders and isinstance(
             vae.encoders["report"], ReportEncoder):
         # model.text.freeze holds for the baselines too: the BERT stays fixed, its pooled output
         # is computed once (as in the VAE's training loop) and only the heads train.

@@ -80,9 +80,7 @@ class FeatureConfig:
 
     @classmethod
     def from_config(cls, config) -> "FeatureConfig":
-        f = config.data.get("features", None)
-        if f is None:
-            return cls()
+        f = config.data.features
         return cls(network=str(f.network), slices=int(f.slices), planes=str(f.planes), pooling=str(f.pooling),
                    batch_size=int(f.batch_size))
 
@@ -106,8 +104,8 @@ def needs_features(config) -> bool:
     (``model.image.input`` features | both) or retrieval vectors that hold them."""
     if not config.data.image_modalities:
         return False
-    inp = str(config.model.image.get("input", "pixels"))
-    emb = str(config.retrieval.get("embedding", "fused"))
+    inp = str(config.model.image.input)
+    emb = str(config.retrieval.embedding)
     return inp in ("features", "both") or "features" in emb
 
 

@@ -244,8 +244,9 @@ def check_embedding(embedding: str) -> str:
 
 
 def embedding_kind(config) -> str:
-    """``config.retrieval.embedding`` (``fused`` for configs saved before the option existed)."""
-    return check_embedding(str(config.retrieval.get("embedding", "fused")))
+    """``config.retrieval.embedding`` (a run saved before the option existed reads ``fused``:
+    :data:`mmvae.runs.files.LEGACY_DEFAULTS`)."""
+    return check_embedding(str(config.retrieval.embedding))
 
 
 def embedding_width(embedding: str, expert_dim: int, num_modalities: int, private_dim: int = 0,

@@ -38,24 +38,24 @@ def model_spec(config, vocab_size: int = 0, special_ids: tuple[int, ...] = (0,),
                               intermediate_size=int(m.text.intermediate), max_position=int(d.text.max_len))
     if d.image_modalities and len(d.shape) != int(d.spatial_dims):
         raise ConfigError(f"data.shape {tuple(d.shape)} must have data.spatial_dims={d.spatial_dims} axes")
-    image_input = str(m.image.get("input", "pixels"))
+    image_input = str(m.image.input)
     spec = ModelSpec(
         image_modalities=tuple(d.image_modalities), shape=tuple(int(s) for s in d.shape),
         latent_dim=int(m.latent_dim), fusion=m.fusion, channels=tuple(int(c) for c in m.image.channels),
         blocks=int(m.image.blocks), full_res_blocks=bool(m.image.full_res_blocks),
-        patch=int(m.image.get("patch", 2)), decoder_blocks=int(m.image.get("decoder_blocks", -1)),
-        full_res_channels=int(m.image.get("full_res_channels", -1)), set_pooling=m.image.set_pooling, report=bool(d.report), bert=bert,
-        report_encoder=str(m.text.get("encoder", "bert")),
+        patch=int(m.image.patch), decoder_blocks=int(m.image.decoder_blocks),
+        full_res_channels=int(m.image.full_res_channels), set_pooling=m.image.set_pooling, report=bool(d.report), bert=bert,
+        report_encoder=str(m.text.encoder),
         bow_hidden=int(m.report_decoder.hidden), report_decoder=m.report_decoder.kind, special_ids=tuple(special_ids),
         clinical_numeric=tuple(d.clinical.numeric),
         clinical_categorical=tuple((k, tuple(v)) for k, v in dict(d.clinical.categorical).items()),
         clinical_hidden=int(m.clinical.hidden), likelihood=o.likelihood, learn_scale=bool(o.learn_scale),
         init_log_scale=float(o.init_log_scale), dtype=m.dtype,
-        pooling=m.image.get("pooling", "flatten"), conv=m.image.get("conv", "auto"), label_classes=tuple(label_classes),
-        label_hidden=int(m.get("label", {}).get("hidden", 64)), private_dim=int(m.get("private_dim", 0)),
+        pooling=m.image.pooling, conv=m.image.conv, label_classes=tuple(label_classes),
+        label_hidden=int(m.label.hidden), private_dim=int(m.private_dim),
         extra=other_modalities(config), image_input=image_input,
         feature_dim=FeatureConfig.from_config(config).dim(int(d.spatial_dims)) if image_input != "pixels" else 0,
-        feature_hidden=int(m.image.get("feature_hidden", 512)))
+        feature_hidden=int(m.image.feature_hidden))
     spec.validate()
     return spec
 
@@ -63,7 +63,7 @@ def model_spec(config, vocab_size: int = 0, special_ids: tuple[int, ...] = (0,),
 def other_modalities(config) -> tuple[tuple[str, str, tuple[tuple[str, object], ...]], ...]:
     """``data.other_modalities`` as :attr:`ModelSpec.extra`: ``(name, kind, sorted options)``."""
     out = []
-    for name, opts in sorted(dict(config.data.get("other_modalities", {})).items()):
+    for name, opts in sorted(dict(config.data.other_modalities).items()):
         opts = dict(opts)
         kind = opts.pop("kind")
         out.append((str(name), str(kind), tuple(sorted((str(k), tuple(v) if isinstance(v, list) else v)
@@ -82,21 +82,21 @@ def objective_spec(config, spec: ModelSpec) -> ObjectiveSpec:
         weights = [1.0 for _ in mods]
     else:
         raise ConfigError(f"objective.weights must be 'dimension', 'sqrt' or 'uniform', got {o.weights!r}")
-    if float(o.get("max_weight", 0.0)) > 0:
+    if float(o.max_weight) > 0:
         weights = [min(w, float(o.max_weight)) for w in weights]
     if spec.label_classes:
-        weights.append(float(o.get("label_weight", 1000.0)))
+        weights.append(float(o.label_weight))
     weights = tuple(weights)
     obj = ObjectiveSpec(subsets=o.subsets, num_random_subsets=int(o.num_random_subsets),
                         num_subset_samples=int(o.num_subset_samples), beta=float(o.beta),
                         kl_warmup_steps=int(o.kl_warmup_steps), iw_samples=int(o.iw_samples),
                         weights=weights, alignment_weight=float(o.alignment_weight),
                         alignment_temperature=float(o.alignment_temperature),
-                        decode_chunks=int(o.get("decode_chunks", 1)),
-                        ssl_weight=float(o.get("ssl_weight", 0.0)),
-                        ssl_temperature=float(o.get("ssl_temperature", 0.1)),
-                        supcon_weight=float(o.get("supcon_weight", 0.0)),
-                        supcon_temperature=float(o.get("supcon_temperature", 0.1)))
+                        decode_chunks=int(o.decode_chunks),
+                        ssl_weight=float(o.ssl_weight),
+                        ssl_temperature=float(o.ssl_temperature),
+                        supcon_weight=float(o.supcon_weight),
+                        supcon_temperature=float(o.supcon_temperature))
     obj.validate()
     return obj
 

@@ -132,10 +132,10 @@ def with_features(cohort, config, manifest, cache: PreprocessCache, *, show_prog
     d = config.data
     cases = {c.case_id: c for c in group_cases(read_manifest(manifest))}   # the paths prepare_cohort read
     extractor = FeatureExtractor.get(FeatureConfig.from_config(config))
-    failed: dict | None = {} if d.get("on_error", "raise") == "skip" else None
+    failed: dict | None = {} if d.on_error == "skip" else None
     arrays = cohort_features(cohort, cases, cache, extractor, spatial_dims=int(d.spatial_dims),
-                             b_value=d.get("dwi_b_value", "highest"), show_progress=show_progress,
-                             workers=int(d.get("workers", 2)), failed=failed)
+                             b_value=d.dwi_b_value, show_progress=show_progress,
+                             workers=int(d.workers), failed=failed)
     images, notes = {m: list(v) for m, v in cohort.images.items()}, list(cohort.notes)
     for path, err in (failed or {}).items():     # data.on_error='skip': the modality leaves the case, noted
         for m in cohort.image_modalities:

@@ -94,7 +94,7 @@ class Evaluator:
 def from_config(config) -> list[Evaluator]:
     """The evaluators ``config.evals`` names (ConfigError for an unknown type or option)."""
     out = []
-    for name, opts in dict(config.get("evals", {})).items():
+    for name, opts in dict(config.evals).items():
         opts = dict(opts)
         kind = opts.pop("type", None)
         if kind not in EVALUATORS:

@@ -67,8 +67,8 @@ def label_supervision(config, train: Cohort) -> tuple[Cohort, tuple[str, ...]]:
     otherwise ``(train, ())``. ``data.labelled_cases`` (a file of case ids, one per line or a
     CSV with a ``case_id`` column) names exactly which training cases give their label, e.g.
     the annotations of active-learning rounds (``mmvae suggest``)."""
-    frac = float(config.data.get("label_fraction", 0.0))
-    listed = str(config.data.get("labelled_cases", "") or "")
+    frac = float(config.data.label_fraction)
+    listed = str(config.data.labelled_cases or "")
     if frac <= 0 and not listed:
         return train, ()
     classes = tuple(sorted({v for v in train.label_array(config.data.label) if v}))
@@ -123,7 +123,7 @@ def _validation_pass(eval_fn, params, cohort: Cohort, spec, config, mesh, rows: 
     emb = Embeddings.from_experts(np.concatenate(mus), np.concatenate(lvs), np.concatenate(pres), cohort, spec,
                                   embedding=embedding_kind(config),
                                   frozen={m: np.concatenate(v) for m, v in frozen.items()})
-    if config.retrieval.get("standardize", True):
+    if config.retrieval.standardize:
         emb = emb.standardized()
     return ValidationPass({k: v / max(n_total, 1) for k, v in sums.items()}, n_total, emb)
 
@@ -233,7 +233,7 @@ def train_and_evaluate(config, workdir: str | Path, *, show_progress: bool = Tru
     """
     validate(config)
     resolve_pretrained_text(config)
-    if config.model.text.get("freeze", False) and not config.model.text.pretrained_dir and config.data.report:
+    if config.model.text.freeze and not config.model.text.pretrained_dir and config.data.report:
         log.warning("model.text.freeze=True without model.text.pretrained_dir: the report BERT stays at its "
                     "random initialisation (only the head above it trains)")
     if config.data.report:
@@ -301,7 +301,7 @@ def train_and_evaluate(config, workdir: str | Path, *, show_progress: bool = Tru
         write_run_files(workdir, config, spec, cohort.clinical_stats)
         _write_layout(workdir, mesh, shardings, state, config, start if restored is not None else None)
 
-    frozen = (FROZEN_BERT,) if (spec.report and config.model.text.get("freeze", False)) else ()
+    frozen = (FROZEN_BERT,) if (spec.report and config.model.text.freeze) else ()
     if frozen and spec.report_encoder == "bert" and jax.process_count() == 1 and start < int(config.train.steps):
         t_cache = time.time()
         report_encoder = nnx.merge(graphdef, state["params"]).encoders["report"]
