@@ -62,6 +62,11 @@ def expected_ids(service, q, lv, exclude, k, modalities=None):
     return [r.case_id for r in service.retriever.search_embedding(q, lv, k=k, exclude=exclude, modalities=modalities)]
 
 
+def request_files(service) -> list:
+    """What requests left in the service's folder (its owner lock and case cache are its own)."""
+    return sorted(p for p in service.tmp.iterdir() if p.name.startswith(("query-", "pacs-")))
+
+
 def post(env, path, **kw):
     return requests.post(env["url"] + path, timeout=60, **kw)
 
@@ -156,7 +161,7 @@ def test_upload_nifti_and_zipped_dicom(env, tmp_path):
     assert doc["source"]["files"]["t2"] == ["t2.zip"] and sorted(doc["query_thumbnails"]) == ["dwi", "t1", "t2"]
     png = get(env, f"/api/session/{doc['session']}/thumbnail/t2")
     assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
-    assert list(s.tmp.iterdir()) == []                               # uploads removed once encoded
+    assert request_files(s) == []                               # uploads removed once encoded
 
 
 def test_feedback_rounds_follow_rocchio_and_export(env):
@@ -216,12 +221,12 @@ def test_bad_input_answers_one_line_and_the_server_keeps_running(env, tmp_path):
             r = requests.post(live.url + "/api/query/upload", files={"file_t1": ("big.nii.gz", f.read() * 4)},
                               timeout=60)
         assert r.status_code == 413 and "limit of 0.01 MB" in r.json()["error"]
-        assert list(small.tmp.iterdir()) == []
+        assert request_files(small) == []
     finally:
         live.stop()
-        small._tmp.cleanup()
+        small.close(close_retriever=False)
     assert get(env, "/api/info").status_code == 200
-    assert list(s.tmp.iterdir()) == []
+    assert request_files(s) == []
 
 
 def test_upload_limits_zip_members_chunks_and_host(env, tmp_path):
@@ -253,10 +258,10 @@ def test_upload_limits_zip_members_chunks_and_host(env, tmp_path):
         assert r.status_code == 411 and "Content-Length" in r.json()["error"]
         r = requests.get(live.url + "/api/info", headers={"Host": "evil.example"}, timeout=30)
         assert r.status_code == 400                                     # DNS rebinding: foreign Host refused
-        assert list(small.tmp.iterdir()) == []
+        assert request_files(small) == []
     finally:
         live.stop()
-        small._tmp.cleanup()
+        small.close(close_retriever=False)
 
 
 def test_cli_serve_refuses_remote_host_and_starts(env):
@@ -369,4 +374,4 @@ def test_page_query_thumbnails_feedback_and_bad_file(env, browser, tmp_path):
     wait_for(browser, "return !document.getElementById('error').hidden")
     err = browser.find_element(By.ID, "error").text
     assert "scan.txt" in err and "unsupported file type" in err
-    assert get(env, "/api/info").status_code == 200 and list(s.tmp.iterdir()) == []
+    assert get(env, "/api/info").status_code == 200 and request_files(s) == []

@@ -3,11 +3,18 @@
 ``mmvae serve --workdir RUN --index IDX`` (:func:`serve`) loads the model and index into a
 :class:`~mmvae.serve.service.ReviewService` and serves :func:`~mmvae.serve.app.create_app`
 with uvicorn on the loopback interface. See docs/serve.md.
+
+The listening socket is bound here with ``SO_REUSEADDR`` (a restart right after a crash or
+``kill -9`` binds while the old connections linger) and handed to uvicorn. SIGTERM and SIGINT
+stop the server gracefully (requests in flight end within ``serve.request_timeout_s``), then
+the service's temporary folder is removed before the process ends; a server killed outright
+leaves its folder, which the next server sweeps (:func:`mmvae.serve.jobs.sweep`).
 """
 from __future__ import annotations
 
 import ipaddress
 import logging
+import signal
 import socket
 import threading
 import time
@@ -62,6 +69,30 @@ class BackgroundServer:
         self.thread.join(10)
 
 
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host``:``port`` with SO_REUSEADDR (not yet listening).
+
+    Raises:
+      InputError: the port is taken (another server listens on it) or not ours to bind."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host, int(port)))
+    except OSError as e:
+        s.close()
+        raise InputError(f"cannot listen on {host}:{port} ({e.strerror})") from None
+    return s
+
+
+class _Terminated(BaseException):
+    """SIGTERM, turned into an exception so that the service's folder is removed."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
 def serve(workdir, index_dir, *, manifest=None, host: str = "127.0.0.1", port: int = 8765,
           allow_remote: bool = False, settings=None, log_level: str = "warning", pacs: str | None = None,
           pacs_username: str | None = None, pacs_password: str | None = None) -> None:
@@ -71,19 +102,24 @@ def serve(workdir, index_dir, *, manifest=None, host: str = "127.0.0.1", port: i
       InputError: ``host`` is not a loopback address and ``allow_remote`` is False (the page
         shows patient images), or the port is taken.
     """
+    if not is_loopback(host) and not allow_remote:
+        raise InputError(f"--host {host} would let other machines see patient images: pass --allow-remote "
+                         "to bind beyond the loopback interface")
+    sock = bind_socket(host, port)
+    try:
+        _serve(sock, workdir, index_dir, manifest=manifest, host=host, port=port, settings=settings,
+               log_level=log_level, pacs=pacs, pacs_username=pacs_username, pacs_password=pacs_password)
+    finally:
+        sock.close()
+
+
+def _serve(sock, workdir, index_dir, *, manifest, host, port, settings, log_level, pacs, pacs_username,
+           pacs_password) -> None:
     import uvicorn
 
     from mmvae.serve.app import create_app
     from mmvae.serve.service import ReviewService
 
-    if not is_loopback(host) and not allow_remote:
-        raise InputError(f"--host {host} would let other machines see patient images: pass --allow-remote "
-                         "to bind beyond the loopback interface")
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        try:
-            s.bind((host, int(port)))
-        except OSError as e:
-            raise InputError(f"cannot listen on {host}:{port} ({e.strerror})") from None
     archive = None
     if pacs:
         from mmvae.pacs.archive import Archive
@@ -92,14 +128,30 @@ def serve(workdir, index_dir, *, manifest=None, host: str = "127.0.0.1", port: i
             archive.studies(since="99991231")
         except MmvaeError as e:
             print(f"WARNING: --pacs {pacs}: {e}", flush=True)
-    service = ReviewService.load(workdir, index_dir, manifest, settings=settings, archive=archive)
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
+    terminated = False
+    service = None
     try:
+        service = ReviewService.load(workdir, index_dir, manifest, settings=settings, archive=archive)
         if not is_loopback(host):
             print(f"WARNING: serving on {host}:{port}: any machine that reaches it sees the cases' images and "
                   "reports; there is no authentication.", flush=True)
         print(f"mmvae review page: http://{'[' + host + ']' if ':' in host else host}:{port}/  "
               f"({service.retriever.index.size} indexed cases; API docs at /docs; Ctrl-C stops)", flush=True)
         hosts = None if is_loopback(host) else ["*"]     # remote: the operator chose to expose it
-        uvicorn.run(create_app(service, allowed_hosts=hosts), host=host, port=int(port), log_level=log_level)
+        grace = float(service.settings["request_timeout_s"]) + 5.0
+        server = uvicorn.Server(uvicorn.Config(create_app(service, allowed_hosts=hosts), host=host, port=int(port),
+                                               log_level=log_level, timeout_graceful_shutdown=grace))
+        # uvicorn handles SIGINT/SIGTERM while it runs, then raises them again: SIGINT as
+        # KeyboardInterrupt, SIGTERM as _Terminated (our handler); both reach the finally.
+        server.run(sockets=[sock])
+    except _Terminated:
+        terminated = True
     finally:
-        service.close()
+        if service is not None:
+            service.close()
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
+    if terminated:
+        print("mmvae review page: stopped (SIGTERM); temporary files removed", flush=True)

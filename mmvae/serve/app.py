@@ -19,20 +19,26 @@ Routes (the OpenAPI page is ``/docs``, the schema ``/openapi.json``):
 A bad input answers ``{"error": "<the loaders' one-line message>"}`` with status 400 (404 for
 an unknown case or session, 413 for an upload over ``serve.max_upload_mb``); the server
 keeps running.
+
+Queries (``/api/query``, ``…/upload``, ``…/pacs``) run in a worker thread of their own
+(:mod:`mmvae.serve.jobs`) awaited up to ``serve.request_timeout_s``: past it the client gets
+504 (503 when the request waited the whole time for a free worker slot or the model), the
+worker is cancelled and the request's files are removed; other requests are served meanwhile.
 """
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Optional
 
 from fastapi import FastAPI, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from mmvae.errors import InputError, MmvaeError
 from mmvae.retrieval.index import RERANKS
+from mmvae.serve.jobs import Cancelled, RequestTimeout, ServerBusy
 from mmvae.serve.service import ReviewService, UnknownCase, UploadTooLarge
 
 __all__ = ["create_app"]
@@ -63,6 +69,10 @@ class FeedbackRequest(BaseModel):
 
 def _error(e: MmvaeError) -> JSONResponse:
     status = 413 if isinstance(e, UploadTooLarge) else 404 if isinstance(e, UnknownCase) else 400
+    if isinstance(e, RequestTimeout):
+        status = 504
+    elif isinstance(e, (ServerBusy, Cancelled)):
+        status = 503
     if isinstance(e, InputError) and "unknown or expired query session" in e.reason:
         status = 404
     return JSONResponse({"error": str(e)}, status_code=status)
@@ -97,6 +107,24 @@ def create_app(service: ReviewService, allowed_hosts: list[str] | None = None) -
     app.state.service = service
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     limit_bytes = int(float(service.settings["max_upload_mb"]) * 2 ** 20)
+    timeout_s = float(service.settings["request_timeout_s"])
+
+    async def run_job(name: str, fn, *args, **kwargs):
+        """``fn`` in a worker of its own, awaited up to serve.request_timeout_s; past it the
+        worker is cancelled (its folders removed now) and the client gets 504 / 503."""
+        job, fut = service.workers.start(name, fn, *args, **kwargs)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(fut), timeout_s)
+        except asyncio.TimeoutError:
+            job.cancel()
+            if job.waiting:
+                raise ServerBusy(f"the server is busy with other queries: this one waited {timeout_s:g} s "
+                                 "(serve.request_timeout_s) for a free worker; try again shortly") from None
+            raise RequestTimeout(f"the {name} took longer than serve.request_timeout_s = {timeout_s:g} s and "
+                                 "was stopped; its files were removed") from None
+        except asyncio.CancelledError:       # the server is stopping
+            job.cancel()
+            raise
 
     @app.exception_handler(MmvaeError)
     async def _mmvae_error(request: Request, exc: MmvaeError):
@@ -113,7 +141,7 @@ def create_app(service: ReviewService, allowed_hosts: list[str] | None = None) -
         return {"modalities": service.modalities, "image_modalities": list(r.image_modalities),
                 "index_size": r.index.size, "k": int(service.settings["k"]),
                 "rerank": [x for x in RERANKS if x], "rocchio": rocchio,
-                "max_upload_mb": float(service.settings["max_upload_mb"]),
+                "max_upload_mb": float(service.settings["max_upload_mb"]), "request_timeout_s": timeout_s,
                 "pacs": service.archive.url if service.archive is not None else None}
 
     @app.get("/api/cases", summary="indexed case ids containing q")
@@ -131,13 +159,14 @@ def create_app(service: ReviewService, allowed_hosts: list[str] | None = None) -
                         headers={"Cache-Control": "private, max-age=3600"})
 
     @app.post("/api/query", summary="query with an indexed case")
-    def query(req: QueryRequest):
-        s = service.query_case(req.case_id, req.modalities, req.k, req.rerank or None)
+    async def query(req: QueryRequest):
+        s = await run_job("case query", service.query_case, req.case_id, req.modalities, req.k, req.rerank or None)
         return service.session_json(s)
 
     @app.post("/api/query/pacs", summary="query with a study in the archive (server started with --pacs)")
-    def query_pacs(req: PacsQueryRequest):
-        s = service.query_pacs(req.study_uid, req.modalities, req.k, req.rerank or None)
+    async def query_pacs(req: PacsQueryRequest):
+        s = await run_job("archive query", service.query_pacs, req.study_uid, req.modalities, req.k,
+                          req.rerank or None)
         return service.session_json(s)
 
     @app.post("/api/query/upload", summary="query with uploaded files",
@@ -166,11 +195,11 @@ def create_app(service: ReviewService, allowed_hosts: list[str] | None = None) -
             report = report if isinstance(report, str) else None
             k = _int(form.get("k"), "k")
             rerank = form.get("rerank") or None
-            s = await run_in_threadpool(service.query_files, uploads, report,
-                                        modalities=_csv_list(form.get("modalities")), k=k, rerank=rerank)
+            s = await run_job("upload query", service.query_files, uploads, report,
+                              modalities=_csv_list(form.get("modalities")), k=k, rerank=rerank)
             return service.session_json(s)
         finally:
-            await form.close()
+            await form.close()          # a timed-out worker still reading gets a closed file: it stops
 
     @app.post("/api/feedback", summary="mark results and search again (Rocchio)")
     def feedback(req: FeedbackRequest):

@@ -13,9 +13,16 @@ not relevant in round :math:`t` and the weights ``retrieval.rocchio`` of the run
 excluded. The JSON API (:mod:`mmvae.serve.app`) and the page show exactly these rankings.
 
 Uploaded files and their preprocessed arrays are written to a per-request folder inside the
-service's temporary folder and removed once the query is encoded; the Retriever's own
-temporary cache holds only arrays of indexed cases (queries with a subset of their
-modalities) and goes when the service closes.
+service's temporary folder (``mmvae-serve-<pid>-*``, :mod:`mmvae.serve.jobs`) and removed once
+the query is encoded, or when its deadline passes; the Retriever's cache (a subfolder) holds
+only arrays of indexed cases (queries with a subset of their modalities) and goes when the
+service closes. Folders of dead servers are swept when a service starts.
+
+Locks: ``_lock`` guards the sessions and the index (held only for short steps: a search, a
+session); ``_model_lock`` guards the Retriever's encoder state (held for one encoding); a
+semaphore of ``serve.workers`` slots bounds the uploads saved and loaded at once. Files are
+saved, unzipped, loaded and preprocessed holding a slot only, so a slow file holds its own
+request, not the others'. Order: archive lock → slot → model lock → ``_lock``.
 """
 from __future__ import annotations
 
@@ -39,11 +46,12 @@ from typing import Any, BinaryIO, Mapping, Sequence
 import numpy as np
 
 from mmvae.data.cache import PreprocessCache
-from mmvae.data.dataset import CLINICAL
+from mmvae.data.dataset import CLINICAL, load_case_images
 from mmvae.data.manifest import CaseEntries, REPORT, group_cases, read_manifest
 from mmvae.errors import InputError
 from mmvae.retrieval.index import RERANKS, Result
-from mmvae.retrieval.query import Retriever
+from mmvae.retrieval.query import QUERY_CASE, Retriever, _strip_case
+from mmvae.serve import jobs
 from mmvae.serve.thumbnails import ThumbnailCache, thumbnail_png
 
 __all__ = ["ReviewService", "Session", "Round", "UploadTooLarge", "UnknownCase", "uncertainty", "DEFAULTS"]
@@ -51,7 +59,8 @@ __all__ = ["ReviewService", "Session", "Round", "UploadTooLarge", "UnknownCase",
 log = logging.getLogger(__name__)
 
 # Server settings (``serve.*`` of a run's config overrides them; CLI flags override both).
-DEFAULTS = {"k": 10, "max_upload_mb": 1024, "thumbnail_px": 192, "max_sessions": 64, "report_excerpt": 400}
+DEFAULTS = {"k": 10, "max_upload_mb": 1024, "thumbnail_px": 192, "max_sessions": 64, "report_excerpt": 400,
+            "request_timeout_s": 60.0, "workers": 2}
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".png", ".zip")
 MAX_ZIP_MEMBERS = 10000      # files in one zipped DICOM series
 
@@ -124,26 +133,36 @@ def _suffix(name: str) -> str:
 class ReviewService:
     """Queries, feedback rounds and case views over one trained run and its index.
 
-    Thread-safe: every public method holds one lock (the Retriever is not thread-safe), except
-    while :meth:`query_pacs` waits for the archive (a lock of its own).
+    Thread-safe (module docstring: locks). Methods called in a worker of :mod:`mmvae.serve.jobs`
+    stop at their next step once the worker's job is cancelled.
+
+    ``tmp_root``: where the service's folder is made (default the system's temporary folder);
+    leftovers of dead servers there are removed first (:func:`mmvae.serve.jobs.sweep`).
+    ``folder``: an already made server folder (:meth:`load` makes it before the Retriever).
     """
 
     def __init__(self, retriever: Retriever, cases: Mapping[str, CaseEntries] | None = None, *,
                  settings: Mapping[str, Any] | None = None, tmp_root: str | os.PathLike | None = None,
-                 archive=None):
+                 archive=None, folder: tuple[Path, int] | None = None):
         self.retriever = retriever
         self.archive = archive           # a mmvae.pacs.archive.Archive: query with a study in the archive
         self.cases = dict(cases or {})
         self.settings = {**DEFAULTS, **dict(settings or {})}
-        self._tmp = tempfile.TemporaryDirectory(prefix="mmvae-serve-", dir=tmp_root)
-        self.tmp = Path(self._tmp.name)
+        if folder is None:
+            jobs.sweep(tmp_root)
+            folder = jobs.make_server_folder(tmp_root)
+        self.tmp, self._owner_fd = folder
         self._lock = threading.RLock()
+        self._model_lock = threading.RLock()    # the Retriever's encoder state (cache, last notes)
+        self._slots = threading.BoundedSemaphore(max(1, int(self.settings["workers"])))
         self._archive_lock = threading.Lock()   # query_pacs: one study search + download at a time
+        self.workers = jobs.Jobs()
+        self._closed = False
+        self._case_cache = retriever.cache      # indexed cases' arrays (retriever.cache is swapped per upload)
         self.sessions: OrderedDict[str, Session] = OrderedDict()
         self.thumbs = ThumbnailCache()
         ids = retriever.index.case_ids
         self._ref_logvar = retriever.index.embeddings(ids)[1] if ids else None
-        self._upload_bytes = 0
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -151,7 +170,13 @@ class ReviewService:
         """Load ``workdir``'s model, ``index_dir``'s index and the cases of ``manifest``
         (default: the run's ``data.manifest``; cases missing from it have no thumbnails or
         report, and can be queried with their stored embedding only)."""
-        r = Retriever.load(workdir, index_dir)
+        jobs.sweep()
+        folder = jobs.make_server_folder()
+        try:
+            r = Retriever.load(workdir, index_dir, cache_dir=folder[0] / "cache")
+        except BaseException:
+            _remove_folder(folder)
+            raise
         try:
             config = r.config
             s = {**DEFAULTS, **{k: v for k, v in dict(config.get("serve", {}) or {}).items()}}
@@ -166,15 +191,29 @@ class ReviewService:
             if missing:
                 log.warning("%d indexed case(s) are not in the manifest %s (e.g. %r): shown without images",
                             len(missing), mpath, missing[0])
-            return cls(r, cases, settings=s, archive=archive)
+            return cls(r, cases, settings=s, archive=archive, folder=folder)
         except BaseException:
             r.close()
+            _remove_folder(folder)
             raise
 
-    def close(self) -> None:
-        with self._archive_lock, self._lock:      # waits for a PACS query's download too
-            self.retriever.close()
-            self._tmp.cleanup()
+    def close(self, close_retriever: bool = True, wait: float = 5.0) -> None:
+        """Cancel running jobs, wait up to ``wait`` seconds for them (a PACS download, an
+        encoding) and remove the service's folder — also when a job is still stuck in a
+        loader call (its files go from under it)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.workers.cancel_all(wait)
+        got = [lk.acquire(timeout=wait) for lk in (self._model_lock, self._lock)]
+        try:
+            if close_retriever:
+                self.retriever.close()
+            _remove_folder((self.tmp, self._owner_fd))
+        finally:
+            for lk, ok in zip((self._model_lock, self._lock), got):
+                if ok:
+                    lk.release()
 
     # ------------------------------------------------------------------ cases
     @property
@@ -220,13 +259,13 @@ class ReviewService:
         with self._lock:
             self._check_case(case_id)
             ce = self.cases.get(case_id)
-            paths = (ce.images.get(modality) if ce is not None else None) or []
-            if not paths:
-                raise InputError("no image file of this modality for the case", case_id=case_id, modality=modality)
-            try:
-                return self.thumbs.get(("case", case_id, modality), lambda: self._thumbnail(paths[0]))
-            except InputError as e:
-                raise e.with_context(case_id=case_id, modality=modality) from None
+        paths = (ce.images.get(modality) if ce is not None else None) or []
+        if not paths:
+            raise InputError("no image file of this modality for the case", case_id=case_id, modality=modality)
+        try:                  # built outside the lock: a large volume takes a while to read
+            return self.thumbs.get(("case", case_id, modality), lambda: self._thumbnail(paths[0]))
+        except InputError as e:
+            raise e.with_context(case_id=case_id, modality=modality) from None
 
     # ------------------------------------------------------------------ queries
     def _check_modalities(self, modalities) -> list[str] | None:
@@ -288,35 +327,75 @@ class ReviewService:
             use = [m for m in have if mods is None or m in mods]
             if not use:
                 raise InputError(f"the case has none of the chosen modalities {mods} (it has {have})", case_id=case_id)
-            notes: list[str] = []
             if set(use) == set(have):
                 mu, lv = (x[0] for x in self.retriever.index.embeddings([case_id]))
-                unc = uncertainty(lv, self._ref_logvar)
-            else:
-                ce = self.cases.get(case_id)
-                if ce is None:
-                    raise InputError("the case's files are not in the manifest: query it with all its modalities "
-                                     "or give the manifest (--manifest)", case_id=case_id)
-                images = {m: ce.images[m] for m in use if m in ce.images}
-                report = self._report(ce) if REPORT in use else None
-                clinical = None
-                if CLINICAL in use:
-                    fields = list(self.retriever.config.data.clinical.numeric) + \
-                        list(self.retriever.config.data.clinical.categorical)
-                    clinical = {f: ce.metadata[f] for f in fields if f in ce.metadata} or None
-                try:
-                    mu, lv, use = self.retriever.encode(images or None, report, clinical=clinical)
-                except InputError as e:
-                    raise e.with_context(case_id=case_id) from None
+                return self._new_session(source={"kind": "case", "case_id": case_id}, modalities=list(use),
+                                         mu=np.asarray(mu, np.float32), logvar=np.asarray(lv, np.float32), k=k,
+                                         rerank=rerank, exclude=[case_id], notes=[],
+                                         uncertainty=uncertainty(lv, self._ref_logvar))
+        ce = self.cases.get(case_id)
+        if ce is None:
+            raise InputError("the case's files are not in the manifest: query it with all its modalities "
+                             "or give the manifest (--manifest)", case_id=case_id)
+        images = {m: ce.images[m] for m in use if m in ce.images}
+        report = self._report(ce) if REPORT in use else None
+        clinical = None
+        if CLINICAL in use:
+            fields = list(self.retriever.config.data.clinical.numeric) + \
+                list(self.retriever.config.data.clinical.categorical)
+            clinical = {f: ce.metadata[f] for f in fields if f in ce.metadata} or None
+        try:
+            if images:
+                with jobs.holding(self._slots):
+                    self._preload(images, self._case_cache)
+            with jobs.holding(self._model_lock):
+                jobs.checkpoint()
+                mu, lv, use = self.retriever.encode(images or None, report, clinical=clinical)
                 notes = list(self.retriever.last_notes)
                 unc = self._uncertainty(lv)
+        except InputError as e:
+            raise e.with_context(case_id=case_id) from None
+        with self._lock:
             return self._new_session(source={"kind": "case", "case_id": case_id}, modalities=list(use),
                                      mu=np.asarray(mu, np.float32), logvar=np.asarray(lv, np.float32), k=k,
                                      rerank=rerank, exclude=[case_id], notes=notes, uncertainty=unc)
 
-    def _save_upload(self, folder: Path, modality: str, name: str, stream: BinaryIO) -> Path:
-        """Copy one uploaded file into ``folder`` (counting bytes against the limit); a zip
-        is extracted to a folder (a DICOM series). Returns what the loaders read."""
+    def _preload(self, images: Mapping[str, Sequence[str]], cache: PreprocessCache) -> None:
+        """Load and preprocess a query's image files into ``cache`` before the model lock is
+        taken (the slow part for a large or bad file), exactly as
+        :meth:`Retriever.query_batch` reads them back from it.
+
+        Raises:
+          InputError: a file that fails to load (the loader's message, no case id)."""
+        r = self.retriever
+        data = r.config.data
+        imgs = {m: [os.path.abspath(os.fspath(p)) for p in ps] for m, ps in images.items()
+                if m in r.image_modalities and ps}
+        ref_mod = data.reference_modality or None
+        ref = imgs.get(ref_mod, [None])[0] if ref_mod else None
+        case = CaseEntries(QUERY_CASE, imgs, None, None, {}, {})
+        for m in r.image_modalities:
+            if m in imgs:
+                jobs.checkpoint()
+                try:
+                    load_case_images(case, m, imgs[m], cache, r.preprocess, int(data.spatial_dims), ref,
+                                     b_value=data.get("dwi_b_value", "highest"))
+                except InputError as e:
+                    raise _strip_case(e) from None
+
+    def _request_folder(self, prefix: str) -> Path:
+        """A new folder for one request's files, owned by the running job (removed when it is
+        cancelled)."""
+        if self._closed:
+            raise jobs.Cancelled("the server is stopping")
+        folder = Path(tempfile.mkdtemp(prefix=prefix, dir=self.tmp))
+        job = jobs.current()
+        return job.own(folder) if job is not None else folder
+
+    def _save_upload(self, folder: Path, modality: str, name: str, stream: BinaryIO, count: list[int]) -> Path:
+        """Copy one uploaded file into ``folder`` (counting bytes against the limit in
+        ``count[0]``); a zip is extracted to a folder (a DICOM series). Returns what the
+        loaders read."""
         limit = int(float(self.settings["max_upload_mb"]) * 2 ** 20)
         base = Path(name or "upload").name or "upload"
         suffix = _suffix(base)
@@ -326,11 +405,12 @@ class ReviewService:
         dst = folder / f"{modality}-{uuid.uuid4().hex[:8]}{suffix}"
         with open(dst, "wb") as f:
             while True:
+                jobs.checkpoint()
                 chunk = stream.read(1 << 20)
                 if not chunk:
                     break
-                self._upload_bytes += len(chunk)
-                if self._upload_bytes > limit:
+                count[0] += len(chunk)
+                if count[0] > limit:
                     raise UploadTooLarge(f"upload larger than the limit of {self.settings['max_upload_mb']} MB "
                                          "(serve.max_upload_mb)", modality=modality, path=base)
                 f.write(chunk)
@@ -345,17 +425,23 @@ class ReviewService:
                     raise InputError(f"zip holds {len(members)} files, more than {MAX_ZIP_MEMBERS}",
                                      modality=modality, path=base)
                 for n, info in enumerate(members):
+                    jobs.checkpoint()
                     parts = Path(info.filename).parts
                     if info.filename.startswith(("/", "\\")) or ".." in parts:
                         raise InputError(f"zip member {info.filename!r} points outside the archive",
                                          modality=modality, path=base)
-                    self._upload_bytes += info.file_size        # unzipped bytes count against the limit too
-                    if self._upload_bytes > limit:
+                    count[0] += info.file_size        # unzipped bytes count against the limit too
+                    if count[0] > limit:
                         raise UploadTooLarge(f"unzipped upload larger than the limit of "
                                              f"{self.settings['max_upload_mb']} MB (serve.max_upload_mb)",
                                              modality=modality, path=base)
                     with z.open(info) as src, open(out / f"{n:06d}-{Path(info.filename).name}", "wb") as f:
-                        shutil.copyfileobj(src, f)
+                        while True:
+                            chunk = src.read(1 << 20)
+                            if not chunk:
+                                break
+                            f.write(chunk)
+                            jobs.checkpoint()
         except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as e:
             # a corrupt, truncated, encrypted (RuntimeError) or unsupported-compression member
             raise InputError(f"not a readable zip file ({type(e).__name__}: {e})", modality=modality,
@@ -370,54 +456,69 @@ class ReviewService:
         """Query with uploaded files: ``uploads`` = image modality → ``[(file name, binary
         stream)]`` (NIfTI, PNG, or a .zip of one DICOM series), plus optional report text and
         clinical fields; ``modalities`` restricts what is used. The files live in a
-        temporary folder only while the query is encoded.
+        temporary folder only while the query is encoded (or until its job is cancelled).
 
         Raises:
           InputError: wrong file type, a file that fails to load (naming modality and file),
-            nothing to query with; :class:`UploadTooLarge` over ``serve.max_upload_mb``.
+            nothing to query with; :class:`UploadTooLarge` over ``serve.max_upload_mb``;
+            :class:`~mmvae.serve.jobs.Cancelled` when its job is cancelled.
         """
         with self._lock:
             mods, k = self._check_query(modalities, k, rerank)
-            folder = Path(tempfile.mkdtemp(prefix="query-", dir=self.tmp))
-            self._upload_bytes = 0
-            cache = self.retriever.cache
-            self.retriever.cache = PreprocessCache(folder / ".cache")   # the query's arrays go with its folder
-            try:
-                images: dict[str, list[str]] = {}
-                names: dict[str, str] = {}
+        for m in uploads or {}:
+            if m not in self.retriever.image_modalities:
+                raise InputError(f"unknown image modality; this model's are "
+                                 f"{list(self.retriever.image_modalities)}", modality=m)
+        folder = self._request_folder("query-")
+        try:
+            cache = PreprocessCache(folder / ".cache")        # the query's arrays go with its folder
+            images: dict[str, list[str]] = {}
+            names: dict[str, str] = {}
+            with jobs.holding(self._slots):                   # saving, unzipping, loading: its own files only
+                count = [0]
                 for m, files in (uploads or {}).items():
-                    if m not in self.retriever.image_modalities:
-                        raise InputError(f"unknown image modality; this model's are "
-                                         f"{list(self.retriever.image_modalities)}", modality=m)
                     for name, stream in files:
-                        p = self._save_upload(folder, m, name, stream)
+                        p = self._save_upload(folder, m, name, stream, count)
                         names[str(p)] = Path(name).name
                         if mods is None or m in mods:
                             images.setdefault(m, []).append(str(p))
-                if report is not None and not report.strip():
-                    report = None
-                if mods is not None and REPORT not in mods:
-                    report = None
-                if mods is not None and CLINICAL not in mods:
-                    clinical = None
+                try:
+                    self._preload(images, cache)
+                except InputError as e:
+                    raise _uploaded_name(e, names) from None
+            if report is not None and not report.strip():
+                report = None
+            if mods is not None and REPORT not in mods:
+                report = None
+            if mods is not None and CLINICAL not in mods:
+                clinical = None
+            with jobs.holding(self._model_lock):
+                jobs.checkpoint()
+                old = self.retriever.cache
+                self.retriever.cache = cache
                 try:
                     mu, lv, used = self.retriever.encode(images or None, report, clinical=clinical)
                 except InputError as e:
                     raise _uploaded_name(e, names) from None
-                thumbs = {}
-                for m, paths in images.items():
-                    try:
-                        thumbs[m] = self._thumbnail(paths[0])
-                    except InputError as e:    # it encoded, so this is unexpected; the query stands
-                        log.warning("thumbnail: %s", _uploaded_name(e, names))
+                finally:
+                    self.retriever.cache = old
                 notes = [_replace_names(n, names) for n in self.retriever.last_notes]
-                files = {m: [names[p] for p in ps] for m, ps in images.items()}
+                unc = self._uncertainty(lv)
+            thumbs = {}
+            for m, paths in images.items():
+                jobs.checkpoint()
+                try:
+                    thumbs[m] = self._thumbnail(paths[0])
+                except InputError as e:    # it encoded, so this is unexpected; the query stands
+                    log.warning("thumbnail: %s", _uploaded_name(e, names))
+            files = {m: [names[p] for p in ps] for m, ps in images.items()}
+            jobs.checkpoint()
+            with self._lock:
                 return self._new_session(source={"kind": "upload", "files": files, "report": report is not None},
                                          modalities=list(used), mu=mu, logvar=lv, k=k, rerank=rerank, exclude=[],
-                                         notes=notes, uncertainty=self._uncertainty(lv), thumbnails=thumbs)
-            finally:
-                self.retriever.cache = cache
-                shutil.rmtree(folder, ignore_errors=True)
+                                         notes=notes, uncertainty=unc, thumbnails=thumbs)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def query_pacs(self, study_uid: str, modalities: Sequence[str] | None = None, k: int | None = None,
                    rerank: str | None = None) -> Session:
@@ -433,28 +534,31 @@ class ReviewService:
         thumbs: dict[str, bytes] = {}
 
         def thumbnail(m: str, series_folder: Path) -> None:
+            jobs.checkpoint()
             try:
                 thumbs[m] = self._thumbnail(series_folder)
             except InputError as e:     # the query stands without this picture
                 log.warning("thumbnail of study %s, %s: %s", study_uid, m, e.reason)
 
         # The archive's answers and the study's download (seconds to minutes) run under the
-        # archive lock only, so other users' queries go on meanwhile; the encoding and the
-        # search take the service lock too (always in this order; close() takes both).
-        with self._archive_lock:
-            folder = Path(tempfile.mkdtemp(prefix="pacs-", dir=self.tmp))
+        # archive lock only, so other users' queries go on meanwhile; the encoding takes the
+        # model lock, the search the service lock.
+        with jobs.holding(self._archive_lock):
+            folder = self._request_folder("pacs-")
             try:
                 study = self.archive.studies([str(study_uid).strip()])[0]
                 img_mods = None if mods is None else [m for m in mods if m in self.retriever.image_modalities]
                 got = retrieve_study(self.archive, self.retriever.image_modalities, study, load_rules(), folder,
                                      modalities=img_mods, on_series=thumbnail)
-                with self._lock:
+                with jobs.holding(self._model_lock):
+                    jobs.checkpoint()
                     mu, lv, used, _, notes = encode_retrieved(self.archive.url, self.retriever, got,
                                                               modalities=img_mods)
-                    src = {"kind": "pacs", "study_instance_uid": study.study_uid, "accession_number": study.accession}
+                    unc = self._uncertainty(lv)
+                src = {"kind": "pacs", "study_instance_uid": study.study_uid, "accession_number": study.accession}
+                with self._lock:
                     return self._new_session(source=src, modalities=list(used), mu=mu, logvar=lv, k=k, rerank=rerank,
-                                             exclude=[], notes=notes, uncertainty=self._uncertainty(lv),
-                                             thumbnails=thumbs)
+                                             exclude=[], notes=notes, uncertainty=unc, thumbnails=thumbs)
             finally:
                 shutil.rmtree(folder, ignore_errors=True)
 
@@ -512,6 +616,16 @@ class ReviewService:
             w.writeheader()
             w.writerows(rows)
             return buf.getvalue()
+
+
+def _remove_folder(folder: tuple[Path, int]) -> None:
+    """Remove a server folder, then let go of its lock."""
+    path, fd = folder
+    shutil.rmtree(path, ignore_errors=True)
+    try:
+        os.close(fd)
+    except OSError:
+        pass
 
 
 def _replace_names(text: str, names: Mapping[str, str]) -> str:

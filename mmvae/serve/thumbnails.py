@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 from collections import OrderedDict
 
 import numpy as np
@@ -73,22 +74,26 @@ def thumbnail_png(path: str | os.PathLike, *, size: int = 192, spatial_dims: int
 
 
 class ThumbnailCache:
-    """PNG bytes by key, least recently used evicted beyond ``max_items``."""
+    """PNG bytes by key, least recently used evicted beyond ``max_items``; thread-safe (a
+    missing thumbnail is built outside the lock: two requests may both build it)."""
 
     def __init__(self, max_items: int = 512):
         self.max_items = int(max_items)
         self._items: OrderedDict[tuple, bytes] = OrderedDict()
+        self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
 
     def get(self, key: tuple, build) -> bytes:
-        if key in self._items:
-            self.hits += 1
-            self._items.move_to_end(key)
-            return self._items[key]
-        self.misses += 1
+        with self._lock:
+            if key in self._items:
+                self.hits += 1
+                self._items.move_to_end(key)
+                return self._items[key]
+            self.misses += 1
         data = build()
-        self._items[key] = data
-        while len(self._items) > self.max_items:
-            self._items.popitem(last=False)
+        with self._lock:
+            self._items[key] = data
+            while len(self._items) > self.max_items:
+                self._items.popitem(last=False)
         return data
