@@ -295,7 +295,7 @@ def test_per_query_exclusion_groups_queries(data, indexes, kind, monkeypatch):
 def test_exact_fallback_without_selector_support(data, indexes, monkeypatch):
     # a faiss whose IndexBinaryFlat ignores selectors: the filtered binary search ranks
     # the allowed cases exactly instead
-    monkeypatch.setattr(index_mod, "_binary_selectors", lambda: False)
+    monkeypatch.setattr(index_mod.backends, "_binary_selectors", lambda: False)
     ix = indexes["binary"]
     calls = _count_faiss_calls(monkeypatch, ix)
     want = data["meta"][3]["labels"]["class"]
@@ -320,8 +320,8 @@ def test_posterior_rerank_equations():
             np.linalg.det(S) / math.sqrt(np.linalg.det(S1) * np.linalg.det(S2)))
         V = S1 + S2
         el = -0.5 * (dm @ np.linalg.inv(V) @ dm + math.log(np.linalg.det(2 * math.pi * V)))
-        got_b = index_mod._posterior_scores(mq, lq, md[j:j + 1], ld[j:j + 1], "bhattacharyya")
-        got_e = index_mod._posterior_scores(mq, lq, md[j:j + 1], ld[j:j + 1], "expected_likelihood")
+        got_b = index_mod.rerank.posterior_scores(mq, lq, md[j:j + 1], ld[j:j + 1], "bhattacharyya")
+        got_e = index_mod.rerank.posterior_scores(mq, lq, md[j:j + 1], ld[j:j + 1], "expected_likelihood")
         assert got_b[0] == pytest.approx(-db, rel=1e-10)
         assert got_e[0] == pytest.approx(el, rel=1e-10)
 
