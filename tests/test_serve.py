@@ -63,8 +63,8 @@ def expected_ids(service, q, lv, exclude, k, modalities=None):
 
 
 def request_files(service) -> list:
-    """What requests left in the service's folder (its owner lock and case cache are its own)."""
-    return sorted(p for p in service.tmp.iterdir() if p.name.startswith(("query-", "pacs-")))
+    """What requests left in the service's requests folder."""
+    return sorted(service.tmp.iterdir())
 
 
 def post(env, path, **kw):

@@ -111,10 +111,11 @@ def test_leftovers_of_dead_servers_are_swept_at_start(served, tmp_path):
     try:
         assert not dead.exists()
         assert live.exists() and (live / "query-2").exists() and other.exists()
-        assert s.tmp.parent == tmp_path and s.tmp.name.startswith(f"mmvae-serve-{os.getpid()}-")
+        assert s.folder.parent == tmp_path and s.folder.name.startswith(f"mmvae-serve-{os.getpid()}-")
+        assert s.tmp.parent == s.folder and list(s.tmp.iterdir()) == []
     finally:
         s.close(close_retriever=False)
-    assert not s.tmp.exists()
+    assert not s.folder.exists()
 
 
 def start_cli(served, port: int, tmp_root: Path) -> subprocess.Popen:

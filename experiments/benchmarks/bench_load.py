@@ -180,7 +180,7 @@ def main(argv=None) -> int:
                 time.sleep(1.0)
                 rss.append((time.perf_counter() - t_start, rss_mb(proc.pid)))
             wall = time.perf_counter() - t_start
-            left = [p.name for d in served_tmp.iterdir() for p in d.iterdir() if p.name.startswith(("query-", "pacs-"))]
+            left = [p.name for d in served_tmp.glob("mmvae-serve-*") for p in (d / "requests").iterdir()]
         finally:
             proc.send_signal(signal.SIGTERM)
             try:

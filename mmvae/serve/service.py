@@ -13,7 +13,7 @@ not relevant in round :math:`t` and the weights ``retrieval.rocchio`` of the run
 excluded. The JSON API (:mod:`mmvae.serve.app`) and the page show exactly these rankings.
 
 Uploaded files and their preprocessed arrays are written to a per-request folder inside the
-service's temporary folder (``mmvae-serve-<pid>-*``, :mod:`mmvae.serve.jobs`) and removed once
+service's temporary folder (``mmvae-serve-<pid>-*/requests``, :mod:`mmvae.serve.jobs`) and removed once
 the query is encoded, or when its deadline passes; the Retriever's cache (a subfolder) holds
 only arrays of indexed cases (queries with a subset of their modalities) and goes when the
 service closes. Folders of dead servers are swept when a service starts.
@@ -151,7 +151,9 @@ class ReviewService:
         if folder is None:
             jobs.sweep(tmp_root)
             folder = jobs.make_server_folder(tmp_root)
-        self.tmp, self._owner_fd = folder
+        self.folder, self._owner_fd = folder      # the server's folder: its lock, cache/, requests/
+        self.tmp = self.folder / "requests"       # one folder per request in flight, nothing else
+        self.tmp.mkdir(exist_ok=True)
         self._lock = threading.RLock()
         self._model_lock = threading.RLock()    # the Retriever's encoder state (cache, last notes)
         self._slots = threading.BoundedSemaphore(max(1, int(self.settings["workers"])))
@@ -209,7 +211,7 @@ class ReviewService:
         try:
             if close_retriever:
                 self.retriever.close()
-            _remove_folder((self.tmp, self._owner_fd))
+            _remove_folder((self.folder, self._owner_fd))
         finally:
             for lk, ok in zip((self._model_lock, self._lock), got):
                 if ok:
