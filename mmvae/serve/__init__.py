@@ -21,7 +21,7 @@ import time
 
 from mmvae.errors import InputError, MmvaeError
 
-__all__ = ["serve", "is_loopback", "free_port", "BackgroundServer"]
+__all__ = ["serve", "is_loopback", "free_port", "bind_socket", "BackgroundServer"]
 
 log = logging.getLogger(__name__)
 
