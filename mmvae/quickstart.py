@@ -6,8 +6,6 @@ CIs for every non-empty query subset), ``embeddings.npz`` and ``index/``.
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import time
 from pathlib import Path
@@ -17,11 +15,8 @@ from mmvae.config import describe_text
 from mmvae.data.synth import make_cohort
 from mmvae.errors import ConfigError
 from mmvae.progress import progress_bar
-from mmvae.retrieval.embed import embed_cohort, embedding_kind
-from mmvae.retrieval.evaluate import chance_map, evaluate, markdown_table
-from mmvae.retrieval.index import build_index
-from mmvae.runs.files import fingerprint
-from mmvae.runs.trained import load_cohort, load_trained
+from mmvae.retrieval.evaluate import chance_map
+from mmvae.retrieval.pipeline import embed_run, evaluate_embeddings, index_embeddings, write_tables
 from mmvae.train.loop import train_and_evaluate
 
 
@@ -53,17 +48,6 @@ def synthesize(config, out_dir: Path, *, show_progress: bool = True) -> Path:
     return Path(manifest)
 
 
-def rows_to_csv(rows: list[dict]) -> str:
-    keys = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=keys)
-    w.writeheader()
-    w.writerows(rows)
-    return buf.getvalue()
-
-
 def run_quickstart(config, workdir: str | Path, *, show_progress: bool = True, log=print) -> list[dict]:
 
     workdir = Path(workdir)
@@ -81,28 +65,16 @@ def run_quickstart(config, workdir: str | Path, *, show_progress: bool = True, l
     log(f"[2/5] trained {summary['step']} steps on {summary['num_train']} cases in {summary['train_seconds']:.0f}s "
         f"(first step incl. compile {summary['compile_seconds'] or 0:.1f}s); "
         f"final loss {summary['metrics'].get('loss', float('nan')):.1f}; " + text)
-    config_t, spec, model, tokenizer = load_trained(workdir)
-    cohort, _, _ = load_cohort(config_t, workdir, str(manifest), tokenizer=tokenizer, show_progress=show_progress)
-    ident = {"model_fingerprint": fingerprint(spec), "checkpoint_step": summary["step"],
-             "workdir": str(Path(workdir).resolve()), "label": str(config_t.data.label)}
-    emb = embed_cohort(model, cohort, identity=ident, show_progress=show_progress,
-                       standardize=bool(config_t.retrieval.get("standardize", True)),
-                       embedding=embedding_kind(config_t))
-    emb.save(workdir / "embeddings.npz")
+    run = embed_run(workdir, manifest, out=workdir / "embeddings.npz", show_progress=show_progress)
+    emb, spec = run.embeddings, run.spec
     vectors = (f"the {len(emb.modalities)} experts' standardised means concatenated ({emb.mu.shape[1]} dims)"
                if emb.embedding == "experts" else f"the fused posterior mean ({emb.mu.shape[1]} dims)")
     log(f"[3/5] embedded {len(emb.case_ids)} cases (latent {spec.embedding_dim}, fusion {spec.fusion}; "
         f"retrieval vectors: {vectors})")
-    meta = [{"modalities": [m for m, p in zip(emb.modalities, row) if p > 0], "labels": lab}
-            for row, lab in zip(emb.present, emb.labels)]
-    index = build_index(emb.mu, emb.logvar, emb.case_ids, meta, kind="flat", metric=config.retrieval.metric,
-                        identity=dict(emb.identity))
-    index.save(workdir / "index")
+    index_embeddings(emb, workdir / "index", kind="flat", metric=config.retrieval.metric)
     log(f"[4/5] exact FAISS index of {len(emb.case_ids)} cases -> {workdir / 'index'}")
     k = int(config.retrieval.k)
-    rows = evaluate(emb, config.data.label, k, metric=config.retrieval.metric)
-    table = markdown_table(rows, k)
-    atomic_write_text(workdir / "retrieval.csv", rows_to_csv(rows))
+    rows, table = evaluate_embeddings(emb, config.data.label, k, metric=config.retrieval.metric)
     labels = [lab.get(config.data.label, "") for lab in emb.labels]
     chance = chance_map(labels, list(range(len(labels))), k)
     all_row = next((r for r in rows if r["query"] == "+".join(emb.modalities)), rows[0])
@@ -111,10 +83,10 @@ def run_quickstart(config, workdir: str | Path, *, show_progress: bool = True, l
     log(table)
     log(f"\nAll-modality mAP@{k} {all_row.get(f'map@{k}', float('nan')):.3f}; "
         f"chance level (random ranking) {chance:.3f}.")
-    atomic_write_text(workdir / "retrieval.md",
-                      f"# Leave-one-case-out retrieval of `{config.data.label}` (synthetic cohort)\n\n"
-                      f"Model: {spec.fusion} fusion, embedding dimension {spec.embedding_dim}, {summary['step']} steps; "
-                      f"{text}. Retrieval vectors: {vectors}.\n\n"
-                      + table + f"\nChance mAP@{k} (random ranking, same protocol): {chance:.3f}\n")
+    write_tables(workdir / "retrieval", rows,
+                 f"# Leave-one-case-out retrieval of `{config.data.label}` (synthetic cohort)\n\n"
+                 f"Model: {spec.fusion} fusion, embedding dimension {spec.embedding_dim}, {summary['step']} steps; "
+                 f"{text}. Retrieval vectors: {vectors}.\n\n"
+                 + table + f"\nChance mAP@{k} (random ranking, same protocol): {chance:.3f}\n")
     log(f"Tables: {workdir / 'retrieval.md'}, {workdir / 'retrieval.csv'}")
     return rows

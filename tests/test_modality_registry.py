@@ -26,7 +26,8 @@ from mmvae.models.modalities.kind import Kind
 from mmvae.retrieval.embed import embed_cohort
 from mmvae.retrieval.evaluate import chance_map, evaluate
 from mmvae.retrieval.index import build_index
-from mmvae.retrieval.query import Retriever, query_main
+from mmvae.cli.query import query_main
+from mmvae.retrieval.query import Retriever
 from mmvae.runs.files import fingerprint
 from mmvae.runs.trained import load_cohort, load_trained
 from mmvae.train.loop import train_and_evaluate

@@ -35,9 +35,10 @@ from mmvae.experiments import baselines, protocol
 from mmvae.experiments.baselines import run_baseline
 from mmvae.experiments.protocol import BlockEmbeddings, held_out
 from mmvae.quickstart import synthesize
-from mmvae.retrieval.embed import embed_cohort, embedding_kind, Embeddings
+from mmvae.retrieval.embed import embedding_kind, Embeddings
 from mmvae.retrieval.evaluate import evaluate
-from mmvae.runs.trained import load_cohort, load_trained
+from mmvae.retrieval.pipeline import embed_run
+from mmvae.runs.trained import load_cohort
 from mmvae.train.loop import train_and_evaluate
 
 # Objective variants: dotted config overrides applied on top of the base config.
@@ -200,10 +201,7 @@ def _train_vae(config, workdir: Path):
             emb.save(emb_path)        # the cell's file holds what it was evaluated with
         return emb, json.loads((workdir / "train_done.json").read_text())
     summary = train_and_evaluate(config, workdir, show_progress=False)
-    config_t, spec, model, tok = load_trained(workdir)
-    cohort, _, _ = load_cohort(config_t, workdir, config.data.manifest, tokenizer=tok, show_progress=False)
-    emb = embed_cohort(model, cohort, show_progress=False, standardize=standardize, embedding=kind)
-    emb.save(emb_path)
+    emb = embed_run(workdir, config.data.manifest, out=emb_path, show_progress=False).embeddings
     info = {"train_seconds": summary.get("train_seconds"), "steps": summary.get("step"),
             "compile_seconds": summary.get("compile_seconds")}
     atomic_write_text(workdir / "train_done.json", json.dumps(info))

@@ -1,10 +1,7 @@
-"""Query by example with a study that lives in the archive (``mmvae query --pacs URL --study UID``)."""
+"""Query by example with a study that lives in the archive (the command: ``mmvae query --pacs URL
+--study UID``, :func:`mmvae.cli.pacs.pacs_query_main`)."""
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
 import tempfile
 from pathlib import Path
 from typing import Sequence
@@ -15,7 +12,7 @@ from mmvae.pacs.ingest import encode_study
 from mmvae.pacs.rules import load_rules
 from mmvae.retrieval.query import Retriever
 
-__all__ = ["query_study", "pacs_query_main"]
+__all__ = ["query_study"]
 
 
 def query_study(retriever: Retriever, archive: Archive, study_uid: str, *, modalities: Sequence[str] | None = None,
@@ -44,35 +41,3 @@ def query_study(retriever: Retriever, archive: Archive, study_uid: str, *, modal
                      "modalities": list(r.modalities), "labels": r.labels})
     return {"study": {"study_instance_uid": study.study_uid, "accession_number": study.accession},
             "modalities": list(used), "decisions": notes, "results": rows}
-
-
-def pacs_query_main(argv: Sequence[str], out=None) -> None:
-    """``mmvae query --pacs URL --study UID --workdir RUN --index IDX [--modalities t2,dwi] [--k N] [--json]``."""
-    out = out or sys.stdout
-    p = argparse.ArgumentParser(prog="mmvae query --pacs", description=pacs_query_main.__doc__)
-    p.add_argument("--pacs", required=True, help="DICOMweb root, e.g. http://127.0.0.1:8042/dicom-web")
-    p.add_argument("--study", required=True, help="StudyInstanceUID of the query study")
-    p.add_argument("--workdir", required=True)
-    p.add_argument("--index", required=True)
-    p.add_argument("--modalities", help="comma list of image modalities to use (default: all the study has)")
-    p.add_argument("--modality-rules", help="JSON rules file (default: brain + prostate MRI rules)")
-    p.add_argument("--k", type=int, default=10)
-    p.add_argument("--exclude-self", action="store_true", help="leave the query study out of the results")
-    p.add_argument("--username", help="HTTP basic authentication (password from $MMVAE_PACS_PASSWORD)")
-    p.add_argument("--json", action="store_true")
-    a = p.parse_args(list(argv))
-    archive = Archive(a.pacs, username=a.username, password=os.environ.get("MMVAE_PACS_PASSWORD"))
-    mods = [m for m in (a.modalities or "").split(",") if m] or None
-    with Retriever.load(a.workdir, a.index) as r:
-        doc = query_study(r, archive, a.study, modalities=mods, rules_path=a.modality_rules, k=a.k,
-                          exclude_self=a.exclude_self)
-    if a.json:
-        print(json.dumps(doc, indent=1), file=out)
-        return
-    for d in doc["decisions"]:
-        print(f"# {d}", file=out)
-    print(f"query study {a.study} with {'+'.join(doc['modalities'])}", file=out)
-    print(f"{'rank':>4}  {'score':>7}  {'accession':<12}  study", file=out)
-    for r in doc["results"]:
-        print(f"{r['rank']:>4}  {r['score']:7.4f}  {r['accession_number'] or '-':<12}  {r['study_instance_uid']}",
-              file=out)
