@@ -45,6 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
         val_fraction=0.2,
         split_seed=0,
         on_error="raise",             # raise | skip
+        empty_report="drop",          # a cohort case's blank report: drop (the case kept, noted, warned) | error
         extra_modalities="error",     # manifest modality not in the config: error | ignore
         text=dict(max_len=256, tokenizer_dir="", vocab_max=4096),   # 256 subword tokens: p90 of real reports (docs/data.md)
         dwi_b_value="highest",        # DWI series with several b-values: highest | lowest | all | a b-value in s/mm²
@@ -163,6 +164,7 @@ CHOICES = {
     "data.crop": ("auto", "foreground", "center", "fit"),
     "data.normalize": ("zscore", "minmax", "none"),
     "data.on_error": ("raise", "skip"),
+    "data.empty_report": ("drop", "error"),
     "data.extra_modalities": ("error", "ignore"),
     "data.spatial_dims": (2, 3),
     "model.fusion": ("poe", "moe", "mopoe"),

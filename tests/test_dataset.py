@@ -202,8 +202,18 @@ def test_missing_and_empty_report(tmp_path):
     empty.write_text("  \n")
     m = write_manifest([ManifestEntry("a", "t1", str(img)), ManifestEntry("a", "report", str(empty))],
                        tmp_path / "m.jsonl")
-    with pytest.raises(InputError, match=r"case 'a'.*modality 'report'.*empty report"):
-        prepare_cohort(m, data_cfg(), PreprocessCache(tmp_path / "c"), show_progress=False)
+    # data.empty_report=error: the blank report stops the cohort, naming case, modality, file
+    with pytest.raises(InputError, match=r"case 'a'.*modality 'report'.*r.txt.*empty report"):
+        prepare_cohort(m, data_cfg(empty_report="error"), PreprocessCache(tmp_path / "c"), show_progress=False)
+    # default (drop), even with on_error=raise: the case is kept without its report, noted and warned
+    cohort = prepare_cohort(m, data_cfg(), PreprocessCache(tmp_path / "c"), show_progress=False)
+    assert cohort.case_ids == ["a"] and cohort.reports == [None] and cohort.present_modalities(0) == ["t1"]
+    [n] = [n for n in cohort.notes if n["kind"] == "dropped"]
+    assert n["modality"] == "report" and "empty report" in n["message"] and n["path"].endswith("r.txt")
+    # text that is not text is still an error (only blank reports are dropped by default)
+    empty.write_bytes(b"\x00" * 100)
+    with pytest.raises(InputError, match=r"case 'a'.*modality 'report'"):
+        prepare_cohort(m, data_cfg(), PreprocessCache(tmp_path / "c2"), show_progress=False)
     m2 = write_manifest([ManifestEntry("a", "t1", str(img)), ManifestEntry("a", "report", str(tmp_path / "no.txt"))],
                         tmp_path / "m2.jsonl")
     with pytest.raises(InputError, match=r"case 'a'.*modality 'report'.*no.txt"):

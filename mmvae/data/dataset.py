@@ -389,7 +389,13 @@ def prepare_cohort(manifest: str | Path, data_cfg, cache: PreprocessCache, token
                                      path=case.report_path)
             except InputError as e:
                 report = None
-                dropped(e, REPORT)
+                if e.reason == "empty report" and data_cfg.empty_report == "drop":
+                    # A blank report is a missing report, not a broken file: one blank export in a
+                    # cohort of hundreds does not stop training (data.empty_report; queries stay strict).
+                    note("dropped", REPORT, str(e) + " (data.empty_report=drop: the case is kept without "
+                                                     "its report)", getattr(e, "path", None))
+                else:
+                    dropped(e, REPORT)
             if not imgs and report is None and not case.metadata:
                 why = "; ".join(n["message"] for n in notes if n["kind"] == "dropped")
                 raise InputError("case has no usable modality" + (f" ({why})" if why else ""), case_id=case.case_id)
