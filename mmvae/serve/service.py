@@ -51,6 +51,7 @@ from mmvae.data.manifest import CaseEntries, REPORT, group_cases, read_manifest
 from mmvae.errors import InputError
 from mmvae.retrieval.index import RERANKS, Result
 from mmvae.retrieval.query import QUERY_CASE, Retriever, _strip_case
+from mmvae.retrieval.uncertainty import posterior_spread
 from mmvae.serve import jobs
 from mmvae.serve.thumbnails import ThumbnailCache, thumbnail_png
 
@@ -79,12 +80,13 @@ def uncertainty(logvar: np.ndarray, reference_logvar: np.ndarray | None = None) 
     Returns ``mean_variance`` = mean_j σ_j², ``log_det`` = log det Σ = Σ_j log σ_j² (both in
     the index's embedding units, i.e. standardised when the index is), and, given the
     indexed cases' ``reference_logvar`` ``(N, E)``, ``percentile``: the share (%) of indexed
-    cases whose mean variance is lower (0 = the most certain, 100 = the least)."""
-    lv = np.asarray(logvar, np.float64)
-    mv = float(np.mean(np.exp(lv)))
-    out = {"mean_variance": mv, "log_det": float(np.sum(lv))}
+    cases whose mean variance is lower (0 = the most certain, 100 = the least). The spread is
+    :func:`mmvae.retrieval.uncertainty.posterior_spread`'s."""
+    mv, ld = posterior_spread(logvar)
+    mv = float(mv)
+    out = {"mean_variance": mv, "log_det": float(ld)}
     if reference_logvar is not None and len(reference_logvar):
-        ref = np.mean(np.exp(np.asarray(reference_logvar, np.float64)), axis=1)
+        ref = posterior_spread(reference_logvar)[0]
         out["percentile"] = float(100.0 * np.mean(ref < mv))
     return out
 
