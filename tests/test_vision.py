@@ -1,7 +1,6 @@
 """Tests of mmvae.models.vision: EfficientNet-Lite0 port, safe .pth reader, weights cache."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import pickle
 import shutil
@@ -16,7 +15,7 @@ import pytest
 from flax import nnx
 
 from mmvae.errors import CheckpointError, ConfigError, InputError
-from mmvae.models import vision
+from mmvae.models import vision, vision_reference
 from mmvae.models.vision import (
     EFFICIENTNET_LITE0_SHA256,
     EXTRA_HINT,
@@ -34,14 +33,6 @@ REFERENCE = ROOT / "tests" / "data" / "efficientnet_lite0_reference.json"
 PTH = find_efficientnet_lite0_weights()
 needs_weights = pytest.mark.skipif(
     PTH is None, reason=f"{vision.WEIGHTS_PACKAGE} is not installed ({EXTRA_HINT})")
-
-
-def _reference_script():
-    spec = importlib.util.spec_from_file_location(
-        "make_efficientnet_reference", ROOT / "experiments" / "make_efficientnet_reference.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @nnx.jit
@@ -65,14 +56,14 @@ def model(cache_dir):
 @needs_weights
 def test_matches_pytorch_reference(model):
     ref = json.loads(REFERENCE.read_text(encoding="utf-8"))
-    script = _reference_script()
-    assert tuple(script.MEAN) == IMAGENET_MEAN and tuple(script.STD) == IMAGENET_STD
+    assert tuple(vision_reference.MEAN) == IMAGENET_MEAN and tuple(vision_reference.STD) == IMAGENET_STD
+    assert [(r["seed"], r["height"], r["width"]) for r in ref["inputs"]] == list(vision_reference.INPUTS)
     assert ref["normalisation"] == {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
     worst = 0.0
     # Full f32 convolutions also where the platform default is lower (TF32 on GPUs).
     with jax.default_matmul_precision("float32"):
         for r in ref["inputs"]:
-            x = script.make_input(r["seed"], r["height"], r["width"])
+            x = vision_reference.reference_input(r["seed"], r["height"], r["width"])
             x64 = x.astype(np.float64)
             np.testing.assert_allclose(x64.sum(), r["input_sum"], rtol=1e-7, atol=1e-6)
             np.testing.assert_allclose(np.square(x64).sum(), r["input_sum_sq"], rtol=1e-7)
