@@ -37,7 +37,6 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from flax import nnx
@@ -52,9 +51,8 @@ from mmvae.models.modalities.report import FROZEN_BERT, ReportEncoder
 from mmvae.models.mvae import MultimodalVAE
 from mmvae.models.text import load_hf_bert, mean_pool
 from mmvae.objectives.elbo import info_nce, random_subsets, unit
-from mmvae.runs.setup import init_state, model_spec, optimizer
-from mmvae.train.loop import cache_frozen_report
-from mmvae.train.step import make_train_step
+from mmvae.runs.setup import model_spec
+from mmvae.train.fit import cache_frozen_report, fit
 
 log = logging.getLogger(__name__)
 
@@ -473,33 +471,6 @@ def _init_model(cohort: Cohort, config, seed: int, num_classes: int = 0):
     return spec, graphdef, params
 
 
-@functools.lru_cache(maxsize=8)
-def _tx(optim_json: str):
-    """AdamW as :func:`mmvae.runs.setup.optimizer` builds it (clipping, weight decay) with the
-    learning rate a value in the optimiser state (``optax.inject_hyperparams``) that the host
-    sets each step (:func:`_set_lr`), so one compiled step serves every fit whatever its number
-    of steps. Cached per ``config.optim`` (as JSON) so that fits share the compiled step."""
-    o = json.loads(optim_json)
-    adamw = optax.inject_hyperparams(optax.adamw)(learning_rate=0.0, weight_decay=float(o["weight_decay"]))
-    clip = float(o["clip_norm"] or 0.0)
-    return optax.chain(optax.clip_by_global_norm(clip), adamw) if clip > 0 else optax.chain(adamw)
-
-
-def _optimizer(config, steps: int):
-    """``(tx, schedule)``: :func:`_tx` and the warm-up + cosine/constant learning-rate schedule of
-    :func:`mmvae.runs.setup.optimizer` over ``steps``."""
-    o = config.optim
-    sched = optimizer(ml_collections.ConfigDict({"optim": o.to_dict(), "train": {"steps": int(steps)}}))[1]
-    return _tx(json.dumps(o.to_dict(), sort_keys=True, default=list)), sched
-
-
-def _set_lr(opt_state, lr: float):
-    """The optimiser state with the injected learning rate set to ``lr`` (see :func:`_optimizer`)."""
-    inner = opt_state[-1]
-    hp = dict(inner.hyperparams, learning_rate=jnp.asarray(lr, jnp.float32))
-    return tuple(opt_state[:-1]) + (inner._replace(hyperparams=hp),)
-
-
 def _clip_loss(model, batch, key, step, temperature: float):
     experts, present, _ = model.encode(batch)
     loss = info_nce(experts.mu.astype(jnp.float32), present, temperature)
@@ -521,13 +492,11 @@ def _supervised_loss(model, batch, key, step):
 
 
 @functools.lru_cache(maxsize=8)
-def _step_fn(graphdef, kind: str, temperature: float, tx, frozen: tuple[str, ...] = ()):
-    """The project's train step (:func:`mmvae.train.step.make_train_step`: guarded update,
-    non-finite steps skipped) with the baseline's loss, jitted; shared by every fit with the
-    same model structure and optimiser (compiled once per batch shape, whatever the
-    presence masks, seed or number of steps)."""
-    loss = functools.partial(_clip_loss, temperature=temperature) if kind == "clip" else _supervised_loss
-    return jax.jit(make_train_step(graphdef, tx, None, loss=loss, frozen=frozen))
+def _loss(kind: str, temperature: float) -> Callable:
+    """The baseline's loss for :func:`mmvae.train.fit.fit`, one object per (kind, temperature) so that
+    every fit with the same model structure and optimiser shares the compiled step (compiled once per
+    batch shape, whatever the presence masks, seed or number of steps)."""
+    return functools.partial(_clip_loss, temperature=temperature) if kind == "clip" else _supervised_loss
 
 
 @functools.lru_cache(maxsize=8)
@@ -539,12 +508,12 @@ def _encode_fn(graphdef):
 
 
 def _train(graphdef, params, train: Cohort, config, kind: str, steps: int, seed: int) -> tuple:
-    """``steps`` updates on batches of ``train`` in the pipeline's seeded order
-    (:func:`mmvae.data.pipeline.train_batches`) → ``(params, losses (steps,), step_fn, batch size)``."""
+    """``steps`` updates (:func:`mmvae.train.fit.fit`: the project's guarded step and optimiser) on
+    batches of ``train`` in the pipeline's seeded order (:func:`mmvae.data.pipeline.train_batches`)
+    → ``(params, losses (steps,), step_fn, batch size)``."""
     bs = min(int(config.train.batch_size), len(train))
     if bs < 2:
         raise ConfigError(f"{kind}: need at least 2 training cases, got {len(train)}")
-    tx, sched = _optimizer(config, int(steps))
     model = nnx.merge(graphdef, params)
     vae = model.vae if isinstance(model, _Classifier) else model
     frozen = ()
@@ -554,19 +523,13 @@ def _train(graphdef, params, train: Cohort, config, kind: str, steps: int, seed:
         # is computed once (as in the VAE's training loop) and only the heads train.
         frozen = (FROZEN_BERT, f"vae/{FROZEN_BERT}")   # the VAE baselines' and _Classifier's paths
         train = cache_frozen_report(vae.encoders["report"], train)
-    step = _step_fn(graphdef, kind, float(config.objective.alignment_temperature), tx, frozen)
-    state = init_state(model, tx)[1]
-    base = jax.random.key(int(seed))
-    losses = np.zeros(int(steps), np.float32)
     it = train_batches(train, bs, int(seed), Position())
     try:
-        for t in range(int(steps)):
-            state["opt_state"] = _set_lr(state["opt_state"], sched(t))
-            state, metrics = step(state, next(it)[0], jax.random.fold_in(base, t))
-            losses[t] = float(metrics["loss"])
+        out = fit(model, _loss(kind, float(config.objective.alignment_temperature)), config.optim,
+                  (batch for batch, _ in it), steps=int(steps), seed=int(seed), frozen=frozen)
     finally:
         it.close()
-    return state["params"], losses, step, bs
+    return out.params, out.losses, out.step_fn, bs
 
 
 def _steps(config, steps) -> int:

@@ -101,11 +101,14 @@ def objective_spec(config, spec: ModelSpec) -> ObjectiveSpec:
     return obj
 
 
-def optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def optimizer(config, *, host_lr: bool = False) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW with linear warm-up + cosine (or constant) schedule and global-norm clipping.
 
     Returns ``(transformation, learning-rate schedule)``. EMA of the parameters
-    (``optim.ema_decay``) is applied by the train step, not here.
+    (``optim.ema_decay``) is applied by the train step, not here. ``host_lr``: AdamW's learning
+    rate is a value in the optimiser state (``optax.inject_hyperparams``, initially 0) that the
+    caller sets from the schedule each step (:func:`mmvae.train.fit.set_learning_rate`), so the
+    transformation does not depend on ``train.steps`` (:func:`mmvae.train.fit.fit`).
     """
     o, steps = config.optim, int(config.train.steps)
     if o.schedule == "cosine":
@@ -119,7 +122,10 @@ def optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
     parts = []
     if o.clip_norm and o.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(o.clip_norm))
-    parts.append(optax.adamw(lr, weight_decay=o.weight_decay))
+    if host_lr:
+        parts.append(optax.inject_hyperparams(optax.adamw)(learning_rate=0.0, weight_decay=float(o.weight_decay)))
+    else:
+        parts.append(optax.adamw(lr, weight_decay=o.weight_decay))
     return optax.chain(*parts), lr
 
 

@@ -39,7 +39,7 @@ from mmvae.data.dataset import (Cohort, read_case_list, split_indices, with_labe
 from mmvae.data.pipeline import eval_batches as eval_batch_stream, Position, train_batches as train_batch_stream
 from mmvae.errors import CheckpointError, ConfigError, MmvaeError
 from mmvae.models import fusion as F
-from mmvae.models.modalities.report import FROZEN_BERT, POOLED
+from mmvae.models.modalities.report import FROZEN_BERT
 from mmvae.models.mvae import build_model
 from mmvae.models.text import load_hf_bert
 from mmvae.progress import progress_bar
@@ -52,6 +52,7 @@ from mmvae.sharding import (data_mesh, gather, local_rows, maybe_initialize_dist
                             state_shardings)
 from mmvae.train import evaluators as evals
 from mmvae.train.evaluators import ValidationPass
+from mmvae.train.fit import cache_frozen_report  # noqa: F401  (also imported from here)
 from mmvae.train.metrics import MetricWriter
 from mmvae.train.step import make_eval_step, make_train_step
 # Module-level names (tests substitute them to slow down or poison the stream).
@@ -159,34 +160,6 @@ def initial_state(spec, seed: int, tx, ema: float, shardings, *, pretrained_dir:
         model.encoders["report"].bert = bert
         return place(init_state(model, tx, ema)[1], shardings)
     return jax.jit(lambda: init_state(build_model(spec, seed), tx, ema)[1], out_shardings=shardings)()
-
-
-def cache_frozen_report(encoder, cohort: Cohort, batch_size: int = 32) -> Cohort:
-    """Add the batch entry ``report/pooled`` ``(N, H)`` float32 to ``cohort``: the frozen report
-    BERT's mean-pooled output of every case (zeros where the report is absent).
-
-    ``encoder``: the model's report expert (:class:`~mmvae.models.modalities.report.ReportEncoder`).
-    With ``model.text.freeze`` the BERT never changes and has no dropout, so its output is a
-    fixed function of the tokens: computing it once here and training only the head above it
-    (:func:`mmvae.models.modalities.report._encode` uses the entry when a batch has it) gives the
-    same loss as running the BERT at every step (tests/test_retrieval_quality.py), without its
-    forward and backward passes. Only for a frozen BERT: with a trainable one the entry would be
-    stale. Single-process (the output is gathered on the host).
-    """
-    enc_def, enc_state = nnx.split(encoder)
-    fn = jax.jit(lambda st, ids, mask: nnx.merge(enc_def, st).pooled(ids, mask))
-    ids, mask = cohort.arrays["report/ids"], cohort.arrays["report/mask"]
-    out = []
-    for i in range(0, len(cohort), batch_size):
-        b_ids, b_mask = ids[i:i + batch_size], mask[i:i + batch_size]
-        n = len(b_ids)
-        if n < batch_size:   # one compiled shape
-            pad = ((0, batch_size - n), (0, 0))
-            b_ids, b_mask = np.pad(b_ids, pad), np.pad(b_mask, pad)
-        out.append(np.asarray(fn(enc_state, b_ids, b_mask))[:n])
-    pooled = np.concatenate(out, 0) if out else np.zeros((0, 1), np.float32)
-    pooled *= (mask.sum(-1, keepdims=True) > 0)
-    return dataclasses.replace(cohort, arrays={**cohort.arrays, POOLED: pooled.astype(np.float32)})
 
 
 def _check_resumable(config, meta: dict, where: str, fp: str | None = None, obj=None) -> None:
