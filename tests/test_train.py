@@ -479,3 +479,31 @@ def test_frozen_parameters_keep_their_value_and_their_ema():
         np.testing.assert_array_equal(np.asarray(state["ema"]["bert"][name][...]), start["bert"][name])
     assert not np.allclose(np.asarray(state["params"]["head"]["kernel"][...]), start["head"]["kernel"])
     assert not np.allclose(np.asarray(state["ema"]["head"]["kernel"][...]), start["head"]["kernel"])
+
+
+def test_host_lr_optimizer_matches_the_scheduled_one():
+    """train.fit's optimiser (runs.setup.optimizer(host_lr=True), the rate set from the schedule on
+    the host each step) takes the updates of the training loop's (the schedule inside optax)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from mmvae.config import load_config
+    from mmvae.runs.setup import optimizer
+    from mmvae.train.fit import host_lr_optimizer, set_learning_rate
+
+    config = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "tiny.py"))
+    config.train.steps, config.optim.warmup_steps = 6, 2
+    tx, sched = optimizer(config)
+    htx, hsched = host_lr_optimizer(config.optim, 6)
+    assert host_lr_optimizer(config.optim, 99)[0] is htx          # one tx whatever the steps
+    p = {"w": jnp.arange(4.0), "b": jnp.ones(2)}
+    s, hs, hp = tx.init(p), htx.init(p), p
+    for t in range(6):
+        g = jax.tree.map(lambda x: jnp.sin(x * (t + 1)), p)
+        hg = jax.tree.map(lambda x: jnp.sin(x * (t + 1)), hp)
+        assert float(hsched(t)) == float(sched(t))
+        u, s = tx.update(g, s, p)
+        hu, hs = htx.update(hg, set_learning_rate(hs, hsched(t)), hp)
+        p, hp = optax.apply_updates(p, u), optax.apply_updates(hp, hu)
+        for k in p:
+            np.testing.assert_allclose(np.asarray(hp[k]), np.asarray(p[k]), rtol=1e-6, atol=1e-7)
