@@ -23,46 +23,8 @@ import sys
 from pathlib import Path
 
 from mmvae.errors import MmvaeError
-from mmvae.experiments.grid import (BASELINES, OBJECTIVES, Cell, GridContext, all_modalities, nonempty_subsets,
-                                    run_grid, write_outputs)
-
-
-def training_subsets(spec: str, modalities: list[str]) -> list[tuple[str, ...]]:
-    out: list[tuple[str, ...]] = []
-    for part in [p.strip() for p in spec.split(",") if p.strip()]:
-        if part == "full":
-            out.append(tuple(modalities))
-        elif part == "drop-one":
-            out += [tuple(m for m in modalities if m != d) for d in modalities] if len(modalities) > 1 else []
-        elif part == "singletons":
-            out += [(m,) for m in modalities]
-        elif part == "all":
-            out += nonempty_subsets(modalities)
-        else:
-            names = part.split("+")
-            unknown = [n for n in names if n not in modalities]
-            if unknown:
-                raise MmvaeError(f"--train-subsets: unknown modality {unknown} in {part!r}; known: {modalities}")
-            out.append(tuple(m for m in modalities if m in names))
-    return list(dict.fromkeys(out))
-
-
-def build_cells(modalities, train_subsets, fusions, objectives, seeds, baselines) -> list[Cell]:
-    images = tuple(m for m in modalities if m not in ("report", "clinical"))
-    cells = [Cell("vae", t, f, o, s) for s in seeds for f in fusions for o in objectives for t in train_subsets]
-    for s in seeds:
-        for b in baselines:
-            if b == "late_fusion":
-                cells += [Cell("late_fusion", tuple(modalities), f, objectives[0], s) for f in fusions[:1]]
-            elif b in ("raw_pca", "handcrafted"):
-                cells.append(Cell(b, images, seed=s))
-            elif b in ("report_minilm", "report_tfidf"):
-                cells.append(Cell(b, ("report",), seed=s))
-            elif b in ("logreg_tfidf", "pretrained"):   # image features + report; no clinical block
-                cells.append(Cell(b, images + (("report",) if "report" in modalities else ()), seed=s))
-            else:
-                cells.append(Cell(b, tuple(modalities), seed=s))
-    return cells
+from mmvae.experiments.grid import (BASELINES, OBJECTIVES, GridContext, all_modalities, build_cells, run_grid,
+                                    training_subsets, write_outputs)
 
 
 def parse(argv=None):

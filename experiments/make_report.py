@@ -27,7 +27,6 @@ VAE runs); the test suite runs it on ``configs/tiny.py``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import shutil
@@ -37,15 +36,14 @@ from typing import Sequence
 
 import numpy as np
 
+from mmvae.atomic import atomic_write_text
+from mmvae.errors import MmvaeError
+from mmvae.experiments import grid as G
+from mmvae.experiments import report as R
+from mmvae.experiments.brats import brats_manifest
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
 
-from mmvae.atomic import atomic_write_text  # noqa: E402
-from mmvae.errors import MmvaeError  # noqa: E402
-from mmvae.experiments import grid as G  # noqa: E402
-from mmvae.experiments import report as R  # noqa: E402
-
-BRATS_MODALITIES = ["t1", "t1ce", "t2", "flair"]
 # BraTS defaults for a 2-core CPU: 6 mm voxels (32³ covers 192 mm), 300 steps, batch 4,
 # two sampled subsets per step.
 # configs/brats.py:sample=1 is the small CPU recipe (32³ at 6 mm, 300 steps, batch 4, no periodic
@@ -90,58 +88,18 @@ def parse(argv=None):
     return p.parse_args(argv)
 
 
-# --------------------------------------------------------------------------- BraTS
-def tumour_volumes(root: Path, case_ids) -> dict[str, float]:
-    """Tumour volume in mL per case: voxels with a non-zero ``*_seg`` label × voxel volume."""
-    import nibabel as nib
-    out = {}
-    for case in case_ids:
-        seg = next(iter(sorted((root / case).glob(f"{case}_seg.nii*"))), None)
-        if seg is None:
-            continue
-        img = nib.load(str(seg))
-        vox_ml = float(np.prod(img.header.get_zooms()[:3])) / 1000.0
-        out[case] = float(np.count_nonzero(np.asarray(img.dataobj))) * vox_ml
-    return out
-
-
-def tertiles(values: dict[str, float]) -> dict[str, str]:
-    """``small`` / ``medium`` / ``large`` by rank (equal thirds; ties keep case order)."""
-    order = sorted(values, key=lambda c: (values[c], c))
-    n = len(order)
-    names = ("small", "medium", "large")
-    return {c: names[min(2, (3 * i) // n)] for i, c in enumerate(order)}
-
-
-def brats_manifest(root: Path, path: Path) -> tuple[Path, dict]:
-    from mmvae.data.manifest import write_manifest
-    from mmvae.data.scan import scan_folder
-    entries = scan_folder(root, layout="brats", modalities=BRATS_MODALITIES)
-    cases = sorted({e.case_id for e in entries})
-    vols = tumour_volumes(root, cases)
-    terc = tertiles(vols)
-    entries = [dataclasses.replace(e, labels={**e.labels, **({"tumour_volume": terc[e.case_id]}
-                                                           if e.case_id in terc else {})}) for e in entries]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_manifest(entries, path)
-    info = {c: {"grade": next((e.labels.get("grade", "") for e in entries if e.case_id == c), ""),
-                "tumour_ml": round(vols.get(c, float("nan")), 1), "tumour_volume": terc.get(c, "")} for c in cases}
-    return path, info
-
-
 # --------------------------------------------------------------------------- parts
 def _cells(mods, fusions, seeds, baselines, ablation: str = "", semi: Sequence[str] = ()):
     """Full-modality VAE per fusion × seed, baselines per seed; late fusion (one unimodal
     VAE per modality, so as many runs as modalities) and the training-subset ablation
     (``ablation``, e.g. ``drop-one,singletons``) for the first fusion and seed only."""
-    from ablate_modalities import build_cells, training_subsets
-    cells = build_cells(mods, [tuple(mods)], fusions, ["default"], seeds, [b for b in baselines if b != "late_fusion"])
+    cells = G.build_cells(mods, [tuple(mods)], fusions, ["default"], seeds, [b for b in baselines if b != "late_fusion"])
     if semi:   # semi-supervised variants (label expert on a fraction of training cases), first fusion
-        cells += build_cells(mods, [tuple(mods)], fusions[:1], list(semi), seeds, [])
+        cells += G.build_cells(mods, [tuple(mods)], fusions[:1], list(semi), seeds, [])
     if ablation:
-        cells += build_cells(mods, training_subsets(ablation, mods), fusions[:1], ["default"], seeds[:1], [])
+        cells += G.build_cells(mods, G.training_subsets(ablation, mods), fusions[:1], ["default"], seeds[:1], [])
     if "late_fusion" in baselines:
-        cells += build_cells(mods, [], fusions, ["default"], seeds[:1], ["late_fusion"])
+        cells += G.build_cells(mods, [], fusions, ["default"], seeds[:1], ["late_fusion"])
     return list(dict.fromkeys(cells))
 
 
@@ -163,7 +121,7 @@ def run_synthetic(args, log) -> dict:
 
 def run_diagnostics(syn: dict, log) -> list[tuple[str, str]]:
     """``diagnose_latent`` of the first seed's full-modality VAE of each objective variant."""
-    from diagnose_latent import diagnose, markdown
+    from mmvae.experiments.diagnose import diagnose, markdown
     out = []
     for cell in syn["cells"]:
         if cell.method != "vae" or cell.seed != syn["seeds"][0] or cell.fusion != syn["fusions"][0]:
@@ -207,12 +165,12 @@ def run_figures(args, syn: dict, assets: Path, log) -> list[Path]:
     if res is None or res["status"] != "ok":
         log("figures: no finished VAE cell; skipped")
         return []
-    from visualize_latent import main as visualize
+    from mmvae.experiments.latent_figures import run as visualize
     fig_dir = syn["ctx"].cell_dir(first) / "figures"
-    rc = visualize(["--workdir", str(syn["ctx"].cell_dir(first)), "--out", str(fig_dir), "--methods", args.figures,
-                    "--cases", "3"])
-    if rc != 0:
-        raise MmvaeError(f"visualize_latent failed on {syn['ctx'].cell_dir(first)} (exit {rc})")
+    try:
+        visualize(syn["ctx"].cell_dir(first), fig_dir, methods=args.figures, cases=3)
+    except MmvaeError as e:
+        raise MmvaeError(f"visualize_latent failed on {syn['ctx'].cell_dir(first)}: {e}") from e
     wanted = [f"projection_{m}.png" for m in args.figures.split(",")] + ["posteriors.png", "trajectory.png"]
     wanted += sorted(p.name for p in fig_dir.glob("generation_*.png"))[:1]
     out = []
@@ -345,11 +303,7 @@ def _copy(src: Path, dst: Path) -> Path:
 
 
 def _machine() -> str:
-    from benchmarks.common import machine
-    from mmvae.runs.files import git_commit
-    m, commit = machine(), git_commit()
-    return (f"{m['cpu']}, {m['cores']} cores, jax {m['jax']} ({m['backend']})"
-            + (f", commit {commit[:7]}" if commit else ""))
+    return R.machine_line()
 
 
 def _cost_table(results) -> str:

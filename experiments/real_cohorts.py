@@ -29,25 +29,24 @@ import csv
 import datetime
 import io
 import logging
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
+from mmvae.atomic import atomic_write_text
+from mmvae.config import load_config
+from mmvae.data.manifest import write_manifest
+from mmvae.data.scan import scan_folder
+from mmvae.data.text import find_minilm_dir
+from mmvae.experiments import baselines as B
+from mmvae.experiments.brats import brats_manifest
+from mmvae.retrieval.embed import EMBEDDINGS, embed_cohort
+from mmvae.retrieval.evaluate import chance_map, evaluate
+from mmvae.runs.trained import load_cohort, load_trained
+from mmvae.train.loop import train_and_evaluate
 
-from mmvae.atomic import atomic_write_text  # noqa: E402
-from mmvae.config import load_config  # noqa: E402
-from mmvae.data.manifest import write_manifest  # noqa: E402
-from mmvae.data.scan import scan_folder  # noqa: E402
-from mmvae.data.text import find_minilm_dir  # noqa: E402
-from mmvae.experiments import baselines as B  # noqa: E402
-from mmvae.retrieval.embed import EMBEDDINGS, embed_cohort  # noqa: E402
-from mmvae.retrieval.evaluate import chance_map, evaluate  # noqa: E402
-from mmvae.runs.trained import load_cohort, load_trained  # noqa: E402
-from mmvae.train.loop import train_and_evaluate  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 log = logging.getLogger("real_cohorts")
 BEGIN, END = "<!-- real-cohorts:begin -->", "<!-- real-cohorts:end -->"
@@ -72,8 +71,7 @@ def manifest(name: str, spec: dict, out: Path) -> Path:
     path = out / name / "manifest.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     if spec["layout"] == "brats":
-        from make_report import brats_manifest      # the grade + tumour-volume tertile labels
-        return brats_manifest(spec["root"], path)[0]
+        return brats_manifest(spec["root"], path)[0]      # the grade + tumour-volume tertile labels
     write_manifest(scan_folder(spec["root"], layout=spec["layout"]), path)
     return path
 

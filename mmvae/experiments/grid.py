@@ -491,3 +491,47 @@ def write_outputs(results: Sequence[dict], modalities: Sequence[str], out: Path,
     atomic_write_text(out / "results.md", md)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
     return {"csv": out / "results.csv", "markdown": out / "results.md", "heatmaps": figs, "summary": summary}
+
+
+# --------------------------------------------------------------------------- cells of a grid
+def training_subsets(spec: str, modalities: list[str]) -> list[tuple[str, ...]]:
+    """The training subsets named by ``--train-subsets``: a comma list of ``full``, ``drop-one``,
+    ``singletons``, ``all`` or ``a+b`` modality sets; duplicates dropped, order kept."""
+    from mmvae.errors import MmvaeError
+    out: list[tuple[str, ...]] = []
+    for part in [p.strip() for p in spec.split(",") if p.strip()]:
+        if part == "full":
+            out.append(tuple(modalities))
+        elif part == "drop-one":
+            out += [tuple(m for m in modalities if m != d) for d in modalities] if len(modalities) > 1 else []
+        elif part == "singletons":
+            out += [(m,) for m in modalities]
+        elif part == "all":
+            out += nonempty_subsets(modalities)
+        else:
+            names = part.split("+")
+            unknown = [n for n in names if n not in modalities]
+            if unknown:
+                raise MmvaeError(f"--train-subsets: unknown modality {unknown} in {part!r}; known: {modalities}")
+            out.append(tuple(m for m in modalities if m in names))
+    return list(dict.fromkeys(out))
+
+
+def build_cells(modalities, train_subsets, fusions, objectives, seeds, baselines) -> list[Cell]:
+    """VAE cells (seed × fusion × objective × training subset), then each seed's baselines on the
+    modalities each one reads (late fusion: first fusion only)."""
+    images = tuple(m for m in modalities if m not in ("report", "clinical"))
+    cells = [Cell("vae", t, f, o, s) for s in seeds for f in fusions for o in objectives for t in train_subsets]
+    for s in seeds:
+        for b in baselines:
+            if b == "late_fusion":
+                cells += [Cell("late_fusion", tuple(modalities), f, objectives[0], s) for f in fusions[:1]]
+            elif b in ("raw_pca", "handcrafted"):
+                cells.append(Cell(b, images, seed=s))
+            elif b in ("report_minilm", "report_tfidf"):
+                cells.append(Cell(b, ("report",), seed=s))
+            elif b in ("logreg_tfidf", "pretrained"):   # image features + report; no clinical block
+                cells.append(Cell(b, images + (("report",) if "report" in modalities else ()), seed=s))
+            else:
+                cells.append(Cell(b, tuple(modalities), seed=s))
+    return cells

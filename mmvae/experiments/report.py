@@ -8,6 +8,7 @@ bounds) of one metric.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Sequence
 
 
@@ -200,3 +201,24 @@ def replace_section(text: str, title: str, body: str) -> str:
         return text.rstrip("\n") + "\n\n" + block
     rest = text[span[1]:]
     return text[:span[0]] + block + ("\n" + rest if rest else "")
+
+
+def machine_line() -> str:
+    """``CPU model, N cores, jax X (backend)[, commit abc1234]``: where a report was computed."""
+    import os
+    import platform
+
+    import jax
+
+    from mmvae.runs.files import git_commit
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    commit = git_commit()
+    return (f"{cpu}, {os.cpu_count()} cores, jax {jax.__version__} ({jax.default_backend()})"
+            + (f", commit {commit[:7]}" if commit else ""))
