@@ -118,11 +118,11 @@ def test_leftovers_of_dead_servers_are_swept_at_start(served, tmp_path):
     assert not s.folder.exists()
 
 
-def start_cli(served, port: int, tmp_root: Path) -> subprocess.Popen:
+def start_cli(served, port: int, tmp_root: Path, *flags: str) -> subprocess.Popen:
     """``mmvae serve`` on ``port`` with TMPDIR=tmp_root, once it answers."""
     env = {**os.environ, "TMPDIR": str(tmp_root)}
     proc = subprocess.Popen([sys.executable, "-m", "mmvae.cli", "serve", "--workdir", str(served["workdir"]),
-                             "--index", str(served["index"]), "--port", str(port)], env=env,
+                             "--index", str(served["index"]), "--port", str(port), *flags], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def up():
@@ -144,8 +144,9 @@ def test_sigterm_removes_the_temporary_folder(served, tmp_path):
     root = tmp_path / "tmp"
     root.mkdir()
     port = free_port()
-    proc = start_cli(served, port, root)
+    proc = start_cli(served, port, root, "--request-timeout-s", "45", "--workers", "1")
     try:
+        assert requests.get(f"http://127.0.0.1:{port}/api/info", timeout=10).json()["request_timeout_s"] == 45
         cid = "synth-00001"
         r = requests.post(f"http://127.0.0.1:{port}/api/query", json={"case_id": cid, "modalities": ["t2"]},
                           timeout=60)                     # re-encodes: the case's arrays are cached
@@ -181,3 +182,10 @@ def test_restart_right_after_kill9_binds_and_sweeps(served, tmp_path):
                 second.terminate()
                 second.communicate(timeout=60)
     assert list(root.iterdir()) == []
+
+
+def test_serve_flags_must_be_positive(capsys):
+    from mmvae.cli import main
+    for flag in ("--request-timeout-s", "--workers"):
+        assert main(["serve", "--workdir", "nowhere", "--index", "nowhere", flag, "0"]) == 2
+        assert f"{flag} must be > 0 (got 0" in capsys.readouterr().err

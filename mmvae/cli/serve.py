@@ -18,14 +18,25 @@ def add(sub) -> None:
                    help="allow a --host beyond the loopback interface (the page shows patient images)")
     s.add_argument("--k", type=int, help="results per query (default serve.k of the config, 10)")
     s.add_argument("--max-upload-mb", type=float, help="largest upload (default serve.max_upload_mb, 1024)")
+    s.add_argument("--request-timeout-s", type=float,
+                   help="deadline of one query's work: past it the client gets 504 and the request's files "
+                        "are removed (default serve.request_timeout_s, 60)")
+    s.add_argument("--workers", type=int,
+                   help="uploads read and preprocessed at once (default serve.workers, 2)")
     s.add_argument("--pacs", help="DICOMweb root of an archive: query with a StudyInstanceUID in it")
     s.add_argument("--pacs-username", help="HTTP basic authentication (password from $MMVAE_PACS_PASSWORD)")
     s.set_defaults(fn=run)
 
 
 def run(a, extra):
+    from mmvae.errors import InputError
     from mmvae.serve import serve
-    settings = {"k": a.k, "max_upload_mb": a.max_upload_mb}
+    for flag, v in (("--request-timeout-s", a.request_timeout_s), ("--workers", a.workers),
+                    ("--max-upload-mb", a.max_upload_mb), ("--k", a.k)):
+        if v is not None and not v > 0:
+            raise InputError(f"{flag} must be > 0 (got {v})")
+    settings = {"k": a.k, "max_upload_mb": a.max_upload_mb, "request_timeout_s": a.request_timeout_s,
+                "workers": a.workers}
     serve(a.workdir, a.index, manifest=a.manifest, host=a.host, port=a.port, allow_remote=a.allow_remote,
           settings=settings, pacs=a.pacs, pacs_username=a.pacs_username,
           pacs_password=os.environ.get("MMVAE_PACS_PASSWORD"))
