@@ -1,10 +1,12 @@
-"""Latent-space figures: ellipse geometry by hand, the PoE shrinkage the figures show, and
-experiments/visualize_latent.py end to end on a tiny quickstart run."""
+"""Latent-space figures: ellipse geometry by hand, the PoE shrinkage the figures show,
+mmvae.experiments.latent_figures on a tiny quickstart run, and the command line of
+experiments/visualize_latent.py."""
 import base64
-import importlib.util
 import io
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -14,6 +16,7 @@ from PIL import Image
 
 from mmvae.cli import main as mmvae_main
 from mmvae.experiments import figures as FG
+from mmvae.experiments import latent_figures as LF
 from mmvae.models.fusion import poe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,11 +24,10 @@ TINY = str(ROOT / "configs" / "tiny.py")
 IMG = '<img src="data:image/png;base64,'
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("visualize_latent", ROOT / "experiments" / "visualize_latent.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def _visualize(*argv: str) -> subprocess.CompletedProcess:
+    """``python experiments/visualize_latent.py ARGV`` as a command line."""
+    return subprocess.run([sys.executable, str(ROOT / "experiments" / "visualize_latent.py"), *argv],
+                          capture_output=True, text=True, cwd=ROOT)
 
 
 # ------------------------------------------------------------------------------ geometry
@@ -94,8 +96,8 @@ def figures_run(tmp_path_factory):
     assert mmvae_main(["quickstart", "--workdir", str(wd), "--config", TINY, "--cases", "32", "--steps", "4",
                        "--quiet"]) == 0
     out = wd / "figs"
-    assert _script().main(["--workdir", str(wd), "--out", str(out), "--cases", "2", "--seed", "1",
-                           "--methods", "pca,tsne,umap"]) == 0
+    summary = LF.run(wd, out, cases=2, seed=1, methods="pca,tsne,umap")
+    assert summary["html"] == out / "index.html" and len(summary["sample"]) == 2
     return wd, out
 
 
@@ -173,16 +175,17 @@ def test_trajectory_variances_shrink_as_modalities_are_added(figures_run):
     np.testing.assert_allclose(steps[-1]["var"], np.exp(emb["logvar"][i]), rtol=1e-4)
 
 
-def test_missing_run_dir_or_checkpoint_exits_2_naming_the_path(tmp_path, capsys):
-    mod = _script()
+def test_missing_run_dir_or_checkpoint_exits_2_naming_the_path(tmp_path):
     missing = tmp_path / "no such run"
-    assert mod.main(["--workdir", str(missing)]) == 2
-    err = capsys.readouterr().err.strip()
+    res = _visualize("--workdir", str(missing))
+    assert res.returncode == 2, res.stderr
+    err = res.stderr.strip()
     assert len(err.splitlines()) == 1 and str(missing) in err
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert mod.main(["--workdir", str(empty)]) == 2
-    err = capsys.readouterr().err.strip()
+    res = _visualize("--workdir", str(empty))
+    assert res.returncode == 2, res.stderr
+    err = res.stderr.strip()
     assert len(err.splitlines()) == 1 and str(empty) in err
-    assert mod.main(["--workdir", str(empty), "--methods", "pca,isomap"]) == 2
-    assert "isomap" in capsys.readouterr().err
+    res = _visualize("--workdir", str(empty), "--methods", "pca,isomap")
+    assert res.returncode == 2 and "isomap" in res.stderr
