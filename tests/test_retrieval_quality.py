@@ -187,9 +187,7 @@ def test_semi_supervised_training_embeds_without_label(tmp_path):
     assert not np.array_equal(np.asarray(fresh.encoders["report"].head.layers[0].kernel[...]),
                               np.asarray(model.encoders["report"].head.layers[0].kernel[...]))
     # The diagnostics tool on this run: probe, chance, variance explained, lesion contrast.
-    import sys
-    sys.path.insert(0, str(ROOT / "experiments"))
-    from diagnose_latent import diagnose, markdown
+    from mmvae.experiments.diagnose import diagnose, markdown
     d = diagnose(tmp_path)
     assert 0.0 < d["chance_map"] < 0.5 and d["num_queries_heldout"] == 8
     assert set(d["probe"]) == {"fused", "t1", "t2", "dwi", "report", "clinical"}

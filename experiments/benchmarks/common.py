@@ -13,17 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def machine() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "jax": jax.__version__, "backend": jax.default_backend(),
-            "device_kind": jax.devices()[0].device_kind, "device_count": jax.device_count()}
+from mmvae.experiments.report import machine  # noqa: E402,F401  (one definition, re-exported)
 
 
 def median_seconds(fn, *args, repeats: int = 5) -> float:

@@ -203,14 +203,13 @@ def replace_section(text: str, title: str, body: str) -> str:
     return text[:span[0]] + block + ("\n" + rest if rest else "")
 
 
-def machine_line() -> str:
-    """``CPU model, N cores, jax X (backend)[, commit abc1234]``: where a report was computed."""
+def machine() -> dict:
+    """Where a number was measured: ``cpu`` (model name), ``cores``, ``jax``, ``backend``,
+    ``device_kind``, ``device_count`` (used by reports and experiments/benchmarks)."""
     import os
     import platform
 
     import jax
-
-    from mmvae.runs.files import git_commit
     cpu = platform.processor() or ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -219,6 +218,14 @@ def machine_line() -> str:
                 break
     except OSError:
         pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "jax": jax.__version__, "backend": jax.default_backend(),
+            "device_kind": jax.devices()[0].device_kind, "device_count": jax.device_count()}
+
+
+def machine_line() -> str:
+    """``CPU model, N cores, jax X (backend)[, commit abc1234]``: where a report was computed."""
+    from mmvae.runs.files import git_commit
+    m = machine()
     commit = git_commit()
-    return (f"{cpu}, {os.cpu_count()} cores, jax {jax.__version__} ({jax.default_backend()})"
+    return (f"{m['cpu']}, {m['cores']} cores, jax {m['jax']} ({m['backend']})"
             + (f", commit {commit[:7]}" if commit else ""))
