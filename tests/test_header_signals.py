@@ -205,3 +205,18 @@ def test_text_file_named_dcm_is_skipped_and_noted(tmp_path):
     got = load_image(folder)
     assert got.series[0].shape == (32, 32, 5)
     assert any("readme.dcm" in n and "not a DICOM file" in n for n in got.notes)
+
+
+def test_dicom_pixel_data_is_not_read_before_the_size_check(tmp_path):
+    """A series over max_voxels is refused from its headers: its pixel data (here 3 × 8 MB) is
+    never read into memory (pydicom defers values over 64 KB)."""
+    import tracemalloc
+    folder = write_series(tmp_path / "big", 3, rows=2048, cols=2048)
+    tracemalloc.start()
+    try:
+        with pytest.raises(InputError, match="max_voxels=1000"):
+            load_image(folder, max_voxels=1000)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 2**20, f"{peak / 2**20:.1f} MiB allocated before the refusal"

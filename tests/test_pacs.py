@@ -19,6 +19,7 @@ import pytest
 from _orthanc import Orthanc
 
 from mmvae.cli import main
+from mmvae.errors import InputError
 from mmvae.data.synth_dicom import write_dicom_studies, write_series_from_nifti
 from mmvae.pacs.archive import Archive, PacsError
 from mmvae.pacs.ingest import ingest
@@ -278,6 +279,15 @@ def test_bad_archive_and_studies(env, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.endswith("study 1.2.3.4: no such study in the archive")
     env["orthanc"].delete_study(uid)
+    # standardisation statistics embedded with other weights: stale, refused before any study is read
+    from mmvae.retrieval.embed import Embeddings
+    emb = Embeddings.load(env["emb"])
+    emb.identity = {**emb.identity, "weights_digest": "0" * 64}
+    emb.save(tmp_path / "stale.npz")
+    with pytest.raises(InputError, match=r"other weights \(000000000000…\).*re-run `mmvae embed"):
+        ingest(env["archive"], env["workdir"], tmp_path / "index3", standardize_from=tmp_path / "stale.npz",
+               show_progress=False)
+    assert not (tmp_path / "index3").exists()
 
 
 def test_review_page_queries_a_study_in_the_archive(env, tmp_path):

@@ -135,3 +135,41 @@ def test_keyimages_labels_csv_with_bom_is_read(tmp_path):
     res = scan_folder_detailed(root, "keyimages")
     labels = {e.case_id: e.labels for e in res.entries if e.labels}
     assert labels == {"c1": {"class": "glioma"}, "c2": {"class": "abscess"}}
+
+
+def test_non_western_text_is_not_called_windows_1252(tmp_path):
+    """cp1252 decodes almost any bytes: GBK-encoded Chinese must not be blamed on it."""
+    p = tmp_path / "report.txt"
+    p.write_bytes("脑部病变，水肿。右侧额叶见异常信号。".encode("gbk"))
+    with pytest.raises(InputError, match="not valid UTF-8.*encoding is unknown") as e:
+        load_report(p)
+    assert "Windows-1252/Latin-1" not in str(e.value).split("not Western European")[0]
+
+
+def test_trailing_nul_padding_and_one_stray_control_character_are_accepted(tmp_path):
+    for i, text in enumerate(["Normal\x00\x00\x00\x00", "No acute\x1cinfarct."]):
+        p = tmp_path / f"r{i}.txt"
+        p.write_bytes(text.encode())
+        assert load_report(p) == text
+    p = tmp_path / "nul.txt"
+    p.write_bytes(b"\x00" * 100)                    # all padding: still no readable text
+    with pytest.raises(InputError, match="no readable text"):
+        load_report(p)
+
+
+def test_pacs_reports_csv_and_case_list_are_decoded_or_named(tmp_path):
+    """The other text files a user hands over: PACS ingest's reports CSV and a case list."""
+    from mmvae.data.dataset import read_case_list
+    from mmvae.pacs.ingest import load_reports
+    f = tmp_path / "reports.csv"
+    f.write_bytes("key,report\nA1,Normal study\n".encode("utf-16"))          # with BOM: read
+    assert load_reports(f) == {"A1": "Normal study"}
+    f.write_bytes("key,report\nA1,Lésion\n".encode("utf-16-le"))             # no BOM: named
+    with pytest.raises(InputError, match=r"reports.csv.*reports CSV looks UTF-16 LE"):
+        load_reports(f)
+    c = tmp_path / "cases.txt"
+    c.write_bytes("case_id\nc1\nc2\n".encode("utf-16-le"))
+    with pytest.raises(InputError, match=r"cases.txt.*case list looks UTF-16 LE"):
+        read_case_list(c)
+    c.write_bytes(b"\xef\xbb\xbfcase_id\nc1\n")
+    assert read_case_list(c) == ["c1"]

@@ -202,10 +202,13 @@ def with_label_supervision(cohort: Cohort, label: str, classes: Sequence[str], f
 def read_case_list(path: str | os.PathLike) -> list[str]:
     """Case ids of a file: a CSV with a ``case_id`` column, or one id per line (``#`` comments)."""
     p = Path(path)
+    from mmvae.data.text import decode_text
     try:
-        text = p.read_text(encoding="utf-8-sig")
+        text = decode_text(p.read_bytes())
     except OSError as e:
         raise InputError(f"cannot read the case list ({e.strerror})", path=str(p)) from None
+    except InputError as e:
+        raise InputError(f"case list {e.reason}", path=str(p)) from None
     lines = [x.strip() for x in text.splitlines() if x.strip() and not x.lstrip().startswith("#")]
     if lines and "case_id" in [c.strip() for c in lines[0].split(",")]:
         col = [c.strip() for c in lines[0].split(",")].index("case_id")

@@ -134,7 +134,9 @@ def _read_dicom_file(p: Path):
             return "not a DICOM file (no 'DICM' marker at byte 128, no data element at its start)"
         force = True
     try:
-        ds = pydicom.dcmread(str(p), force=force)
+        # Values over 64 KB (the pixel data) are read when used, after the series' declared size
+        # (Rows x Columns x images, data.max_voxels) has been checked from the headers.
+        ds = pydicom.dcmread(str(p), force=force, defer_size="64 KB")
     except MemoryError:
         raise InputError(_out_of_memory(f"reading DICOM file {p.name!r}"), path=str(p.parent)) from None
     except Exception as e:
@@ -541,12 +543,12 @@ def _series_volumes(uid: str, items: list[tuple[Path, Any]], folder: Path,
     """Validate and decode one series into its volumes (see :func:`_split_volumes`)."""
     slices = [_make_slice(p, ds, folder) for p, ds in items]
     _check_consistent(slices, folder)
-    for s in slices:
-        _check_pixel_data_length(s.path, s.ds, folder)
     n, limit = slices[0].cols * slices[0].rows * len(slices), _limit(max_voxels)
-    if n > limit:
+    if n > limit:          # from the headers: no pixel data has been read yet (deferred)
         raise InputError(_too_big(f"series of {slices[0].cols}x{slices[0].rows}x{len(slices)} (columns x rows x "
                                   "images)", n, limit), path=str(folder))
+    for s in slices:
+        _check_pixel_data_length(s.path, s.ds, folder)
     normal = np.cross(slices[0].iop[:3], slices[0].iop[3:])
     if np.linalg.norm(normal) < 0.5:
         raise InputError(f"degenerate ImageOrientationPatient in {slices[0].path.name!r}", path=str(folder))

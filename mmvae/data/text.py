@@ -132,8 +132,15 @@ def decode_text(raw: bytes) -> str:
         except UnicodeDecodeError:
             guess = None
         bad, total, _ = _nonprintable(guess) if guess is not None else (1, 0, None)
-        if guess is not None and bad <= MAX_NONPRINTABLE * total:
+        # Windows-1252 decodes almost any bytes: name it only when the non-ASCII characters it gives
+        # are mostly Latin letters (é, ü, ß, ...), as in Western European text; else say unknown.
+        high = [ch for ch in (guess or "") if ord(ch) > 127]
+        latin = sum(ch.isalpha() and "LATIN" in unicodedata.name(ch, "") for ch in high)
+        if guess is not None and bad <= MAX_NONPRINTABLE * total and latin >= 0.7 * len(high):
             raise InputError(f"is not valid UTF-8 ({where}); it looks Windows-1252/Latin-1: {_RESAVE}") from None
+        if guess is not None and bad <= MAX_NONPRINTABLE * total:
+            raise InputError(f"is not valid UTF-8 ({where}); its encoding is unknown (not UTF-16/32, not "
+                             f"Western European Windows-1252): {_RESAVE}") from None
         raise InputError(f"is not valid UTF-8 ({where}) nor text in another known encoding (a binary file?)") from None
 
 
@@ -159,20 +166,23 @@ def check_report_text(text: str) -> str:
 
     Refused: blank text (``empty report``); text with no printable non-blank character once
     control characters are removed (e.g. 100 NUL bytes); text of which more than
-    :data:`MAX_NONPRINTABLE` of the non-blank characters are control or non-printable.
+    :data:`MAX_NONPRINTABLE` of the non-blank characters (and more than one) are control or
+    non-printable. Trailing NUL bytes (fixed-size export fields) are padding and not counted.
     The text itself is returned unchanged (the tokenizer drops stray control characters).
     """
     if not isinstance(text, str):
         raise InputError(f"report must be a string, got {type(text).__name__}")
     if not text.strip():
         raise InputError("empty report")
-    bad, total, first = _nonprintable(text)
+    # trailing NULs (C-style exports padding a fixed-size field) are padding, not content
+    body = text.rstrip("\x00")
+    bad, total, first = _nonprintable(body) if body.strip() else _nonprintable(text)
     if bad:
         code = f"U+{ord(first):04X}"
         if bad == total:
             raise InputError(f"report has no readable text: its {len(text)} characters are blanks and control "
                              f"or non-printable characters (e.g. {code})")
-        if bad > MAX_NONPRINTABLE * total:
+        if bad > max(1.0, MAX_NONPRINTABLE * total):      # one stray control character is tolerated
             raise InputError(f"report is not text: {bad} of {total} non-blank characters are control or "
                              f"non-printable (e.g. {code}; more than {MAX_NONPRINTABLE:.0%} is refused)")
     return text

@@ -192,7 +192,7 @@ def _index_of(case_ids: Sequence[str], wanted: Sequence[str]) -> np.ndarray:
 def _train_vae(config, workdir: Path):
     """Train (or resume) a VAE run and embed its whole cohort → ``Embeddings``."""
     emb_path = workdir / "embeddings.npz"
-    kind, standardize = embedding_kind(config), bool(config.retrieval.get("standardize", True))
+    kind, standardize = embedding_kind(config), bool(config.retrieval.standardize)
     if emb_path.exists() and (workdir / "train_done.json").exists():
         emb = Embeddings.load(emb_path)
         if emb.embedding != kind:     # a retrieval option: the saved experts suffice, no retraining

@@ -22,6 +22,7 @@ as a query), and adds it to the index under its StudyInstanceUID.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
@@ -78,15 +79,19 @@ def load_reports(path: str | os.PathLike | None) -> dict[str, str]:
         return {f.stem: mio.load_report(f) for f in sorted(p.glob("*.txt"))}
     if not p.is_file():
         raise InputError("reports folder or CSV not found", path=str(p))
-    with open(p, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        cols = reader.fieldnames or []
-        key = next((c for c in ("key", "accession_number", "study_instance_uid", "AccessionNumber",
-                                "StudyInstanceUID") if c in cols), None)
-        if key is None or "report" not in cols:
-            raise InputError(f"reports CSV needs a 'report' column and a key column (key, accession_number or "
-                             f"study_instance_uid); it has {cols}", path=str(p))
-        return {row[key].strip(): row["report"].strip() for row in reader if row.get(key) and row.get("report")}
+    from mmvae.data.text import decode_text
+    try:
+        text = decode_text(p.read_bytes())
+    except InputError as e:
+        raise InputError(f"reports CSV {e.reason}", path=str(p)) from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    cols = reader.fieldnames or []
+    key = next((c for c in ("key", "accession_number", "study_instance_uid", "AccessionNumber",
+                            "StudyInstanceUID") if c in cols), None)
+    if key is None or "report" not in cols:
+        raise InputError(f"reports CSV needs a 'report' column and a key column (key, accession_number or "
+                         f"study_instance_uid); it has {cols}", path=str(p))
+    return {row[key].strip(): row["report"].strip() for row in reader if row.get(key) and row.get("report")}
 
 
 @dataclass
@@ -198,7 +203,7 @@ def ingest(archive: Archive, workdir, index_dir, *, studies: Sequence[str] | Non
         stats = json.loads((Path(workdir) / "clinical_stats.json").read_text())
         r = Retriever(config=config, spec=spec, model=model, tokenizer=tok, clinical_stats=stats, index=None,
                       workdir=workdir, index_dir=index_dir)
-        if config.retrieval.get("standardize", True):
+        if config.retrieval.standardize:
             if standardize_from is None:
                 r.close()
                 raise InputError("a new index needs the cohort's standardisation (retrieval.standardize): pass "
@@ -208,6 +213,12 @@ def ingest(archive: Archive, workdir, index_dir, *, studies: Sequence[str] | Non
             if emb.identity.get("model_fingerprint") != model_identity(spec)["model_fingerprint"]:
                 r.close()
                 raise InputError("embeddings of another model than the workdir's", path=str(standardize_from))
+            have = emb.identity.get("weights_digest")
+            if have is not None and have != r.weights_digest:     # statistics of other weights: stale
+                r.close()
+                raise InputError(f"embeddings made with other weights ({have[:12]}…) than the workdir's "
+                                 f"({r.weights_digest[:12]}…): re-run `mmvae embed --workdir {workdir} ...` "
+                                 "and pass its output", path=str(standardize_from))
             if emb.embedding != r.embedding:     # the experts give either kind's statistics
                 emb = emb.as_embedding(r.embedding)
             std = emb.standardized()

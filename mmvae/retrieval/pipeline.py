@@ -67,9 +67,9 @@ def embed_run(workdir: str | os.PathLike, manifest: str | os.PathLike | None = N
     cohort, _, _ = load_cohort(config, workdir, None if manifest is None else str(manifest), tokenizer=tokenizer,
                                clinical_stats=stats, show_progress=show_progress)
     identity = {"model_fingerprint": fingerprint(spec), "checkpoint_step": int(step),
-                "workdir": str(workdir.resolve()), "label": str(config.data.get("label", "") or "")}
+                "workdir": str(workdir.resolve()), "label": str(config.data.label or "")}
     emb = embed_cohort(model, cohort, identity=identity, show_progress=show_progress,
-                       standardize=bool(config.retrieval.get("standardize", True)),
+                       standardize=bool(config.retrieval.standardize),
                        embedding=embedding_kind(config))
     if out is not None:
         emb.save(out)

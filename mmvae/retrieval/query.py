@@ -347,7 +347,8 @@ class Retriever:
                 said: list = []
                 try:
                     arrays[m] = load_case_images(case, m, imgs[m], self.cache, self.preprocess, spatial_dims, ref,
-                                                 b_value=data.get("dwi_b_value", "highest"), notes=said)
+                                                 b_value=data.dwi_b_value, notes=said,
+                                                 max_voxels=int(data.max_voxels))
                 except InputError as e:
                     raise _strip_case(e) from None
                 self.last_notes += [f"{m}: {Path(path).name}: {x}" for path, x in said]
@@ -376,7 +377,7 @@ class Retriever:
                 if m in arrays:
                     try:
                         got = case_features(imgs[m], self.cache, extractor, spatial_dims=spatial_dims,
-                                            b_value=data.get("dwi_b_value", "highest"), modality=m)
+                                            b_value=data.dwi_b_value, modality=m)
                     except InputError as e:
                         raise _strip_case(e) from None
                     n = min(self.max_series, got.shape[0], arrays[m].shape[0])

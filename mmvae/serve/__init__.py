@@ -149,9 +149,13 @@ def _serve(sock, workdir, index_dir, *, manifest, host, port, settings, log_leve
     except _Terminated:
         terminated = True
     finally:
-        if service is not None:
-            service.close()
-        if in_main:
-            signal.signal(signal.SIGTERM, previous)
+        if in_main:                # a second SIGTERM during the clean-up must not interrupt it
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            if service is not None:
+                service.close()
+        finally:
+            if in_main:
+                signal.signal(signal.SIGTERM, previous)
     if terminated:
         print("mmvae review page: stopped (SIGTERM); temporary files removed", flush=True)

@@ -22,7 +22,7 @@ keeps running.
 
 Queries (``/api/query``, ``…/upload``, ``…/pacs``) run in a worker thread of their own
 (:mod:`mmvae.serve.jobs`) awaited up to ``serve.request_timeout_s``: past it the client gets
-504 (503 when the request waited the whole time for a free worker slot or the model), the
+504 (503 when at the deadline it was still waiting for an upload slot, the model or the archive), the
 worker is cancelled and the request's files are removed; other requests are served meanwhile.
 """
 from __future__ import annotations
@@ -118,8 +118,9 @@ def create_app(service: ReviewService, allowed_hosts: list[str] | None = None) -
         except asyncio.TimeoutError:
             job.cancel()
             if job.waiting:
-                raise ServerBusy(f"the server is busy with other queries: this one waited {timeout_s:g} s "
-                                 "(serve.request_timeout_s) for a free worker; try again shortly") from None
+                raise ServerBusy(f"the server is busy with other queries: this one was still waiting for "
+                                 f"{job.waiting} after {timeout_s:g} s (serve.request_timeout_s); try again "
+                                 "shortly") from None
             raise RequestTimeout(f"the {name} took longer than serve.request_timeout_s = {timeout_s:g} s and "
                                  "was stopped; its files were removed") from None
         except asyncio.CancelledError:       # the server is stopping

@@ -2,8 +2,8 @@
 
 A query that saves, unzips, loads or encodes files runs in a :class:`Job`: a daemon thread of
 its own, which the app awaits up to ``serve.request_timeout_s`` (:func:`mmvae.serve.app.create_app`).
-When the deadline passes the client is answered at once (504, or 503 when the job never got
-a worker slot), the job is cancelled and the folders it owns are removed. A thread cannot be
+When the deadline passes the client is answered at once (504, or 503 when the job was at that
+moment waiting for an upload slot or the model), the job is cancelled and the folders it owns are removed. A thread cannot be
 stopped from outside: the job's code calls :func:`checkpoint` between steps (each MB copied,
 each zip member, each file loaded, before it waits for the model), which raises
 :class:`Cancelled` once the job is cancelled; a step that cannot be interrupted (one
@@ -70,7 +70,7 @@ class Job:
     def __init__(self, name: str):
         self.name = name
         self.started = time.monotonic()
-        self.waiting = True                 # until it first holds a slot, the model or the archive
+        self.waiting = ""                   # what it is blocked on now ("" while it works)
         self._cancelled = threading.Event()
         self._folders: list[Path] = []
         self._lock = threading.Lock()
@@ -123,9 +123,12 @@ def acquire(lock, what: str = "") -> None:
     if job is None:
         lock.acquire()
         return
-    while not lock.acquire(timeout=0.05):
-        job.check()
-    job.waiting = False
+    job.waiting = what or "a lock"
+    try:
+        while not lock.acquire(timeout=0.05):
+            job.check()
+    finally:
+        job.waiting = ""
 
 
 @contextlib.contextmanager
@@ -138,13 +141,22 @@ def holding(lock, what: str = ""):
 
 
 class Jobs:
-    """Starts jobs in daemon threads and keeps the running ones (to cancel them at close)."""
+    """Starts jobs in daemon threads and keeps the running ones (to cancel them at close).
 
-    def __init__(self):
+    At most ``max_active`` threads at once, cancelled ones still running included (a thread
+    stuck in one loader call keeps counting until it returns): beyond it :meth:`start` raises
+    :class:`ServerBusy` at once (HTTP 503) instead of starting another thread."""
+
+    def __init__(self, max_active: int = 32):
         self._active: set[Job] = set()
         self._lock = threading.Lock()
+        self.max_active = int(max_active)
 
     def start(self, name: str, fn, *args, **kwargs) -> tuple[Job, concurrent.futures.Future]:
+        with self._lock:
+            if len(self._active) >= self.max_active:
+                raise ServerBusy(f"the server is busy: {len(self._active)} queries are running (at most "
+                                 f"{self.max_active}); try again shortly")
         job, fut = Job(name), concurrent.futures.Future()
 
         def run():

@@ -303,7 +303,7 @@ class ReviewService:
         """PNG of an image source with the run's loader settings (uncached)."""
         data = self.retriever.config.data
         return thumbnail_png(source, size=int(self.settings["thumbnail_px"]), spatial_dims=int(data.spatial_dims),
-                             b_value=data.get("dwi_b_value", "highest"))
+                             b_value=data.dwi_b_value, max_voxels=int(data.max_voxels))
 
     def _new_session(self, **kw) -> Session:
         s = Session(id=uuid.uuid4().hex, **kw)
@@ -350,9 +350,9 @@ class ReviewService:
             clinical = {f: ce.metadata[f] for f in fields if f in ce.metadata} or None
         try:
             if images:
-                with jobs.holding(self._slots):
+                with jobs.holding(self._slots, "an upload slot (serve.workers)"):
                     self._preload(images, self._case_cache)
-            with jobs.holding(self._model_lock):
+            with jobs.holding(self._model_lock, "the model"):
                 jobs.checkpoint()
                 mu, lv, use = self.retriever.encode(images or None, report, clinical=clinical)
                 notes = list(self.retriever.last_notes)
@@ -383,7 +383,7 @@ class ReviewService:
                 jobs.checkpoint()
                 try:
                     load_case_images(case, m, imgs[m], cache, r.preprocess, int(data.spatial_dims), ref,
-                                     b_value=data.get("dwi_b_value", "highest"))
+                                     b_value=data.dwi_b_value, max_voxels=int(data.max_voxels))
                 except InputError as e:
                     raise _strip_case(e) from None
 
@@ -478,7 +478,7 @@ class ReviewService:
             cache = PreprocessCache(folder / ".cache")        # the query's arrays go with its folder
             images: dict[str, list[str]] = {}
             names: dict[str, str] = {}
-            with jobs.holding(self._slots):                   # saving, unzipping, loading: its own files only
+            with jobs.holding(self._slots, "an upload slot (serve.workers)"):                   # saving, unzipping, loading: its own files only
                 count = [0]
                 for m, files in (uploads or {}).items():
                     for name, stream in files:
@@ -496,7 +496,7 @@ class ReviewService:
                 report = None
             if mods is not None and CLINICAL not in mods:
                 clinical = None
-            with jobs.holding(self._model_lock):
+            with jobs.holding(self._model_lock, "the model"):
                 jobs.checkpoint()
                 old = self.retriever.cache
                 self.retriever.cache = cache
@@ -547,14 +547,14 @@ class ReviewService:
         # The archive's answers and the study's download (seconds to minutes) run under the
         # archive lock only, so other users' queries go on meanwhile; the encoding takes the
         # model lock, the search the service lock.
-        with jobs.holding(self._archive_lock):
+        with jobs.holding(self._archive_lock, "the archive"):
             folder = self._request_folder("pacs-")
             try:
                 study = self.archive.studies([str(study_uid).strip()])[0]
                 img_mods = None if mods is None else [m for m in mods if m in self.retriever.image_modalities]
                 got = retrieve_study(self.archive, self.retriever.image_modalities, study, load_rules(), folder,
                                      modalities=img_mods, on_series=thumbnail)
-                with jobs.holding(self._model_lock):
+                with jobs.holding(self._model_lock, "the model"):
                     jobs.checkpoint()
                     mu, lv, used, _, notes = encode_retrieved(self.archive.url, self.retriever, got,
                                                               modalities=img_mods)

@@ -61,14 +61,14 @@ def png_bytes(image_u8: np.ndarray, size: int) -> bytes:
 
 
 def thumbnail_png(path: str | os.PathLike, *, size: int = 192, spatial_dims: int = 3,
-                  b_value: str | float = "highest") -> bytes:
+                  b_value: str | float = "highest", max_voxels: int | None = None) -> bytes:
     """PNG thumbnail of the first series of an image source (NIfTI file, DICOM series
     folder or PNG), loaded with the loaders' rules (:func:`mmvae.data.io.load_image`).
 
     Raises:
       InputError: the source does not load (the loader's message, naming the file).
     """
-    series = mio.load_image(path, spatial_dims=spatial_dims, b_value=b_value).series[0]
+    series = mio.load_image(path, spatial_dims=spatial_dims, b_value=b_value, max_voxels=max_voxels).series[0]
     arr = series.array if series.array.ndim == 2 else reorient_to_ras(series).array
     return png_bytes(window(slice_for_display(arr)), size)
 

@@ -82,6 +82,9 @@ def fit(model: nnx.Module, loss: Callable, optim, batches: Iterable[dict], *, st
     drawn; step t's key is ``fold_in(key(seed), t)``; ``frozen``: parameter path prefixes
     whose values never change. The step is jitted once per model structure, loss, optimiser
     settings and frozen set (and batch shape).
+    
+    Note: the learning rate follows the loop index ``t``: a step skipped as non-finite still
+    advances the schedule (in the VAE loop, optax's own count does not advance).
     """
     steps = int(steps)
     if steps < 1:
