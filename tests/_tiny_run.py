@@ -1,6 +1,8 @@
 """One tiny trained run + its flat index, shared by the query and review-page tests."""
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 from pathlib import Path
 
@@ -35,3 +37,21 @@ def train_tiny_indexed(tmp: Path, cases: int = 40):
     index = build_index(emb.mu, emb.logvar, emb.case_ids, meta, kind="flat", metric="cosine",
                         identity=dict(emb.identity))
     return c, wd, emb, index.save(tmp / "index")
+
+
+def files_digest(folder: Path) -> dict:
+    """SHA-256 of every file under ``folder`` (relative path → digest): "nothing was written"."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+@contextlib.contextmanager
+def faiss_one_thread():
+    """FAISS on one thread for the block (2 shared cores)."""
+    import faiss
+    old = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(old)

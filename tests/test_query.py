@@ -6,14 +6,12 @@ index is the exact (flat) index of the cohort's embeddings, as the quickstart bu
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import sys
 import shutil
 import time
 from pathlib import Path
 
-import faiss
 import ml_collections
 import nibabel as nib
 import numpy as np
@@ -25,22 +23,18 @@ from mmvae.retrieval.index import build_index, load_index
 from mmvae.retrieval.query import Retriever, model_identity, parse_feedback, parse_filter
 
 from _dicom import nifti_to_series as write_dicom_series
+from _tiny_run import faiss_one_thread, files_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.py")
 
+digest = files_digest
+
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
-    old = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)   # 2 shared cores
-    yield
-    faiss.omp_set_num_threads(old)
-
-
-def digest(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+    with faiss_one_thread():
+        yield
 
 
 @dataclasses.dataclass

@@ -7,12 +7,10 @@ parameters written through the project's checkpoint API (no further training).""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import shutil
 from pathlib import Path
 
-import faiss
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,18 +22,13 @@ from mmvae.retrieval.embed import Embeddings
 from mmvae.retrieval.index import load_index
 from mmvae.retrieval.query import Retriever
 
+from _tiny_run import faiss_one_thread, files_digest
+
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
-    old = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)   # 2 shared cores
-    yield
-    faiss.omp_set_num_threads(old)
-
-
-def files_digest(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+    with faiss_one_thread():
+        yield
 
 
 @dataclasses.dataclass
