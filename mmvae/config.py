@@ -142,7 +142,15 @@ def base_config() -> ml_collections.ConfigDict:
                        # (images: data.features; report: the frozen text model's sentence embedding),
                        # standardised per block; "experts+features" = both blocks per modality.
                        # Chosen by measurement per cohort (docs/results.md, docs/model.md).
-                       embedding="experts")
+                       embedding="experts",
+                       # Hybrid retrieval (mmvae/retrieval/hybrid, docs/model.md): "auto" fuses the index's
+                       # legs (per-modality blocks + the report's BM25) when the index has a lexical leg or
+                       # fitted weights (mmvae index --lexical, mmvae fit-fusion), else one vector search;
+                       # "vector" = one vector search; "weighted" = standardised scores summed with weights;
+                       # "rrf" = reciprocal rank fusion. fusion_weights: "" = the index's fitted default
+                       # (else uniform), "uniform", or a label fitted by mmvae fit-fusion. feedback_rate:
+                       # η of the leg-weight update of a feedback round (z units).
+                       fusion="auto", fusion_weights="", feedback_rate=1.0)
     # The review page (mmvae serve, docs/serve.md); CLI flags override.
     # request_timeout_s: deadline of a query's worker (upload, encoding); workers: uploads saved and
     # loaded at once (docs/serve.md, limits).
@@ -180,6 +188,7 @@ CHOICES = {
     "optim.schedule": ("cosine", "constant"),
     "retrieval.metric": ("cosine", "l2"),
     "retrieval.embedding": ("fused", "experts", "features", "experts+features"),
+    "retrieval.fusion": ("auto", "vector", "weighted", "rrf"),
     "model.image.input": ("pixels", "features", "both"),
     "data.features.network": ("efficientnet_lite0",),
     "data.features.planes": ("axial", "triplanar"),
@@ -195,7 +204,7 @@ NON_NEGATIVE = ("train.steps", "train.eval_every", "train.checkpoint_every", "tr
                 "train.eval_n_boot", "train.fsdp_min_size", "optim.warmup_steps", "optim.weight_decay",
                 "optim.clip_norm", "objective.kl_warmup_steps", "objective.beta", "data.prefetch",
                 "objective.max_weight", "objective.label_weight", "objective.ssl_weight",
-                "objective.supcon_weight")
+                "objective.supcon_weight", "retrieval.feedback_rate")
 
 
 def _get(config, dotted: str):

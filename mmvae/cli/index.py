@@ -1,4 +1,4 @@
-"""``mmvae index``: build a FAISS index from embeddings."""
+"""``mmvae index``: build a FAISS index from embeddings; ``mmvae fit-fusion``: fit its legs' weights."""
 from __future__ import annotations
 
 
@@ -8,12 +8,52 @@ def add(sub) -> None:
     s.add_argument("--out", required=True)
     s.add_argument("--kind", default="flat", choices=["flat", "ivf", "ivfpq", "hnsw", "binary"])
     s.add_argument("--metric", default="cosine", choices=["cosine", "l2"])
+    s.add_argument("--lexical", action="store_true",
+                   help="add the report's BM25 leg (hybrid retrieval): the reports are read from --manifest, "
+                        "default the run's data.manifest; the index keeps their tokens, not the texts")
+    s.add_argument("--manifest", help="manifest holding the cases' reports (with --lexical)")
     s.set_defaults(fn=run)
+    f = sub.add_parser("fit-fusion", help="fit the weights of an index's legs on labelled cases "
+                                          "(cross-validated mAP@k) and store them in the index")
+    f.add_argument("--index", required=True, help="index folder (mmvae index)")
+    f.add_argument("--label", required=True, help="the label that defines relevance (each label keeps its own weights)")
+    f.add_argument("--k", type=int, default=10, help="mAP@k cut-off (default 10)")
+    f.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
+    f.add_argument("--seed", type=int, default=0, help="seed of the folds")
+    f.add_argument("--no-default", action="store_true",
+                   help="keep the index's current default weight set (default: this label's becomes it)")
+    f.set_defaults(fn=run_fit)
 
 
 def run(a, extra):
+    from mmvae.errors import InputError
     from mmvae.retrieval.embed import Embeddings
-    from mmvae.retrieval.pipeline import index_embeddings
+    from mmvae.retrieval.pipeline import index_embeddings, manifest_reports, run_manifest
     emb = Embeddings.load(a.embeddings)
-    index_embeddings(emb, a.out, kind=a.kind, metric=a.metric)
-    print(f"{a.kind} index of {len(emb.case_ids)} cases -> {a.out}")
+    if a.manifest and not a.lexical:
+        raise InputError("--manifest is read for the reports of --lexical; add --lexical")
+    reports = None
+    if a.lexical:
+        reports = manifest_reports(a.manifest or run_manifest(emb), emb.case_ids)
+        if not any(reports):
+            raise InputError("--lexical: no case of the embeddings has a report in the manifest",
+                             path=a.manifest or run_manifest(emb))
+    index_embeddings(emb, a.out, kind=a.kind, metric=a.metric, reports=reports)
+    extra_note = f", lexical leg over {sum(r is not None for r in reports)} reports" if reports is not None else ""
+    print(f"{a.kind} index of {len(emb.case_ids)} cases{extra_note} -> {a.out}")
+
+
+def run_fit(a, extra):
+    from mmvae.errors import InputError
+    from mmvae.retrieval.hybrid.fit import fit_fusion, legs_table
+    from mmvae.retrieval.index import load_index
+    if a.k < 1 or a.folds < 2:
+        raise InputError(f"--k must be ≥ 1 and --folds ≥ 2 (got {a.k}, {a.folds})")
+    ix = load_index(a.index)
+    entry = fit_fusion(ix, a.label, k=a.k, folds=a.folds, seed=a.seed, default=not a.no_default)
+    ix.save(a.index)
+    print(legs_table(entry))
+    cv = entry["cv"]
+    print(f"fitted on {entry['n_queries']} labelled cases in {entry['seconds']:.1f} s; cross-validated mAP@{a.k}: "
+          f"fitted {cv['fitted']['map']:.3f} vs uniform {cv['uniform']['map']:.3f}; weights stored in "
+          f"{a.index}/fusion.json as label {a.label!r}" + ("" if a.no_default else " (the index's default)"))

@@ -70,7 +70,7 @@ class _ArgParser(argparse.ArgumentParser):
 
 
 _STATIC = ("index", "workdir", "report", "report-file", "clinical", "k", "filter", "exclude",
-           "feedback", "rerank", "json", "cache-dir", "help")
+           "feedback", "rerank", "fusion", "weights", "json", "cache-dir", "help")
 
 
 def _parse_other(items) -> dict[str, Any]:
@@ -125,6 +125,11 @@ def _query_parser(modalities: Sequence[str] | None, max_series: int | None = Non
                    help="relevance feedback: +CASE relevant, -CASE non-relevant (use --feedback=-CASE "
                         "when the first item is non-relevant); the query moves by Rocchio")
     p.add_argument("--rerank", choices=[x for x in RERANKS if x], help="re-rank with the query posterior")
+    p.add_argument("--fusion", choices=["auto", "vector", "weighted", "rrf"],
+                   help="rank by one vector, or fuse the index's legs (default retrieval.fusion: auto = fuse when "
+                        "the index has a lexical leg or fitted weights)")
+    p.add_argument("--weights", metavar="SET", help="fused ranking's leg weights: 'uniform' or a label fitted by "
+                                                    "mmvae fit-fusion (default: the index's default set)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--cache-dir", help="preprocessing cache for query files (default: temporary)")
     return p
@@ -220,18 +225,43 @@ def query_main(argv: Sequence[str], out=None) -> None:
     try:
         r._check_k(k)
         t1 = time.perf_counter()
+        if a.fusion:
+            with r.config.unlocked():
+                r.config.retrieval.fusion = a.fusion
+        method = r.fusion_method(a.rerank)
+        if method is None and a.weights:
+            raise InputError("--weights sets the weights of a fused ranking; this query is one vector search "
+                             "(the index has no lexical leg or fitted weights, or --fusion vector / --rerank)")
+        hq = _hybrid_query(r, q) if method is not None else None
         mu, lv, used = r.encode(q.images, q.report, clinical=q.clinical, other=q.other)
         t2 = time.perf_counter()
-        results = r.search_embedding(mu, lv, k=k, filter=q.filter, exclude=q.exclude, feedback=q.feedback,
-                                     rerank=a.rerank, modalities=used)
+        fusion_info = None
+        if method is not None:
+            results, fusion_info = r.search_hybrid(r.hybrid_query(mu, used, tokens=hq), k, weights=a.weights,
+                                                   method=method, filter=q.filter, exclude=q.exclude,
+                                                   feedback=q.feedback)
+        else:
+            results = r.search_embedding(mu, lv, k=k, filter=q.filter, exclude=q.exclude, feedback=q.feedback,
+                                         rerank=a.rerank, modalities=used)
         t3 = time.perf_counter()
     finally:
         r.close()
     timing = {"load_s": t_load, "encode_s": t2 - t1, "search_s": t3 - t2, "query_s": t3 - t1}
     if a.json:
-        print(json.dumps(_json_doc(a, q, r, results, used, k, timing), indent=2), file=out)
+        doc = _json_doc(a, q, r, results, used, k, timing)
+        doc["fusion"] = fusion_info
+        print(json.dumps(doc, indent=2), file=out)
         return
-    _print_results(r, results, used, timing, out)
+    _print_results(r, results, used, timing, out, fusion_info)
+
+
+def _hybrid_query(r, q: _Query) -> list[str] | None:
+    """The report's tokens for the lexical leg (None without a report); InputError for a report
+    with no searchable word when the index has a lexical leg."""
+    from mmvae.retrieval.index.lexical import query_tokens
+    if q.report is None or r.index.lexical is None:
+        return None
+    return query_tokens(q.report)
 
 
 # ---------------------------------------------------------------------- printing
@@ -253,9 +283,10 @@ def _format_labels(labels) -> str:
 
 
 def _table(results) -> str:
-    head = ("rank", "case_id", "score", "modalities", "labels")
+    hybrid = any(hasattr(r, "contributions") for r in results)
+    head = ("rank", "case_id", "score", "modalities", "labels") + (("matched on",) if hybrid else ())
     rows = [(str(r.rank), r.case_id, f"{r.score:.4f}", ",".join(r.modalities), _format_labels(r.labels))
-            for r in results]
+            + ((r.matched_on(),) if hybrid else ()) for r in results]
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
     right = {0, 2}
 
@@ -266,8 +297,11 @@ def _table(results) -> str:
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
-def _print_results(r, results, used, timing: dict, out) -> None:
+def _print_results(r, results, used, timing: dict, out, fusion=None) -> None:
     print(_table(results), file=out)
+    if fusion is not None:
+        w = ", ".join(f"{n} {v:.2f}" for n, v in fusion["weights"].items())
+        print(f"fused ranking ({fusion['method']}, {fusion['weight_set']} weights): {w}", file=out)
     print(f"{len(results)} of {r.index.size} cases ({r.index.kind} index, {r.index.metric}); query by "
           f"{'+'.join(used)}; query time {1e3 * timing['query_s']:.1f} ms (encode "
           f"{1e3 * timing['encode_s']:.1f} ms incl. first-call compile, search {1e3 * timing['search_s']:.1f} ms); "

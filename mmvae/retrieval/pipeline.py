@@ -30,7 +30,7 @@ from typing import Any
 from mmvae.atomic import atomic_write_text
 from mmvae.errors import InputError
 
-__all__ = ["Embedded", "embed_run", "case_metadata", "index_embeddings", "evaluation_label",
+__all__ = ["Embedded", "embed_run", "case_metadata", "index_embeddings", "manifest_reports", "run_manifest", "evaluation_label",
            "evaluate_embeddings", "rows_to_csv", "write_tables"]
 
 
@@ -82,13 +82,41 @@ def case_metadata(emb) -> list[dict]:
             for row, lab in zip(emb.present, emb.labels)]
 
 
-def index_embeddings(emb, out: str | os.PathLike | None = None, *, kind: str = "flat", metric: str = "cosine"):
+def manifest_reports(manifest: str | os.PathLike, case_ids) -> list[str | None]:
+    """The report text of each of ``case_ids`` in ``manifest`` (None: the case has no report, or
+    a blank one; InputError naming case and file for a report that is not text)."""
+    from mmvae.data.manifest import group_cases, read_manifest
+    cases = {c.case_id: c for c in group_cases(read_manifest(manifest))}
+    out = []
+    for cid in case_ids:
+        c = cases.get(cid)
+        text = c.read_report() if c is not None and (c.report_text is not None or c.report_path) else None
+        out.append(text if text and text.strip() else None)
+    return out
+
+
+def run_manifest(emb) -> str:
+    """The manifest of the run that made ``emb`` (its ``data.manifest``); InputError without."""
+    run_config = Path(str(emb.identity.get("workdir", ""))) / "config.json"
+    if emb.identity.get("workdir") and run_config.is_file():
+        m = json.loads(run_config.read_text()).get("data", {}).get("manifest")
+        if m:
+            return str(m)
+    raise InputError("the embeddings do not name their run's manifest: give the reports' manifest with --manifest")
+
+
+def index_embeddings(emb, out: str | os.PathLike | None = None, *, kind: str = "flat", metric: str = "cosine",
+                     reports=None):
     """A :class:`~mmvae.retrieval.index.CaseIndex` of ``emb`` (``kind``: flat, ivf, ivfpq, hnsw,
-    binary), carrying the embeddings' identity (model fingerprint, weights digest, ...);
-    saved to the folder ``out`` when given."""
+    binary), carrying the embeddings' identity (model fingerprint, weights digest, the
+    modalities of its blocks, ...); ``reports``: each case's report text (None entries), which
+    gives the index its lexical (BM25) leg; saved to the folder ``out`` when given."""
     from mmvae.retrieval.index import build_index
+    ident = dict(emb.identity)
+    ident.setdefault("embedding", getattr(emb, "embedding", "fused"))
+    ident.setdefault("modalities", list(emb.modalities))
     idx = build_index(emb.mu, emb.logvar, emb.case_ids, case_metadata(emb), kind=kind, metric=metric,
-                      identity=dict(emb.identity))
+                      identity=ident, reports=reports)
     if out is not None:
         idx.save(out)
     return idx

@@ -526,6 +526,81 @@ class Retriever:
         return self.index.search(q[None], k, query_logvar=qlv, filter=filter, exclude=exclude,
                                  rerank=rerank, dims=dims)[0]
 
+    # ------------------------------------------------------------------ hybrid (legs fused)
+    def fusion_method(self, rerank: str | None = None) -> str | None:
+        """How queries are ranked: None (one vector search) or ``'weighted'`` / ``'rrf'`` (the
+        index's legs fused, :mod:`mmvae.retrieval.hybrid`), from ``retrieval.fusion`` (``auto``:
+        fused when the index has a lexical leg or fitted weights). A posterior re-ranking
+        (``rerank``) is a vector search."""
+        mode = str(self.config.retrieval.get("fusion", "auto"))
+        if rerank is not None or mode == "vector":
+            return None
+        if mode == "auto":
+            return "weighted" if (self.index.lexical is not None or self.index.fusion) else None
+        return mode
+
+    def hybrid_query(self, mu, modalities: Sequence[str], report: str | None = None,
+                     tokens: Sequence[str] | None = None):
+        """A :class:`~mmvae.retrieval.hybrid.HybridQuery` of an encoded query (``report``: its
+        text, tokenised for the lexical leg; or ``tokens``)."""
+        from mmvae.retrieval.hybrid import HybridQuery
+        from mmvae.retrieval.index.lexical import tokenize
+        toks = list(tokens) if tokens is not None else (tokenize(report) if report else None)
+        return HybridQuery(np.asarray(mu, np.float32).reshape(-1), list(modalities), toks or None)
+
+    def case_query(self, case_id: str):
+        """The :class:`~mmvae.retrieval.hybrid.HybridQuery` of an indexed case: its stored vector,
+        its modalities and its report's stored tokens."""
+        mu = self.index.embeddings([case_id])[0][0]
+        row = self.index._row_of_case[case_id]
+        toks = self.index.lexical.tokens[row] if self.index.lexical is not None else None
+        return self.hybrid_query(mu, self.index.metadata(case_id).get("modalities", []), tokens=toks)
+
+    def _default_weights(self, weights):
+        if weights is not None:
+            return weights
+        w = str(self.config.retrieval.get("fusion_weights", "") or "")
+        return w or None
+
+    def search_hybrid(self, query, k: int = 10, *, weights=None, method: str = "weighted", filter=None,  # noqa: A002
+                      exclude=None, feedback: Mapping[str, Sequence[str]] | None = None):
+        """Fused search of a :class:`~mmvae.retrieval.hybrid.HybridQuery` → ``(results, info)``.
+
+        ``weights``: None (``retrieval.fusion_weights``, else the index's fitted default, else
+        uniform), ``'uniform'``, a fitted label or ``{leg: weight}``. ``feedback``: one round of
+        marks: the query vector moves by Rocchio (:meth:`apply_feedback`) and the leg weights by
+        :func:`~mmvae.retrieval.hybrid.feedback_weights`; ``info['weights']`` holds the weights
+        used (pass them back for the next round). Results are
+        :class:`~mmvae.retrieval.hybrid.HybridResult` (per-leg ``contributions``)."""
+        from mmvae.retrieval.hybrid import hybrid_search
+        k = self._check_k(k)
+        weights = self._default_weights(weights)
+        if feedback:
+            query, weights = self.feedback_round(query, feedback, weights=weights, method=method)
+        return hybrid_search(self.index, query, k, weights=weights, method=method, filter=filter, exclude=exclude,
+                             modalities=self.spec.query_modalities)
+
+    def feedback_round(self, query, feedback: Mapping[str, Sequence[str]], *, weights=None, method="weighted"):
+        """``(moved query, leg weights)`` after one round of marks on the results of ``query``
+        under ``weights``: Rocchio on the vector, the Hedge update on the weights
+        (``retrieval.feedback_rate``)."""
+        from mmvae.retrieval.hybrid import HybridQuery, feedback_weights, resolve_weights
+        from mmvae.retrieval.hybrid.fusion import normalise_weights
+        from mmvae.retrieval.hybrid.search import active_legs, standardised_scores
+        from mmvae.retrieval.hybrid.legs import index_legs
+        legs = index_legs(self.index, self.spec.query_modalities)
+        w_all, _ = resolve_weights(self.index, legs, self._default_weights(weights))
+        names = [leg.name for leg in active_legs(legs, query)]
+        w = normalise_weights(w_all, names)
+        moved = self.apply_feedback(query.vector, feedback)
+        rel = [str(x) for x in (feedback.get("relevant") or [])]
+        non = [str(x) for x in (feedback.get("nonrelevant") or [])]
+        zr = standardised_scores(self.index, query, rel, self.spec.query_modalities) if rel else {}
+        zn = standardised_scores(self.index, query, non, self.spec.query_modalities) if non else {}
+        new_w = feedback_weights(w, zr, zn, eta=float(self.config.retrieval.get("feedback_rate", 1.0)))
+        full = {n: new_w.get(n, 0.0) for n in w_all}
+        return HybridQuery(np.asarray(moved, np.float32).reshape(-1), query.modalities, query.tokens), full
+
     def search(self, images: Mapping[str, Sequence[str | os.PathLike]] | None = None,
                report: str | None = None, k: int = 10, filter=None, exclude=None,  # noqa: A002
                feedback: Mapping[str, Sequence[str]] | None = None, rerank: str | None = None, *,
@@ -542,9 +617,16 @@ class Retriever:
             mean is moved by Rocchio before searching (:meth:`apply_feedback`).
           rerank: None, ``'bhattacharyya'`` or ``'expected_likelihood'``: re-rank the
             candidates with the query's full posterior.
+
+        With a hybrid index (:meth:`fusion_method`) the legs are fused (:meth:`search_hybrid`)
+        and the results carry each leg's contribution.
         """
         self._check_k(k)   # before the (expensive) encoding
         mu, lv, used = self.encode(images, report, clinical=clinical, other=other)
+        method = self.fusion_method(rerank)
+        if method is not None:
+            return self.search_hybrid(self.hybrid_query(mu, used, report), k, method=method, filter=filter,
+                                      exclude=exclude, feedback=feedback)[0]
         return self.search_embedding(mu, lv, k=k, filter=filter, exclude=exclude, feedback=feedback,
                                      rerank=rerank, modalities=used)
 
@@ -554,7 +636,8 @@ class Retriever:
         """Encode a case and add it to the (in-memory) index; returns its modalities.
         Call :meth:`save` to write the index."""
         mu, lv, names = self.encode(images, report, clinical=clinical, other=other)
-        self.index.add(mu[None], lv[None], [case_id], [{"modalities": names, "labels": dict(labels or {})}])
+        self.index.add(mu[None], lv[None], [case_id], [{"modalities": names, "labels": dict(labels or {})}],
+                       reports=[report])
         return names
 
     def remove(self, case_ids: Sequence[str] | str) -> None:

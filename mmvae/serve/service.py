@@ -50,6 +50,7 @@ from mmvae.data.dataset import CLINICAL, load_case_images
 from mmvae.data.manifest import CaseEntries, REPORT, group_cases, read_manifest
 from mmvae.errors import InputError
 from mmvae.retrieval.index import RERANKS, Result
+from mmvae.retrieval.index.lexical import tokenize
 from mmvae.retrieval.query import QUERY_CASE, Retriever, _strip_case
 from mmvae.retrieval.uncertainty import posterior_spread
 from mmvae.serve import jobs
@@ -115,13 +116,20 @@ class Session:
     notes: list[str]
     uncertainty: dict
     thumbnails: dict[str, bytes] = field(default_factory=dict)   # uploaded query's images
+    tokens: list[str] | None = None        # the query report's words (the index's lexical leg)
+    method: str | None = None              # fused ranking ('weighted'/'rrf') or None (one vector)
+    weights: dict | None = None            # the fused ranking's leg weights, learnt round by round
     rounds: list[Round] = field(default_factory=list)
     created: float = field(default_factory=time.time)
 
 
-def _result_json(r: Result) -> dict:
-    return {"rank": r.rank, "case_id": r.case_id, "score": float(r.score), "modalities": list(r.modalities),
-            "labels": r.labels}
+def _result_json(r: Result, labels: dict | None = None) -> dict:
+    out = {"rank": r.rank, "case_id": r.case_id, "score": float(r.score), "modalities": list(r.modalities),
+           "labels": r.labels}
+    if hasattr(r, "contributions"):      # a fused ranking: each leg's part of the score
+        out["contributions"] = {n: float(v) for n, v in r.contributions.items()}
+        out["matched_on"] = r.matched_on(labels)
+    return out
 
 
 def _suffix(name: str) -> str:
@@ -305,8 +313,13 @@ class ReviewService:
         return thumbnail_png(source, size=int(self.settings["thumbnail_px"]), spatial_dims=int(data.spatial_dims),
                              b_value=data.dwi_b_value, max_voxels=int(data.max_voxels))
 
-    def _new_session(self, **kw) -> Session:
+    def _new_session(self, *, report: str | None = None, **kw) -> Session:
+        """A query session and its first round; ``report``: the query's report text (its words are
+        the lexical leg's query, unless ``tokens`` are given)."""
         s = Session(id=uuid.uuid4().hex, **kw)
+        s.method = self.retriever.fusion_method(s.rerank)
+        if s.tokens is None and report:
+            s.tokens = tokenize(report) or None
         s.rounds.append(Round(0, s.mu, self._search(s, s.mu)))
         self.sessions[s.id] = s
         while len(self.sessions) > int(self.settings["max_sessions"]):
@@ -314,8 +327,20 @@ class ReviewService:
         return s
 
     def _search(self, s: Session, q: np.ndarray) -> list[Result]:
+        if s.method is not None:
+            results, info = self.retriever.search_hybrid(self._hybrid(s, q), s.k, weights=s.weights,
+                                                         method=s.method, exclude=s.exclude)
+            s.weights = dict(info["weights"])        # normalised over the legs this query has
+            return results
         return self.retriever.search_embedding(q, s.logvar, k=s.k, exclude=s.exclude, rerank=s.rerank,
                                                modalities=s.modalities)
+
+    def _hybrid(self, s: Session, q: np.ndarray):
+        return self.retriever.hybrid_query(q, s.modalities, tokens=s.tokens or [])
+
+    def _case_tokens(self, case_id: str) -> list[str] | None:
+        lex = self.retriever.index.lexical
+        return None if lex is None else (lex.tokens[self.retriever.index._row_of_case[case_id]] or None)
 
     def query_case(self, case_id: str, modalities: Sequence[str] | None = None, k: int | None = None,
                    rerank: str | None = None) -> Session:
@@ -336,7 +361,8 @@ class ReviewService:
                 return self._new_session(source={"kind": "case", "case_id": case_id}, modalities=list(use),
                                          mu=np.asarray(mu, np.float32), logvar=np.asarray(lv, np.float32), k=k,
                                          rerank=rerank, exclude=[case_id], notes=[],
-                                         uncertainty=uncertainty(lv, self._ref_logvar))
+                                         uncertainty=uncertainty(lv, self._ref_logvar),
+                                         tokens=self._case_tokens(case_id))
         ce = self.cases.get(case_id)
         if ce is None:
             raise InputError("the case's files are not in the manifest: query it with all its modalities "
@@ -362,7 +388,8 @@ class ReviewService:
         with self._lock:
             return self._new_session(source={"kind": "case", "case_id": case_id}, modalities=list(use),
                                      mu=np.asarray(mu, np.float32), logvar=np.asarray(lv, np.float32), k=k,
-                                     rerank=rerank, exclude=[case_id], notes=notes, uncertainty=unc)
+                                     rerank=rerank, exclude=[case_id], notes=notes, uncertainty=unc,
+                                     report=report if REPORT in use else None)
 
     def _preload(self, images: Mapping[str, Sequence[str]], cache: PreprocessCache) -> None:
         """Load and preprocess a query's image files into ``cache`` before the model lock is
@@ -520,7 +547,8 @@ class ReviewService:
             with self._lock:
                 return self._new_session(source={"kind": "upload", "files": files, "report": report is not None},
                                          modalities=list(used), mu=mu, logvar=lv, k=k, rerank=rerank, exclude=[],
-                                         notes=notes, uncertainty=unc, thumbnails=thumbs)
+                                         notes=notes, uncertainty=unc, thumbnails=thumbs,
+                                         report=report if REPORT in used else None)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -585,17 +613,31 @@ class ReviewService:
             for c in rel + non:
                 self._check_case(c)
             last = s.rounds[-1]
-            q = self.retriever.apply_feedback(last.query, {"relevant": rel, "nonrelevant": non})
+            if s.method is not None:      # Rocchio on the vector + the legs' weights learn from the marks
+                hq, s.weights = self.retriever.feedback_round(self._hybrid(s, last.query),
+                                                              {"relevant": rel, "nonrelevant": non},
+                                                              weights=s.weights, method=s.method)
+                q = hq.vector
+            else:
+                q = self.retriever.apply_feedback(last.query, {"relevant": rel, "nonrelevant": non})
             last.relevant, last.nonrelevant = rel, non
             s.rounds.append(Round(len(s.rounds), q, self._search(s, q)))
             return s
 
     # ------------------------------------------------------------------ views
+    def _leg_labels(self) -> dict:
+        from mmvae.retrieval.hybrid import index_legs
+        try:
+            return {leg.name: leg.label for leg in index_legs(self.retriever.index, self.retriever.spec.query_modalities)}
+        except InputError:
+            return {}
+
     def session_json(self, s: Session) -> dict:
         last = s.rounds[-1]
         return {"session": s.id, "source": s.source, "modalities": s.modalities, "k": s.k, "rerank": s.rerank,
                 "notes": s.notes, "uncertainty": s.uncertainty, "query_thumbnails": sorted(s.thumbnails),
-                "round": last.number, "results": [_result_json(r) for r in last.results],
+                "round": last.number, "results": [_result_json(r, self._leg_labels()) for r in last.results],
+                "fusion": None if s.method is None else {"method": s.method, "weights": s.weights},
                 "history": [{"round": r.number, "relevant": r.relevant, "nonrelevant": r.nonrelevant,
                              "top": [x.case_id for x in r.results]} for r in s.rounds]}
 

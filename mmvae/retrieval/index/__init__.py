@@ -36,6 +36,7 @@ from mmvae.retrieval.index.backends import (BACKENDS, Backend, BuildOptions, bac
                                             default_nlist, default_nprobe, register)
 from mmvae.retrieval.index.candidates import faiss_search
 from mmvae.retrieval.index.filters import FILTER_KEYS  # noqa: F401
+from mmvae.retrieval.index.lexical import LexicalLeg, tokenize
 from mmvae.retrieval.index.inputs import as_matrix, check_case_ids, check_pair, jsonable, normalise, norm_metas
 from mmvae.retrieval.index.rerank import RERANKS
 from mmvae.retrieval.index.search import Result
@@ -57,7 +58,8 @@ class CaseIndex:
 
     def __init__(self, *, kind: str, metric: str, latent_dim: int, identity: dict, params: dict,
                  faiss_index, mu: np.ndarray, logvar: np.ndarray, ids: np.ndarray, case_ids: list[str],
-                 meta: list[dict], next_id: int, include_text: bool, state: dict | None = None):
+                 meta: list[dict], next_id: int, include_text: bool, state: dict | None = None,
+                 lexical: LexicalLeg | None = None, fusion: dict | None = None):
         self.kind, self.metric, self.latent_dim = kind, metric, int(latent_dim)
         self.backend: Backend = BACKENDS[kind]
         self.identity, self.params, self.include_text = identity, params, bool(include_text)
@@ -65,9 +67,16 @@ class CaseIndex:
         self._mu, self._logvar = mu, logvar
         self._ids = np.asarray(ids, dtype=np.int64)
         self._case_ids, self._meta, self._next_id = list(case_ids), meta, int(next_id)
+        # The report's BM25 leg (None: the index has none) and fitted fusion weights
+        # (fusion.json; :mod:`mmvae.retrieval.hybrid`).
+        self.lexical, self.fusion = lexical, fusion
+        self.version = 0              # bumped by every change of the cases (hybrid caches key on it)
+        if lexical is not None and len(lexical) != len(self._case_ids):
+            raise IndexError_(f"the lexical leg has {len(lexical)} cases, the index {len(self._case_ids)}")
         self._reindex()
 
     def _reindex(self) -> None:
+        self.version = getattr(self, "version", 0) + 1
         self._row_of_case = {c: i for i, c in enumerate(self._case_ids)}
         self._id2row = np.full(max(self._next_id, 1), -1, dtype=np.int64)
         self._id2row[self._ids] = np.arange(len(self._ids))
@@ -152,8 +161,12 @@ class CaseIndex:
         return _search.search(self, query_mu, k, query_logvar=query_logvar, filter=filter,
                               exclude=exclude, rerank=rerank, rerank_factor=rerank_factor, dims=dims)
 
-    def add(self, mu, logvar, case_ids: Sequence[str], meta: Sequence[dict] | None = None) -> None:
+    def add(self, mu, logvar, case_ids: Sequence[str], meta: Sequence[dict] | None = None,
+            reports: Sequence[str | None] | None = None) -> None:
         """Add cases without rebuilding (IVF kinds use the trained quantizer).
+
+        ``reports``: the cases' report texts (None entries: no report), tokenised into the
+        lexical leg when the index has one (without, the new cases have no words there).
 
         Raises InputError for a case id already in the index (nothing is added) and
         IndexError_ for a latent dimension that differs from the index's.
@@ -164,8 +177,12 @@ class CaseIndex:
         if dup:
             raise InputError(f"case id(s) already in the index: {', '.join(map(repr, dup[:5]))}")
         new_meta = norm_metas(meta, ids_in, self.include_text)
+        if reports is not None and len(reports) != len(ids_in):
+            raise InputError(f"{len(reports)} reports for {len(ids_in)} cases")
         if not ids_in:
             return
+        if self.lexical is not None:
+            self.lexical.add([tokenize(r) for r in (reports or [None] * len(ids_in))])
         new_ids = np.arange(self._next_id, self._next_id + len(ids_in), dtype=np.int64)
         self._index.add_with_ids(self._faiss_input(mu), new_ids)
         self._mu = np.concatenate([self._mu, mu]).astype(np.float32)
@@ -195,6 +212,8 @@ class CaseIndex:
         self._mu, self._logvar, self._ids = self._mu[keep], self._logvar[keep], self._ids[keep]
         self._case_ids = [c for c, kp in zip(self._case_ids, keep) if kp]
         self._meta = [m for m, kp in zip(self._meta, keep) if kp]
+        if self.lexical is not None:
+            self.lexical.keep(keep)
         self._reindex()
 
     def check_identity(self, expect: Mapping | None) -> None:
@@ -249,7 +268,8 @@ def build_index(mu, logvar, case_ids: Sequence[str], meta: Sequence[dict] | None
                 nlist: int | None = None, m_pq: int | None = None, nprobe: int | None = None,
                 hnsw_m: int = 32, ef_construction: int = 80, ef_search: int = 64,
                 nbits: int | None = None, binary_projection: str = "random",
-                seed: int = 0, include_text: bool = False) -> CaseIndex:
+                seed: int = 0, include_text: bool = False,
+                reports: Sequence[str | None] | None = None) -> CaseIndex:
     """Build a :class:`CaseIndex` (the kinds: :mod:`.backends`).
 
     Args:
@@ -269,6 +289,8 @@ def build_index(mu, logvar, case_ids: Sequence[str], meta: Sequence[dict] | None
         (default L rounded up to a multiple of 8); binary_projection: ``'random'``
         (seeded orthogonal) or ``'none'`` (signs of the centred means).
       seed: seeds k-means (IVF/PQ) and the binary projection.
+      reports: ``N`` report texts (None: no report): builds the lexical (BM25) leg
+        (:mod:`.lexical`; its tokens are stored in the folder, the texts are not).
 
     Raises InputError for a bad argument (unknown kind or metric, shapes, ids, options).
     """
@@ -284,6 +306,9 @@ def build_index(mu, logvar, case_ids: Sequence[str], meta: Sequence[dict] | None
         raise InputError(f"logvar has shape {logvar.shape}, mu {mu.shape}")
     cids = check_case_ids(case_ids, N)
     metas = norm_metas(meta, cids, include_text)
+    if reports is not None and len(reports) != N:
+        raise InputError(f"{len(reports)} reports for {N} cases")
+    lexical = None if reports is None else LexicalLeg([tokenize(r) for r in reports])
     ident = jsonable(dict(identity or {}), "identity")
     if "latent_dim" in ident and ident["latent_dim"] != L:
         raise InputError(f"identity says latent_dim={ident['latent_dim']} but mu has {L} columns")
@@ -295,7 +320,7 @@ def build_index(mu, logvar, case_ids: Sequence[str], meta: Sequence[dict] | None
     ci = CaseIndex(kind=kind, metric=metric, latent_dim=L, identity=ident, params={"seed": int(seed), **params},
                    faiss_index=index, mu=mu.copy(), logvar=logvar.copy(),
                    ids=np.arange(N, dtype=np.int64), case_ids=cids, meta=metas, next_id=N,
-                   include_text=include_text, state=state)
+                   include_text=include_text, state=state, lexical=lexical)
     index.add_with_ids(ci._faiss_input(mu), np.arange(N, dtype=np.int64))
     return ci
 

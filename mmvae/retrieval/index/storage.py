@@ -10,6 +10,10 @@ Folder layout (written by :func:`save`, atomically; no pickle anywhere):
                        built with ``include_text=True``, + ``source`` when given).
 ``binary_hash.npy``    (``binary`` only: the backend's ``state_file``) float32
                        ``(nbits + 1, L)``: projection rows, then the centre.
+``lexical.jsonl``      (indexes with a lexical leg) one JSON list of report tokens per case,
+                       row order (:mod:`.lexical`).
+``fusion.json``        (after ``mmvae fit-fusion``) the fitted leg weights per label, with the
+                       folds' scores (:mod:`mmvae.retrieval.hybrid`).
 ``index.json``         format, version, kind, metric, latent_dim, counts, next id,
                        parameters, identity and the sha256 of every other file.
 """
@@ -31,6 +35,7 @@ import numpy as np
 from mmvae.data.cache import source_hash   # SHA-256 of a file's bytes
 from mmvae.errors import IndexError_, InputError
 from mmvae.retrieval.index.backends import BACKENDS
+from mmvae.retrieval.index.lexical import LexicalLeg
 
 log = logging.getLogger(__package__)
 
@@ -104,6 +109,10 @@ def write_files(ix, d: Path) -> None:
     if b.state_file is not None:
         save_npy(d / b.state_file, b.save_state(ix._state))
     write_text(d / "metadata.jsonl", _metadata_lines(ix))
+    if ix.lexical is not None:
+        write_text(d / "lexical.jsonl", ix.lexical.dumps())
+    if ix.fusion is not None:
+        write_text(d / "fusion.json", json.dumps(ix.fusion, indent=2, sort_keys=True) + "\n")
     files = {name: source_hash(d / name)
              for name in sorted(p.name for p in d.iterdir() if not p.name.startswith("."))}
     info = {
@@ -277,7 +286,15 @@ def read_folder(folder: str | os.PathLike) -> dict:
     if backend.state_file is not None:
         state = backend.load_state(_load_npy(folder, backend.state_file), params, L)
     backend.configure(index, params)
+    lexical = fusion = None
+    if "lexical.jsonl" in files:
+        lexical = LexicalLeg.loads((folder / "lexical.jsonl").read_text(encoding="utf-8"), count)
+    if "fusion.json" in files:
+        try:
+            fusion = json.loads((folder / "fusion.json").read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise IndexError_(f"index file fusion.json is corrupt (not valid JSON: {e})") from None
     return dict(kind=kind, metric=metric, latent_dim=L, identity=identity, params=params,
                 faiss_index=index, mu=np.ascontiguousarray(emb[0]), logvar=np.ascontiguousarray(emb[1]),
                 ids=np.array(ids, dtype=np.int64), case_ids=cids, meta=metas, next_id=next_id,
-                include_text=include_text, state=state)
+                include_text=include_text, state=state, lexical=lexical, fusion=fusion)

@@ -153,6 +153,8 @@ function show(s) {
   $("history").replaceChildren(...s.history.map((h) => el("li", {},
     `round ${h.round}: top ${h.top.slice(0, 5).join(", ")}` +
     (h.relevant.length || h.nonrelevant.length ? ` — marked relevant [${h.relevant.join(", ")}], not relevant [${h.nonrelevant.join(", ")}]` : ""))));
+  $("fusion").textContent = s.fusion ? `fused ranking (${s.fusion.method}), leg weights: ` +
+    Object.entries(s.fusion.weights).map(([n, w]) => `${n} ${w.toFixed(2)}`).join(", ") : "";
   updateMarks();
   document.body.dataset.round = String(s.round);
   document.body.dataset.session = s.session;
@@ -166,7 +168,9 @@ function resultItem(r) {
   const li = el("li", { class: "result", "data-case-id": r.case_id },
     el("div", {}, el("div", { class: "rank" }, r.rank), el("div", { class: "score" }, fmt(r.score))),
     el("div", {}, el("div", { class: "case-id" }, r.case_id),
-      el("div", { class: "meta" }, `modalities: ${r.modalities.join(", ")} `, labelsOf(r.labels)), thumbs, excerpt),
+      el("div", { class: "meta" }, `modalities: ${r.modalities.join(", ")} `, labelsOf(r.labels)),
+      r.matched_on !== undefined ? el("div", { class: "matched-on" }, `matched on: ${r.matched_on || "—"}`) : "",
+      thumbs, excerpt),
     el("div", { class: "marks" }, rel, non));
   rel.addEventListener("click", () => mark(r.case_id, "relevant"));
   non.addEventListener("click", () => mark(r.case_id, "nonrelevant"));
