@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ from mmvae.retrieval.index import build_index, load_index
 from mmvae.retrieval.index.lexical import LexicalLeg, query_tokens, tokenize
 
 from _tiny_run import faiss_one_thread
+from test_serve import browser, wait_for  # noqa: F401  (the Chromium fixture, shared)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -266,14 +266,7 @@ def test_a_feedback_round_learns_leg_weights_through_the_retriever(hybrid_run):
 
 
 # ----------------------------------------------------------------------------- the page
-def test_page_shows_leg_contributions_and_a_feedback_round_changes_them(hybrid_run, tmp_path):
-    from test_serve import CHROMEDRIVER, CHROMIUM, wait_for
-    if not (CHROMIUM and CHROMEDRIVER):
-        msg = "Debian chromium + chromium-driver are not installed (.ci/run installs them)"
-        if os.environ.get("MMVAE_REQUIRE_SERVICES") == "1":
-            pytest.fail(msg)
-        pytest.skip(msg)
-    from selenium import webdriver
+def test_page_shows_leg_contributions_and_a_feedback_round_changes_them(hybrid_run, browser):
     from selenium.webdriver.common.by import By
 
     from mmvae.serve import BackgroundServer
@@ -284,11 +277,7 @@ def test_page_shows_leg_contributions_and_a_feedback_round_changes_them(hybrid_r
                  "--manifest", str(hybrid_run["manifest"])]) == 0
     service = ReviewService.load(hybrid_run["workdir"], out_dir, settings={"k": 5})
     live = BackgroundServer(create_app(service))
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,1800"):
-        opts.add_argument(a)
-    driver = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+    driver = browser
     try:
         cid = next(c for c in service.retriever.index.case_ids if service._case_tokens(c))
         driver.get(live.url + "/")
@@ -311,6 +300,5 @@ def test_page_shows_leg_contributions_and_a_feedback_round_changes_them(hybrid_r
         s = next(iter(service.sessions.values()))
         assert s.weights and sum(s.weights.values()) == pytest.approx(1.0)
     finally:
-        driver.quit()
         live.stop()
         service.close()
