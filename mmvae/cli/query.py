@@ -225,14 +225,11 @@ def query_main(argv: Sequence[str], out=None) -> None:
     try:
         r._check_k(k)
         t1 = time.perf_counter()
-        if a.fusion:
-            with r.config.unlocked():
-                r.config.retrieval.fusion = a.fusion
-        method = r.fusion_method(a.rerank)
+        method = r.fusion_method(a.rerank, a.fusion)
         if method is None and a.weights:
             raise InputError("--weights sets the weights of a fused ranking; this query is one vector search "
                              "(the index has no lexical leg or fitted weights, or --fusion vector / --rerank)")
-        hq = _hybrid_query(r, q) if method is not None else None
+        hq = _query_tokens(r, q) if method is not None else None
         mu, lv, used = r.encode(q.images, q.report, clinical=q.clinical, other=q.other)
         t2 = time.perf_counter()
         fusion_info = None
@@ -255,7 +252,7 @@ def query_main(argv: Sequence[str], out=None) -> None:
     _print_results(r, results, used, timing, out, fusion_info)
 
 
-def _hybrid_query(r, q: _Query) -> list[str] | None:
+def _query_tokens(r, q: _Query) -> list[str] | None:
     """The report's tokens for the lexical leg (None without a report); InputError for a report
     with no searchable word when the index has a lexical leg."""
     from mmvae.retrieval.index.lexical import query_tokens

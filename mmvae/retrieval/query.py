@@ -527,12 +527,12 @@ class Retriever:
                                  rerank=rerank, dims=dims)[0]
 
     # ------------------------------------------------------------------ hybrid (legs fused)
-    def fusion_method(self, rerank: str | None = None) -> str | None:
+    def fusion_method(self, rerank: str | None = None, mode: str | None = None) -> str | None:
         """How queries are ranked: None (one vector search) or ``'weighted'`` / ``'rrf'`` (the
-        index's legs fused, :mod:`mmvae.retrieval.hybrid`), from ``retrieval.fusion`` (``auto``:
-        fused when the index has a lexical leg or fitted weights). A posterior re-ranking
-        (``rerank``) is a vector search."""
-        mode = str(self.config.retrieval.get("fusion", "auto"))
+        index's legs fused, :mod:`mmvae.retrieval.hybrid`), from ``mode`` (default
+        ``retrieval.fusion``; ``auto``: fused when the index has a lexical leg or fitted weights).
+        A posterior re-ranking (``rerank``) is a vector search."""
+        mode = str(mode or self.config.retrieval.get("fusion", "auto"))
         if rerank is not None or mode == "vector":
             return None
         if mode == "auto":

@@ -25,7 +25,7 @@ import numpy as np
 
 from mmvae.errors import InputError
 from mmvae.retrieval.hybrid.fusion import fusion_identity
-from mmvae.retrieval.hybrid.legs import Leg, index_legs, reference_rows, zscore
+from mmvae.retrieval.hybrid.legs import index_legs, reference_rows, zscore
 from mmvae.retrieval.hybrid.search import scorer_of
 from mmvae.retrieval.metrics import average_precision_at_k, bootstrap_ci
 
@@ -53,6 +53,7 @@ class LegMatrices:
     def __init__(self, z, active, rel, case_ids, legs):
         self.z, self.active, self.rel, self.case_ids, self.legs = z, active, rel, case_ids, legs
         self.nrel = rel.sum(1)
+        self.self_col = np.arange(len(case_ids))     # each query's own column in the database
 
     def take(self, q: np.ndarray) -> "LegMatrices":
         """The same database, only the queries ``q`` (row indices)."""
@@ -65,10 +66,8 @@ class LegMatrices:
     def sub(self, rows: np.ndarray) -> "LegMatrices":
         """Only the cases ``rows``, as queries and as the database (a training fold that never
         sees the held-out cases, not even as relevant items)."""
-        out = LegMatrices(self.z[:, rows][:, :, rows], self.active[:, rows], self.rel[rows][:, rows],
-                          [self.case_ids[i] for i in rows], self.legs)
-        out.self_col = np.arange(len(rows))
-        return out
+        return LegMatrices(self.z[:, rows][:, :, rows], self.active[:, rows], self.rel[rows][:, rows],
+                           [self.case_ids[i] for i in rows], self.legs)
 
 
 def leg_matrices(index, label: str, *, modalities: Sequence[str] | None = None) -> LegMatrices:
@@ -99,9 +98,7 @@ def leg_matrices(index, label: str, *, modalities: Sequence[str] | None = None) 
     vals = np.array([values[r] for r in rows], dtype=object)
     rel = vals[:, None] == vals[None, :]
     np.fill_diagonal(rel, False)
-    out = LegMatrices(z, active, rel, [index._case_ids[r] for r in rows], legs)
-    out.self_col = np.arange(Q)
-    return out
+    return LegMatrices(z, active, rel, [index._case_ids[r] for r in rows], legs)
 
 
 def fused_scores(m: LegMatrices, w: np.ndarray) -> np.ndarray:
@@ -222,7 +219,7 @@ def fit_fusion(index, label: str, *, k: int = 10, folds: int = 5, seed: int = 0,
     return entry
 
 
-def legs_table(entry: dict, legs: Sequence[Leg] | None = None) -> str:
+def legs_table(entry: dict) -> str:
     """Markdown: cross-validated mAP@k of the fitted and uniform weights and each leg alone."""
     k = entry["k"]
 

@@ -121,8 +121,9 @@ def zscore(scores: np.ndarray, ref: np.ndarray) -> np.ndarray:
 
 
 class LegScorer:
-    """Raw scores of the legs of one index (cached per index version): unit-norm copies of each
-    dense block, the reference rows, and the BM25 leg."""
+    """Raw scores of the legs of one index: each dense block's row norms (cached per index
+    version; the blocks themselves are read from the index's stored means), the reference rows,
+    and the BM25 leg."""
 
     def __init__(self, index, legs: Sequence[Leg]):
         self.index, self.legs = index, list(legs)
@@ -132,16 +133,14 @@ class LegScorer:
         ix = self.index
         if self._version == ix.version:
             return
-        mu = np.asarray(ix._mu, np.float32)
-        self.unit, self.has = {}, {}
+        self.norm, self.has = {}, {}
         for leg in self.legs:
             if leg.lexical:
                 self.has[leg.name] = ix.lexical.has_text()
                 continue
-            b = mu[:, leg.start:leg.stop]
-            n = np.linalg.norm(b, axis=1)
+            n = np.linalg.norm(np.asarray(ix._mu[:, leg.start:leg.stop], np.float32), axis=1)
             self.has[leg.name] = n > 1e-12
-            self.unit[leg.name] = np.ascontiguousarray(b / np.maximum(n, 1e-12)[:, None], np.float32)
+            self.norm[leg.name] = np.maximum(n, 1e-12)
         self.ref = reference_rows(ix._case_ids)
         self._version = ix.version
 
@@ -156,10 +155,5 @@ class LegScorer:
             nq = float(np.linalg.norm(qb))
             if nq <= 1e-12:
                 return np.full(self.index.size, np.nan, np.float32)
-            s = self.unit[leg.name] @ (qb / nq)
+            s = (np.asarray(self.index._mu, np.float32)[:, leg.start:leg.stop] @ (qb / nq)) / self.norm[leg.name]
         return np.where(self.has[leg.name], s, np.nan).astype(np.float32)
-
-    def standardised(self, leg: Leg, q=None, tokens=None) -> np.ndarray:
-        """:func:`zscore` of :meth:`scores` against the reference rows, float32 ``(N,)``."""
-        s = self.scores(leg, q, tokens)
-        return zscore(s, s[self.ref])
