@@ -12,7 +12,10 @@ modalities (held-out queries against the whole cohort; see
 ``mmvae/experiments/protocol.py``). Outputs under ``--out``: ``results.csv`` (tidy: one
 row per cell, query and metric, with the bootstrap CI; failed cells with their error),
 ``results.md`` (mAP@10 mean ± sd over seeds), ``heatmap_<fusion>_<objective>.png``
-(training subset × query subset) and ``cells/<id>/`` (run dirs, ``result.json``).
+(training subset × query subset) and ``cells/<id>/`` (run dirs, ``result.json``). With
+``--hybrid``, each VAE cell's hybrid rankings too (each expert block and BM25 on the report
+alone, fused with uniform / RRF / fitted weights, simulated relevance feedback; the same
+queries): ``hybrid.csv``, ``hybrid.md`` (finished cells are evaluated from their embeddings).
 Rerunning the same command resumes: finished cells are skipped. Config overrides
 follow the options, e.g. ``--config.train.steps=50``.
 """
@@ -45,6 +48,8 @@ def parse(argv=None):
     p.add_argument("--baseline-steps", type=int, default=0, help="training steps of clip/supervised (0: default)")
     p.add_argument("--jobs", type=int, default=1, help="cells run in this many processes")
     p.add_argument("--retry-failed", action="store_true")
+    p.add_argument("--hybrid", action="store_true",
+                   help="also evaluate each VAE cell's hybrid rankings (legs, fused, fitted weights, feedback)")
     return p.parse_known_args(argv)
 
 
@@ -52,7 +57,7 @@ def main(argv=None) -> int:
     args, overrides = parse(argv)
     try:
         ctx = GridContext(args.config, overrides, Path(args.out), args.label, args.k, args.baseline_steps,
-                          args.queries)
+                          args.queries, hybrid=args.hybrid)
         base = ctx.base_config()
         if not ctx.label:
             ctx.label = str(base.data.label)
@@ -74,6 +79,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(Path(out["markdown"]).read_text())
+    if "hybrid_markdown" in out:
+        print(Path(out["hybrid_markdown"]).read_text())
     n_failed = sum(r["status"] != "ok" for r in results)
     print(f"{len(results)} cells ({n_failed} failed) -> {out['csv']}, {out['markdown']}, "
           f"{len(out['heatmaps'])} heat map(s)")

@@ -26,12 +26,9 @@ from mmvae.config import load_config
 from mmvae.data.manifest import write_manifest
 from mmvae.data.scan import scan_folder
 from mmvae.experiments import baselines as B
-from mmvae.retrieval.evaluate import chance_map
-from mmvae.retrieval.hybrid.fit import cross_validate, leg_matrices
+from mmvae.retrieval.hybrid.evaluate import evaluate_hybrid, markdown_table
 from mmvae.retrieval.hybrid.legs import index_legs
-from mmvae.retrieval.hybrid.protocols import simulated_feedback
 from mmvae.retrieval.index import build_index
-from mmvae.retrieval.metrics import bootstrap_ci
 from mmvae.runs.trained import load_cohort
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,32 +55,11 @@ def cohort_index(name: str, root: Path, out: Path, config_arg: str):
                        reports=list(cohort.reports)), cohort
 
 
-def ci(x: np.ndarray, seed: int = 0) -> str:
-    x = x[np.isfinite(x)]
-    m, lo, hi = bootstrap_ci(x, n_boot=1000, seed=seed)
-    return f"{m:.3f} [{lo:.3f}, {hi:.3f}]"
-
-
-def evaluate_label(ix, label: str, k: int, folds: int) -> tuple[list[tuple], dict]:
+def evaluate_label(ix, label: str, k: int, folds: int) -> tuple[list[dict], dict]:
+    """Leave-one-out: every labelled case queries; fitted weights by ``folds``-fold CV."""
     t0 = time.time()
-    m = leg_matrices(ix, label)
-    cv = cross_validate(m, k, folds, seed=0)
-    t_fit = time.time() - t0
-    rows = []
-    for name, ap in cv["legs"].items():
-        rows.append((f"{name} alone", ap))
-    rows.append(("fused, uniform weights", cv["uniform"]))
-    # RRF (uniform): through the search-time fusion, per query
-    rrf = simulated_feedback(ix, label, k=k, rounds=0, method="rrf", learn_weights=False)[:, 0]
-    rows.append(("fused, RRF (uniform)", rrf))
-    rows.append((f"fused, fitted weights ({folds}-fold CV)", cv["fitted"]))
-    fb = {}
-    for learn in (False, True):
-        fb[learn] = simulated_feedback(ix, label, k=k, rounds=3, marks=3, learn_weights=learn)
-    extra = {"fit_s": t_fit, "n": len(m.case_ids), "folds": cv["folds"],
-             "chance": chance_map([ix._meta[ix._row_of_case[c]]["labels"][label] for c in m.case_ids],
-                                  list(range(len(m.case_ids))), k)}
-    return rows, {"feedback": fb, **extra, "uniform": cv["uniform"]}
+    rows, fit = evaluate_hybrid(ix, label, k=k, folds=folds, seed=0)
+    return rows, {**fit, "seconds": time.time() - t0}
 
 
 def render(results: dict, k: int, elapsed: float) -> str:
@@ -92,21 +68,13 @@ def render(results: dict, k: int, elapsed: float) -> str:
          "dense legs are the frozen EfficientNet-Lite0 features of each sequence and all-MiniLM-L6-v2 on the report "
          "(the `pretrained` baseline's blocks), the lexical leg BM25 on the report (`mmvae index --lexical`). "
          f"Leave-one-out mAP@{k} [95 % BCa CI] over the labelled cases, each queried with what it has; a single leg "
-         "over the queries that have it (n). Fitted weights: 5-fold cross-validation, the held-out queries never seen "
-         "by the fit (`mmvae fit-fusion`). Feedback: KUR15's protocol, 3 marks per round by the hidden label "
-         "(mmvae.retrieval.hybrid.protocols).", ""]
+         "over the queries that have it. Fitted weights: 5-fold cross-validation, the held-out queries never seen "
+         "by the fit (`mmvae fit-fusion`). Feedback: KUR15's protocol, 3 marks per round by the hidden label. "
+         "One evaluation for every hybrid table: `mmvae.retrieval.hybrid.evaluate.evaluate_hybrid` (the grid's "
+         "`--hybrid` uses it too).", ""]
     for cohort, per_label in results.items():
-        for label, (rows, extra) in per_label.items():
-            L += [f"### {cohort}, {label} (n = {extra['n']}, chance {extra['chance']:.3f})", "",
-                  f"| ranking | mAP@{k} [95 % CI] | n |", "|---|---|---|"]
-            for name, ap in rows:
-                L.append(f"| {name} | {ci(np.asarray(ap, float))} | {int(np.isfinite(ap).sum())} |")
-            fb = extra["feedback"]
-            for learn, name in ((False, "Rocchio"), (True, "Rocchio + leg weights")):
-                for rd in (1, 2, 3):
-                    L.append(f"| feedback: {name}, after {rd} round{'s' if rd > 1 else ''} | {ci(fb[learn][:, rd])} | "
-                             f"{len(fb[learn])} |")
-            L.append("")
+        for label, (rows, fit) in per_label.items():
+            L += [f"### {cohort}, {label}", "", markdown_table(rows, fit["fitted_on"]), ""]
     L += [END]
     return "\n".join(L) + "\n"
 
@@ -141,11 +109,9 @@ def main(argv=None) -> int:
         results[name] = {}
         for label in ("location", "category"):
             results[name][label] = evaluate_label(ix, label, a.k, a.folds)
-            rows = results[name][label][0]
-            log.info("%s %s: %s", name, label, "; ".join(f"{n} {np.nanmean(v):.3f}" for n, v in rows))
-            fb = results[name][label][1]["feedback"]
-            log.info("  feedback rounds 0..3: Rocchio %s; +weights %s; fit %.1f s",
-                     np.round(fb[False].mean(0), 3), np.round(fb[True].mean(0), 3), results[name][label][1]["fit_s"])
+            rows, fit = results[name][label]
+            log.info("%s %s (%.1f s): %s", name, label, fit["seconds"],
+                     "; ".join(f"{r['ranking']} {r['value']:.3f}" for r in rows))
     section = render(results, a.k, time.time() - t0)
     print(section)
     if not a.no_docs:

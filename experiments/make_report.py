@@ -14,6 +14,9 @@
    Every query subset is evaluated on the held-out cases against the whole cohort.
    The issue's targets are checked and a miss is reported with its size.
 2. Latent-space figures of the first fusion's seed-0 run (``visualize_latent.py``).
+   With ``--hybrid`` (default) each VAE cell's hybrid rankings too (each leg alone, fused,
+   fitted weights, simulated relevance feedback; :func:`mmvae.experiments.grid.hybrid_rows`),
+   for the synthetic cohort, MedPix and BraTS.
 3. BraTS sample (``--brats``; skipped with a reason when absent): a manifest with the
    ``grade`` label (grades.csv) and a ``tumour_volume`` tertile label computed from each
    case's ``*_seg`` (voxels with a tumour label × voxel volume); the VAE and the
@@ -84,6 +87,8 @@ def parse(argv=None):
     p.add_argument("--figures", default="pca,tsne", help="projections of the latent-space figures ('' for none)")
     p.add_argument("--no-diagnostics", dest="diagnostics", action="store_false",
                    help="skip diagnose_latent on the first seed's VAE cells")
+    p.add_argument("--no-hybrid", dest="hybrid", action="store_false",
+                   help="skip the VAE cells' hybrid rankings (legs, fused, fitted, feedback)")
     p.add_argument("--jobs", type=int, default=1)
     return p.parse_args(argv)
 
@@ -104,7 +109,7 @@ def _cells(mods, fusions, seeds, baselines, ablation: str = "", semi: Sequence[s
 
 
 def run_synthetic(args, log) -> dict:
-    ctx = G.GridContext(args.config, list(args.set), Path(args.out) / "synthetic", "")
+    ctx = G.GridContext(args.config, list(args.set), Path(args.out) / "synthetic", "", hybrid=args.hybrid)
     base = ctx.base_config()
     ctx.label = str(base.data.label)
     mods = G.all_modalities(base)
@@ -199,7 +204,8 @@ def run_medpix(args, log) -> dict | None:
     out = Path(args.out) / "medpix"
     manifest = medpix_manifest(root, out / "manifest.jsonl")
     overrides = [f"data.manifest={manifest}"] + list(args.medpix_set)
-    ctx = G.GridContext(args.medpix_config, overrides, out, "category,location", k=10, queries="all")
+    ctx = G.GridContext(args.medpix_config, overrides, out, "category,location", k=10, queries="all",
+                        hybrid=args.hybrid)
     mods = G.all_modalities(ctx.base_config())
     baselines = [b for b in args.medpix_baselines.split(",") if b]
     cells = _cells(mods, ["poe"], [int(s) for s in args.medpix_seeds.split(",") if s], baselines)
@@ -270,7 +276,8 @@ def run_brats(args, log) -> dict | None:
     manifest, info = brats_manifest(root, out / "manifest.jsonl")
     overrides = [f"data.manifest={manifest}"] + BRATS_DEFAULTS + list(args.brats_set)
     effective = {o.split("=", 1)[0]: o for o in overrides[1:]}          # the last setting of a key wins
-    ctx = G.GridContext(args.brats_config, overrides, out, "grade,tumour_volume", k=5, queries="all")
+    ctx = G.GridContext(args.brats_config, overrides, out, "grade,tumour_volume", k=5, queries="all",
+                        hybrid=args.hybrid)
     mods = G.all_modalities(ctx.base_config())
     baselines = [b for b in args.brats_baselines.split(",") if b]
     cells = _cells(mods, ["poe"], [0], baselines)
@@ -315,6 +322,21 @@ def _cost_table(results) -> str:
     lines = ["| method | cells | median seconds per cell (train + embed + evaluate) |", "|---|---:|---:|"]
     lines += [f"| {k} | {len(v)} | {np.median(v):.0f} |" for k, v in groups.items()]
     return "\n".join(lines) + "\n"
+
+
+def hybrid_section(part: dict, protocol: str) -> str:
+    """The hybrid rankings of the full-modality VAE cells with the default objective (one table
+    per label and fusion; ``--hybrid``), or nothing when they were not evaluated."""
+    full = "+".join(part["modalities"])
+    rows = [s for s in part.get("hybrid_summary", []) if s["method"] == "vae" and s["objective"] == "default"
+            and s["train_subset"] == full]
+    if not rows:
+        return ""
+    return ("### Hybrid rankings\n\nThe same VAE cells as an index with one leg per expert block (and BM25 on the "
+            "report's words): each leg alone, fused with uniform weights, RRF and fitted weights, and the "
+            "simulated-feedback protocol (3 marks per round by the hidden label; Rocchio alone, Rocchio + the leg "
+            "weights a round teaches), next to chance. " + protocol + " `mmvae.retrieval.hybrid.evaluate`; every "
+            "cell's rows in `hybrid.csv` of the grid folder.\n" + G.hybrid_markdown(rows) + "\n")
 
 
 def _rel(path: Path, docs: Path) -> str:
@@ -392,6 +414,8 @@ def render(args, syn: dict, figs: list[Path], brats: dict | None, assets: Path, 
     queries = [q for q in ("+".join(s) for s in G.nonempty_subsets(mods)) if any(s["query"] == q for s in summary)]
     L.append("<details><summary>Every query subset</summary>\n\n" + G.markdown(summary, queries, f"map@{k}")
              + "\n</details>\n")
+    L.append(hybrid_section(syn, "Queries and database as above; fitted weights fitted on the training split's "
+                                 "cases only (never on a held-out query)."))
     heat = [h for h in syn["heatmaps"]]
     if heat:
         L.append("### Heat maps (training subset × query subset)\n")
@@ -435,6 +459,7 @@ def render(args, syn: dict, figs: list[Path], brats: dict | None, assets: Path, 
         L.append("\n".join(f"| {c} | {v['grade']} | {v['tumour_ml']} | {v['tumour_volume']} |"
                            for c, v in brats["cases"].items()) + "\n")
         L.append(brats["markdown"].read_text())
+        L.append(hybrid_section(brats, "Leave-one-out; fitted weights by cross-validation over the six cases."))
         L.append(_cost_table(brats["results"]))
     L.append("## MedPix key images + reports\n")
     if medpix is None or "skipped" in medpix:
@@ -494,6 +519,8 @@ def render(args, syn: dict, figs: list[Path], brats: dict | None, assets: Path, 
                          + ("met (every seed's CI above chance)" if lo > ch else "**missed** (a seed's CI reaches chance)")
                          + f" ({r['mean']:.3f} vs chance {ch:.3f}).")
             L.append("")
+        L.append(hybrid_section(medpix, "Leave-one-out; fitted weights by 5-fold cross-validation (never fitted on "
+                                        "the query)."))
         L.append(_cost_table(medpix["results"]))
     L.append("## Reproduce\n")
     L.append("```\npython experiments/make_report.py --out runs/report\n```\n"

@@ -19,12 +19,18 @@ def pytest_configure(config):
     folder = tempfile.mkdtemp(prefix="mmvae-tests-xla-cache-")
     config._mmvae_xla_cache = folder
     os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+    # Every compilation, however small: a subprocess the tests start (a CLI, a server, a training
+    # worker) otherwise recompiles each primitive it runs eagerly (model initialisation alone is
+    # ~8 s of 30 ms compilations on 2 cores, ~1 s from the cache).
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
     if "jax" in sys.modules:        # a plugin imported JAX first: its config already read the environment
         import jax
         jax.config.update("jax_compilation_cache_dir", folder)
         jax.config.update("jax_persistent_cache_min_compile_time_secs",
                           float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes",
+                          int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
 
 
 def pytest_unconfigure(config):

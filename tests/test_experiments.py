@@ -36,7 +36,8 @@ def _csv(path):
 def grid_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ablation")
     rc = _script("ablate_modalities").main(["--config", TINY, "--out", str(out), "--train-subsets", "full",
-                                             "--fusions", "poe", "--seeds", "0", "--baselines", "raw_pca"])
+                                             "--fusions", "poe", "--seeds", "0", "--baselines", "raw_pca",
+                                             "--hybrid"])
     return out, rc
 
 
@@ -105,6 +106,47 @@ def test_precision_matches_an_independent_computation(grid_run):
     r = next(r for r in rows if r["cell"] == cell and r["query"] == "+".join(FULL) and r["metric"] == "precision@10")
     assert int(r["num_queries"]) == len(precisions) > 0
     assert float(r["value"]) == pytest.approx(float(np.mean(precisions)), abs=1e-6)
+
+
+def test_grid_hybrid_rankings_of_the_vae_cell(grid_run):
+    """--hybrid: each expert leg and BM25 alone, fused, fitted on the training split, feedback and
+    chance for the VAE cell, on the held-out queries; a finished cell gets its rows from its
+    saved embeddings without retraining, the same rows."""
+    from mmvae.data.dataset import split_indices
+    from mmvae.retrieval.evaluate import chance_map
+    out, _ = grid_run
+    header, rows = _csv(out / "hybrid.csv")
+    assert tuple(header) == G.HYBRID_COLUMNS
+    cell = "vae-poe-default-t1+t2+dwi+report+clinical-s0"
+    assert {r["cell"] for r in rows} == {cell}                    # baselines have no legs to fuse
+    names = [r["ranking"] for r in rows]
+    assert [n for n in names if n.startswith("leg ")] == [f"leg expert:{m}" for m in FULL] + ["leg bm25:report"]
+    assert names[len(FULL) + 1:] == ["fused uniform", "fused rrf", "fused fitted"] + [
+        f"feedback {w}, round {r}" for w in ("rocchio", "rocchio+weights") for r in (1, 2, 3)] + ["chance"]
+    emb = Embeddings.load(out / "cells" / cell / "embeddings.npz")
+    cfg = load_config(TINY)
+    _, q = split_indices(len(emb.case_ids), float(cfg.data.val_fraction), int(cfg.data.split_seed))
+    by = {r["ranking"]: r for r in rows}
+    assert all(int(by[n]["num_queries"]) == len(q) for n in names if not n.startswith("leg "))
+    labels = [lab.get("class", "") for lab in emb.labels]
+    assert float(by["chance"]["value"]) == pytest.approx(chance_map(labels, list(q), 10))
+    for r in rows:
+        v, lo, hi = float(r["value"]), float(r["lo"]), float(r["hi"])
+        assert 0.0 <= lo <= v + 1e-9 <= hi + 2e-9 <= 1.0 + 2e-9 and r["fitted_on"] == "fit_cases"
+    weights = json.loads(rows[0]["weights"])
+    assert list(weights) == sorted(n[4:] for n in names if n.startswith("leg ")) and sum(weights.values()) == pytest.approx(1.0)
+    assert f"#### Hybrid rankings: vae poe default [{'+'.join(FULL)}], label `class`" in (out / "hybrid.md").read_text()
+    # A cell finished without them: evaluated from its embeddings (no training), identical rows.
+    path = out / "cells" / cell / "result.json"
+    result = json.loads(path.read_text())
+    saved = result.pop("hybrid")
+    path.write_text(json.dumps(result))
+    done = (out / "cells" / cell / "train_done.json").stat().st_mtime_ns
+    assert _script("ablate_modalities").main(["--config", TINY, "--out", str(out), "--train-subsets", "full",
+                                              "--fusions", "poe", "--seeds", "0", "--baselines", "raw_pca",
+                                              "--hybrid"]) == 0
+    assert json.loads(path.read_text())["hybrid"] == saved
+    assert (out / "cells" / cell / "train_done.json").stat().st_mtime_ns == done
 
 
 def test_grid_resumes_records_a_failed_cell_and_goes_on(grid_run):
@@ -215,7 +257,8 @@ def test_make_report_end_to_end_on_tiny(grid_run, tmp_path):
     brats = ROOT.parent / "shared" / "data" / "brats18-sample"
     argv = ["--out", str(report_out), "--docs", str(docs), "--config", TINY, "--seeds", "0", "--fusions", "poe",
             "--baselines", "raw_pca", "--figures", "pca",
-            "--ablation", "singletons",      # drop-one adds 5 more trainings (2 min) and no other code path
+            "--ablation", "dwi",      # one single-modality training: the ablation rows' code path (each
+                                      # further subset is one more training and no other code path)
             "--brats", str(brats), "--brats-baselines", "raw_pca",
             "--brats-set", "data.shape=(16,16,16)", "--brats-set", "data.spacing=(12.0,12.0,12.0)",
             "--brats-set", "model.image.channels=(4,8)", "--brats-set", "model.latent_dim=4",
@@ -238,6 +281,10 @@ def test_make_report_end_to_end_on_tiny(grid_run, tmp_path):
         assert f"{0.60 - full['mean']:.3f} below" in line
     assert "| beats every unsupervised baseline |" in md
     assert "| semi-supervised `labels20` |" in md
+    hyb = md.split("### Hybrid rankings", 1)[1].split("### Heat maps", 1)[0]      # the synthetic part's
+    assert f"#### Hybrid rankings: vae poe default [{'+'.join(FULL)}], label `class`" in hyb
+    assert "| bm25:report alone |" in hyb and "| feedback: Rocchio + leg weights, after 3 rounds |" in hyb
+    assert "labels20" not in hyb and "[dwi]" not in hyb          # the full-modality default cell only
     assert "#### Objective `default`" in md and "#### Objective `labels20`" in md and "In words: " in md
     assert "chance mAP@10 = " in md and "Lesion reconstruction" in md
     medpix = ROOT.parent / "shared" / "data" / "medpix-dev"
@@ -251,6 +298,7 @@ def test_make_report_end_to_end_on_tiny(grid_run, tmp_path):
         assert len(own) == 1 and int(own[0].split("|")[3]) >= 100
         assert "MedPix target, `category`: image + text queries above TF-IDF" in part
         assert "MedPix target, `location`: image-only queries above chance" in part
+        assert "label `location`" in part.split("### Hybrid rankings", 1)[1] and "| bm25:report alone |" in part
     # Every figure the page links exists, is a PNG and lies beside the page.
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     assert any("heatmap_poe_default" in x for x in links) and any("projection_pca" in x for x in links)

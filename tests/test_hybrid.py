@@ -107,6 +107,42 @@ def test_fitted_weights_beat_uniform_when_a_leg_is_noise():
     assert ix.fusion["default"] == "y" and ix.fusion["identity"]["legs"] == ["expert:a", "expert:b", "expert:c"]
 
 
+def test_hybrid_evaluation_never_fits_on_its_queries_and_agrees_with_fit_fusion():
+    """evaluate_hybrid (the grid's and the experiments' one protocol): leave-one-out it gives
+    fit-fusion's cross-validated numbers; with a training split the weights are fitted on those
+    cases only, and moving a query into the fit set changes nothing else about the queries."""
+    from mmvae.retrieval.evaluate import chance_map
+    from mmvae.retrieval.hybrid.evaluate import evaluate_hybrid, markdown_table
+    from mmvae.retrieval.hybrid.fit import cross_validate, fit_weights, leg_matrices
+    ix, y = _toy_index(n=120)
+    ix.lexical = None
+    ix.version += 1
+    rows, fit = evaluate_hybrid(ix, "y", k=10, folds=5, seed=0, rounds=2, n_boot=100)
+    by = {r["ranking"]: r for r in rows}
+    assert list(by) == ["leg expert:a", "leg expert:b", "leg expert:c", "fused uniform", "fused rrf", "fused fitted",
+                        "feedback rocchio, round 1", "feedback rocchio, round 2",
+                        "feedback rocchio+weights, round 1", "feedback rocchio+weights, round 2", "chance"]
+    cv = cross_validate(leg_matrices(ix, "y"), 10, 5, seed=0)
+    assert by["fused fitted"]["value"] == pytest.approx(cv["fitted"].mean())
+    assert by["fused uniform"]["value"] == pytest.approx(cv["uniform"].mean())
+    assert by["leg expert:a"]["value"] == pytest.approx(np.nanmean(cv["legs"]["expert:a"]))
+    assert fit["fitted_on"] == "5-fold CV" and all(r["num_queries"] == 120 for r in rows)
+    assert by["chance"]["value"] == pytest.approx(chance_map([str(v) for v in y], list(range(120)), 10))
+    assert by["fused fitted"]["value"] > by["fused uniform"]["value"] + 0.2 > by["chance"]["value"] + 0.2
+    # a training split: 80 cases fit, 40 query (the database is every case)
+    ids = [f"c{i:03d}" for i in range(120)]
+    rows, fit = evaluate_hybrid(ix, "y", k=10, queries=ids[80:], fit_cases=ids[:80], rounds=1, n_boot=0)
+    by = {r["ranking"]: r for r in rows}
+    m = leg_matrices(ix, "y")
+    w, _ = fit_weights(m.sub(np.arange(80)), 10)
+    assert fit["fitted_on"] == "fit_cases" and fit["weights"] == pytest.approx(dict(zip(["expert:a", "expert:b", "expert:c"], w)))
+    assert fit["weights"]["expert:a"] > 0.8 and by["fused fitted"]["num_queries"] == 40
+    assert by["chance"]["value"] == pytest.approx(chance_map([str(v) for v in y], list(range(80, 120)), 10))
+    table = markdown_table(rows, fit["fitted_on"])
+    assert "| fused, fitted weights (fitted on the training split) |" in table
+    assert "| feedback: Rocchio + leg weights, after 1 round |" in table and "| expert:b alone |" in table
+
+
 def test_hybrid_search_legs_filters_and_index_kinds(tmp_path):
     ix, y = _toy_index()
     names = [leg.name for leg in index_legs(ix)]

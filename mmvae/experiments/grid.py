@@ -149,6 +149,9 @@ class GridContext:
     queries: str = "held_out"         # 'held_out': the training split's held-out cases;
                                       # 'all': every case queries the rest (leave-one-out; for
                                       # cohorts too small to hold cases out; baselines fit on all)
+    hybrid: bool = False              # also evaluate each VAE cell's hybrid rankings (legs, fused,
+                                      # fitted, simulated feedback; :func:`hybrid_rows`); added to
+                                      # finished cells from their saved embeddings, no retraining
 
     @property
     def labels(self) -> list[str]:
@@ -217,10 +220,7 @@ def run_cell(ctx: GridContext, cell: Cell, manifest: str) -> dict:
     # The split of the full cohort, by case id: a cell whose modalities leave some cases out
     # has fewer cases, and a split recomputed over those would differ (and could fit a
     # baseline on query cases).
-    full_cfg = cell_config(base, Cell("vae", tuple(all_modalities(base))), manifest, str(ctx.out / "cache"))
-    full_ids = [c.case_id for c in group_cases(read_manifest(manifest))]
-    fit, q = _split(ctx, len(full_ids), full_cfg)
-    fit_ids, query_ids = [full_ids[i] for i in fit], [full_ids[i] for i in q]
+    fit_ids, query_ids = _query_split(ctx, manifest)
     info: dict = {}
     if cell.method == "vae":
         emb, info = _train_vae(cell_config(base, cell, manifest, str(ctx.out / "cache")), wd)
@@ -240,7 +240,53 @@ def run_cell(ctx: GridContext, cell: Cell, manifest: str) -> dict:
     for label in ctx.labels:
         rows = evaluate(emb, label, ctx.k, query_idx=q_idx, seed=cell.seed)
         tidy += protocol.tidy(rows, ctx.k, **cell.columns(), label=label)
-    return {"status": "ok", **cell.columns(), "seconds": time.time() - t0, "train": info, "rows": tidy}
+    result = {"status": "ok", **cell.columns(), "seconds": time.time() - t0, "train": info, "rows": tidy}
+    if ctx.hybrid and cell.method == "vae":
+        result["hybrid"] = hybrid_rows(ctx, cell, emb, manifest, fit_ids, query_ids)
+    return result
+
+
+def _query_split(ctx: GridContext, manifest: str) -> tuple[list[str], list[str]]:
+    """``(fit_ids, query_ids)`` of the full cohort under the grid's query mode (by case id)."""
+    base = ctx.base_config()
+    full_cfg = cell_config(base, Cell("vae", tuple(all_modalities(base))), manifest, str(ctx.out / "cache"))
+    full_ids = [c.case_id for c in group_cases(read_manifest(manifest))]
+    fit, q = _split(ctx, len(full_ids), full_cfg)
+    return [full_ids[i] for i in fit], [full_ids[i] for i in q]
+
+
+def hybrid_rows(ctx: GridContext, cell: Cell, emb, manifest: str, fit_ids, query_ids) -> list[dict]:
+    """The hybrid rankings of a VAE cell for every label
+    (:func:`mmvae.retrieval.hybrid.evaluate.evaluate_hybrid`): the cell's embeddings as an index
+    (one dense leg per expert block, or the fused posterior), plus BM25 on the report when the
+    cell was trained with it; fitted weights fitted on the training split's cases (``held_out``)
+    or by 5-fold cross-validation (``all``); the same queries as the cell's vector rows."""
+    from mmvae.errors import InputError
+    from mmvae.retrieval.hybrid.evaluate import evaluate_hybrid
+    from mmvae.retrieval.pipeline import index_embeddings, manifest_reports
+    reports = manifest_reports(manifest, emb.case_ids) if "report" in cell.train_subset else None
+    ix = index_embeddings(emb, reports=reports)
+    out = []
+    for label in ctx.labels:
+        try:
+            rows, fit = evaluate_hybrid(ix, label, k=ctx.k, queries=query_ids,
+                                        fit_cases=fit_ids if ctx.queries == "held_out" else None, seed=cell.seed)
+        except InputError:           # fewer than two cases carry this label
+            continue
+        out += [dict(cell.columns(), label=label, fitted_on=fit["fitted_on"],
+                     weights=json.dumps(fit["weights"], sort_keys=True), **r) for r in rows]
+    return out
+
+
+def _add_hybrid(ctx: GridContext, cell: Cell, manifest: str, result: dict) -> dict:
+    """A finished VAE cell without hybrid rows: evaluate them from its saved embeddings."""
+    emb_path = ctx.cell_dir(cell) / "embeddings.npz"
+    if not emb_path.is_file():
+        return result
+    fit_ids, query_ids = _query_split(ctx, manifest)
+    result = dict(result, hybrid=hybrid_rows(ctx, cell, Embeddings.load(emb_path), manifest, fit_ids, query_ids))
+    atomic_write_text(ctx.cell_dir(cell) / "result.json", json.dumps(result, indent=1))
+    return result
 
 
 def _late_fusion(ctx: GridContext, base, cell: Cell, manifest: str):
@@ -313,6 +359,8 @@ def run_grid(ctx: GridContext, cells: Iterable[Cell], *, jobs: int = 1, retry_fa
     for cell in cells:
         prev = _read_result(ctx.cell_dir(cell) / "result.json")
         if prev and (prev.get("status") == "ok" or (prev.get("status") == "failed" and not retry_failed)):
+            if ctx.hybrid and cell.method == "vae" and prev["status"] == "ok" and "hybrid" not in prev:
+                prev = _add_hybrid(ctx, cell, manifest, prev)
             results[cell.id] = prev
         else:
             todo.append(cell)
@@ -490,7 +538,49 @@ def write_outputs(results: Sequence[dict], modalities: Sequence[str], out: Path,
         md += "\nFailed cells:\n\n" + "\n".join(f"- `{r['cell']}`: {r.get('error', '')}" for r in failed) + "\n"
     atomic_write_text(out / "results.md", md)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
-    return {"csv": out / "results.csv", "markdown": out / "results.md", "heatmaps": figs, "summary": summary}
+    written = {"csv": out / "results.csv", "markdown": out / "results.md", "heatmaps": figs, "summary": summary}
+    hybrid = [row for r in results if r["status"] == "ok" for row in r.get("hybrid", [])]
+    if hybrid:
+        written.update(write_hybrid(hybrid, out))
+    return written
+
+
+HYBRID_COLUMNS = ("cell", "method", "fusion", "objective", "train_subset", "seed", "label", "ranking", "num_queries",
+                  "metric", "value", "lo", "hi", "fitted_on", "weights")
+HYBRID_KEYS = ("label", "method", "fusion", "objective", "train_subset")
+
+
+def hybrid_markdown(summary: Sequence[dict]) -> str:
+    """One table per (label, VAE cell group) of :func:`write_hybrid`'s summary."""
+    from mmvae.retrieval.hybrid.evaluate import markdown_table
+    groups: dict = {}
+    for s in summary:
+        groups.setdefault(tuple(s[k] for k in HYBRID_KEYS), []).append(s)
+    md = ""
+    for key, rows in groups.items():
+        md += f"\n#### Hybrid rankings: {method_label(dict(zip(HYBRID_KEYS, key)))}, label `{key[0]}`\n\n"
+        md += markdown_table(rows, rows[0].get("fitted_on", ""), spread=True) + "\n"
+    return md
+
+
+def write_hybrid(rows: Sequence[dict], out: Path) -> dict:
+    """hybrid.csv (one row per cell × label × ranking), hybrid.md (mean ± sd over seeds) and
+    hybrid_summary.json."""
+    import csv
+    import io
+    from mmvae.retrieval.hybrid.evaluate import summarize
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=HYBRID_COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(out / "hybrid.csv", buf.getvalue())
+    summary = summarize(rows, HYBRID_KEYS)
+    fitted_on = {tuple(r[k] for k in HYBRID_KEYS): r.get("fitted_on", "") for r in rows}
+    for s in summary:
+        s["fitted_on"] = fitted_on[tuple(s[k] for k in HYBRID_KEYS)]
+    atomic_write_text(out / "hybrid.md", hybrid_markdown(summary))
+    atomic_write_text(out / "hybrid_summary.json", json.dumps(summary, indent=1))
+    return {"hybrid_csv": out / "hybrid.csv", "hybrid_markdown": out / "hybrid.md", "hybrid_summary": summary}
 
 
 # --------------------------------------------------------------------------- cells of a grid

@@ -39,12 +39,15 @@ def _marked_mean(vec: np.ndarray, has: dict, legs, rows: np.ndarray) -> np.ndarr
 def simulated_feedback(index, label: str, *, k: int = 10, rounds: int = 3, marks: int = 3,
                        learn_weights: bool = True, weights=None, method: str = "weighted",
                        rocchio=(1.0, 0.75, 0.25), eta: float = 1.0,
-                       modalities: Sequence[str] | None = None) -> np.ndarray:
+                       modalities: Sequence[str] | None = None, queries: Sequence[str] | None = None) -> np.ndarray:
     """AP@k per query and round, float64 ``(Q, rounds + 1)`` (column 0: no feedback yet).
 
-    ``weights``: the starting weight set (None: the index's default, else uniform)."""
+    ``weights``: the starting weight set (None: the index's default, else uniform). ``queries``:
+    the case ids that query (default every labelled case), in the index's order; the database is
+    always every labelled case."""
     values = label_values(index, label)
     rows = np.array([i for i, v in enumerate(values) if v is not None], np.int64)
+    asked = None if queries is None else set(queries)
     legs = index_legs(index, modalities)
     sc = scorer_of(index, legs)
     sc._refresh()
@@ -53,8 +56,10 @@ def simulated_feedback(index, label: str, *, k: int = 10, rounds: int = 3, marks
     vec = np.asarray(index._mu, np.float64)
     lab = np.array([values[r] for r in rows], dtype=object)
     alpha, beta, gamma = rocchio
-    out = np.zeros((len(rows), rounds + 1))
-    for qi, r in enumerate(rows):
+    query_pos = [qi for qi, r in enumerate(rows) if asked is None or index._case_ids[r] in asked]
+    out = np.zeros((len(query_pos), rounds + 1))
+    for oi, qi in enumerate(query_pos):
+        r = rows[qi]
         act = [leg for leg in legs if sc.has[leg.name][r]]
         if not act:
             continue
@@ -71,7 +76,7 @@ def simulated_feedback(index, label: str, *, k: int = 10, rounds: int = 3, marks
             f, _ = fuse(z, raw, np.array([w[leg.name] for leg in act]), method)
             f[qi] = -np.inf
             top = np.argsort(-f, kind="stable")[:k]
-            out[qi, rd] = average_precision_at_k(rel[top][None], np.array([nrel]), k)[0]
+            out[oi, rd] = average_precision_at_k(rel[top][None], np.array([nrel]), k)[0]
             if rd == rounds:
                 break
             new = [j for j in top if j not in marked][:marks]
