@@ -41,6 +41,7 @@ from mmvae.data.scan import scan_folder
 from mmvae.data.text import find_minilm_dir
 from mmvae.experiments import baselines as B
 from mmvae.experiments.brats import brats_manifest
+from mmvae.experiments.report import splice_section
 from mmvae.retrieval.embed import EMBEDDINGS, embed_cohort
 from mmvae.retrieval.evaluate import chance_map, evaluate
 from mmvae.runs.trained import load_cohort, load_trained
@@ -184,15 +185,6 @@ def render(rows: list[dict], seeds, elapsed: float) -> str:
     return "\n".join(L) + "\n"
 
 
-def splice(docs: Path, section: str) -> None:
-    text = docs.read_text() if docs.exists() else ""
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END) + 1:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    atomic_write_text(docs, text)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/real")
@@ -226,7 +218,7 @@ def main(argv=None) -> int:
     section = render(rows, seeds, time.time() - t0)
     print(section)
     if a.docs:
-        splice(Path(a.docs), section)
+        splice_section(Path(a.docs), section, BEGIN, END)
     return 0
 
 

@@ -196,6 +196,32 @@ def test_on_error_skip_skips_and_counts(tmp_path):
     assert len(cohort.skipped) == 1 and cohort.skipped[0][0] == "bad" and "NaN" in cohort.skipped[0][1]
 
 
+def test_a_blank_report_file_does_not_stop_the_tokenizer_of_a_training_cohort(tmp_path):
+    """The run's word tokenizer reads every report first (runs.trained.load_cohort): a blank one
+    is left out there too (data.empty_report=drop), so one empty report.txt no longer stops
+    `mmvae train` before the cohort could drop it; with 'error' it still does."""
+    from mmvae.config import load_config
+    from mmvae.runs.trained import load_cohort
+    img = [save_nii(tmp_path / f"{c}_t1.nii.gz", blob(i)) for i, c in enumerate("ab")]
+    empty, full = tmp_path / "a.txt", tmp_path / "b.txt"
+    empty.write_text("\n")
+    full.write_text("A ring-enhancing lesion in the left parietal lobe.")
+    m = write_manifest([ManifestEntry("a", "t1", str(img[0])), ManifestEntry("a", "report", str(empty)),
+                        ManifestEntry("b", "t1", str(img[1])), ManifestEntry("b", "report", str(full))],
+                       tmp_path / "m.jsonl")
+    root = Path(__file__).resolve().parents[1]
+    c = load_config(str(root / "configs" / "tiny.py"),         # its own small BERT, the word tokenizer
+                    ["--config.data.image_modalities=['t1']", "--config.data.clinical.numeric=[]",
+                     "--config.data.clinical.categorical={}", f"--config.data.cache_dir={tmp_path / 'cache'}"])
+    cohort, tok, _ = load_cohort(c, tmp_path / "run", str(m), show_progress=False)
+    assert cohort.case_ids == ["a", "b"] and cohort.reports[0] is None and "parietal" in cohort.reports[1]
+    assert [n["case_id"] for n in cohort.notes if n["kind"] == "dropped"] == ["a"]
+    with c.unlocked():
+        c.data.empty_report = "error"
+    with pytest.raises(InputError, match=r"case 'a'.*modality 'report'.*a.txt.*empty report"):
+        load_cohort(c, tmp_path / "run2", str(m), show_progress=False)
+
+
 def test_missing_and_empty_report(tmp_path):
     img = save_nii(tmp_path / "a_t1.nii.gz", blob(1))
     empty = tmp_path / "r.txt"

@@ -143,6 +143,30 @@ def test_hybrid_evaluation_never_fits_on_its_queries_and_agrees_with_fit_fusion(
     assert "| feedback: Rocchio + leg weights, after 1 round |" in table and "| expert:b alone |" in table
 
 
+def test_manifest_reports_drop_a_blank_report_and_say_so(tmp_path, caplog):
+    """A cohort's blank report file: that case is indexed without report words and one warning
+    names it (data.empty_report=drop, as training does); 'error' keeps the strict refusal."""
+    from mmvae.data.synth import make_cohort
+    from mmvae.errors import InputError
+    from mmvae.retrieval.pipeline import manifest_reports
+    man = make_cohort(tmp_path / "c", 3, seed=0, shape=(8, 8, 8), spacing=(8.0, 8.0, 8.0))
+    report = tmp_path / "c" / "cases" / "synth-00001" / "report.txt"
+    report.write_text("  \n")
+    lines = [json.loads(x) for x in Path(man).read_text().splitlines()]
+    for e in lines:
+        if e["case_id"] == "synth-00001" and e["modality"] == "report":
+            e.pop("text")
+            e["path"] = "cases/synth-00001/report.txt"
+    Path(man).write_text("".join(json.dumps(e) + "\n" for e in lines))
+    ids = ["synth-00000", "synth-00001", "synth-00002"]
+    with caplog.at_level("WARNING"):
+        texts = manifest_reports(man, ids)
+    assert texts[1] is None and texts[0]          # (synth-00002 has no report in this cohort)
+    assert "1 blank report(s)" in caplog.text and "synth-00001" in caplog.text and str(report) in caplog.text
+    with pytest.raises(InputError, match="synth-00001.*empty report"):
+        manifest_reports(man, ids, empty_report="error")
+
+
 def test_hybrid_search_legs_filters_and_index_kinds(tmp_path):
     ix, y = _toy_index()
     names = [leg.name for leg in index_legs(ix)]

@@ -229,3 +229,17 @@ def machine_line() -> str:
     commit = git_commit()
     return (f"{m['cpu']}, {m['cores']} cores, jax {m['jax']} ({m['backend']})"
             + (f", commit {commit[:7]}" if commit else ""))
+
+
+def splice_section(docs: Path, section: str, begin: str, end: str) -> None:
+    """Write ``section`` (which starts with ``begin`` and ends with ``end``) into the Markdown
+    file ``docs`` in place of the text between those markers, or append it; atomically, so the
+    hand-written text around the markers is kept."""
+    from mmvae.atomic import atomic_write_text
+    docs = Path(docs)
+    text = docs.read_text() if docs.exists() else ""
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + section + text[text.index(end) + len(end) + 1:]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    atomic_write_text(docs, text)

@@ -23,12 +23,15 @@ import csv
 import dataclasses
 import io
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from mmvae.atomic import atomic_write_text
 from mmvae.errors import InputError
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Embedded", "embed_run", "case_metadata", "index_embeddings", "manifest_reports", "run_manifest", "evaluation_label",
            "evaluate_embeddings", "rows_to_csv", "write_tables"]
@@ -82,16 +85,28 @@ def case_metadata(emb) -> list[dict]:
             for row, lab in zip(emb.present, emb.labels)]
 
 
-def manifest_reports(manifest: str | os.PathLike, case_ids) -> list[str | None]:
-    """The report text of each of ``case_ids`` in ``manifest`` (None: the case has no report, or
-    a blank one; InputError naming case and file for a report that is not text)."""
+def manifest_reports(manifest: str | os.PathLike, case_ids, *, empty_report: str = "drop") -> list[str | None]:
+    """The report text of each of ``case_ids`` in ``manifest`` (None: the case has no report).
+
+    A blank report file is a cohort's everyday accident: with ``empty_report='drop'`` (the
+    default, as ``data.empty_report`` in training) that case gets None and one warning names the
+    cases; ``'error'`` raises. InputError naming case and file for a report that is not text."""
     from mmvae.data.manifest import group_cases, read_manifest
     cases = {c.case_id: c for c in group_cases(read_manifest(manifest))}
-    out = []
+    out, blank = [], []
     for cid in case_ids:
         c = cases.get(cid)
-        text = c.read_report() if c is not None and (c.report_text is not None or c.report_path) else None
+        try:
+            text = c.read_report() if c is not None and (c.report_text is not None or c.report_path) else None
+        except InputError as e:
+            if e.reason != "empty report" or empty_report != "drop":
+                raise
+            text = None
+            blank.append(f"{cid} ({e.path})" if e.path else cid)
         out.append(text if text and text.strip() else None)
+    if blank:
+        log.warning("%d blank report(s) indexed without report words (data.empty_report=drop): %s%s", len(blank),
+                    ", ".join(blank[:5]), " ..." if len(blank) > 5 else "")
     return out
 
 

@@ -79,12 +79,14 @@ def case_builders(config) -> dict:
     return out
 
 
-def report_texts(manifest: str | Path, on_error: str = "raise") -> list[str]:
+def report_texts(manifest: str | Path, on_error: str = "raise", empty_report: str = "drop") -> list[str]:
     """Every report of a manifest: inline ``text`` or the file at ``path`` (as the cohort reads them).
 
     ``on_error='raise'``: an unreadable report file raises :class:`InputError` naming the case
     and file before any tokenizer is written (a vocabulary built without it would be reused
     after the file is fixed); ``'skip'``: it is left out (the cohort then drops that report).
+    A blank report has no words to add: with ``empty_report='drop'`` (``data.empty_report``) it
+    is left out here and the cohort keeps the case without it, saying so; ``'error'`` raises.
     Reports given as files were once left out of the tokenizer altogether, which made every
     word of them [UNK].
     """
@@ -98,6 +100,8 @@ def report_texts(manifest: str | Path, on_error: str = "raise") -> list[str]:
             try:
                 texts.append(load_report(e.path))
             except InputError as err:
+                if err.reason == "empty report" and empty_report == "drop":
+                    continue
                 if on_error == "raise":
                     raise InputError(err.reason, case_id=e.case_id, modality="report", path=err.path) from None
     return texts
@@ -116,7 +120,8 @@ def load_cohort(config, workdir: Path, manifest: str | None = None, *, tokenizer
     cache = PreprocessCache(config.data.cache_dir or (workdir / "cache"))
     if tokenizer is None and config.data.report:
         # Reports first (cheap), to build the tokenizer before tokenising.
-        tokenizer = get_tokenizer(config, workdir, report_texts(manifest, config.data.on_error))
+        tokenizer = get_tokenizer(config, workdir, report_texts(manifest, config.data.on_error,
+                                                             config.data.empty_report))
     cohort = prepare_cohort(manifest, config.data, cache, tokenizer, clinical_stats=clinical_stats,
                             show_progress=show_progress, builders=case_builders(config))
     if features if features is not None else needs_features(config):
