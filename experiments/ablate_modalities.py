@@ -78,6 +78,9 @@ def main(argv=None) -> int:
     except MmvaeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: finished cells are kept in {args.out}/cells; the same command resumes", file=sys.stderr)
+        return 130
     print(Path(out["markdown"]).read_text())
     if "hybrid_markdown" in out:
         print(Path(out["hybrid_markdown"]).read_text())

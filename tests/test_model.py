@@ -53,6 +53,14 @@ def make_batch(pattern, b=2, seed=0, shape=(8, 8, 8), t=12):
     return batch
 
 
+def jitted(model, fn):
+    """``fn(model, *args)`` compiled: eager dispatch compiles every primitive of the model once
+    (tens of seconds on 2 cores); one jit of the whole function is a few."""
+    gd, state = nnx.split(model)
+    f = jax.jit(lambda st, *a: fn(nnx.merge(gd, st), *a))
+    return lambda *a: f(state, *a)
+
+
 def test_space_to_depth_round_trip_and_block_layout():
     x = jnp.arange(2 * 4 * 6 * 8 * 3, dtype=jnp.float32).reshape(2, 4, 6, 8, 3)
     y = space_to_depth(x, 2)
@@ -131,12 +139,12 @@ def test_kl_warmup_and_iw_bound_ordering():
     import dataclasses
     o_iw = dataclasses.replace(o1, iw_samples=16, num_random_subsets=0)
     o_1 = dataclasses.replace(o1, num_random_subsets=0)
-    _, m1 = elbo_loss(model, batch, jax.random.key(0), jnp.asarray(0), o_1)
-    _, miw = elbo_loss(model, batch, jax.random.key(0), jnp.asarray(0), o_iw)
+    _, m1 = jitted(model, lambda m, b, k, t: elbo_loss(m, b, k, t, o_1))(batch, jax.random.key(0), jnp.asarray(0))
+    _, miw = jitted(model, lambda m, b, k, t: elbo_loss(m, b, k, t, o_iw))(batch, jax.random.key(0), jnp.asarray(0))
     # The importance-weighted bound is tighter (higher) than the single-sample ELBO in expectation.
     assert float(miw["elbo"]) > float(m1["elbo"]) - 1.0
     ow = dataclasses.replace(o1, kl_warmup_steps=100)
-    _, mw = elbo_loss(model, batch, jax.random.key(0), jnp.asarray(25), ow)
+    _, mw = jitted(model, lambda m, b, k, t: elbo_loss(m, b, k, t, ow))(batch, jax.random.key(0), jnp.asarray(25))
     assert float(mw["beta"]) == pytest.approx(0.25)
 
 
@@ -148,10 +156,10 @@ def test_nonfinite_inputs_are_masked_and_counted():
     batch = make_batch((1, 1, 1, 1), b=2)
     batch["image/t2"][0, 0, 1, 2, 3] = np.nan
     batch["image/dwi"][1, 0, 0, 0, 0] = np.inf
-    loss, m = elbo_loss(model, batch, jax.random.key(0), jnp.asarray(0), o)
+    loss, m = jitted(model, lambda mm, b, k, t: elbo_loss(mm, b, k, t, o))(batch, jax.random.key(0), jnp.asarray(0))
     assert np.isfinite(float(loss))
     assert int(m["nonfinite_inputs"]) == 2
-    _, present, _ = model.encode(batch)
+    _, present, _ = jitted(model, lambda mm, b: mm.encode(b))(batch)
     np.testing.assert_array_equal(np.asarray(present), [[1, 0, 1, 1], [1, 1, 0, 1]])
 
 

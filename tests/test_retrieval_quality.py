@@ -180,12 +180,14 @@ def test_semi_supervised_training_embeds_without_label(tmp_path):
     emb = embed_cohort(model, cohort, show_progress=False)
     assert LABEL not in emb.modalities and emb.experts_mu.shape[1] == len(spec.query_modalities)
     # model.text.freeze: the report BERT keeps its initial weights, the head above it trains.
-    fresh = build_model(spec, int(config.seed))
+    # the initial weights as the training loop makes them (one jitted init: mmvae.train.loop.initial_state)
+    fresh_bert, fresh_head = jax.jit(lambda: (lambda m: (nnx.state(m.encoders["report"].bert, nnx.Param),
+                                                         m.encoders["report"].head.layers[0].kernel[...]))(
+        build_model(spec, int(config.seed))))()
     same = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))),
-                        nnx.state(fresh.encoders["report"].bert, nnx.Param), nnx.state(model.encoders["report"].bert, nnx.Param))
+                        fresh_bert, nnx.state(model.encoders["report"].bert, nnx.Param))
     assert all(jax.tree.leaves(same))
-    assert not np.array_equal(np.asarray(fresh.encoders["report"].head.layers[0].kernel[...]),
-                              np.asarray(model.encoders["report"].head.layers[0].kernel[...]))
+    assert not np.array_equal(np.asarray(fresh_head), np.asarray(model.encoders["report"].head.layers[0].kernel[...]))
     # The diagnostics tool on this run: probe, chance, variance explained, lesion contrast.
     from mmvae.experiments.diagnose import diagnose, markdown
     d = diagnose(tmp_path)
@@ -267,8 +269,10 @@ def test_report_embedding_likelihood(tmp_path):
     plain = {k: jnp.asarray(v) for k, v in cohort.batch(idx).items()}
     fast = {k: jnp.asarray(v) for k, v in cached.batch(idx).items()}
     z = jax.random.normal(jax.random.key(0), (2 * 4, spec.embedding_dim))
-    out = model.decode(z)
-    ll_plain, ll_fast = model.log_likelihoods(out, plain, 2), model.log_likelihoods(out, fast, 2)
+    # compiled, not op by op (eager dispatch compiles every primitive of the model once: ~20 s)
+    out = jax.jit(lambda p, z: nnx.merge(gd, p).decode(z))(params, z)
+    lls = jax.jit(lambda p, o, b: nnx.merge(gd, p).log_likelihoods(o, b, 2))
+    ll_plain, ll_fast = lls(params, out, plain), lls(params, out, fast)
     r = spec.modalities.index("report")
     np.testing.assert_allclose(np.asarray(ll_plain[..., r]), np.asarray(ll_fast[..., r]), rtol=1e-4)
     mean = np.asarray(out["report"]).reshape(2, 4, -1)
@@ -281,10 +285,10 @@ def test_report_embedding_likelihood(tmp_path):
     assert np.all(want[:, has] < 0)
     j = int(np.nonzero(has)[0][0])
     no_report = dict(fast, **{"report/mask": fast["report/mask"].at[j].set(0)})
-    assert np.all(np.asarray(model.log_likelihoods(out, no_report, 2)[:, j, r]) == 0.0)
+    assert np.all(np.asarray(lls(params, out, no_report)[:, j, r]) == 0.0)
     # the per-dimension scale learns (the ELBO's gradient reaches it)
     obj = objective_spec(config, spec)
-    g = jax.grad(lambda p: elbo_loss(nnx.merge(gd, p), fast, jax.random.key(0), jnp.asarray(3), obj)[0])(params)
+    g = jax.jit(jax.grad(lambda p: elbo_loss(nnx.merge(gd, p), fast, jax.random.key(0), jnp.asarray(3), obj)[0]))(params)
     gls = np.asarray(g["decoders"]["report"]["log_scale"][...])
     assert np.all(np.isfinite(gls)) and np.abs(gls).max() > 0
 

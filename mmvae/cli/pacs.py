@@ -33,6 +33,9 @@ def add(sub) -> None:
                    help="a failing study: stop (default) or count, list and go on")
     s.add_argument("--save-every", type=int, default=1, help="save the index after this many studies (default 1)")
     s.add_argument("--username", help="HTTP basic authentication (password from $MMVAE_PACS_PASSWORD)")
+    s.add_argument("--attempts", type=int, default=5,
+                   help="tries per HTTP request before the archive counts as unreachable (exponential back-off "
+                        "from 2 s: 30 s in all for the default 5)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=run_ingest)
 
@@ -40,7 +43,7 @@ def add(sub) -> None:
 def run_ingest(a, extra):
     from mmvae.pacs.archive import Archive
     from mmvae.pacs.ingest import ingest, load_reports
-    archive = Archive(a.url, username=a.username, password=os.environ.get("MMVAE_PACS_PASSWORD"))
+    archive = Archive(a.url, username=a.username, password=os.environ.get("MMVAE_PACS_PASSWORD"), attempts=a.attempts)
     rep = ingest(archive, a.workdir, a.index, studies=a.study or None, since=a.since, rules_path=a.modality_rules,
                  standardize_from=a.standardize_from, reports=load_reports(a.reports), store_reports=a.store_reports,
                  on_error=a.on_error, save_every=a.save_every, show_progress=not a.quiet)

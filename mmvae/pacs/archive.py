@@ -119,10 +119,12 @@ class Archive:
       url: the DICOMweb root (QIDO, WADO and STOW under it).
       username, password: HTTP basic authentication (None: none).
       timeout: seconds per HTTP request.
+      attempts: tries per request (dicomweb-client's retry with exponential back-off) before a
+        refused connection or a 429/408/503/504 answer counts: ArchiveUnreachable / PacsError.
     """
 
     def __init__(self, url: str, *, username: str | None = None, password: str | None = None,
-                 timeout: float = 60.0):
+                 timeout: float = 60.0, attempts: int = 5):
         from urllib.parse import urlsplit, urlunsplit
 
         from dicomweb_client import DICOMwebClient
@@ -138,6 +140,10 @@ class Archive:
         self.url = urlunsplit(parts).rstrip("/")
         session = create_session_from_user_pass(username, password) if username else None
         self.client = DICOMwebClient(self.url, session=session, timeout=timeout)
+        if int(attempts) < 1:
+            raise PacsError(f"attempts must be >= 1, got {attempts}")
+        # dicomweb-client's retry: exponential back-off from 2 s (2 + 4 + 8 + 16 s for 5 attempts)
+        self.client.set_http_retry_params(retry=int(attempts) > 1, max_attempts=int(attempts))
 
     def _call(self, what: str, fn: Callable, *args, study: str | None = None, series: str | None = None, **kw):
         try:
