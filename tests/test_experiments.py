@@ -266,7 +266,8 @@ def test_make_report_end_to_end_on_tiny(grid_run, tmp_path):
             "--semi", "labels20",
             "--medpix-seeds", "0", "--medpix-baselines", "report_tfidf",
             # the tiny from-scratch report BERT below, whether or not the `text` extra is installed
-            "--medpix-config", str(ROOT / "configs" / "medpix.py") + ":text=scratch",
+            # at most 2 key images per sequence (the recipe reads 8): fewer frozen-feature extractions
+            "--medpix-config", str(ROOT / "configs" / "medpix.py") + ":text=scratch,series=2",
             "--medpix-set", "data.shape=(32,32)", "--medpix-set", "model.image.channels=(8,16)",
             "--medpix-set", "model.latent_dim=4", "--medpix-set", "train.steps=2", "--medpix-set", "train.batch_size=4",
             "--medpix-set", "model.text.hidden=16", "--medpix-set", "model.text.intermediate=32"]
