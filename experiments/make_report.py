@@ -414,8 +414,8 @@ def render(args, syn: dict, figs: list[Path], brats: dict | None, assets: Path, 
     queries = [q for q in ("+".join(s) for s in G.nonempty_subsets(mods)) if any(s["query"] == q for s in summary)]
     L.append("<details><summary>Every query subset</summary>\n\n" + G.markdown(summary, queries, f"map@{k}")
              + "\n</details>\n")
-    L.append(hybrid_section(syn, "Queries and database as above; fitted weights fitted on the training split's "
-                                 "cases only (never on a held-out query)."))
+    L.append(hybrid_section(syn, "Queries as above; the database is every case that carries the label (here all); "
+                                 "fitted weights fitted on the training split's cases only (never on a held-out query)."))
     heat = [h for h in syn["heatmaps"]]
     if heat:
         L.append("### Heat maps (training subset × query subset)\n")

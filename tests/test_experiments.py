@@ -149,6 +149,19 @@ def test_grid_hybrid_rankings_of_the_vae_cell(grid_run):
     assert (out / "cells" / cell / "train_done.json").stat().st_mtime_ns == done
 
 
+def test_a_hybrid_evaluation_that_fails_leaves_the_cell_and_says_why(grid_run, tmp_path):
+    """The hybrid rows are an extra evaluation: when they cannot be made (here the reports'
+    manifest is gone) the cell keeps its vector rows and hybrid.md names the cell and the reason."""
+    out, _ = grid_run
+    cell = G.Cell("vae", FULL)
+    emb = Embeddings.load(out / "cells" / cell.id / "embeddings.npz")
+    ctx = G.GridContext(TINY, [], out, "class", hybrid=True)
+    r = G._hybrid_or_error(ctx, cell, emb, str(tmp_path / "gone.jsonl"), [], [])
+    assert "hybrid" not in r and "manifest not found" in r["hybrid_error"]
+    G.write_hybrid([], tmp_path, [(cell.id, r["hybrid_error"])])
+    assert f"- `{cell.id}`: InputError" in (tmp_path / "hybrid.md").read_text()
+
+
 def test_grid_resumes_records_a_failed_cell_and_goes_on(grid_run):
     out, _ = grid_run
     ctx = G.GridContext(TINY, [], out, "class")

@@ -110,7 +110,8 @@ def test_fitted_weights_beat_uniform_when_a_leg_is_noise():
 def test_hybrid_evaluation_never_fits_on_its_queries_and_agrees_with_fit_fusion():
     """evaluate_hybrid (the grid's and the experiments' one protocol): leave-one-out it gives
     fit-fusion's cross-validated numbers; with a training split the weights are fitted on those
-    cases only, and moving a query into the fit set changes nothing else about the queries."""
+    cases only (the same weights as fitting on them by hand), and a split that overlaps the
+    queries is refused."""
     from mmvae.retrieval.evaluate import chance_map
     from mmvae.retrieval.hybrid.evaluate import evaluate_hybrid, markdown_table
     from mmvae.retrieval.hybrid.fit import cross_validate, fit_weights, leg_matrices
@@ -138,6 +139,8 @@ def test_hybrid_evaluation_never_fits_on_its_queries_and_agrees_with_fit_fusion(
     assert fit["fitted_on"] == "fit_cases" and fit["weights"] == pytest.approx(dict(zip(["expert:a", "expert:b", "expert:c"], w)))
     assert fit["weights"]["expert:a"] > 0.8 and by["fused fitted"]["num_queries"] == 40
     assert by["chance"]["value"] == pytest.approx(chance_map([str(v) for v in y], list(range(80, 120)), 10))
+    with pytest.raises(InputError, match="overlap"):
+        evaluate_hybrid(ix, "y", k=10, queries=ids[70:], fit_cases=ids[:80], rounds=1, n_boot=0)
     table = markdown_table(rows, fit["fitted_on"])
     assert "| fused, fitted weights (fitted on the training split) |" in table
     assert "| feedback: Rocchio + leg weights, after 1 round |" in table and "| expert:b alone |" in table

@@ -365,3 +365,22 @@ def test_local_queries_go_on_while_a_pacs_study_downloads(env, tmp_path):
         assert list(service.tmp.iterdir()) == []          # the study's folders are gone
     finally:
         service.close()
+
+
+def test_an_archive_busy_on_every_attempt_is_one_pacs_error():
+    """dicomweb-client retries a 429/503 answer with back-off; when every attempt gets one it
+    raises retrying's RetryError, which becomes one PacsError naming the answer (not a traceback,
+    and --on-error skip applies)."""
+    import requests
+    from retrying import Retrying
+    busy = requests.Response()
+    busy.status_code, busy.reason = 503, "Service Unavailable"
+    archive = Archive("http://127.0.0.1:9/dicom-web", attempts=2)
+
+    def always_busy():
+        return Retrying(retry_on_result=lambda r: r.status_code == 503, stop_max_attempt_number=2,
+                        wait_fixed=1).call(lambda: busy)
+    with pytest.raises(PacsError, match="study search failed after 2 attempts: HTTP 503 Service Unavailable"):
+        archive._call("study search", always_busy)
+    with pytest.raises(PacsError, match="attempts must be >= 1"):
+        Archive("http://127.0.0.1:9/dicom-web", attempts=0)

@@ -242,8 +242,17 @@ def run_cell(ctx: GridContext, cell: Cell, manifest: str) -> dict:
         tidy += protocol.tidy(rows, ctx.k, **cell.columns(), label=label)
     result = {"status": "ok", **cell.columns(), "seconds": time.time() - t0, "train": info, "rows": tidy}
     if ctx.hybrid and cell.method == "vae":
-        result["hybrid"] = hybrid_rows(ctx, cell, emb, manifest, fit_ids, query_ids)
+        result.update(_hybrid_or_error(ctx, cell, emb, manifest, fit_ids, query_ids))
     return result
+
+
+def _hybrid_or_error(ctx: GridContext, cell: Cell, emb, manifest: str, fit_ids, query_ids) -> dict:
+    """``{'hybrid': rows}``, or ``{'hybrid_error': message}`` when they cannot be evaluated (a
+    report the loader cannot read, ...): the cell's vector rows stand either way."""
+    try:
+        return {"hybrid": hybrid_rows(ctx, cell, emb, manifest, fit_ids, query_ids)}
+    except Exception as e:         # an extra evaluation must not fail the cell it describes
+        return {"hybrid_error": f"{type(e).__name__}: {e}"}
 
 
 def _query_split(ctx: GridContext, manifest: str) -> tuple[list[str], list[str]]:
@@ -261,18 +270,18 @@ def hybrid_rows(ctx: GridContext, cell: Cell, emb, manifest: str, fit_ids, query
     (one dense leg per expert block, or the fused posterior), plus BM25 on the report when the
     cell was trained with it; fitted weights fitted on the training split's cases (``held_out``)
     or by 5-fold cross-validation (``all``); the same queries as the cell's vector rows."""
-    from mmvae.errors import InputError
     from mmvae.retrieval.hybrid.evaluate import evaluate_hybrid
     from mmvae.retrieval.pipeline import index_embeddings, manifest_reports
     reports = manifest_reports(manifest, emb.case_ids) if "report" in cell.train_subset else None
     ix = index_embeddings(emb, reports=reports)
     out = []
     for label in ctx.labels:
-        try:
-            rows, fit = evaluate_hybrid(ix, label, k=ctx.k, queries=query_ids,
-                                        fit_cases=fit_ids if ctx.queries == "held_out" else None, seed=cell.seed)
-        except InputError:           # fewer than two cases carry this label
-            continue
+        if sum(str(lab.get(label, "")) != "" for lab in emb.labels) < 2:
+            continue                 # no retrieval for this label (the vector rows have none either)
+        held_out = ctx.queries == "held_out"
+        rows, fit = evaluate_hybrid(ix, label, k=ctx.k, queries=query_ids,
+                                    fit_cases=[c for c in fit_ids if c not in set(query_ids)] if held_out else None,
+                                    seed=cell.seed)
         out += [dict(cell.columns(), label=label, fitted_on=fit["fitted_on"],
                      weights=json.dumps(fit["weights"], sort_keys=True), **r) for r in rows]
     return out
@@ -281,10 +290,12 @@ def hybrid_rows(ctx: GridContext, cell: Cell, emb, manifest: str, fit_ids, query
 def _add_hybrid(ctx: GridContext, cell: Cell, manifest: str, result: dict) -> dict:
     """A finished VAE cell without hybrid rows: evaluate them from its saved embeddings."""
     emb_path = ctx.cell_dir(cell) / "embeddings.npz"
+    result = {k: v for k, v in result.items() if k != "hybrid_error"}
     if not emb_path.is_file():
-        return result
-    fit_ids, query_ids = _query_split(ctx, manifest)
-    result = dict(result, hybrid=hybrid_rows(ctx, cell, Embeddings.load(emb_path), manifest, fit_ids, query_ids))
+        result["hybrid_error"] = f"no saved embeddings at {emb_path}: rerun the cell to evaluate its hybrid rankings"
+    else:
+        fit_ids, query_ids = _query_split(ctx, manifest)
+        result.update(_hybrid_or_error(ctx, cell, Embeddings.load(emb_path), manifest, fit_ids, query_ids))
     atomic_write_text(ctx.cell_dir(cell) / "result.json", json.dumps(result, indent=1))
     return result
 
@@ -359,8 +370,11 @@ def run_grid(ctx: GridContext, cells: Iterable[Cell], *, jobs: int = 1, retry_fa
     for cell in cells:
         prev = _read_result(ctx.cell_dir(cell) / "result.json")
         if prev and (prev.get("status") == "ok" or (prev.get("status") == "failed" and not retry_failed)):
-            if ctx.hybrid and cell.method == "vae" and prev["status"] == "ok" and "hybrid" not in prev:
+            if (ctx.hybrid and cell.method == "vae" and prev["status"] == "ok" and "hybrid" not in prev
+                    and ("hybrid_error" not in prev or retry_failed)):
                 prev = _add_hybrid(ctx, cell, manifest, prev)
+            if prev.get("hybrid_error"):
+                log(f"  {cell.id}: hybrid rankings not evaluated: {prev['hybrid_error']}")
             results[cell.id] = prev
         else:
             todo.append(cell)
@@ -540,8 +554,9 @@ def write_outputs(results: Sequence[dict], modalities: Sequence[str], out: Path,
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
     written = {"csv": out / "results.csv", "markdown": out / "results.md", "heatmaps": figs, "summary": summary}
     hybrid = [row for r in results if r["status"] == "ok" for row in r.get("hybrid", [])]
-    if hybrid:
-        written.update(write_hybrid(hybrid, out))
+    missing = [(r["cell"], r["hybrid_error"]) for r in results if r["status"] == "ok" and r.get("hybrid_error")]
+    if hybrid or missing:
+        written.update(write_hybrid(hybrid, out, missing))
     return written
 
 
@@ -563,8 +578,9 @@ def hybrid_markdown(summary: Sequence[dict]) -> str:
     return md
 
 
-def write_hybrid(rows: Sequence[dict], out: Path) -> dict:
-    """hybrid.csv (one row per cell × label × ranking), hybrid.md (mean ± sd over seeds) and
+def write_hybrid(rows: Sequence[dict], out: Path, missing: Sequence[tuple[str, str]] = ()) -> dict:
+    """hybrid.csv (one row per cell × label × ranking), hybrid.md (mean ± sd over seeds; the
+    ``missing`` cells, whose hybrid rankings could not be evaluated, listed with why) and
     hybrid_summary.json."""
     import csv
     import io
@@ -578,7 +594,10 @@ def write_hybrid(rows: Sequence[dict], out: Path) -> dict:
     fitted_on = {tuple(r[k] for k in HYBRID_KEYS): r.get("fitted_on", "") for r in rows}
     for s in summary:
         s["fitted_on"] = fitted_on[tuple(s[k] for k in HYBRID_KEYS)]
-    atomic_write_text(out / "hybrid.md", hybrid_markdown(summary))
+    md = hybrid_markdown(summary)
+    if missing:
+        md += "\nHybrid rankings not evaluated:\n\n" + "\n".join(f"- `{c}`: {e}" for c, e in missing) + "\n"
+    atomic_write_text(out / "hybrid.md", md)
     atomic_write_text(out / "hybrid_summary.json", json.dumps(summary, indent=1))
     return {"hybrid_csv": out / "hybrid.csv", "hybrid_markdown": out / "hybrid.md", "hybrid_summary": summary}
 

@@ -146,8 +146,15 @@ class Archive:
         self.client.set_http_retry_params(retry=int(attempts) > 1, max_attempts=int(attempts))
 
     def _call(self, what: str, fn: Callable, *args, study: str | None = None, series: str | None = None, **kw):
+        from retrying import RetryError      # dicomweb-client's retry: raised when every attempt got a retriable answer
         try:
             return fn(*args, **kw)
+        except RetryError as e:
+            last = e.last_attempt.value[1] if getattr(e.last_attempt, "has_exception", False) else e.last_attempt.value
+            r = getattr(last, "response", last)
+            code = f"HTTP {r.status_code} {r.reason}" if hasattr(r, "status_code") else str(last)
+            raise PacsError(f"{what} failed after {self.client._max_attempts} attempts: {code}", study=study,
+                            series=series) from None
         except requests.HTTPError as e:
             r = e.response
             code = f"HTTP {r.status_code} {r.reason}" if r is not None else str(e)

@@ -25,6 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
+from mmvae.errors import InputError
 from mmvae.retrieval.evaluate import chance_map
 from mmvae.retrieval.hybrid.fit import ap_at_k, cross_validate, fit_weights, fused_scores, leg_matrices
 from mmvae.retrieval.hybrid.protocols import simulated_feedback
@@ -35,6 +36,11 @@ __all__ = ["evaluate_hybrid", "RANKINGS"]
 #: the rankings' names, in table order (legs come first as ``leg <name>``; feedback rows end in
 #: ``, round r``)
 RANKINGS = ("fused uniform", "fused rrf", "fused fitted", "feedback rocchio", "feedback rocchio+weights", "chance")
+
+
+def ids_of(queries: Sequence[str] | None, index) -> list[str]:
+    """The query case ids (``None``: every case of the index)."""
+    return list(index._case_ids) if queries is None else list(queries)
 
 
 def _row(name: str, ap: np.ndarray, k: int, n_boot: int, seed: int) -> dict:
@@ -57,11 +63,14 @@ def evaluate_hybrid(index, label: str, *, k: int = 10, queries: Sequence[str] | 
     ``hi``, ``num_queries``), in the order legs, :data:`RANKINGS` (feedback once per round).
     ``fit``: the fitted weights per leg (``weights``; the mean of the folds' weights under
     cross-validation) and how they were fitted (``fitted_on``: ``'fit_cases'`` or
-    ``'<folds>-fold CV'``). Raises InputError when fewer than two cases have ``label``."""
+    ``'<folds>-fold CV'``). Raises InputError when fewer than two cases have ``label`` or when
+    ``fit_cases`` and the queries overlap."""
+    if fit_cases is not None and set(fit_cases) & set(ids_of(queries, index)):
+        raise InputError("fit_cases and queries overlap: fitted weights would be scored on cases they were fitted on")
     m = leg_matrices(index, label)
     ids = list(m.case_ids)
     pos = {c: i for i, c in enumerate(ids)}
-    q = np.arange(len(ids)) if queries is None else np.array(sorted(pos[c] for c in queries if c in pos), np.int64)
+    q = np.arange(len(ids)) if queries is None else np.array(sorted({pos[c] for c in queries if c in pos}), np.int64)
     sub = m.take(q)
     rows = []
     for li, leg in enumerate(m.legs):
