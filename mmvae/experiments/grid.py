@@ -278,10 +278,8 @@ def hybrid_rows(ctx: GridContext, cell: Cell, emb, manifest: str, fit_ids, query
     for label in ctx.labels:
         if sum(str(lab.get(label, "")) != "" for lab in emb.labels) < 2:
             continue                 # no retrieval for this label (the vector rows have none either)
-        held_out = ctx.queries == "held_out"
-        rows, fit = evaluate_hybrid(ix, label, k=ctx.k, queries=query_ids,
-                                    fit_cases=[c for c in fit_ids if c not in set(query_ids)] if held_out else None,
-                                    seed=cell.seed)
+        rows, fit = evaluate_hybrid(ix, label, k=ctx.k, queries=query_ids,    # the split's parts are disjoint
+                                    fit_cases=fit_ids if ctx.queries == "held_out" else None, seed=cell.seed)
         out += [dict(cell.columns(), label=label, fitted_on=fit["fitted_on"],
                      weights=json.dumps(fit["weights"], sort_keys=True), **r) for r in rows]
     return out

@@ -140,10 +140,11 @@ class Archive:
         self.url = urlunsplit(parts).rstrip("/")
         session = create_session_from_user_pass(username, password) if username else None
         self.client = DICOMwebClient(self.url, session=session, timeout=timeout)
-        if int(attempts) < 1:
+        self.attempts = int(attempts)
+        if self.attempts < 1:
             raise PacsError(f"attempts must be >= 1, got {attempts}")
         # dicomweb-client's retry: exponential back-off from 2 s (2 + 4 + 8 + 16 s for 5 attempts)
-        self.client.set_http_retry_params(retry=int(attempts) > 1, max_attempts=int(attempts))
+        self.client.set_http_retry_params(retry=self.attempts > 1, max_attempts=self.attempts)
 
     def _call(self, what: str, fn: Callable, *args, study: str | None = None, series: str | None = None, **kw):
         from retrying import RetryError      # dicomweb-client's retry: raised when every attempt got a retriable answer
@@ -153,7 +154,7 @@ class Archive:
             last = e.last_attempt.value[1] if getattr(e.last_attempt, "has_exception", False) else e.last_attempt.value
             r = getattr(last, "response", last)
             code = f"HTTP {r.status_code} {r.reason}" if hasattr(r, "status_code") else str(last)
-            raise PacsError(f"{what} failed after {self.client._max_attempts} attempts: {code}", study=study,
+            raise PacsError(f"{what} failed after {self.attempts} attempts: {code}", study=study,
                             series=series) from None
         except requests.HTTPError as e:
             r = e.response

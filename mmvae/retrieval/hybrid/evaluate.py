@@ -27,20 +27,11 @@ import numpy as np
 
 from mmvae.errors import InputError
 from mmvae.retrieval.evaluate import chance_map
-from mmvae.retrieval.hybrid.fit import ap_at_k, cross_validate, fit_weights, fused_scores, leg_matrices
+from mmvae.retrieval.hybrid.fit import ap_at_k, cross_validate, fit_weights, fused_scores, label_values, leg_matrices
 from mmvae.retrieval.hybrid.protocols import simulated_feedback
 from mmvae.retrieval.metrics import bootstrap_ci
 
-__all__ = ["evaluate_hybrid", "RANKINGS"]
-
-#: the rankings' names, in table order (legs come first as ``leg <name>``; feedback rows end in
-#: ``, round r``)
-RANKINGS = ("fused uniform", "fused rrf", "fused fitted", "feedback rocchio", "feedback rocchio+weights", "chance")
-
-
-def ids_of(queries: Sequence[str] | None, index) -> list[str]:
-    """The query case ids (``None``: every case of the index)."""
-    return list(index._case_ids) if queries is None else list(queries)
+__all__ = ["evaluate_hybrid", "display_name", "markdown_table", "summarize"]
 
 
 def _row(name: str, ap: np.ndarray, k: int, n_boot: int, seed: int) -> dict:
@@ -60,12 +51,14 @@ def evaluate_hybrid(index, label: str, *, k: int = 10, queries: Sequence[str] | 
     """The hybrid rankings of ``index`` for ``label`` (module doc) → ``(rows, fit)``.
 
     ``rows``: one dict per ranking (``ranking``, ``metric`` = ``map@k``, ``value``, ``lo``,
-    ``hi``, ``num_queries``), in the order legs, :data:`RANKINGS` (feedback once per round).
+    ``hi``, ``num_queries``), in this order: ``leg <name>`` per leg, ``fused uniform``, ``fused rrf``,
+    ``fused fitted``, ``feedback rocchio, round r`` and ``feedback rocchio+weights, round r`` for
+    r = 1 … ``rounds``, ``chance``.
     ``fit``: the fitted weights per leg (``weights``; the mean of the folds' weights under
     cross-validation) and how they were fitted (``fitted_on``: ``'fit_cases'`` or
     ``'<folds>-fold CV'``). Raises InputError when fewer than two cases have ``label`` or when
     ``fit_cases`` and the queries overlap."""
-    if fit_cases is not None and set(fit_cases) & set(ids_of(queries, index)):
+    if fit_cases is not None and set(fit_cases) & set(index._case_ids if queries is None else queries):
         raise InputError("fit_cases and queries overlap: fitted weights would be scored on cases they were fitted on")
     m = leg_matrices(index, label)
     ids = list(m.case_ids)
@@ -97,7 +90,7 @@ def evaluate_hybrid(index, label: str, *, k: int = 10, queries: Sequence[str] | 
                                 weights="uniform", queries=query_ids)
         for rd in range(1, rounds + 1):
             rows.append(_row(f"{name}, round {rd}", fb[:, rd], k, n_boot, seed))
-    values = [str(index._meta[index._row_of_case[c]]["labels"][label]) for c in ids]
+    values = [v for v in label_values(index, label) if v is not None]     # leg_matrices' cases, in order
     chance = chance_map(values, list(q), k)
     rows.append({"ranking": "chance", "metric": f"map@{k}", "value": float(chance), "lo": float(chance),
                  "hi": float(chance), "num_queries": int(len(q))})
