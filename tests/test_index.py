@@ -17,7 +17,7 @@ from mmvae.retrieval.index import KINDS, Result, build_index, load_index
 
 N, L, C, Q = 2000, 32, 20, 60
 IDENTITY = {"model": "mopoe-test", "checkpoint": "step-100", "latent_dim": L}
-RECALL_BOUND = {"flat": 1.0, "ivf": 0.9, "hnsw": 0.9, "ivfpq": 0.85, "binary": 0.5}
+RECALL_BOUND = {"flat": 1.0, "ivf": 0.9, "hnsw": 0.9, "ivfpq": 0.85, "opq-ivfpq": 0.85, "binary": 0.5}
 
 
 @pytest.fixture(scope="module", autouse=True)

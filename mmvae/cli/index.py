@@ -6,8 +6,17 @@ def add(sub) -> None:
     s = sub.add_parser("index", help="build a FAISS index from embeddings")
     s.add_argument("--embeddings", required=True)
     s.add_argument("--out", required=True)
-    s.add_argument("--kind", default="flat", choices=["flat", "ivf", "ivfpq", "hnsw", "binary"])
+    s.add_argument("--kind", default="auto", choices=["auto", "flat", "ivf", "ivfpq", "opq-ivfpq", "hnsw", "binary"],
+                   help="index kind (default auto: from the number of cases and --max-build-gb, docs/scale.md)")
     s.add_argument("--metric", default="cosine", choices=["cosine", "l2"])
+    s.add_argument("--max-build-gb", type=float, default=2.0,
+                   help="memory budget of the build (default 2): a shard set is indexed streaming within it, "
+                        "and a build whose estimate exceeds it is refused before any work")
+    s.add_argument("--nlist", type=int, help="IVF lists (default ≈ 4·√N)")
+    s.add_argument("--nprobe", type=int, help="IVF lists probed per query (default ≈ 2·√nlist)")
+    s.add_argument("--m-pq", type=int, help="PQ sub-quantizers (bytes of code per case)")
+    s.add_argument("--train-size", type=int, help="vectors sampled to train IVF/PQ (streaming build; default 64·nlist)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the k-means and the training sample")
     s.add_argument("--lexical", action="store_true",
                    help="add the report's BM25 leg (hybrid retrieval): the reports are read from --manifest, "
                         "default the run's data.manifest; the index keeps their tokens, not the texts")
@@ -28,19 +37,36 @@ def add(sub) -> None:
 def run(a, extra):
     from mmvae.errors import InputError
     from mmvae.retrieval.embed import Embeddings
+    from mmvae.retrieval.index.stream import STREAMING_KINDS, build_from_shards, choose_kind
     from mmvae.retrieval.pipeline import index_embeddings, manifest_reports, run_manifest
-    emb = Embeddings.load(a.embeddings)
+    from mmvae.retrieval.shards import ShardSet, is_shard_set
     if a.manifest and not a.lexical:
         raise InputError("--manifest is read for the reports of --lexical; add --lexical")
+    if is_shard_set(a.embeddings) and not a.lexical and a.kind in ("auto", *STREAMING_KINDS):
+        ss = ShardSet(a.embeddings)
+        out = build_from_shards(ss, a.out, kind=None if a.kind == "auto" else a.kind, metric=a.metric,
+                                max_build_gb=a.max_build_gb, nlist=a.nlist, m_pq=a.m_pq, nprobe=a.nprobe,
+                                train_size=a.train_size, seed=a.seed)
+        info = __import__("json").loads((out / "index.json").read_text())
+        print(f"{info['kind']} index of {info['count']} cases from {len(ss.shards)} shards (streaming build) -> {a.out}")
+        return
+    emb = Embeddings.load(a.embeddings)
+    n, width = emb.mu.shape
+    kind = choose_kind(n, width, a.max_build_gb) if a.kind == "auto" else a.kind
+    if 2 * emb.mu.nbytes + emb.experts_mu.nbytes * 2 > a.max_build_gb * 1e9:
+        raise InputError(f"{n} cases × {width} dims do not fit --max-build-gb={a.max_build_gb:g} in memory: "
+                         "write a shard set (mmvae embed --out FOLDER) and index it streaming, without --lexical",
+                         path=a.embeddings)
     reports = None
     if a.lexical:
         reports = manifest_reports(a.manifest or run_manifest(emb), emb.case_ids)
         if not any(reports):
             raise InputError("--lexical: no case of the embeddings has a report in the manifest",
                              path=a.manifest or run_manifest(emb))
-    index_embeddings(emb, a.out, kind=a.kind, metric=a.metric, reports=reports)
+    index_embeddings(emb, a.out, kind=kind, metric=a.metric, reports=reports,
+                     options=dict(nlist=a.nlist, nprobe=a.nprobe, m_pq=a.m_pq, seed=a.seed))
     extra_note = f", lexical leg over {sum(r is not None for r in reports)} reports" if reports is not None else ""
-    print(f"{a.kind} index of {len(emb.case_ids)} cases{extra_note} -> {a.out}")
+    print(f"{kind} index of {len(emb.case_ids)} cases{extra_note} -> {a.out}")
 
 
 def run_fit(a, extra):

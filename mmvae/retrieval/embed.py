@@ -177,6 +177,36 @@ class Embeddings:
             mu, lv = apply_standardize(self.mu, self.logvar, stats)
         return dataclasses.replace(self, mu=mu, logvar=lv, identity=dict(self.identity, standardize=stats))
 
+    def raw_vectors(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """What :meth:`standardized` computes its statistics from, for statistics accumulated over
+        several parts (:meth:`mmvae.retrieval.shards.ShardSet.standardize_stats`): the unstandardised
+        retrieval vectors ``(N, D)``, which of their entries inform each dimension ``(N, D)`` bool, and
+        each dimension's block width ``(D,)`` (the ``features`` kinds scale every block by
+        ``1/√width``; 1 for the others)."""
+        if "features" in self.embedding:
+            raw, _ = case_vectors(self.experts_mu, self.experts_logvar, self.present, self.fusion, self.embedding,
+                                  private_dim=self._private(), frozen=self.frozen, frozen_widths=self.frozen_widths)
+            blocks = self.identity["blocks"]
+            owner = np.concatenate([np.full(w, self.modalities.index(m)) for m, w in blocks])
+            width = np.concatenate([np.full(w, float(w)) for _, w in blocks])
+            return raw, self.present[:, owner] > 0, width
+        if self.embedding == "experts":
+            raw, _ = case_vectors(self.experts_mu, self.experts_logvar, self.present, self.fusion, self.embedding,
+                                  private_dim=self._private())
+            b = raw.shape[1] // self.present.shape[1]
+            return raw, np.repeat(self.present > 0, b, axis=1), np.ones(raw.shape[1])
+        mu, _ = fused(self.experts_mu, self.experts_logvar, self.present, self.fusion)
+        have = self.present.sum(1) > 0
+        if not have.any():
+            have = np.ones_like(have)
+        return mu, np.repeat(have[:, None], mu.shape[1], axis=1), np.ones(mu.shape[1])
+
+    def vectors_with(self, stats: dict | None) -> tuple[np.ndarray, np.ndarray]:
+        """The retrieval vectors ``(μ, log σ²)`` ``(N, D)`` of every case standardised by ``stats``
+        (statistics of a larger cohort this is part of; None: unstandardised)."""
+        return case_vectors(self.experts_mu, self.experts_logvar, self.present, self.fusion, self.embedding,
+                            stats, self._private(), self.frozen, self.frozen_widths)
+
     def query_dims(self, subset: np.ndarray) -> np.ndarray | None:
         """The dimensions a query from ``subset`` (M,) informs, as a 0/1 ``(D,)`` mask, or None when
         every dimension is informed by every modality: see :func:`query_dims`."""
@@ -212,6 +242,14 @@ class Embeddings:
 
     @classmethod
     def load(cls, path: str | Path) -> "Embeddings":
+        """An embeddings file (``.npz``), or a shard-set folder (``mmvae embed`` with several
+        processes: :class:`mmvae.retrieval.shards.ShardSet`, concatenated and standardised over
+        all its shards). InputError naming the file when it cannot be read."""
+        if Path(path).is_dir():
+            from mmvae.retrieval.shards import ShardSet, is_shard_set
+            if not is_shard_set(path):
+                raise InputError("not an embeddings file or a shard set (no plan.json)", path=str(path))
+            return ShardSet(path).embeddings()
         try:
             with np.load(path, allow_pickle=False) as z:
                 identity = json.loads(str(z["identity"]))

@@ -49,13 +49,13 @@ class Embedded:
 
 def embed_run(workdir: str | os.PathLike, manifest: str | os.PathLike | None = None, *,
               on_error: str | None = None, out: str | os.PathLike | None = None,
-              show_progress: bool = True) -> Embedded:
+              show_progress: bool = True, batch_size: int = 32) -> Embedded:
     """Encode every case of ``manifest`` (default the run's ``data.manifest``) with the trained
     model of ``workdir`` (newest intact checkpoint, EMA weights when kept).
 
     The cases are prepared as in training: the run's tokenizer, its ``clinical_stats.json``,
     its preprocessing settings (``on_error``: ``'raise'`` or ``'skip'`` overrides the run's
-    ``data.on_error``). The vectors are the config's ``retrieval.embedding`` kind,
+    ``data.on_error``); ``batch_size`` cases per encoder call. The vectors are the config's ``retrieval.embedding`` kind,
     standardised unless ``retrieval.standardize`` is false. ``out``: also save them there (.npz).
     """
     from mmvae.retrieval.embed import embed_cohort, embedding_kind
@@ -71,7 +71,7 @@ def embed_run(workdir: str | os.PathLike, manifest: str | os.PathLike | None = N
                                clinical_stats=stats, show_progress=show_progress)
     identity = {"model_fingerprint": fingerprint(spec), "checkpoint_step": int(step),
                 "workdir": str(workdir.resolve()), "label": str(config.data.label or "")}
-    emb = embed_cohort(model, cohort, identity=identity, show_progress=show_progress,
+    emb = embed_cohort(model, cohort, batch_size=batch_size, identity=identity, show_progress=show_progress,
                        standardize=bool(config.retrieval.standardize),
                        embedding=embedding_kind(config))
     if out is not None:
@@ -121,17 +121,20 @@ def run_manifest(emb) -> str:
 
 
 def index_embeddings(emb, out: str | os.PathLike | None = None, *, kind: str = "flat", metric: str = "cosine",
-                     reports=None):
+                     reports=None, options: dict | None = None):
     """A :class:`~mmvae.retrieval.index.CaseIndex` of ``emb`` (``kind``: flat, ivf, ivfpq, hnsw,
     binary), carrying the embeddings' identity (model fingerprint, weights digest, the
     modalities of its blocks, ...); ``reports``: each case's report text (None entries), which
-    gives the index its lexical (BM25) leg; saved to the folder ``out`` when given."""
+    gives the index its lexical (BM25) leg; ``options``: :func:`~mmvae.retrieval.index.build_index`'s
+    kind options (``nlist``, ``nprobe``, ``m_pq``, ``seed``; None entries take the defaults); saved to
+    the folder ``out`` when given."""
     from mmvae.retrieval.index import build_index
     ident = dict(emb.identity)
     ident.setdefault("embedding", getattr(emb, "embedding", "fused"))
     ident.setdefault("modalities", list(emb.modalities))
     idx = build_index(emb.mu, emb.logvar, emb.case_ids, case_metadata(emb), kind=kind, metric=metric,
-                      identity=ident, reports=reports)
+                      identity=ident, reports=reports,
+                      **{k: v for k, v in (options or {}).items() if v is not None})
     if out is not None:
         idx.save(out)
     return idx

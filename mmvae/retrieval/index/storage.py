@@ -68,22 +68,35 @@ def save(ix, folder: str | os.PathLike) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=parent))
     try:
         write_files(ix, tmp)
-        old = None
-        if folder.exists():
-            old = parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(folder, old)
-        try:
-            os.rename(tmp, folder)
-        except BaseException:
-            if old is not None:
-                os.rename(old, folder)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        install(tmp, folder)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def install(tmp: Path, folder: Path) -> None:
+    """Rename the complete index folder ``tmp`` (a hidden ``.<name>.tmp-*`` sibling) onto ``folder``:
+    the old index renamed aside (``.<name>.old-*``), the new one in, the old one deleted; on an
+    exception the old one is put back (:func:`recover_interrupted_save` after a SIGKILL)."""
+    folder = Path(folder)
+    if folder.exists():
+        if not folder.is_dir():
+            raise InputError("index destination exists and is not a folder", path=str(folder))
+        if any(folder.iterdir()) and not (folder / "index.json").is_file():
+            raise InputError("refusing to replace a non-empty folder that is not an index", path=str(folder))
+    old = None
+    if folder.exists():
+        old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(folder, old)
+    try:
+        os.rename(tmp, folder)
+    except BaseException:
+        if old is not None:
+            os.rename(old, folder)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _metadata_lines(ix) -> str:
@@ -207,9 +220,9 @@ def _read_faiss(folder: Path, backend):
         raise IndexError_(f"index file index.faiss cannot be read by faiss: {msg[:300]}") from None
 
 
-def _load_npy(folder: Path, name: str) -> np.ndarray:
+def _load_npy(folder: Path, name: str, mmap: bool = False) -> np.ndarray:
     try:
-        return np.load(folder / name, allow_pickle=False)
+        return np.load(folder / name, allow_pickle=False, mmap_mode="r" if mmap else None)
     except (ValueError, OSError, EOFError) as e:
         raise IndexError_(f"index file {name} cannot be read: {e}") from None
 
@@ -273,7 +286,9 @@ def read_folder(folder: str | os.PathLike) -> dict:
     backend = BACKENDS[kind]
     _verify_files(folder, files, backend)
     index = _read_faiss(folder, backend)
-    emb = _load_npy(folder, "embeddings.npy")
+    # memory-mapped, read-only: a search reads the rows it re-scores, not the whole (2, N, L) array
+    # (10⁶ cases × 200 dims is 1.6 GB); add/remove build new in-memory arrays
+    emb = _load_npy(folder, "embeddings.npy", mmap=True)
     if emb.dtype != np.float32 or emb.shape != (2, count, L):
         raise IndexError_(f"embeddings.npy has shape {emb.shape} {emb.dtype}, "
                           f"expected (2, {count}, {L}) float32")
