@@ -238,6 +238,16 @@ def test_killed_ingestion_resumes_to_the_same_index(env):
     assert sorted(a.case_ids) == sorted(b.case_ids) and not (tmp / ".index-killed.ingest-tmp").exists()
     ids = sorted(a.case_ids)
     np.testing.assert_allclose(a.embeddings(ids)[0], b.embeddings(ids)[0], atol=1e-5)
+    # parallel retrieval (--workers): the same index, in the same order, as one worker
+    par = tmp / "index-par"
+    rep = ingest(archive, env["workdir"], par, standardize_from=env["emb"], show_progress=False, workers=3)
+    c = load_index(par)
+    assert len(rep.added) == total and c.case_ids == a.case_ids
+    assert [c.metadata(x)["source"] for x in c.case_ids] == [a.metadata(x)["source"] for x in a.case_ids]
+    np.testing.assert_allclose(c.embeddings(c.case_ids)[0], a.embeddings(a.case_ids)[0], atol=1e-6)
+    assert not (tmp / ".index-par.ingest-tmp").exists()
+    with pytest.raises(InputError, match="workers"):
+        ingest(archive, env["workdir"], par, workers=0, show_progress=False)
 
 
 # ----------------------------------------------------------------------------- errors

@@ -32,6 +32,9 @@ def add(sub) -> None:
     s.add_argument("--on-error", choices=["raise", "skip"], default="raise",
                    help="a failing study: stop (default) or count, list and go on")
     s.add_argument("--save-every", type=int, default=1, help="save the index after this many studies (default 1)")
+    s.add_argument("--workers", type=int, default=1,
+                   help="studies retrieved at once, each thread with its own connection, while the main thread "
+                        "encodes in listing order (default 1; the index is the same for any number)")
     s.add_argument("--username", help="HTTP basic authentication (password from $MMVAE_PACS_PASSWORD)")
     s.add_argument("--attempts", type=int, default=5,
                    help="tries per HTTP request before the archive counts as unreachable (exponential back-off "
@@ -46,7 +49,7 @@ def run_ingest(a, extra):
     archive = Archive(a.url, username=a.username, password=os.environ.get("MMVAE_PACS_PASSWORD"), attempts=a.attempts)
     rep = ingest(archive, a.workdir, a.index, studies=a.study or None, since=a.since, rules_path=a.modality_rules,
                  standardize_from=a.standardize_from, reports=load_reports(a.reports), store_reports=a.store_reports,
-                 on_error=a.on_error, save_every=a.save_every, show_progress=not a.quiet)
+                 on_error=a.on_error, save_every=a.save_every, show_progress=not a.quiet, workers=a.workers)
     for d in rep.decisions:
         print(f"  {d}")
     for study, err in rep.failed:

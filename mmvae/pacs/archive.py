@@ -138,6 +138,7 @@ class Archive:
         if username and password is None:
             raise PacsError(f"--username {username} without a password: set $MMVAE_PACS_PASSWORD")
         self.url = urlunsplit(parts).rstrip("/")
+        self._settings = dict(username=username, password=password, timeout=timeout, attempts=attempts)
         session = create_session_from_user_pass(username, password) if username else None
         self.client = DICOMwebClient(self.url, session=session, timeout=timeout)
         self.attempts = int(attempts)
@@ -145,6 +146,11 @@ class Archive:
             raise PacsError(f"attempts must be >= 1, got {attempts}")
         # dicomweb-client's retry: exponential back-off from 2 s (2 + 4 + 8 + 16 s for 5 attempts)
         self.client.set_http_retry_params(retry=self.attempts > 1, max_attempts=self.attempts)
+
+    def copy(self) -> "Archive":
+        """A new client of the same archive with the same settings (its own HTTP session: one per
+        thread of a parallel ingestion)."""
+        return Archive(self.url, **self._settings)
 
     def _call(self, what: str, fn: Callable, *args, study: str | None = None, series: str | None = None, **kw):
         from retrying import RetryError      # dicomweb-client's retry: raised when every attempt got a retriable answer

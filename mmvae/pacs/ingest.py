@@ -14,6 +14,11 @@ as a query), and adds it to the index under its StudyInstanceUID.
   ``save_every`` studies and at the end, so a killed run leaves the last saved index and
   the next run goes on from there (no duplicates: a study is either in the saved index or
   not).
+* **Parallel** (``workers`` > 1): up to ``workers`` studies are mapped and retrieved at once,
+  each thread with its own archive client, while the main thread encodes the retrieved studies
+  in listing order and adds them to the index; the index, its order and the crash safety are
+  those of ``workers=1`` (tested). Encoding stays in one thread: the JAX encoder already uses
+  every core (XLA's intra-op threads), and one model copy is kept in memory.
 * **Privacy** (PS3.15 Annex E as reference): the index keeps, per study, only
   StudyInstanceUID, AccessionNumber, StudyDate, the used series' SeriesInstanceUIDs and the
   archive URL (``source``), plus the report text only with ``store_reports``; the
@@ -178,12 +183,50 @@ def encode_study(archive: Archive, retriever: Retriever, study: StudyInfo, rules
     return encode_retrieved(archive.url, retriever, got, report=report, modalities=modalities)
 
 
+def _retrieved(archive: Archive, image_modalities, todo: Sequence[StudyInfo], rules, tmp: Path, workers: int):
+    """``(study, fetch)`` in the order of ``todo``; ``fetch()`` returns its :class:`RetrievedStudy` or
+    raises its PacsError. With ``workers`` > 1 up to ``workers`` retrievals run ahead in threads,
+    each with its own :meth:`Archive.copy`; an error or interruption of the caller cancels the
+    pending ones (their folders are under ``tmp``, which the caller removes)."""
+    if workers <= 1 or len(todo) <= 1:
+        for st in todo:
+            yield st, (lambda st=st: retrieve_study(archive, image_modalities, st, rules, tmp))
+        return
+    import collections
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    local = threading.local()
+
+    def fetch(st):
+        if not hasattr(local, "archive"):
+            local.archive = archive.copy()
+        return retrieve_study(local.archive, image_modalities, st, rules, tmp)
+
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mmvae-fetch")
+    try:
+        ahead = collections.deque()
+        it = iter(todo)
+        for st in it:
+            ahead.append((st, pool.submit(fetch, st)))
+            if len(ahead) >= workers:
+                break
+        while ahead:
+            st, fut = ahead.popleft()
+            nxt = next(it, None)
+            if nxt is not None:
+                ahead.append((nxt, pool.submit(fetch, nxt)))
+            yield st, fut.result
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def ingest(archive: Archive, workdir, index_dir, *, studies: Sequence[str] | None = None, since: str | None = None,
            rules_path=None, standardize_from=None, reports: Mapping[str, str] | None = None, store_reports: bool = False,
            on_error: str = "raise", save_every: int = 1, show_progress: bool = True,
-           on_saved: Callable[[int], None] | None = None) -> IngestReport:
+           on_saved: Callable[[int], None] | None = None, workers: int = 1) -> IngestReport:
     """Add the archive's studies to the index in ``index_dir`` (created when missing); see the
     module doc. ``on_error='skip'``: a failing study is counted and listed, the rest goes on.
+    ``workers``: studies retrieved at once (module doc: Parallel).
 
     Raises:
       PacsError: the archive is unreachable or answers with an error (always), or a study
@@ -191,6 +234,8 @@ def ingest(archive: Archive, workdir, index_dir, *, studies: Sequence[str] | Non
     """
     if on_error not in ("raise", "skip"):
         raise InputError(f"on_error must be 'raise' or 'skip' (got {on_error!r})")
+    if int(workers) < 1:
+        raise InputError(f"workers must be ≥ 1 (got {workers})")
     rules = load_rules(rules_path)
     reports = dict(reports or {})
     index_dir = Path(index_dir)
@@ -229,6 +274,7 @@ def ingest(archive: Archive, workdir, index_dir, *, studies: Sequence[str] | Non
         log.warning("--store-reports: the index %s was built without report text; texts are not stored "
                     "(build a new index to keep them)", index_dir)
     pending = 0
+    fetching = None
 
     def save():
         nonlocal pending
@@ -256,17 +302,23 @@ def ingest(archive: Archive, workdir, index_dir, *, studies: Sequence[str] | Non
                 rep.removed += gone
                 pending += len(gone)
                 log.info("removed %d studies no longer in the archive", len(gone))
-        for st in progress_bar(listing, total=len(listing), desc="studies", enable=show_progress, unit="study"):
-            known = index is not None and st.study_uid in index
-            if known:
+        todo = []
+        for st in listing:
+            if index is not None and st.study_uid in index:
                 src = index.metadata(st.study_uid).get("source", {})
                 if st.instances is None or src.get("instances") == st.instances:
                     rep.unchanged.append(st.study_uid)
                     continue
+            todo.append(st)
+        fetching = _retrieved(archive, r.image_modalities, todo, rules, tmp, int(workers))
+        for st, fetched in progress_bar(fetching, total=len(todo), desc="studies", enable=show_progress,
+                                        unit="study"):
+            known = index is not None and st.study_uid in index
             text = reports.get(st.accession) if st.accession else None
             text = text if text is not None else reports.get(st.study_uid)
             try:
-                mu, lv, used, source, notes = encode_study(archive, r, st, rules, tmp, report=text)
+                got = fetched()
+                mu, lv, used, source, notes = encode_retrieved(archive.url, r, got, report=text)
             except PacsError as e:
                 if on_error == "raise" or isinstance(e, ArchiveUnreachable):
                     raise
@@ -307,6 +359,8 @@ def ingest(archive: Archive, workdir, index_dir, *, studies: Sequence[str] | Non
             log.warning("could not save the index after the failure: %s", e)
         raise
     finally:
+        if fetching is not None:
+            fetching.close()           # cancels and waits for retrievals still running, before tmp goes
         r.close()
         shutil.rmtree(tmp, ignore_errors=True)
     return rep
