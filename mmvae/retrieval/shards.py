@@ -98,14 +98,15 @@ class EmbedShardsResult:
 def embed_shards(workdir: str | os.PathLike, manifest: str | os.PathLike | None, out: str | os.PathLike, *,
                  shard_size: int = DEFAULT_SHARD_SIZE, batch_size: int = 32, on_error: str | None = None,
                  process_index: int | None = None, process_count: int | None = None,
-                 show_progress: bool = True) -> EmbedShardsResult:
+                 show_progress: bool = True, on_shard=None) -> EmbedShardsResult:
     """Encode this process's shards of ``manifest`` (default the run's ``data.manifest``) with the
     trained model of ``workdir`` into the shard-set folder ``out`` (module doc).
 
     ``process_index`` / ``process_count``: default ``jax.process_index()`` / ``jax.process_count()``
     (call :func:`mmvae.sharding.maybe_initialize_distributed` first to join a job).
     ``shard_size`` must be a multiple of ``batch_size``. Raises InputError for a folder that holds
-    another plan (other weights, manifest, shard or batch size) and for bad sizes."""
+    another plan (other weights, manifest, shard or batch size) and for bad sizes. ``on_shard(index,
+    cases, seconds)`` is called after each shard this process encodes (benchmarks)."""
     import time
 
     import jax
@@ -149,8 +150,11 @@ def embed_shards(workdir: str | os.PathLike, manifest: str | os.PathLike | None,
     work = out / ".work"
     encoded, reused = [], []
     mine = shares(len(spans), pi, pc)
-    for n_done, i in enumerate(mine):
+    from mmvae.progress import progress_bar
+    for i in progress_bar(mine, total=len(mine), desc=f"embed (process {pi}/{pc})" if pc > 1 else "embed",
+                          enable=show_progress, unit="shard"):
         start, stop = spans[i]
+        t_shard = time.perf_counter()
         if _shard_ok(out / shard_name(i), digest, ids[start:stop]):
             reused.append(i)
             continue
@@ -169,9 +173,8 @@ def embed_shards(workdir: str | os.PathLike, manifest: str | os.PathLike | None,
                                  "skipped": [list(s) for s in cohort.skipped]}
         emb.save(out / shard_name(i))
         encoded.append(i)
-        if show_progress:
-            log.warning("process %d/%d: shard %d done (%d of its %d; %d cases)", pi, pc, i, n_done + 1,
-                        len(mine), stop - start)
+        if on_shard is not None:
+            on_shard(i, stop - start, time.perf_counter() - t_shard)
     if pc > 1:
         barrier("mmvae-embed-shards")
     complete = False
