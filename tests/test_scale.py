@@ -28,7 +28,7 @@ from mmvae.retrieval import shards as S
 from mmvae.retrieval.embed import Embeddings
 from mmvae.retrieval.index import build_index, load_index
 from mmvae.retrieval.index import storage
-from mmvae.retrieval.index.stream import build_from_shards, choose_kind
+from mmvae.retrieval.index.stream import build_from_shards, choose_kind, default_rerank_factor
 
 CLI = [sys.executable, "-m", "mmvae.cli"]
 
@@ -52,7 +52,7 @@ def _digests(folder: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------- sharded embedding
-def test_two_processes_embed_exactly_the_single_process_vectors(tiny_indexed, tmp_path):
+def test_two_processes_embed_exactly_the_single_process_vectors(tiny_indexed, tmp_path, monkeypatch):
     _, c, wd, emb, _ = tiny_indexed             # embed_cohort in one process, batches of 32
     out, port = tmp_path / "set", _free_port()
     procs = [subprocess.Popen(CLI + ["embed", "--workdir", str(wd), "--manifest", c.data.manifest, "--out", str(out),
@@ -68,6 +68,10 @@ def test_two_processes_embed_exactly_the_single_process_vectors(tiny_indexed, tm
     assert [s["count"] for s in info["shards"]] == [32, 8] and info["count"] == 40
     merged = Embeddings.load(out)               # any reader of embeddings reads the folder
     _same_embeddings(merged, emb)
+    monkeypatch.setattr(S, "_available_bytes", lambda: 1000)     # larger than the memory: refused before reading
+    with pytest.raises(InputError, match="index it streaming"):
+        Embeddings.load(out)
+
 
 
 def test_killed_sharded_embed_resumes_with_another_process_count(tiny_indexed, tmp_path):
@@ -182,6 +186,13 @@ def test_streaming_index_searches_as_the_in_memory_one(shard_set, tmp_path):
     assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, exp)]) >= 0.85
     with pytest.raises(InputError, match=r"needs ≈ .* GB to build, over index.max_build_gb=1e-05: use --kind"):
         build_from_shards(shard_set, tmp_path / "big", kind="flat", max_build_gb=1e-5, show_progress=False)
+    # PQ codes of many cases: a wider exact re-scoring by default, stored with the index (docs/scale.md)
+    assert "rerank_factor" not in pq.params and default_rerank_factor("opq-ivfpq", 10 ** 6) == 32
+    wide = load_index(build_from_shards(shard_set, tmp_path / "pq16", kind="ivfpq", nlist=16, rerank_factor=16,
+                                        show_progress=False))
+    assert wide.params["rerank_factor"] == 16
+    assert [[r.case_id for r in rs] for rs in wide.search(q, 10)] == \
+        [[r.case_id for r in rs] for rs in wide.search(q, 10, rerank_factor=16)]
     assert choose_kind(10 ** 4, 200, 2.0) == "flat" and choose_kind(10 ** 6, 200, 2.0) == "ivf"
     assert choose_kind(10 ** 6, 200, 0.5) == "opq-ivfpq" and choose_kind(10 ** 7, 200, 64) == "opq-ivfpq"
 

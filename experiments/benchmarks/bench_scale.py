@@ -18,9 +18,10 @@ in a fresh process (``mmvae index --embeddings SHARDSET`` as a function:
   vectors.
 
 Part ``embed``: ``mmvae embed`` into a shard set with 1 process pinned to one core, then 2
-processes (a ``jax.distributed`` job on 127.0.0.1) pinned to one core each; cases/s of each process
-after its first shard (model load and compilation excluded), and whether the 2-process set equals
-the 1-process set. Needs a trained work dir and a manifest (``--embed-workdir``,
+processes (a ``jax.distributed`` job on 127.0.0.1) pinned to one core each, after one unmeasured
+pass that fills the run's preprocessing cache (both measured runs read it); cases/s of each process
+after its first shard (model load and compilation excluded), whether the 2-process set equals
+the 1-process set, and XLA's FLOP count of one encoder call per case. Needs a trained work dir and a manifest (``--embed-workdir``,
 ``--embed-manifest``).
 
     python experiments/benchmarks/bench_scale.py --out experiments/benchmarks/results/scale_1m.json \\
@@ -147,15 +148,26 @@ def bench_kind(kind: str, data: str, n: int, args: dict) -> dict:
         np.save(gt_path, ground_truth(out, qmu, 10))
     gt = np.load(gt_path)
     faiss.omp_set_num_threads(1)
-    ix.search(qmu[0], 10)
-    lat, got = [], []
-    for i in range(len(qmu)):
-        t = time.perf_counter()
-        res = ix.search(qmu[i], 10)[0]
-        lat.append(time.perf_counter() - t)
-        got.append([int(r.case_id[1:]) for r in res])
-    recall = float(np.mean([len(set(a) & set(b.tolist())) / 10 for a, b in zip(got, gt)]))
-    lat = np.array(lat) * 1e3
+
+    def measure(nq, rf=None):
+        ix.search(qmu[0], 10, rerank_factor=rf)
+        lat, got = [], []
+        for i in range(nq):
+            t = time.perf_counter()
+            res = ix.search(qmu[i], 10, rerank_factor=rf)[0]
+            lat.append(time.perf_counter() - t)
+            got.append([int(r.case_id[1:]) for r in res])
+        recall = float(np.mean([len(set(a) & set(b.tolist())) / 10 for a, b in zip(got, gt)]))
+        return recall, np.array(lat) * 1e3
+
+    recall, lat = measure(len(qmu))
+    sweep = []
+    if ix.backend.approximate:            # the first pass re-scored exactly: recall / latency trade-off
+        for rf in (4, 8, 16, 32, 64):
+            r_, l_ = measure(300, rf)
+            sweep.append({"rerank_factor": rf, "recall@10": round(r_, 4),
+                          "latency_ms_p50": round(float(np.percentile(l_, 50)), 3),
+                          "latency_ms_p99": round(float(np.percentile(l_, 99)), 3)})
     result = {"kind": kind, "n": n, "params": ix.params, "build_s": round(build_s, 1),
               "build_peak_rss_mb": round(peak_kb / 1024, 1), "build_rss_growth_mb": round(growth_kb / 1024, 1),
               "faiss_bytes_per_case": round(files["index.faiss"] / n, 1),
@@ -163,7 +175,18 @@ def bench_kind(kind: str, data: str, n: int, args: dict) -> dict:
               "loaded_rss_bytes_per_case": round(loaded_kb * 1024 / n, 1), "load_s": round(load_s, 1),
               "files_bytes": files, "latency_ms_p50": round(float(np.percentile(lat, 50)), 3),
               "latency_ms_p99": round(float(np.percentile(lat, 99)), 3), "queries": len(qmu),
-              "recall@10": round(recall, 4)}
+              "recall@10": round(recall, 4), "rerank_sweep_300_queries": sweep}
+    if args.get("cold"):                  # page cache dropped: every re-scored row is a disk read
+        try:
+            os.sync()
+            with open("/proc/sys/vm/drop_caches", "w") as f:
+                f.write("1")
+            r_, l_ = measure(100)
+            result["cold_cache_100_queries"] = {"recall@10": round(r_, 4),
+                                                "latency_ms_p50": round(float(np.percentile(l_, 50)), 3),
+                                                "latency_ms_p99": round(float(np.percentile(l_, 99)), 3)}
+        except OSError as e:
+            result["cold_cache_100_queries"] = f"not measured: {e}"
     if not args.get("keep"):
         shutil.rmtree(out, ignore_errors=True)
     return result
@@ -208,9 +231,15 @@ print(json.dumps({"encoded": r.encoded, "times": times, "seconds": r.seconds}))
 """
 
 
-def bench_embed(workdir: str, manifest: str, data: Path, shard: int, batch: int) -> dict:
+def bench_embed(workdir: str, manifest: str, data: Path, shard: int, batch: int, cases: int = 0,
+                warm: bool = True) -> dict:
+    from mmvae.data.manifest import group_cases, read_manifest, write_manifest
     from mmvae.retrieval.embed import Embeddings
     env = dict(os.environ, PYTHONPATH=str(ROOT))
+    if cases:               # the first `cases` cases of the manifest
+        entries = read_manifest(manifest)
+        keep = {c.case_id for c in group_cases(entries)[:cases]}
+        manifest = str(write_manifest([e for e in entries if e.case_id in keep], data / f"embed-{cases}.jsonl"))
 
     def launch(nproc: int, out: Path):
         shutil.rmtree(out, ignore_errors=True)
@@ -233,6 +262,8 @@ def bench_embed(workdir: str, manifest: str, data: Path, shard: int, batch: int)
         t = r["times"][1:]
         return sum(n for n, _ in t) / max(sum(s for _, s in t), 1e-9)
 
+    if warm:
+        launch(1, data / "embed-warm")      # fills the run's preprocessing cache: both runs below read it
     one = launch(1, data / "embed-1p")
     two = launch(2, data / "embed-2p")
     a, b = Embeddings.load(data / "embed-1p"), Embeddings.load(data / "embed-2p")
@@ -244,6 +275,32 @@ def bench_embed(workdir: str, manifest: str, data: Path, shard: int, batch: int)
             "two_process_speedup": round(sum(r2) / r1, 2), "two_process_set_equals_one": bool(same),
             "one_process_total_s": round(one[0]["seconds"], 1),
             "two_process_total_s": round(max(x["seconds"] for x in two), 1)}
+
+
+def encode_flops(workdir: str, manifest: str, batch: int) -> dict:
+    """XLA's FLOP count of one jitted encoder call (experts + frozen features) on ``batch`` cases of
+    ``manifest``, per case: what the embedding time at archive scale is estimated from."""
+    import jax
+    from flax import nnx
+    from mmvae.data.pipeline import eval_batches
+    from mmvae.runs.trained import load_cohort, load_trained
+    config, spec, model, tok = load_trained(workdir)
+    stats = json.loads((Path(workdir) / "clinical_stats.json").read_text())
+    cohort, _, _ = load_cohort(config, Path(workdir), manifest, tokenizer=tok, clinical_stats=stats,
+                               show_progress=False)
+    b, _ = next(iter(eval_batches(cohort, batch)))
+    graphdef, state = nnx.split(model)
+
+    def encode(state, b):
+        m = nnx.merge(graphdef, state)
+        experts, present, _ = m.encode(b)
+        return experts.mu, experts.logvar, present, m.frozen_features(b)
+
+    cost = jax.jit(encode).lower(state, b).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = float(cost.get("flops", 0.0))
+    return {"batch": batch, "flops_per_case": flops / batch, "image_shape": list(spec.shape),
+            "modalities": list(spec.query_modalities)}
 
 
 # --------------------------------------------------------------------------- main
@@ -260,10 +317,15 @@ def main(argv=None) -> int:
     ap.add_argument("--train-size", type=int)
     ap.add_argument("--max-build-gb", type=float, default=2.0)
     ap.add_argument("--keep", action="store_true", help="keep the built index folders")
+    ap.add_argument("--cold", action="store_true",
+                    help="also measure 100 queries after dropping the page cache (needs root)")
     ap.add_argument("--embed-workdir")
     ap.add_argument("--embed-manifest")
     ap.add_argument("--embed-shard", type=int, default=64)
     ap.add_argument("--embed-batch", type=int, default=32)
+    ap.add_argument("--embed-cases", type=int, default=0, help="the manifest's first N cases (0: all)")
+    ap.add_argument("--embed-no-warm", action="store_true",
+                    help="skip the pass that fills the preprocessing cache (when it is already filled)")
     ap.add_argument("--out")
     a = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
@@ -277,7 +339,7 @@ def main(argv=None) -> int:
     if "index" in parts:
         make_shard_set(data, a.n, a.shard, a.seed)
         args = {"seed": a.seed, "nlist": a.nlist, "m_pq": a.m_pq, "train_size": a.train_size,
-                "max_build_gb": a.max_build_gb, "keep": a.keep}
+                "max_build_gb": a.max_build_gb, "keep": a.keep, "cold": a.cold}
         for kind in a.kinds.split(","):
             r = run_kind(kind, data, a.n, args)
             print(json.dumps(r), flush=True)
@@ -286,7 +348,9 @@ def main(argv=None) -> int:
         if not (a.embed_workdir and a.embed_manifest):
             result["embed"] = {"skipped": "give --embed-workdir and --embed-manifest (a trained run and its cases)"}
         else:
-            result["embed"] = bench_embed(a.embed_workdir, a.embed_manifest, data, a.embed_shard, a.embed_batch)
+            result["embed"] = bench_embed(a.embed_workdir, a.embed_manifest, data, a.embed_shard, a.embed_batch,
+                                          a.embed_cases, not a.embed_no_warm)
+            result["embed"]["encode_cost"] = encode_flops(a.embed_workdir, a.embed_manifest, a.embed_batch)
             print(json.dumps(result["embed"]), flush=True)
     write_json(a.out, result)
     return 0

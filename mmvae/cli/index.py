@@ -17,6 +17,9 @@ def add(sub) -> None:
     s.add_argument("--m-pq", type=int, help="PQ sub-quantizers (bytes of code per case)")
     s.add_argument("--train-size", type=int, help="vectors sampled to train IVF/PQ (streaming build; default 64·nlist)")
     s.add_argument("--seed", type=int, default=0, help="seed of the k-means and the training sample")
+    s.add_argument("--rerank-factor", type=int,
+                   help="searches re-score rerank_factor·k first-pass candidates exactly (default 4; PQ kinds over "
+                        "10⁵ cases: more, docs/scale.md)")
     s.add_argument("--lexical", action="store_true",
                    help="add the report's BM25 leg (hybrid retrieval): the reports are read from --manifest, "
                         "default the run's data.manifest; the index keeps their tokens, not the texts")
@@ -46,7 +49,7 @@ def run(a, extra):
         ss = ShardSet(a.embeddings)
         out = build_from_shards(ss, a.out, kind=None if a.kind == "auto" else a.kind, metric=a.metric,
                                 max_build_gb=a.max_build_gb, nlist=a.nlist, m_pq=a.m_pq, nprobe=a.nprobe,
-                                train_size=a.train_size, seed=a.seed)
+                                train_size=a.train_size, seed=a.seed, rerank_factor=a.rerank_factor)
         info = __import__("json").loads((out / "index.json").read_text())
         print(f"{info['kind']} index of {info['count']} cases from {len(ss.shards)} shards (streaming build) -> {a.out}")
         return
@@ -64,7 +67,8 @@ def run(a, extra):
             raise InputError("--lexical: no case of the embeddings has a report in the manifest",
                              path=a.manifest or run_manifest(emb))
     index_embeddings(emb, a.out, kind=kind, metric=a.metric, reports=reports,
-                     options=dict(nlist=a.nlist, nprobe=a.nprobe, m_pq=a.m_pq, seed=a.seed))
+                     options=dict(nlist=a.nlist, nprobe=a.nprobe, m_pq=a.m_pq, seed=a.seed,
+                                  rerank_factor=a.rerank_factor))
     extra_note = f", lexical leg over {sum(r is not None for r in reports)} reports" if reports is not None else ""
     print(f"{kind} index of {len(emb.case_ids)} cases{extra_note} -> {a.out}")
 

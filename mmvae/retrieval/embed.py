@@ -466,18 +466,26 @@ def make_frozen_fn(model: nnx.Module):
     return lambda batch: frozen(state, batch)
 
 
+def embedding_fns(model) -> tuple:
+    """``(encode, frozen, weights digest)`` of ``model`` for :func:`embed_cohort`: the jitted encoder and
+    frozen-feature functions (compiled on first use, once per batch shape) and the parameters' digest."""
+    from mmvae.runs.trained import weights_digest
+    return make_encode_fn(model), make_frozen_fn(model), weights_digest(model)
+
+
 def embed_cohort(model, cohort: Cohort, *, batch_size: int = 32, identity: dict | None = None,
-                 show_progress: bool = True, standardize: bool = True, embedding: str = "fused") -> Embeddings:
+                 show_progress: bool = True, standardize: bool = True, embedding: str = "fused",
+                 fns: tuple | None = None) -> Embeddings:
     """Encode every case of ``cohort`` (batched, jitted; the last batch padded); ``standardize``:
     map the embeddings by the cohort's statistics (:meth:`Embeddings.standardized`);
     ``embedding``: a kind of :data:`EMBEDDINGS` (module doc). The frozen features are kept
     whenever the cohort or the model gives them (the ``features`` kinds need them).
     ``identity`` gets ``weights_digest``, the digest of ``model``'s parameters (the vectors
-    are those weights' and no others')."""
-    from mmvae.runs.trained import weights_digest
-    identity = dict(identity or {}, weights_digest=weights_digest(model))
-    encode = make_encode_fn(model)
-    frozen_fn = make_frozen_fn(model)
+    are those weights' and no others'). ``fns``: ``(encode, frozen, digest)`` from :func:`embedding_fns`,
+    made once for a model that encodes several cohorts (shards): each new jitted closure compiles
+    again."""
+    encode, frozen_fn, digest = fns or embedding_fns(model)
+    identity = dict(identity or {}, weights_digest=digest)
     mus, lvs, pres, frozen = [], [], [], {}
     n_batches = -(-len(cohort) // batch_size)
     for batch, valid in progress_bar(eval_batches(cohort, batch_size), total=n_batches, desc="embed",

@@ -55,8 +55,10 @@ def embed_run(workdir: str | os.PathLike, manifest: str | os.PathLike | None = N
 
     The cases are prepared as in training: the run's tokenizer, its ``clinical_stats.json``,
     its preprocessing settings (``on_error``: ``'raise'`` or ``'skip'`` overrides the run's
-    ``data.on_error``); ``batch_size`` cases per encoder call. The vectors are the config's ``retrieval.embedding`` kind,
-    standardised unless ``retrieval.standardize`` is false. ``out``: also save them there (.npz).
+    ``data.on_error``); ``batch_size`` cases per encoder call. The vectors are the config's
+    ``retrieval.embedding`` kind, standardised unless ``retrieval.standardize`` is false. ``out``:
+    also save them there (.npz). Several processes and resumable shards:
+    :func:`mmvae.retrieval.shards.embed_shards`.
     """
     from mmvae.retrieval.embed import embed_cohort, embedding_kind
     from mmvae.runs.files import fingerprint

@@ -112,9 +112,9 @@ def embed_shards(workdir: str | os.PathLike, manifest: str | os.PathLike | None,
     import jax
 
     from mmvae.data.manifest import group_cases, read_manifest, write_manifest
-    from mmvae.retrieval.embed import embed_cohort, embedding_kind
+    from mmvae.retrieval.embed import embed_cohort, embedding_fns, embedding_kind
     from mmvae.runs.files import fingerprint
-    from mmvae.runs.trained import load_cohort, load_trained, weights_digest
+    from mmvae.runs.trained import load_cohort, load_trained
     from mmvae.sharding import barrier
 
     t0 = time.perf_counter()
@@ -135,7 +135,8 @@ def embed_shards(workdir: str | os.PathLike, manifest: str | os.PathLike | None,
     cases = group_cases(entries)
     ids = [c.case_id for c in cases]
     spans = plan_shards(len(ids), shard_size)
-    digest = weights_digest(model)
+    fns = embedding_fns(model)        # compiled once for every shard of this process
+    digest = fns[2]
     plan = {"format": FORMAT, "version": FORMAT_VERSION, "manifest": str(Path(manifest).resolve()),
             "manifest_sha256": _file_sha(manifest), "case_ids_sha256": _digest_text(ids), "n_cases": len(ids),
             "shard_size": int(shard_size), "batch_size": int(batch_size), "n_shards": len(spans),
@@ -166,7 +167,7 @@ def embed_shards(workdir: str | os.PathLike, manifest: str | os.PathLike | None,
             cohort, _, _ = load_cohort(config, workdir, str(sub), tokenizer=tokenizer, clinical_stats=stats,
                                        show_progress=False)
             emb = embed_cohort(model, cohort, batch_size=batch_size, identity=identity, show_progress=False,
-                               standardize=False, embedding=embedding_kind(config))
+                               standardize=False, embedding=embedding_kind(config), fns=fns)
         finally:
             sub.unlink(missing_ok=True)
         emb.identity["shard"] = {"index": i, "cases": ids[start:stop],
@@ -180,8 +181,10 @@ def embed_shards(workdir: str | os.PathLike, manifest: str | os.PathLike | None,
     complete = False
     if pi == 0 or pc == 1 or all((out / shard_name(i)).is_file() for i in range(len(spans))):
         complete = _finish(out, plan)
-    if complete and work.is_dir() and not any(work.iterdir()):
+    if complete:          # every shard is written: nobody writes any more; what killed runs left goes
         shutil.rmtree(work, ignore_errors=True)
+        for leftover in out.glob(".shard-*.npz.tmp-*"):
+            leftover.unlink(missing_ok=True)
     return EmbedShardsResult(out, encoded, reused, complete, len(ids), time.perf_counter() - t0)
 
 
@@ -241,6 +244,17 @@ def _finish(out: Path, plan: dict) -> bool:
     return True
 
 
+def _available_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 class ShardSet:
     """A finished shard set (``shardset.json`` present, every shard's checksum verified on read)."""
 
@@ -282,8 +296,17 @@ class ShardSet:
 
     def embeddings(self, standardize: bool | None = None):
         """Every shard concatenated in plan order, standardised over the whole cohort (as the run's
-        ``retrieval.standardize``, or ``standardize``): equal to the single-process ``.npz``."""
+        ``retrieval.standardize``, or ``standardize``): equal to the single-process ``.npz``.
+
+        InputError, before reading, when the set would take more than 80 % of the memory available
+        (Linux ``MemAvailable``): index it streaming instead (``mmvae index``)."""
         from mmvae.retrieval.embed import Embeddings
+        need = sum((self.folder / sh["file"]).stat().st_size for sh in self.shards) * 2
+        avail = _available_bytes()
+        if avail is not None and need > 0.8 * avail:
+            raise InputError(f"the shard set ({len(self)} cases) needs ≈ {need / 1e9:.1f} GB in memory and "
+                             f"{avail / 1e9:.1f} GB are available: index it streaming (mmvae index --embeddings "
+                             f"{self.folder}), which never loads it whole", path=str(self.folder))
         parts = [self.shard(j) for j in range(len(self.shards))]
         first = parts[0]
 

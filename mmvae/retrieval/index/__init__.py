@@ -130,7 +130,7 @@ class CaseIndex:
     def search(self, query_mu, k: int, *, query_logvar=None,
                filter: Callable[[dict], bool] | Mapping | None = None,  # noqa: A002
                exclude: Sequence | None = None, rerank: str | None = None,
-               rerank_factor: int = 4, dims=None) -> list[list[Result]]:
+               rerank_factor: int | None = None, dims=None) -> list[list[Result]]:
         """Top-``k`` cases for each query.
 
         Args:
@@ -146,7 +146,9 @@ class CaseIndex:
             query (``[[...], [...]]``) e.g. for leave-one-out.
           rerank: None, ``'bhattacharyya'`` or ``'expected_likelihood'`` (:mod:`.rerank`).
           rerank_factor: candidates re-scored = ``rerank_factor·k`` (posterior
-            re-ranking, and the exact re-scoring of ``ivfpq``/``binary`` codes).
+            re-ranking, and the exact re-scoring of ``ivfpq``/``opq-ivfpq``/``binary``
+            codes); default the index's ``params['rerank_factor']`` (set at build time),
+            else 4.
           dims: optional 0/1 ``(L,)`` mask: score on these dimensions only (a query that
             informs part of the vector: some modalities' private blocks, or the experts
             blocks of the modalities it has: :func:`mmvae.retrieval.embed.query_dims`).
@@ -158,6 +160,8 @@ class CaseIndex:
         Returns:
           one list of :class:`Result` per query, best first.
         """
+        if rerank_factor is None:
+            rerank_factor = int(self.params.get("rerank_factor", 4))
         return _search.search(self, query_mu, k, query_logvar=query_logvar, filter=filter,
                               exclude=exclude, rerank=rerank, rerank_factor=rerank_factor, dims=dims)
 
@@ -269,7 +273,7 @@ def build_index(mu, logvar, case_ids: Sequence[str], meta: Sequence[dict] | None
                 hnsw_m: int = 32, ef_construction: int = 80, ef_search: int = 64,
                 nbits: int | None = None, binary_projection: str = "random",
                 seed: int = 0, include_text: bool = False,
-                reports: Sequence[str | None] | None = None) -> CaseIndex:
+                reports: Sequence[str | None] | None = None, rerank_factor: int | None = None) -> CaseIndex:
     """Build a :class:`CaseIndex` (the kinds: :mod:`.backends`).
 
     Args:
@@ -289,6 +293,9 @@ def build_index(mu, logvar, case_ids: Sequence[str], meta: Sequence[dict] | None
         (default L rounded up to a multiple of 8); binary_projection: ``'random'``
         (seeded orthogonal) or ``'none'`` (signs of the centred means).
       seed: seeds k-means (IVF/PQ) and the binary projection.
+      rerank_factor: the searches' default first pass, ``rerank_factor·k`` candidates
+        re-scored exactly (stored in ``params``; None: 4). Lossy codes of many cases need
+        more (docs/scale.md: 10⁶ cases).
       reports: ``N`` report texts (None: no report): builds the lexical (BM25) leg
         (:mod:`.lexical`; its tokens are stored in the folder, the texts are not).
 
@@ -317,6 +324,10 @@ def build_index(mu, logvar, case_ids: Sequence[str], meta: Sequence[dict] | None
                         ef_search=ef_search, nbits=nbits, binary_projection=binary_projection, seed=seed)
     fm = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
     index, params, state = backend.build(normalise(mu) if metric == "cosine" else mu, fm, opts)
+    if rerank_factor is not None:
+        if int(rerank_factor) < 1:
+            raise InputError(f"rerank_factor must be ≥ 1 (got {rerank_factor})")
+        params = {**params, "rerank_factor": int(rerank_factor)}
     ci = CaseIndex(kind=kind, metric=metric, latent_dim=L, identity=ident, params={"seed": int(seed), **params},
                    faiss_index=index, mu=mu.copy(), logvar=logvar.copy(),
                    ids=np.arange(N, dtype=np.int64), case_ids=cids, meta=metas, next_id=N,

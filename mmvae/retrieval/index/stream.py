@@ -69,6 +69,16 @@ def choose_kind(n: int, latent_dim: int, max_build_gb: float) -> str:
     return "opq-ivfpq"
 
 
+def default_rerank_factor(kind: str, n: int) -> int:
+    """First-pass candidates per result (``rerank_factor·k`` re-scored exactly from the stored means):
+    4 for exact kinds and small collections; for PQ codes over 10⁵ cases more, since their
+    ranking cannot tell apart the many close neighbours of a large collection (measured at 10⁶:
+    docs/scale.md)."""
+    if "pq" not in kind or n <= 100_000:
+        return 4
+    return 32
+
+
 def estimate_bytes(kind: str, n: int, latent_dim: int, nlist: int, m_pq: int, train_n: int, shard_n: int) -> int:
     """Peak bytes of the build (beyond the interpreter): final faiss index + training sample + one shard."""
     per_case = {"flat": 4 * latent_dim + 16, "ivf": 4 * latent_dim + 8, "ivfpq": m_pq + 8,
@@ -91,13 +101,15 @@ def _atomic_npy(path: Path, arr: np.ndarray) -> None:
 def build_from_shards(shardset, out: str | os.PathLike, *, kind: str | None = None, metric: str = "cosine",
                       max_build_gb: float = 2.0, nlist: int | None = None, m_pq: int | None = None,
                       nprobe: int | None = None, train_size: int | None = None, seed: int = 0,
-                      show_progress: bool = True, stop_after: str | None = None) -> Path:
+                      rerank_factor: int | None = None, show_progress: bool = True,
+                      stop_after: str | None = None) -> Path:
     """Build the index folder ``out`` from a :class:`~mmvae.retrieval.shards.ShardSet` (module doc).
 
     ``kind``: one of :data:`STREAMING_KINDS` or None (:func:`choose_kind`); ``max_build_gb``: the
     memory budget the estimate must fit (InputError naming a kind that fits otherwise);
     ``train_size``: training sample (default 64·nlist, at least 10,000 for 8-bit PQ codebooks, at
-    most N); ``stop_after``: ``'stats' | 'train' | 'part:J'`` stops there (tests simulate a kill).
+    most N); ``rerank_factor``: the searches' default first pass (``rerank_factor·k`` candidates
+    re-scored exactly; default :func:`default_rerank_factor`); ``stop_after``: ``'stats' | 'train' | 'part:J'`` stops there (tests simulate a kill).
     Returns ``out``."""
     from mmvae.progress import progress_bar
     from mmvae.retrieval.pipeline import case_metadata
@@ -131,7 +143,11 @@ def build_from_shards(shardset, out: str | os.PathLike, *, kind: str | None = No
         fits = choose_kind(n, L, max_build_gb)
         raise InputError(f"a {kind} index of {n} cases × {L} dims needs ≈ {est / 1e9:.2f} GB to build, over "
                          f"index.max_build_gb={max_build_gb:g}: use --kind {fits} or raise --max-build-gb")
+    rf = default_rerank_factor(kind, n) if rerank_factor is None else int(rerank_factor)
+    if rf < 1:
+        raise InputError(f"rerank_factor must be ≥ 1 (got {rerank_factor})")
     options = {"kind": kind, "metric": metric, "nlist": nl, "m_pq": m, "nprobe": nprobe, "train_size": train_n,
+               "rerank_factor": rf,
                "seed": int(seed), "shardset": storage.source_hash(shardset.folder / "shardset.json")}
     key = _digest(options)[:16]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -180,7 +196,7 @@ def build_from_shards(shardset, out: str | os.PathLike, *, kind: str | None = No
         del xs, sample
         if kind == "flat":
             params = {}
-        params = {"seed": int(seed), **params}
+        params = {"seed": int(seed), **params, **({"rerank_factor": rf} if rf != 4 else {})}
         trained_blob = faiss.serialize_index(index)
         from mmvae.atomic import atomic_write_bytes, atomic_write_text
         atomic_write_text(work / "trained.json", json.dumps(params))
