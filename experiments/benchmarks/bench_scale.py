@@ -176,17 +176,6 @@ def bench_kind(kind: str, data: str, n: int, args: dict) -> dict:
               "files_bytes": files, "latency_ms_p50": round(float(np.percentile(lat, 50)), 3),
               "latency_ms_p99": round(float(np.percentile(lat, 99)), 3), "queries": len(qmu),
               "recall@10": round(recall, 4), "rerank_sweep_300_queries": sweep}
-    if args.get("cold"):                  # page cache dropped: every re-scored row is a disk read
-        try:
-            os.sync()
-            with open("/proc/sys/vm/drop_caches", "w") as f:
-                f.write("1")
-            r_, l_ = measure(100)
-            result["cold_cache_100_queries"] = {"recall@10": round(r_, 4),
-                                                "latency_ms_p50": round(float(np.percentile(l_, 50)), 3),
-                                                "latency_ms_p99": round(float(np.percentile(l_, 99)), 3)}
-        except OSError as e:
-            result["cold_cache_100_queries"] = f"not measured: {e}"
     if not args.get("keep"):
         shutil.rmtree(out, ignore_errors=True)
     return result
@@ -317,8 +306,6 @@ def main(argv=None) -> int:
     ap.add_argument("--train-size", type=int)
     ap.add_argument("--max-build-gb", type=float, default=2.0)
     ap.add_argument("--keep", action="store_true", help="keep the built index folders")
-    ap.add_argument("--cold", action="store_true",
-                    help="also measure 100 queries after dropping the page cache (needs root)")
     ap.add_argument("--embed-workdir")
     ap.add_argument("--embed-manifest")
     ap.add_argument("--embed-shard", type=int, default=64)
@@ -339,7 +326,7 @@ def main(argv=None) -> int:
     if "index" in parts:
         make_shard_set(data, a.n, a.shard, a.seed)
         args = {"seed": a.seed, "nlist": a.nlist, "m_pq": a.m_pq, "train_size": a.train_size,
-                "max_build_gb": a.max_build_gb, "keep": a.keep, "cold": a.cold}
+                "max_build_gb": a.max_build_gb, "keep": a.keep}
         for kind in a.kinds.split(","):
             r = run_kind(kind, data, a.n, args)
             print(json.dumps(r), flush=True)
