@@ -53,7 +53,7 @@ def _digests(folder: Path) -> dict:
 
 # ----------------------------------------------------------------------------- sharded embedding
 def test_two_processes_embed_exactly_the_single_process_vectors(tiny_indexed, tmp_path, monkeypatch):
-    _, c, wd, emb, _ = tiny_indexed             # embed_cohort in one process, batches of 32
+    _, c, wd, emb, index_dir = tiny_indexed     # embed_cohort in one process, batches of 32
     out, port = tmp_path / "set", _free_port()
     procs = [subprocess.Popen(CLI + ["embed", "--workdir", str(wd), "--manifest", c.data.manifest, "--out", str(out),
                                      "--batch-size", "32", "--shard-size", "32",
@@ -68,6 +68,16 @@ def test_two_processes_embed_exactly_the_single_process_vectors(tiny_indexed, tm
     assert [s["count"] for s in info["shards"]] == [32, 8] and info["count"] == 40
     merged = Embeddings.load(out)               # any reader of embeddings reads the folder
     _same_embeddings(merged, emb)
+    # indexed streaming, the set answers a query by example exactly as the in-memory index of one file
+    from mmvae.cli import main
+    from mmvae.data.manifest import group_cases, read_manifest
+    from mmvae.retrieval.query import Retriever
+    assert main(["index", "--embeddings", str(out), "--out", str(tmp_path / "ix")]) == 0
+    case = next(x for x in group_cases(read_manifest(c.data.manifest)) if len(x.images) == 3)
+    images = {m: list(p) for m, p in case.images.items()}
+    got = [(x.case_id, round(x.score, 4)) for x in Retriever.load(wd, tmp_path / "ix").search(images, k=5)]
+    want = [(x.case_id, round(x.score, 4)) for x in Retriever.load(wd, index_dir).search(images, k=5)]
+    assert got == want and got[0][0] == case.case_id
     monkeypatch.setattr(S, "_available_bytes", lambda: 1000)     # larger than the memory: refused before reading
     with pytest.raises(InputError, match="index it streaming"):
         Embeddings.load(out)
@@ -98,7 +108,7 @@ def test_killed_sharded_embed_resumes_with_another_process_count(tiny_indexed, t
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     proc.stderr.close()
-    assert not (out / S.DONE).exists()
+    assert proc.returncode == -signal.SIGKILL and not (out / S.DONE).exists()
     # the re-run, one process: reuses what is there, encodes the rest
     done = S.embed_shards(wd, c.data.manifest, out, shard_size=8, batch_size=8, show_progress=False)
     assert done.complete and set(done.reused) >= {0, 1, 2} and set(done.encoded) | set(done.reused) == set(range(5))
@@ -164,13 +174,14 @@ def test_streaming_build_stopped_or_killed_gives_the_same_bytes(shard_set, tmp_p
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL and not killed.exists()      # killed before it finished
     assert subprocess.run(cmd, capture_output=True).returncode == 0
     assert _digests(killed) == {k: v for k, v in want.items() if k != "index.json"} | {"index.json": _digests(killed)["index.json"]}
     a, b = json.loads((ref / "index.json").read_text()), json.loads((killed / "index.json").read_text())
     assert a["files"] == b["files"] and a["params"] == b["params"] and a["identity"] == b["identity"]
 
 
-def test_streaming_index_searches_as_the_in_memory_one(shard_set, tmp_path):
+def test_streaming_index_searches_as_the_in_memory_one(shard_set, tmp_path, monkeypatch):
     merged = shard_set.embeddings()
     flat = load_index(build_from_shards(shard_set, tmp_path / "flat", kind="flat", show_progress=False))
     assert flat.case_ids == merged.case_ids and flat.kind == "flat"
@@ -184,15 +195,20 @@ def test_streaming_index_searches_as_the_in_memory_one(shard_set, tmp_path):
     pq = load_index(build_from_shards(shard_set, tmp_path / "pq", kind="opq-ivfpq", nlist=16, show_progress=False))
     got = [[r.case_id for r in rs] for rs in pq.search(q, 10)]
     assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, exp)]) >= 0.85
-    with pytest.raises(InputError, match=r"needs ≈ .* GB to build, over index.max_build_gb=1e-05: use --kind"):
+    with pytest.raises(InputError, match=r"needs ≈ .* GB to build, over --max-build-gb=1e-05: use --kind opq-ivfpq or raise"):
         build_from_shards(shard_set, tmp_path / "big", kind="flat", max_build_gb=1e-5, show_progress=False)
     # PQ codes of many cases: a wider exact re-scoring by default, stored with the index (docs/scale.md)
     assert "rerank_factor" not in pq.params and default_rerank_factor("opq-ivfpq", 10 ** 6) == 32
     wide = load_index(build_from_shards(shard_set, tmp_path / "pq16", kind="ivfpq", nlist=16, rerank_factor=16,
                                         show_progress=False))
     assert wide.params["rerank_factor"] == 16
-    assert [[r.case_id for r in rs] for rs in wide.search(q, 10)] == \
-        [[r.case_id for r in rs] for rs in wide.search(q, 10, rerank_factor=16)]
+    from mmvae.retrieval.index import search as search_module
+    seen, orig = [], search_module.search
+    monkeypatch.setattr(search_module, "search", lambda ix, *a, **k: seen.append(k["rerank_factor"]) or orig(ix, *a, **k))
+    wide.search(q, 10)
+    pq.search(q, 10)
+    wide.search(q, 10, rerank_factor=2)
+    assert seen == [16, 4, 2]
     assert choose_kind(10 ** 4, 200, 2.0) == "flat" and choose_kind(10 ** 6, 200, 2.0) == "ivf"
     assert choose_kind(10 ** 6, 200, 0.5) == "opq-ivfpq" and choose_kind(10 ** 7, 200, 64) == "opq-ivfpq"
 

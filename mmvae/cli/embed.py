@@ -30,6 +30,8 @@ def add(sub) -> None:
 
 def run(a, extra):
     from mmvae.errors import InputError
+    if a.batch_size < 1:
+        raise InputError(f"--batch-size must be ≥ 1 (got {a.batch_size})")
     sharded = not str(a.out).endswith(".npz")
     if not sharded and (a.shard_size is not None or a.num_processes > 1 or a.coordinator_address):
         raise InputError("--shard-size and several processes write a shard set: give --out a folder, not a .npz")
@@ -51,6 +53,8 @@ def run(a, extra):
                      batch_size=a.batch_size, on_error=a.on_error)
     import jax
     who = f"process {jax.process_index()}/{jax.process_count()}: " if jax.process_count() > 1 else ""
-    state = ("shard set complete" if r.complete else "waiting for the other processes' shards")
+    state = ("shard set complete" if r.complete else
+             "process 0 completes the shard set" if jax.process_count() > 1 else
+             "shards of other processes missing: run them (or this command without --process-id) to complete it")
     print(f"{who}encoded {len(r.encoded)} shard(s), {len(r.reused)} already there, in {r.seconds:.1f} s; "
           f"{r.n_cases} cases in the plan; {state} -> {a.out}")

@@ -40,7 +40,7 @@ def add(sub) -> None:
 def run(a, extra):
     from mmvae.errors import InputError
     from mmvae.retrieval.embed import Embeddings
-    from mmvae.retrieval.index.stream import STREAMING_KINDS, build_from_shards, choose_kind
+    from mmvae.retrieval.index.stream import STREAMING_KINDS, build_from_shards, choose_kind, default_rerank_factor
     from mmvae.retrieval.pipeline import index_embeddings, manifest_reports, run_manifest
     from mmvae.retrieval.shards import ShardSet, is_shard_set
     if a.manifest and not a.lexical:
@@ -53,13 +53,18 @@ def run(a, extra):
         info = __import__("json").loads((out / "index.json").read_text())
         print(f"{info['kind']} index of {info['count']} cases from {len(ss.shards)} shards (streaming build) -> {a.out}")
         return
+    from pathlib import Path
+    src = Path(a.embeddings)
+    size = sum(p.stat().st_size for p in src.glob("shard-*.npz")) if src.is_dir() else \
+        (src.stat().st_size if src.is_file() else 0)
+    if 2 * size > a.max_build_gb * 1e9:          # the file in memory, and the index's copy of the vectors
+        raise InputError(f"the embeddings ({size / 1e9:.1f} GB) do not fit --max-build-gb={a.max_build_gb:g} in "
+                         "memory: raise it, or write a shard set (mmvae embed --out FOLDER) and index it "
+                         "streaming (without --lexical)", path=a.embeddings)
     emb = Embeddings.load(a.embeddings)
     n, width = emb.mu.shape
     kind = choose_kind(n, width, a.max_build_gb) if a.kind == "auto" else a.kind
-    if 2 * emb.mu.nbytes + emb.experts_mu.nbytes * 2 > a.max_build_gb * 1e9:
-        raise InputError(f"{n} cases × {width} dims do not fit --max-build-gb={a.max_build_gb:g} in memory: "
-                         "write a shard set (mmvae embed --out FOLDER) and index it streaming, without --lexical",
-                         path=a.embeddings)
+    rerank_factor = a.rerank_factor or (default_rerank_factor(kind, n) if kind in ("ivfpq", "opq-ivfpq") else None)
     reports = None
     if a.lexical:
         reports = manifest_reports(a.manifest or run_manifest(emb), emb.case_ids)
@@ -68,7 +73,7 @@ def run(a, extra):
                              path=a.manifest or run_manifest(emb))
     index_embeddings(emb, a.out, kind=kind, metric=a.metric, reports=reports,
                      options=dict(nlist=a.nlist, nprobe=a.nprobe, m_pq=a.m_pq, seed=a.seed,
-                                  rerank_factor=a.rerank_factor))
+                                  rerank_factor=rerank_factor))
     extra_note = f", lexical leg over {sum(r is not None for r in reports)} reports" if reports is not None else ""
     print(f"{kind} index of {len(emb.case_ids)} cases{extra_note} -> {a.out}")
 

@@ -150,7 +150,13 @@ class Archive:
     def copy(self) -> "Archive":
         """A new client of the same archive with the same settings (its own HTTP session: one per
         thread of a parallel ingestion)."""
-        return Archive(self.url, **self._settings)
+        return type(self)(self.url, **self._settings)
+
+    def close(self) -> None:
+        """Close this client's HTTP session."""
+        session = getattr(self.client, "_session", None)
+        if session is not None:
+            session.close()
 
     def _call(self, what: str, fn: Callable, *args, study: str | None = None, series: str | None = None, **kw):
         from retrying import RetryError      # dicomweb-client's retry: raised when every attempt got a retriable answer

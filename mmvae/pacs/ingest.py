@@ -195,11 +195,13 @@ def _retrieved(archive: Archive, image_modalities, todo: Sequence[StudyInfo], ru
     import collections
     import threading
     from concurrent.futures import ThreadPoolExecutor
-    local = threading.local()
+    local, copies, lock = threading.local(), [], threading.Lock()
 
     def fetch(st):
         if not hasattr(local, "archive"):
             local.archive = archive.copy()
+            with lock:
+                copies.append(local.archive)
         return retrieve_study(local.archive, image_modalities, st, rules, tmp)
 
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mmvae-fetch")
@@ -217,7 +219,11 @@ def _retrieved(archive: Archive, image_modalities, todo: Sequence[StudyInfo], ru
                 ahead.append((nxt, pool.submit(fetch, nxt)))
             yield st, fut.result
     finally:
+        # waits for the retrievals in flight (each bounded by the archive's timeout and attempts), so
+        # nothing writes into tmp after the caller removes it
         pool.shutdown(wait=True, cancel_futures=True)
+        for c in copies:
+            c.close()
 
 
 def ingest(archive: Archive, workdir, index_dir, *, studies: Sequence[str] | None = None, since: str | None = None,

@@ -57,6 +57,7 @@ import dataclasses
 import io
 import json
 import warnings
+import zipfile
 from pathlib import Path
 
 import jax
@@ -196,9 +197,7 @@ class Embeddings:
             b = raw.shape[1] // self.present.shape[1]
             return raw, np.repeat(self.present > 0, b, axis=1), np.ones(raw.shape[1])
         mu, _ = fused(self.experts_mu, self.experts_logvar, self.present, self.fusion)
-        have = self.present.sum(1) > 0
-        if not have.any():
-            have = np.ones_like(have)
+        have = self.present.sum(1) > 0          # (the caller falls back to every case when none has one)
         return mu, np.repeat(have[:, None], mu.shape[1], axis=1), np.ones(mu.shape[1])
 
     def vectors_with(self, stats: dict | None) -> tuple[np.ndarray, np.ndarray]:
@@ -262,7 +261,7 @@ class Embeddings:
                            label_classes=[str(x) for x in z["label_classes"]] if "label_classes" in z.files else [],
                            frozen=z["frozen"] if "frozen" in z.files else None,
                            frozen_widths=[int(x) for x in z["frozen_widths"]] if "frozen_widths" in z.files else [])
-        except (OSError, ValueError, KeyError, ConfigError) as e:
+        except (OSError, ValueError, KeyError, ConfigError, zipfile.BadZipFile, EOFError) as e:
             raise InputError(f"cannot read embeddings: {e}", path=str(path)) from None
 
 

@@ -27,11 +27,14 @@ A shard set is read like one embeddings file: :meth:`ShardSet.embeddings` concat
 shards in plan order and applies the cohort's standardisation over all of them
 (:meth:`mmvae.retrieval.embed.Embeddings.standardized`), so it equals the ``.npz`` the
 single-process ``mmvae embed`` writes (tested). :func:`mmvae.retrieval.embed.load_embeddings`
-opens either. For sets too large to hold, :meth:`ShardSet.iter_vectors` streams the shards'
-standardised retrieval vectors with statistics accumulated shard by shard
-(:meth:`ShardSet.standardize_stats`; float64 moments, equal to the in-memory statistics to
-float32 rounding), which is what the streaming index build reads
-(:mod:`mmvae.retrieval.index.stream`).
+opens either (and refuses a set larger than the memory). For sets too large to hold, the
+streaming index build (:mod:`mmvae.retrieval.index.stream`) reads one shard at a time, with
+statistics accumulated shard by shard (:meth:`ShardSet.standardize_stats`; float64 moments,
+equal to the in-memory statistics within 1e-6 relative).
+
+Bit-identical to one process when no case is skipped: with ``data.on_error=skip`` a skipped case
+shifts the later cases of its shard into other batches than a single-process run's, and the
+vectors then agree to float tolerance only.
 """
 from __future__ import annotations
 
@@ -42,8 +45,6 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator
-
 import numpy as np
 
 from mmvae.atomic import atomic_write_text
@@ -179,13 +180,23 @@ def embed_shards(workdir: str | os.PathLike, manifest: str | os.PathLike | None,
     if pc > 1:
         barrier("mmvae-embed-shards")
     complete = False
-    if pi == 0 or pc == 1 or all((out / shard_name(i)).is_file() for i in range(len(spans))):
+    # under a barrier process 0 alone writes the index of the set; processes launched without one
+    # (each its own job) try it when they end: the last one to finish completes it
+    if pi == 0 or (pc > 1 and not _joined_job() and all((out / shard_name(i)).is_file() for i in range(len(spans)))):
         complete = _finish(out, plan)
+    elif pc > 1 and _joined_job():
+        complete = (out / DONE).is_file()          # process 0 is writing it (it reads every shard)
     if complete:          # every shard is written: nobody writes any more; what killed runs left goes
         shutil.rmtree(work, ignore_errors=True)
         for leftover in out.glob(".shard-*.npz.tmp-*"):
             leftover.unlink(missing_ok=True)
     return EmbedShardsResult(out, encoded, reused, complete, len(ids), time.perf_counter() - t0)
+
+
+def _joined_job() -> bool:
+    """Whether this process is part of an initialised ``jax.distributed`` job (its barrier works)."""
+    import jax
+    return jax.process_count() > 1
 
 
 def _file_sha(path) -> str:
@@ -208,9 +219,10 @@ def _check_or_write_plan(out: Path, plan: dict) -> None:
             raise InputError(f"{out} holds a shard set of another plan (differs in {', '.join(diff)}): "
                              "give another --out, or delete it to re-embed", path=str(p))
         return
-    if any(x for x in out.iterdir() if not x.name.startswith(".")):
+    if any(x for x in out.iterdir() if not x.name.startswith(".") and x.name != PLAN):
         raise InputError("refusing to write a shard set into a non-empty folder that is not one", path=str(out))
-    atomic_write_text(p, json.dumps(plan, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(p, json.dumps(plan, indent=2, sort_keys=True) + "\n")   # processes starting together
+    _check_or_write_plan(out, plan)                                           # write the same plan: checked
 
 
 def _shard_ok(path: Path, digest: str, cases: list[str]) -> bool:
@@ -264,7 +276,10 @@ class ShardSet:
         if not p.is_file():
             missing = ""
             if (self.folder / PLAN).is_file():
-                plan = json.loads((self.folder / PLAN).read_text())
+                try:
+                    plan = json.loads((self.folder / PLAN).read_text())
+                except ValueError:
+                    raise InputError("plan.json of the shard set is corrupt", path=str(self.folder / PLAN)) from None
                 gone = [i for i in range(int(plan["n_shards"])) if not (self.folder / shard_name(i)).is_file()]
                 missing = f" ({len(gone)} of {plan['n_shards']} shards missing, e.g. {shard_name(gone[0])})" if gone else ""
             raise InputError(f"the shard set is not finished{missing}: run the same `mmvae embed` again to "
@@ -330,12 +345,21 @@ class ShardSet:
         :meth:`~mmvae.retrieval.embed.Embeddings.standardized`); None when the run does not standardise."""
         if not self.info.get("standardize", True):
             return None
-        acc = None
-        for j in range(len(self.shards)):
-            x, keep, width = self.shard(j).raw_vectors()
-            x64 = np.where(keep, x, 0.0).astype(np.float64)
-            part = np.stack([keep.sum(0).astype(np.float64), x64.sum(0), (x64 * x64).sum(0)])
-            acc = part if acc is None else acc + part
+        def moments(every: bool):
+            acc = None
+            for j in range(len(self.shards)):
+                e = self.shard(j)
+                x, keep, width = e.raw_vectors()
+                if every:
+                    keep = np.ones_like(keep)
+                x64 = np.where(keep, x, 0.0).astype(np.float64)
+                part = np.stack([keep.sum(0).astype(np.float64), x64.sum(0), (x64 * x64).sum(0)])
+                acc = part if acc is None else acc + part
+            return acc, width, e.embedding
+
+        acc, width, kind = moments(False)
+        if kind == "fused" and not acc[0].any():          # no case has a modality: every case (as in memory)
+            acc, width, kind = moments(True)
         n, s, ss = acc
         with np.errstate(invalid="ignore", divide="ignore"):
             center = np.where(n > 0, s / np.maximum(n, 1), 0.0)
@@ -343,13 +367,6 @@ class ShardSet:
         scale = np.sqrt(np.maximum(var, 0.0))
         from mmvae.retrieval.embed import _stats
         return _stats(center, np.maximum(scale, 1e-6) * np.sqrt(width))
-
-    def iter_vectors(self, stats: dict | None) -> Iterator[tuple[object, np.ndarray, np.ndarray]]:
-        """``(shard Embeddings, μ (n, L), log σ² (n, L))`` per shard in plan order, the retrieval
-        vectors standardised by ``stats`` (:meth:`standardize_stats`)."""
-        for j in range(len(self.shards)):
-            e = self.shard(j)
-            yield e, *e.vectors_with(stats)
 
 
 def write_shard_set(parts, out: str | os.PathLike, *, standardize: bool = True, source: str = "") -> "ShardSet":

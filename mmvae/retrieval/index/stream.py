@@ -31,6 +31,7 @@ Memory: the training sample, one shard, and the final faiss index (for ``opq-ivf
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -74,7 +75,7 @@ def default_rerank_factor(kind: str, n: int) -> int:
     4 for exact kinds and small collections; for PQ codes over 10⁵ cases more, since their
     ranking cannot tell apart the many close neighbours of a large collection (measured at 10⁶:
     docs/scale.md)."""
-    if "pq" not in kind or n <= 100_000:
+    if "pq" not in kind or n <= EXACT_MAX:
         return 4
     return 32
 
@@ -120,6 +121,12 @@ def build_from_shards(shardset, out: str | os.PathLike, *, kind: str | None = No
         raise InputError("the shard set holds no case", path=str(shardset.folder))
     if metric not in storage.METRICS:
         raise InputError(f"metric must be one of {list(storage.METRICS)} (got {metric!r})")
+    for name, v in (("nlist", nlist), ("m_pq", m_pq), ("nprobe", nprobe), ("train_size", train_size),
+                    ("rerank_factor", rerank_factor)):
+        if v is not None and int(v) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be ≥ 1 (got {v})")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "index.json").is_file())):
+        raise InputError("refusing to replace something that is not an index", path=str(out))
     first = shardset.shard(0)
     L = int(first.vectors_with(None)[0].shape[1])
     kind = kind or choose_kind(n, L, max_build_gb)
@@ -141,8 +148,9 @@ def build_from_shards(shardset, out: str | os.PathLike, *, kind: str | None = No
     est = estimate_bytes(kind, n, L, nl, m or 0, train_n, shard_n)
     if est > max_build_gb * 1e9:
         fits = choose_kind(n, L, max_build_gb)
+        hint = f"use --kind {fits} or raise --max-build-gb" if fits != kind else "raise --max-build-gb"
         raise InputError(f"a {kind} index of {n} cases × {L} dims needs ≈ {est / 1e9:.2f} GB to build, over "
-                         f"index.max_build_gb={max_build_gb:g}: use --kind {fits} or raise --max-build-gb")
+                         f"--max-build-gb={max_build_gb:g}: {hint}")
     rf = default_rerank_factor(kind, n) if rerank_factor is None else int(rerank_factor)
     if rf < 1:
         raise InputError(f"rerank_factor must be ≥ 1 (got {rerank_factor})")
@@ -154,7 +162,7 @@ def build_from_shards(shardset, out: str | os.PathLike, *, kind: str | None = No
     storage.recover_interrupted_save(out)
     work = out.parent / f".{out.name}.build-{key}"
     work.mkdir(exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.build-*"):
+    for stale in out.parent.glob(f".{glob.escape(out.name)}.build-*"):
         if stale != work:
             shutil.rmtree(stale, ignore_errors=True)
     (work / "build.json").write_text(json.dumps(options, indent=2, sort_keys=True) + "\n")
