@@ -144,7 +144,7 @@ def shard_set(tmp_path_factory):
 
 
 def test_streaming_build_stopped_or_killed_gives_the_same_bytes(shard_set, tmp_path, monkeypatch):
-    opts = dict(kind="opq-ivfpq", nlist=16, m_pq=8, train_size=2000, show_progress=False)
+    opts = dict(kind="ivfpq", nlist=16, m_pq=8, train_size=2000, show_progress=False)
     ref = build_from_shards(shard_set, tmp_path / "ref", **opts)
     want = _digests(ref)
     assert set(want) == {"index.faiss", "embeddings.npy", "metadata.jsonl", "index.json"}
@@ -163,7 +163,7 @@ def test_streaming_build_stopped_or_killed_gives_the_same_bytes(shard_set, tmp_p
     assert _digests(out) == want and not list(tmp_path.glob(".ix.*"))
     # a SIGKILL of the command part-way, then the same command again
     killed = tmp_path / "killed"
-    cmd = CLI + ["index", "--embeddings", str(shard_set.folder), "--out", str(killed), "--kind", "opq-ivfpq",
+    cmd = CLI + ["index", "--embeddings", str(shard_set.folder), "--out", str(killed), "--kind", "ivfpq",
                  "--nlist", "16", "--m-pq", "8", "--train-size", "2000"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     t0 = time.time()
