@@ -27,7 +27,6 @@ import argparse
 import datetime
 import gc
 import json
-import multiprocessing as mp
 import os
 import platform
 import shutil
@@ -181,26 +180,12 @@ def bench_kind(kind: str, n: int, data_dir: str, args: dict) -> dict:
     }
 
 
-def _child(conn, kind, n, data_dir, args):
-    try:
-        conn.send(("ok", bench_kind(kind, n, data_dir, args)))
-    except BaseException as e:  # noqa: BLE001 - reported by the parent
-        conn.send(("error", f"{type(e).__name__}: {e}"))
-    finally:
-        conn.close()
-
-
 def run_in_process(kind, n, data_dir, args) -> dict:
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe(duplex=False)
-    p = ctx.Process(target=_child, args=(child, kind, n, data_dir, args))
-    p.start()
-    child.close()
-    status, value = parent.recv()
-    p.join()
-    if status != "ok":
-        raise RuntimeError(f"{kind}: {value}")
-    return value
+    from common import run_fresh
+    try:
+        return run_fresh(bench_kind, kind, n, data_dir, args)
+    except RuntimeError as e:
+        raise RuntimeError(f"{kind}: {e}") from None
 
 
 # --------------------------------------------------------------------------- report

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import multiprocessing as mp
 import os
 import shutil
 import socket
@@ -181,27 +180,12 @@ def bench_kind(kind: str, data: str, n: int, args: dict) -> dict:
     return result
 
 
-def _child(conn, kind, data, n, args):
-    try:
-        conn.send(("ok", bench_kind(kind, data, n, args)))
-    except BaseException as e:  # noqa: BLE001 - reported by the parent
-        import traceback
-        conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()[-2000:]}"))
-    finally:
-        conn.close()
-
-
 def run_kind(kind, data, n, args) -> dict:
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe(duplex=False)
-    p = ctx.Process(target=_child, args=(child, kind, str(data), n, args))
-    p.start()
-    child.close()
-    status, value = parent.recv()
-    p.join()
-    if status != "ok":
-        return {"kind": kind, "n": n, "error": value}
-    return value
+    from common import run_fresh
+    try:
+        return run_fresh(bench_kind, kind, str(data), n, args)
+    except RuntimeError as e:
+        return {"kind": kind, "n": n, "error": str(e)}
 
 
 # --------------------------------------------------------------------------- embedding throughput

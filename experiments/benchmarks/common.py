@@ -156,3 +156,30 @@ def brats_cases(root: str | None, modalities) -> list[tuple[str, dict[str, str]]
         if len(files) == len(list(modalities)):
             out.append((d.name, files))
     return out
+
+
+# --------------------------------------------------------------------------- fresh processes
+def _fresh_child(conn, fn, args):
+    try:
+        conn.send(("ok", fn(*args)))
+    except BaseException as e:  # noqa: BLE001 - reported by the parent
+        import traceback
+        conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()[-2000:]}"))
+    finally:
+        conn.close()
+
+
+def run_fresh(fn, *args):
+    """``fn(*args)`` in a fresh spawned process (its memory and peak RSS not blurred by what ran before);
+    ``fn`` is a module-level function. Returns its value; RuntimeError with the child's error otherwise."""
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    p = ctx.Process(target=_fresh_child, args=(child, fn, args))
+    p.start()
+    child.close()
+    status, value = parent.recv()
+    p.join()
+    if status != "ok":
+        raise RuntimeError(value)
+    return value
