@@ -6,16 +6,14 @@ from __future__ import annotations
 import glob
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 
+from _kill import kill_when
 from _orthanc import Orthanc
 
 from mmvae.cli import main
@@ -217,17 +215,9 @@ def test_killed_ingestion_resumes_to_the_same_index(env):
     ref = tmp / "index-ref"
     ingest(archive, env["workdir"], ref, standardize_from=env["emb"], show_progress=False)
     killed = tmp / "index-killed"
-    proc = subprocess.Popen([sys.executable, "-m", "mmvae.cli", "pacs", "ingest", "--url", archive.url,
-                             "--workdir", str(env["workdir"]), "--index", str(killed), "--standardize-from",
-                             str(env["emb"]), "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    t0 = time.time()
-    while not killed.exists():
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        assert time.time() - t0 < 180
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
+    kill_when([sys.executable, "-m", "mmvae.cli", "pacs", "ingest", "--url", archive.url, "--workdir",
+               str(env["workdir"]), "--index", str(killed), "--standardize-from", str(env["emb"]), "--quiet"],
+              killed.exists, timeout=180)
     assert (tmp / ".index-killed.ingest-tmp").exists()          # the killed run's scratch: left behind
     part = load_index(killed)
     total = load_index(ref).size

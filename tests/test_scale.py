@@ -17,11 +17,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _kill import kill_when
 
 from mmvae.errors import InputError
 from mmvae.retrieval import shards as S
@@ -97,18 +97,9 @@ def test_killed_sharded_embed_resumes_with_another_process_count(tiny_indexed, t
         Embeddings.load(out)
     # a process of the CLI killed once it has written a shard of its own
     (out / S.shard_name(4)).unlink()
-    proc = subprocess.Popen(CLI + ["embed", "--workdir", str(wd), "--manifest", c.data.manifest, "--out", str(out),
-                                   "--batch-size", "8", "--shard-size", "8"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    t0 = time.time()
-    while not (out / S.shard_name(1)).exists():
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        assert time.time() - t0 < 240
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL and not (out / S.DONE).exists()
+    rc = kill_when(CLI + ["embed", "--workdir", str(wd), "--manifest", c.data.manifest, "--out", str(out),
+                          "--batch-size", "8", "--shard-size", "8"], (out / S.shard_name(1)).exists)
+    assert rc == -signal.SIGKILL and not (out / S.DONE).exists()
     # the re-run, one process: reuses what is there, encodes the rest
     done = S.embed_shards(wd, c.data.manifest, out, shard_size=8, batch_size=8, show_progress=False)
     assert done.complete and set(done.reused) >= {0, 1, 2} and set(done.encoded) | set(done.reused) == set(range(5))
@@ -165,16 +156,8 @@ def test_streaming_build_stopped_or_killed_gives_the_same_bytes(shard_set, tmp_p
     killed = tmp_path / "killed"
     cmd = CLI + ["index", "--embeddings", str(shard_set.folder), "--out", str(killed), "--kind", "ivfpq",
                  "--nlist", "16", "--m-pq", "8", "--train-size", "2000"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    t0 = time.time()
-    while not list(tmp_path.glob(".killed.build-*/trained.faiss")):
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        assert time.time() - t0 < 120
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL and not killed.exists()      # killed before it finished
+    rc = kill_when(cmd, lambda: bool(list(tmp_path.glob(".killed.build-*/trained.faiss"))), timeout=120, poll=0.005)
+    assert rc == -signal.SIGKILL and not killed.exists()      # killed before it finished
     assert subprocess.run(cmd, capture_output=True).returncode == 0
     assert _digests(killed) == {k: v for k, v in want.items() if k != "index.json"} | {"index.json": _digests(killed)["index.json"]}
     a, b = json.loads((ref / "index.json").read_text()), json.loads((killed / "index.json").read_text())
