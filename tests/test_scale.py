@@ -111,6 +111,11 @@ def test_killed_sharded_embed_resumes_with_another_process_count(tiny_indexed, t
         S.embed_shards(wd, c.data.manifest, out, shard_size=16, batch_size=16, show_progress=False)
     with pytest.raises(InputError, match="multiple of --batch-size"):
         S.embed_shards(wd, c.data.manifest, tmp_path / "x", shard_size=12, batch_size=8, show_progress=False)
+    with pytest.raises(InputError, match="one shard of a shard set"):       # a part is not a cohort
+        Embeddings.load(out / S.shard_name(0))
+    (out / S.shard_name(3)).unlink()
+    with pytest.raises(InputError, match=r"1 shard\(s\) of the finished set are missing \(e.g. shard-00003.npz\)"):
+        Embeddings.load(out)
 
 
 # ----------------------------------------------------------------------------- streaming build
@@ -178,7 +183,7 @@ def test_streaming_index_searches_as_the_in_memory_one(shard_set, tmp_path, monk
     pq = load_index(build_from_shards(shard_set, tmp_path / "pq", kind="opq-ivfpq", nlist=16, show_progress=False))
     got = [[r.case_id for r in rs] for rs in pq.search(q, 10)]
     assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, exp)]) >= 0.85
-    with pytest.raises(InputError, match=r"needs ≈ .* GB to build, over --max-build-gb=1e-05: use --kind opq-ivfpq or raise"):
+    with pytest.raises(InputError, match=r"needs ≈ .* MB to build, over --max-build-gb=1e-05: raise --max-build-gb"):
         build_from_shards(shard_set, tmp_path / "big", kind="flat", max_build_gb=1e-5, show_progress=False)
     # PQ codes of many cases: a wider exact re-scoring by default, stored with the index (docs/scale.md)
     assert "rerank_factor" not in pq.params and default_rerank_factor("opq-ivfpq", 10 ** 6) == 32
@@ -193,6 +198,7 @@ def test_streaming_index_searches_as_the_in_memory_one(shard_set, tmp_path, monk
     wide.search(q, 10, rerank_factor=2)
     assert seen == [16, 4, 2]
     assert choose_kind(10 ** 4, 200, 2.0) == "flat" and choose_kind(10 ** 6, 200, 2.0) == "ivf"
+    assert choose_kind(5000, 200, 1e-6) == "flat"          # too few cases for PQ codebooks, whatever the budget
     assert choose_kind(10 ** 6, 200, 0.5) == "opq-ivfpq" and choose_kind(10 ** 7, 200, 64) == "opq-ivfpq"
 
 

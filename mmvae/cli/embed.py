@@ -32,9 +32,14 @@ def run(a, extra):
     from mmvae.errors import InputError
     if a.batch_size < 1:
         raise InputError(f"--batch-size must be ≥ 1 (got {a.batch_size})")
+    if a.shard_size is not None and a.shard_size < 1:
+        raise InputError(f"--shard-size must be ≥ 1 (got {a.shard_size})")
+    if a.process_id >= 0 and a.num_processes < 1 and not a.coordinator_address:
+        raise InputError("--process-id needs --num-processes (and --coordinator-address): the job's size")
     sharded = not str(a.out).endswith(".npz")
     if not sharded and (a.shard_size is not None or a.num_processes > 1 or a.coordinator_address):
-        raise InputError("--shard-size and several processes write a shard set: give --out a folder, not a .npz")
+        raise InputError("a .npz is written by one process: give --out a folder to write a shard set "
+                         "(--shard-size, several processes)")
     if not sharded:
         from mmvae.retrieval.pipeline import embed_run
         done = embed_run(a.workdir, a.manifest, on_error=a.on_error, out=a.out, batch_size=a.batch_size)
@@ -49,7 +54,7 @@ def run(a, extra):
     maybe_initialize_distributed(ml_collections.ConfigDict({"distributed": dict(
         initialize="auto", coordinator_address=a.coordinator_address, num_processes=a.num_processes,
         process_id=a.process_id)}))
-    r = embed_shards(a.workdir, a.manifest, a.out, shard_size=a.shard_size or DEFAULT_SHARD_SIZE,
+    r = embed_shards(a.workdir, a.manifest, a.out, shard_size=DEFAULT_SHARD_SIZE if a.shard_size is None else a.shard_size,
                      batch_size=a.batch_size, on_error=a.on_error)
     import jax
     who = f"process {jax.process_index()}/{jax.process_count()}: " if jax.process_count() > 1 else ""

@@ -240,10 +240,11 @@ class Embeddings:
         return atomic_write_bytes(path, buf.getvalue())
 
     @classmethod
-    def load(cls, path: str | Path) -> "Embeddings":
+    def load(cls, path: str | Path, *, part_of_set: bool = False) -> "Embeddings":
         """An embeddings file (``.npz``), or a shard-set folder (``mmvae embed`` with several
         processes: :class:`mmvae.retrieval.shards.ShardSet`, concatenated and standardised over
-        all its shards). InputError naming the file when it cannot be read."""
+        all its shards). InputError naming the file when it cannot be read, and for one shard of
+        a set read on its own (a part of a cohort, unstandardised) unless ``part_of_set``."""
         if Path(path).is_dir():
             from mmvae.retrieval.shards import ShardSet, is_shard_set
             if not is_shard_set(path):
@@ -252,6 +253,9 @@ class Embeddings:
         try:
             with np.load(path, allow_pickle=False) as z:
                 identity = json.loads(str(z["identity"]))
+                if "shard" in identity and not part_of_set:
+                    raise InputError("this file is one shard of a shard set (part of the cohort, not standardised): "
+                                     "give the set's folder", path=str(path))
                 return cls(case_ids=[str(x) for x in z["case_ids"]], modalities=[str(x) for x in z["modalities"]],
                            experts_mu=z["experts_mu"], experts_logvar=z["experts_logvar"], present=z["present"],
                            mu=z["mu"], logvar=z["logvar"], labels=[json.loads(str(x)) for x in z["labels"]],

@@ -213,7 +213,7 @@ def _check_or_write_plan(out: Path, plan: dict) -> None:
             raise InputError("plan.json of the shard set is corrupt: delete the folder to start again",
                              path=str(p)) from None
         keys = ("manifest_sha256", "case_ids_sha256", "shard_size", "batch_size", "weights_digest", "embedding",
-                "standardize")
+                "standardize", "on_error")
         diff = [k for k in keys if have.get(k) != plan[k]]
         if diff:
             raise InputError(f"{out} holds a shard set of another plan (differs in {', '.join(diff)}): "
@@ -231,7 +231,7 @@ def _shard_ok(path: Path, digest: str, cases: list[str]) -> bool:
         return False
     from mmvae.retrieval.embed import Embeddings
     try:
-        e = Embeddings.load(path)
+        e = Embeddings.load(path, part_of_set=True)
     except InputError as err:
         log.warning("shard %s is unreadable (%s): encoding it again", path.name, err)
         return False
@@ -248,7 +248,7 @@ def _finish(out: Path, plan: dict) -> bool:
         p = out / shard_name(i)
         if not p.is_file():
             return False
-        e = Embeddings.load(p)
+        e = Embeddings.load(p, part_of_set=True)
         shards.append({"file": p.name, "sha256": source_hash(p), "count": len(e.case_ids),
                        "skipped": e.identity.get("shard", {}).get("skipped", [])})
     info = dict(plan, shards=shards, count=sum(s["count"] for s in shards))
@@ -307,7 +307,7 @@ class ShardSet:
         p = self.folder / sh["file"]
         if not p.is_file() or source_hash(p) != sh["sha256"]:
             raise InputError("shard is missing or changed since the set was finished (checksum)", path=str(p))
-        return Embeddings.load(p)
+        return Embeddings.load(p, part_of_set=True)
 
     def embeddings(self, standardize: bool | None = None):
         """Every shard concatenated in plan order, standardised over the whole cohort (as the run's
@@ -316,6 +316,10 @@ class ShardSet:
         InputError, before reading, when the set would take more than 80 % of the memory available
         (Linux ``MemAvailable``): index it streaming instead (``mmvae index``)."""
         from mmvae.retrieval.embed import Embeddings
+        gone = [sh["file"] for sh in self.shards if not (self.folder / sh["file"]).is_file()]
+        if gone:
+            raise InputError(f"{len(gone)} shard(s) of the finished set are missing (e.g. {gone[0]}): run the "
+                             "same `mmvae embed` again to encode them", path=str(self.folder))
         need = sum((self.folder / sh["file"]).stat().st_size for sh in self.shards) * 2
         avail = _available_bytes()
         if avail is not None and need > 0.8 * avail:

@@ -188,7 +188,8 @@ def _build_ivf(x: np.ndarray, fm: int, opts: BuildOptions, *, pq: bool = False, 
         if m < 1:
             raise InputError(f"m_pq must be ≥ 1 (got {opts.m_pq})")
         if N < 256:
-            raise InputError(f"opq-ivfpq needs at least 256 cases to train 8-bit codebooks (got {N})")
+            raise InputError(f"opq-ivfpq needs at least 256 cases to train 8-bit codebooks (got {N}): "
+                             "use --kind flat or ivf")
         d = -(-L // m) * m
         index = faiss.index_factory(L, f"OPQ{m}_{d},IVF{nl},PQ{m}x8np", fm)
         faiss.downcast_VectorTransform(faiss.downcast_index(index).chain.at(0)).verbose = False
@@ -202,7 +203,8 @@ def _build_ivf(x: np.ndarray, fm: int, opts: BuildOptions, *, pq: bool = False, 
         if m < 1 or L % m:
             raise InputError(f"m_pq must divide the latent size {L} (got {opts.m_pq})")
         if N < 256:
-            raise InputError(f"ivfpq needs at least 256 cases to train 8-bit codebooks (got {N})")
+            raise InputError(f"ivfpq needs at least 256 cases to train 8-bit codebooks (got {N}): "
+                             "use --kind flat or ivf")
         ivf = faiss.index_factory(L, f"IVF{nl},PQ{m}x8np", fm)   # np: no polysemous training
         ivf.pq.cp.seed = int(opts.seed)
         params["m_pq"] = m

@@ -59,12 +59,12 @@ IVF_MAX = 1_000_000            # ivf (exact vectors in lists) up to this many, w
 def choose_kind(n: int, latent_dim: int, max_build_gb: float) -> str:
     """The index kind for ``n`` cases of width ``latent_dim`` under a memory budget (GB).
 
-    ``flat`` (exact) up to 10⁵ cases; ``ivf`` up to 10⁶ when its float lists (``4·L + 8`` B a case)
+    ``flat`` (exact) under 10⁴ cases, and up to 10⁵ within the budget; ``ivf`` up to 10⁶ when its float lists (``4·L + 8`` B a case)
     take at most half the budget; otherwise ``opq-ivfpq`` (``m_pq + 8`` B a case, FAISS wiki's
     ``OPQ32_…,IVF…,PQ32``). Measured trade-offs: docs/scale.md."""
     budget = float(max_build_gb) * 1e9
-    if n <= EXACT_MAX and n * (4 * latent_dim + 16) <= budget / 2:
-        return "flat"
+    if n < 10_000 or (n <= EXACT_MAX and n * (4 * latent_dim + 16) <= budget / 2):
+        return "flat"          # (PQ codebooks need thousands of training vectors; a small index is exact)
     if n <= IVF_MAX and n * (4 * latent_dim + 8) <= budget / 2:
         return "ivf"
     return "opq-ivfpq"
@@ -112,13 +112,13 @@ def build_from_shards(shardset, out: str | os.PathLike, *, kind: str | None = No
     most N); ``rerank_factor``: the searches' default first pass (``rerank_factor·k`` candidates
     re-scored exactly; default :func:`default_rerank_factor`); ``stop_after``: ``'stats' | 'train' | 'part:J'`` stops there (tests simulate a kill).
     Returns ``out``."""
-    from mmvae.progress import progress_bar
-    from mmvae.retrieval.pipeline import case_metadata
     t0 = time.perf_counter()
     out = Path(out)
     n = len(shardset)
     if n < 1:
         raise InputError("the shard set holds no case", path=str(shardset.folder))
+    if not max_build_gb > 0:
+        raise InputError(f"--max-build-gb must be > 0 (got {max_build_gb})")
     if metric not in storage.METRICS:
         raise InputError(f"metric must be one of {list(storage.METRICS)} (got {metric!r})")
     for name, v in (("nlist", nlist), ("m_pq", m_pq), ("nprobe", nprobe), ("train_size", train_size),
@@ -149,7 +149,7 @@ def build_from_shards(shardset, out: str | os.PathLike, *, kind: str | None = No
     if est > max_build_gb * 1e9:
         fits = choose_kind(n, L, max_build_gb)
         hint = f"use --kind {fits} or raise --max-build-gb" if fits != kind else "raise --max-build-gb"
-        raise InputError(f"a {kind} index of {n} cases × {L} dims needs ≈ {est / 1e9:.2f} GB to build, over "
+        raise InputError(f"the {kind} index of {n} cases × {L} dims needs ≈ {est / 1e6:,.1f} MB to build, over "
                          f"--max-build-gb={max_build_gb:g}: {hint}")
     rf = default_rerank_factor(kind, n) if rerank_factor is None else int(rerank_factor)
     if rf < 1:
@@ -177,6 +177,20 @@ def build_from_shards(shardset, out: str | os.PathLike, *, kind: str | None = No
         atomic_write_text(stats_path, json.dumps({"stats": stats}))
     if stop_after == "stats":
         return out
+
+    try:
+        return _build(shardset, out, work, stats, kind, metric, backend, ivf_kind, nl, m, nprobe, train_n, n, L, rf,
+                      seed, first, show_progress, stop_after, t0)
+    except InputError:              # bad input (e.g. too few cases for the codebooks): nothing to resume
+        if not list(work.glob("part-*")):
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def _build(shardset, out, work, stats, kind, metric, backend, ivf_kind, nl, m, nprobe, train_n, n, L, rf, seed,
+           first, show_progress, stop_after, t0):
+    from mmvae.progress import progress_bar
+    from mmvae.retrieval.pipeline import case_metadata
 
     def vectors(j):
         e = shardset.shard(j)
