@@ -38,6 +38,8 @@ def add(sub) -> None:
 
 
 def run(a, extra):
+    import json
+
     from mmvae.errors import InputError
     from mmvae.retrieval.embed import Embeddings
     from mmvae.retrieval.index.stream import STREAMING_KINDS, build_from_shards, choose_kind, default_rerank_factor
@@ -50,7 +52,7 @@ def run(a, extra):
         out = build_from_shards(ss, a.out, kind=None if a.kind == "auto" else a.kind, metric=a.metric,
                                 max_build_gb=a.max_build_gb, nlist=a.nlist, m_pq=a.m_pq, nprobe=a.nprobe,
                                 train_size=a.train_size, seed=a.seed, rerank_factor=a.rerank_factor)
-        info = __import__("json").loads((out / "index.json").read_text())
+        info = json.loads((out / "index.json").read_text())
         print(f"{info['kind']} index of {info['count']} cases from {len(ss.shards)} shards (streaming build) -> {a.out}")
         return
     from pathlib import Path

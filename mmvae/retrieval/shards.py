@@ -44,10 +44,12 @@ import json
 import logging
 import os
 import shutil
+import zipfile
 from pathlib import Path
 import numpy as np
 
 from mmvae.atomic import atomic_write_text
+from mmvae.data.cache import source_hash
 from mmvae.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -139,7 +141,7 @@ def embed_shards(workdir: str | os.PathLike, manifest: str | os.PathLike | None,
     fns = embedding_fns(model)        # compiled once for every shard of this process
     digest = fns[2]
     plan = {"format": FORMAT, "version": FORMAT_VERSION, "manifest": str(Path(manifest).resolve()),
-            "manifest_sha256": _file_sha(manifest), "case_ids_sha256": _digest_text(ids), "n_cases": len(ids),
+            "manifest_sha256": source_hash(manifest), "case_ids_sha256": _digest_text(ids), "n_cases": len(ids),
             "shard_size": int(shard_size), "batch_size": int(batch_size), "n_shards": len(spans),
             "weights_digest": digest, "workdir": str(workdir.resolve()), "checkpoint_step": int(step),
             "standardize": bool(config.retrieval.standardize), "embedding": embedding_kind(config),
@@ -199,11 +201,6 @@ def _joined_job() -> bool:
     return jax.process_count() > 1
 
 
-def _file_sha(path) -> str:
-    from mmvae.data.cache import source_hash
-    return source_hash(path)
-
-
 def _check_or_write_plan(out: Path, plan: dict) -> None:
     p = out / PLAN
     if p.is_file():
@@ -240,17 +237,21 @@ def _shard_ok(path: Path, digest: str, cases: list[str]) -> bool:
 
 
 def _finish(out: Path, plan: dict) -> bool:
-    """Write ``shardset.json`` when every shard is there; False when one is missing."""
-    from mmvae.data.cache import source_hash
-    from mmvae.retrieval.embed import Embeddings
+    """Write ``shardset.json`` when every shard is there; False when one is missing. Reads each
+    shard's identity and case ids only (the arrays are hashed, not parsed)."""
     shards = []
     for i in range(plan["n_shards"]):
         p = out / shard_name(i)
         if not p.is_file():
             return False
-        e = Embeddings.load(p, part_of_set=True)
-        shards.append({"file": p.name, "sha256": source_hash(p), "count": len(e.case_ids),
-                       "skipped": e.identity.get("shard", {}).get("skipped", [])})
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                count, identity = len(z["case_ids"]), json.loads(str(z["identity"]))
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+            raise InputError(f"shard cannot be read ({e}): delete it and run the same `mmvae embed` again",
+                             path=str(p)) from None
+        shards.append({"file": p.name, "sha256": source_hash(p), "count": count,
+                       "skipped": identity.get("shard", {}).get("skipped", [])})
     info = dict(plan, shards=shards, count=sum(s["count"] for s in shards))
     atomic_write_text(out / DONE, json.dumps(info, indent=2, sort_keys=True) + "\n")
     return True
@@ -291,6 +292,7 @@ class ShardSet:
         if self.info.get("format") != FORMAT or self.info.get("version") != FORMAT_VERSION:
             raise InputError("not an mmvae shard set of a version this mmvae reads", path=str(p))
         self.shards = list(self.info["shards"])
+        self._verified: dict[int, tuple] = {}      # shard → (size, mtime) when its checksum matched
 
     def __len__(self) -> int:
         return int(self.info["count"])
@@ -300,13 +302,17 @@ class ShardSet:
         return [s for sh in self.shards for s in sh.get("skipped", [])]
 
     def shard(self, j: int):
-        """The ``j``-th shard's unstandardised Embeddings (its checksum verified)."""
-        from mmvae.data.cache import source_hash
+        """The ``j``-th shard's unstandardised Embeddings. Its checksum is verified on the first read;
+        a later read (the streaming build reads every shard three times) hashes it again only when
+        its size or modification time changed since."""
         from mmvae.retrieval.embed import Embeddings
         sh = self.shards[j]
         p = self.folder / sh["file"]
-        if not p.is_file() or source_hash(p) != sh["sha256"]:
+        st = p.stat() if p.is_file() else None
+        stamp = None if st is None else (st.st_size, st.st_mtime_ns)
+        if stamp is None or (self._verified.get(j) != stamp and source_hash(p) != sh["sha256"]):
             raise InputError("shard is missing or changed since the set was finished (checksum)", path=str(p))
+        self._verified[j] = stamp
         return Embeddings.load(p, part_of_set=True)
 
     def embeddings(self, standardize: bool | None = None):

@@ -44,6 +44,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from mmvae.atomic import atomic_save_npy, atomic_write_bytes, atomic_write_text
 from mmvae.errors import InputError
 from mmvae.retrieval.index import storage
 from mmvae.retrieval.index.backends import BuildOptions, backend_of, default_m_opq, default_nlist, default_nprobe
@@ -92,11 +93,6 @@ def estimate_bytes(kind: str, n: int, latent_dim: int, nlist: int, m_pq: int, tr
 
 def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
-
-def _atomic_npy(path: Path, arr: np.ndarray) -> None:
-    from mmvae.atomic import atomic_save_npy
-    atomic_save_npy(path, arr)
 
 
 def build_from_shards(shardset, out: str | os.PathLike, *, kind: str | None = None, metric: str = "cosine",
@@ -173,7 +169,6 @@ def build_from_shards(shardset, out: str | os.PathLike, *, kind: str | None = No
         stats = json.loads(stats_path.read_text())["stats"]
     else:
         stats = shardset.standardize_stats()
-        from mmvae.atomic import atomic_write_text
         atomic_write_text(stats_path, json.dumps({"stats": stats}))
     if stop_after == "stats":
         return out
@@ -220,7 +215,6 @@ def _build(shardset, out, work, stats, kind, metric, backend, ivf_kind, nl, m, n
             params = {}
         params = {"seed": int(seed), **params, **({"rerank_factor": rf} if rf != 4 else {})}
         trained_blob = faiss.serialize_index(index)
-        from mmvae.atomic import atomic_write_bytes, atomic_write_text
         atomic_write_text(work / "trained.json", json.dumps(params))
         atomic_write_bytes(trained_path, np.asarray(trained_blob).tobytes())
     if stop_after == "train":
@@ -234,15 +228,14 @@ def _build(shardset, out, work, stats, kind, metric, backend, ivf_kind, nl, m, n
         if done.is_file():
             continue
         e, mu, lv, x = vectors(j)
-        _atomic_npy(work / f"part-{j:05d}.npy", np.stack([mu, lv]))
+        atomic_save_npy(work / f"part-{j:05d}.npy", np.stack([mu, lv]))
         lines = []
         for k, (cid, meta) in enumerate(zip(e.case_ids, case_metadata(e))):
             lines.append(json.dumps({"id": int(offsets[j] + k), "case_id": cid, "modalities": meta["modalities"],
                                      "labels": meta["labels"]}, ensure_ascii=False))
-        from mmvae.atomic import atomic_write_text
         atomic_write_text(work / f"part-{j:05d}.jsonl", "".join(x_ + "\n" for x_ in lines))
         codes = trained.sa_encode(x) if ivf_kind else np.zeros((len(x), 0), np.uint8)
-        _atomic_npy(done, codes)
+        atomic_save_npy(done, codes)
         if stop_after == f"part:{j}":
             return out
 
@@ -261,7 +254,6 @@ def _build(shardset, out, work, stats, kind, metric, backend, ivf_kind, nl, m, n
 
 def _assemble(tmp: Path, work: Path, shardset, trained, kind, metric, L, n, params, first, offsets,
               show_progress) -> None:
-    from mmvae.data.cache import source_hash
     from mmvae.progress import progress_bar
     nparts = len(shardset.shards)
     index = trained
@@ -293,7 +285,7 @@ def _assemble(tmp: Path, work: Path, shardset, trained, kind, metric, L, n, para
     ident["standardize"] = json.loads((work / "stats.json").read_text())["stats"]
     ident["latent_dim"] = L
     ident["shard_set"] = {"folder": str(shardset.folder.resolve()), "n_shards": nparts}
-    files = {p.name: source_hash(p) for p in sorted(tmp.iterdir())}
+    files = {p.name: storage.source_hash(p) for p in sorted(tmp.iterdir())}
     info = {"format": storage.FORMAT, "version": storage.FORMAT_VERSION, "kind": kind, "metric": metric,
             "latent_dim": L, "count": n, "faiss_ntotal": n, "tombstones": 0, "next_id": n, "include_text": False,
             "params": params, "identity": jsonable(ident, "identity"), "files": files}
