@@ -69,6 +69,9 @@ def test_matches_pytorch_reference(model):
             np.testing.assert_allclose(np.square(x64).sum(), r["input_sum_sq"], rtol=1e-7)
             fmap, feats = _forward(model, jnp.asarray(x[None]))
             fmap, feats = np.asarray(fmap)[0], np.asarray(feats)[0]
+            # the inference path the feature extractor runs (BatchNorm folded into the convs)
+            folded = np.asarray(vision.compiled_features(model)(jnp.asarray(x[None])))[0]
+            np.testing.assert_allclose(folded, feats, atol=2e-5)
             assert list(fmap.shape) == r["feature_map_shape"]
             want = np.asarray(r["features"])
             err = float(np.max(np.abs(feats - want)))
@@ -306,3 +309,29 @@ def test_jit_and_eager_agree(model, cache_dir):
     assert np.all(eager >= 0) and np.all(eager <= 6)
     with pytest.raises(ConfigError, match="depthwise"):
         load_efficientnet_lite0(cache_dir=cache_dir, depthwise="fast")
+
+
+@needs_weights
+def test_folded_inference_path(model, cache_dir):
+    """fold_batchnorm + folded_forward (the extractor's default) equal the module's features
+    on batches of several sizes, with "same" paddings too; bf16 compute stays close; an
+    unknown path is refused."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(vision.normalize_images(rng.random((3, 96, 64, 3))))
+    ref = np.asarray(_forward(model, x)[1])
+    got = np.asarray(vision.compiled_features(model)(x))
+    np.testing.assert_allclose(got, ref, atol=2e-5)
+    plan, params = vision.fold_batchnorm(model)
+    assert len(plan) == len(params) == 2 + sum(3 if e != 1 else 2 for _, _, e, _, _, r in vision._LITE0_STAGES
+                                               for _ in range(r))
+    # the folded bias carries BatchNorm's shift: with zero input the stem's output is ReLU6(b)
+    stem = vision.folded_forward(plan[:1], params[:1], jnp.zeros((1, 32, 32, 3)))
+    np.testing.assert_allclose(np.asarray(stem)[0], np.clip(params[0]["b"], 0, 6), atol=1e-6)
+    same = load_efficientnet_lite0(cache_dir=cache_dir, padding="same")
+    np.testing.assert_allclose(np.asarray(vision.compiled_features(same)(x)),
+                               np.asarray(_forward(same, x)[1]), atol=2e-5)
+    bf16 = np.asarray(vision.compiled_features(model, dtype=jnp.bfloat16)(x))
+    cos = np.sum(bf16 * ref, 1) / np.linalg.norm(bf16, axis=1) / np.linalg.norm(ref, axis=1)
+    assert np.all(cos > 0.99), cos          # bf16 rounding: close in direction, not to 1e-5
+    with pytest.raises(ConfigError, match="feature path"):
+        vision.compiled_features(model, path="fast")

@@ -97,6 +97,35 @@ def component_profile(model, batch, num_subsets: int, chunks: int, repeats: int 
     return out
 
 
+def trace_summary(folder: str, steps: int, top: int = 25) -> dict:
+    """Per-op time of the XLA program in a ``jax.profiler`` trace (the newest
+    ``*.trace.json.gz`` under ``folder``), in ms per step: XLA CPU names each thunk after its
+    HLO instruction (``fusion.12``, ``transpose_copy_fusion.3``, ``convolution.5``, ...). Ops are
+    also summed by kind (the name without its number). Prints both tables; returns them."""
+    import gzip
+    import json
+    import re
+    files = sorted(Path(folder).rglob("*.trace.json.gz"), key=lambda f: f.stat().st_mtime)
+    events = json.loads(gzip.open(files[-1]).read())["traceEvents"]
+    per_op: dict = {}
+    for e in events:
+        if e.get("ph") == "X" and "dur" in e and not e["name"].startswith(("$", "PjitFunction", "ThunkExecutor")):
+            per_op[e["name"]] = per_op.get(e["name"], 0.0) + e["dur"] / 1e3 / steps
+    kinds: dict = {}
+    for name, ms in per_op.items():
+        k = re.sub(r"[._]\d+$", "", name)
+        kinds[k] = kinds.get(k, 0.0) + ms
+    ops = sorted(per_op.items(), key=lambda kv: -kv[1])[:top]
+    kinds_sorted = sorted(kinds.items(), key=lambda kv: -kv[1])[:top]
+    print(f"trace {files[-1]}: ms per step, top {top} ops")
+    for name, ms in ops:
+        print(f"  {ms:9.1f}  {name}")
+    print("by kind:")
+    for name, ms in kinds_sorted:
+        print(f"  {ms:9.1f}  {name}")
+    return {"ops_ms_per_step": dict(ops), "kinds_ms_per_step": dict(kinds_sorted), "file": str(files[-1])}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/bench.py")
@@ -105,6 +134,9 @@ def main(argv=None):
     p.add_argument("--patterns", action="store_true", help="also count compilations over all presence patterns")
     p.add_argument("--profile", action="store_true",
                    help="time the encode and decode (all subset terms) parts separately, with their FLOP/s")
+    p.add_argument("--trace", default="",
+                   help="folder: record a jax.profiler trace of 2 more steps and print the ops' time per step")
+    p.add_argument("--top", type=int, default=25, help="with --trace: how many ops to list")
     p.add_argument("--out")
     args, extra = p.parse_known_args(argv)
     config = load_config(args.config, extra)
@@ -142,6 +174,12 @@ def main(argv=None):
         "step_times_s": times, "cases_per_s": b / p50, "flops_per_step": flops,
         "achieved_gflops": flops / p50 / 1e9, "mfu": flops / p50 / peak,
     }
+    if args.trace:
+        with jax.profiler.trace(args.trace, create_perfetto_trace=True):
+            for i in range(2):
+                state, m = step(state, full, jax.random.key(100 + i))
+                jax.block_until_ready(m["loss"])
+        result["trace"] = trace_summary(args.trace, steps=2, top=args.top)
     if args.profile:
         from flax import nnx
         from mmvae.objectives.elbo import draw_subsets

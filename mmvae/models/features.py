@@ -213,31 +213,12 @@ class FeatureExtractor:
 
     def _forward(self):
         if self._fn is None:
-            import jax
-            from flax import nnx
             net = self._vision.load_efficientnet_lite0()
-            graphdef, state = nnx.split(net)
             mean = np.asarray(self._vision.IMAGENET_MEAN, np.float32)
             std = np.asarray(self._vision.IMAGENET_STD, np.float32)
-
-            def run(state, x):                              # x (B, H, W) in [0, 1]
-                rgb = (x[..., None] - mean) / std            # grey → 3 channels, ImageNet normalisation
-                return nnx.merge(graphdef, state).features(rgb)
-
-            # Compiled ahead of time with LLVM's full backend optimisation whatever XLA_FLAGS says
-            # (the test suite lowers it for its many tiny models): this is the one compute-bound
-            # network, run over thousands of slices. Measured with the flag at 0: 28 → 52 images/s
-            # (batch 32, 224², 2 cores) for ≈ 0.2 s more compilation.
-            compiled: dict = {}
-
-            def call(x):
-                key = (tuple(x.shape), str(x.dtype))
-                if key not in compiled:
-                    compiled[key] = jax.jit(run).lower(state, x).compile(
-                        compiler_options={"xla_backend_optimization_level": 3})
-                return compiled[key](state, x)
-
-            self._fn = call
+            # x (B, H, W) in [0, 1]: grey → 3 channels, ImageNet normalisation; BatchNorm folded
+            # into the convs (the fastest measured path, docs/benchmarks.md)
+            self._fn = self._vision.compiled_features(net, prepare=lambda x: (x[..., None] - mean) / std)
         return self._fn
 
     def vectors(self, pics: np.ndarray) -> np.ndarray:

@@ -87,6 +87,10 @@ __all__ = [
     "WEIGHTS_PACKAGE",
     "EXTRA_HINT",
     "normalize_images",
+    "fold_batchnorm",
+    "folded_forward",
+    "compiled_features",
+    "FEATURE_PATHS",
     "read_torch_state_dict",
     "find_efficientnet_lite0_weights",
     "efficientnet_lite0_available",
@@ -294,6 +298,115 @@ class EfficientNetLite(nnx.Module):
     def features(self, x: jax.Array) -> jax.Array:
         """Global-average-pooled features, (N, H, W, 3) -> (N, 1280) float32."""
         return jnp.mean(self(x).astype(jnp.float32), axis=(1, 2))
+
+
+# --------------------------------------------------------------------------- inference path
+def _fold(cb: _ConvBN) -> tuple[tuple, dict[str, np.ndarray]]:
+    """Frozen BatchNorm folded into the conv before it (Ioffe & Szegedy 2015, eval mode):
+    ``γ (conv(x, W) − μ) / √(σ² + ε) + β = conv(x, W·s) + (β − μ·s)``, ``s = γ / √(σ² + ε)``
+    per output channel; computed in float64, stored float32."""
+    bn, conv = cb.bn, cb.conv
+    s = np.asarray(bn.scale[...], np.float64) / np.sqrt(np.asarray(bn.var[...], np.float64) + bn.epsilon)
+    w = np.asarray(conv.kernel[...], np.float64) * s                 # HWIO: s scales O
+    b = np.asarray(bn.bias[...], np.float64) - np.asarray(bn.mean[...], np.float64) * s
+    static = (tuple(conv.strides) if not isinstance(conv.strides, int) else (conv.strides,) * 2,
+              conv.padding if isinstance(conv.padding, str) else tuple(tuple(p) for p in conv.padding),
+              conv.feature_group_count, cb.act)
+    return static, {"w": w.astype(np.float32), "b": b.astype(np.float32)}
+
+
+def fold_batchnorm(net: EfficientNetLite) -> tuple[tuple, list]:
+    """``(plan, params)`` of :func:`folded_forward`: every conv + frozen BatchNorm of ``net``
+    as one conv with a bias (:func:`_fold`). ``plan`` is static, one tuple per conv
+    ``(starts_block, adds_skip, strides, padding, groups, relu6)``; ``params`` a list of
+    ``{"w": HWIO, "b": (O,)}`` float32 arrays."""
+    plan, params = [], []
+
+    def add(cb, starts_block=False, adds_skip=False):
+        static, p = _fold(cb)
+        plan.append((starts_block, adds_skip) + static)
+        params.append(p)
+
+    add(net.stem)
+    for block in net.blocks:
+        layers = [block.expand] if block.expand is not None else []
+        layers += [block.depthwise, block.project]
+        for i, cb in enumerate(layers):
+            add(cb, starts_block=i == 0, adds_skip=bool(block.skip) and i == len(layers) - 1)
+    add(net.head)
+    return tuple(plan), params
+
+
+def folded_forward(plan: tuple, params: list, x: jax.Array, *, dtype=jnp.float32) -> jax.Array:
+    """The network of :class:`EfficientNetLite` with BatchNorm folded (:func:`fold_batchnorm`):
+    ``x (N, H, W, 3)`` normalised → ``(N, 1280)`` float32 global-average-pooled features.
+
+    Same numbers as :meth:`EfficientNetLite.features` up to float rounding (tested), built for
+    inference speed on XLA CPU: 1×1 convs are matmuls over channels with the bias and ReLU6 fused
+    after them, depthwise convs are the shifted-slices loop of :func:`_shifted_depthwise`, and no
+    BatchNorm pass reads the maps again. ``dtype`` is the compute dtype of the activations and
+    weights (products accumulate in float32)."""
+    x = x.astype(dtype)
+    block_input = x
+    for (starts_block, adds_skip, strides, padding, groups, act), p in zip(plan, params):
+        w, b = p["w"].astype(dtype), p["b"]
+        if starts_block:
+            block_input = x
+        if groups > 1:
+            pads = (jax.lax.padtype_to_pads(x.shape[1:3], w.shape[:2], strides, padding)
+                    if isinstance(padding, str) else padding)
+            y = _shifted_depthwise(x, w, strides, pads).astype(jnp.float32)
+        elif w.shape[:2] == (1, 1) and tuple(strides) == (1, 1):
+            y = jnp.einsum("nhwc,cd->nhwd", x, w[0, 0], preferred_element_type=jnp.float32)
+        else:
+            y = jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                             preferred_element_type=jnp.float32)
+        y = y + b
+        if act:
+            y = jnp.clip(y, 0, 6)
+        if adds_skip:
+            y = y + block_input.astype(jnp.float32)
+        x = y.astype(dtype)
+    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+
+
+FEATURE_PATHS = ("folded", "module")
+
+
+def compiled_features(net: EfficientNetLite, *, path: str = "folded", dtype=jnp.float32,
+                      prepare=None):
+    """``fn(x) → (N, 1280)`` float32 features of ``net``, compiled once per input shape.
+
+    ``path``: ``"folded"`` (default, the fastest measured on CPU: :func:`folded_forward`) or
+    ``"module"`` (:meth:`EfficientNetLite.features`, the reference). ``prepare`` (optional)
+    maps the caller's input to the network's ``(N, H, W, 3)`` normalised images inside the
+    compiled function. Compiled ahead of time at LLVM's full backend optimisation whatever
+    ``XLA_FLAGS`` says (the test suite lowers it for its many tiny models; this is the one
+    compute-bound network, run over thousands of slices: measured 28 → 52 images/s at O0 → O3).
+    Raises ``ConfigError`` for an unknown ``path``."""
+    if path not in FEATURE_PATHS:
+        raise ConfigError(f"feature path must be one of {FEATURE_PATHS}, got {path!r}")
+    prepare = prepare or (lambda x: x)
+    if path == "folded":
+        plan, params = fold_batchnorm(net)
+
+        def run(params, x):
+            return folded_forward(plan, params, prepare(x), dtype=dtype)
+    else:
+        graphdef, params = nnx.split(net)
+
+        def run(params, x):
+            return nnx.merge(graphdef, params).features(prepare(x))
+    compiled: dict = {}
+
+    def call(x):
+        key = (tuple(x.shape), str(x.dtype))
+        if key not in compiled:
+            compiled[key] = jax.jit(run).lower(params, x).compile(
+                compiler_options={"xla_backend_optimization_level": 3})
+        return compiled[key](params, x)
+
+    return call
 
 
 def normalize_images(images: jax.Array | np.ndarray, mean=IMAGENET_MEAN,
