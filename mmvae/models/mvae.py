@@ -238,6 +238,16 @@ class MultimodalVAE(nnx.Module):
         return jnp.stack([kind.log_likelihood(self, m, outputs[m], batch, reps)
                           for m, kind in kinds_of(self.spec).items()], -1)
 
+    def likelihood_targets(self, batch: dict) -> dict:
+        """``batch`` plus what :meth:`log_likelihoods` would otherwise derive from it at every
+        call (each kind's optional ``likelihood_targets``: e.g. the images in the decoders'
+        output layout). Call it once before decoding several latent samples of one batch."""
+        extra = {}
+        for m, kind in kinds_of(self.spec).items():
+            if kind.likelihood_targets is not None:
+                extra.update(kind.likelihood_targets(self, m, batch))
+        return {**batch, **extra}
+
 
 def build_model(spec: ModelSpec, seed: int) -> MultimodalVAE:
     return MultimodalVAE(spec, rngs=nnx.Rngs(seed))

@@ -232,6 +232,7 @@ def subset_log_likelihoods(model, z: jax.Array, batch: dict, chunks: int = 1) ->
     chunk at a time in a rematerialised scan (same values, less memory).
     """
     kk, j, b, l = z.shape
+    batch = model.likelihood_targets(batch)        # once, not once per chunk
     if chunks <= 1 or j == 1:
         out = model.decode(z.reshape(kk * j * b, l), patched=True)
         return model.log_likelihoods(out, batch, kk * j).reshape(kk, j, b, -1)

@@ -16,6 +16,10 @@ size, R: decoder repeats of the batch):
   without the batch axis}`` from its manifest metadata (``options``: the modality's entry in
   ``data.other_modalities``), for kinds without a dedicated loader: the data pipeline and
   the query use it;
+* ``likelihood_targets(model, m, batch)`` (optional) → ``{key: array}``: batch entries that
+  ``log_likelihood`` reads instead of deriving them from the raw batch (the image in the
+  decoder's output layout, its finite-series mask); computed once per step, before a chunked
+  decode loop, instead of once per chunk (:func:`mmvae.objectives.elbo.subset_log_likelihoods`);
 * ``observed``: False for a kind that is never part of a query or an embedding (the label);
 * ``frozen_features(encoder, batch, m, spec)`` (optional) → ``(B, F)`` or None: what a frozen
   pretrained network says of the modality (image features, the frozen text model's sentence
@@ -43,6 +47,7 @@ class Kind:
     observed: bool = True
     patched: bool = False                          # the decoder can return the space-to-depth layout
     frozen_features: Callable[..., Any] | None = None
+    likelihood_targets: Callable[..., dict] | None = None
 
     def modalities(self, spec) -> tuple[str, ...]:
         if self.names is not None:
