@@ -47,9 +47,13 @@ over anchors a, with cosine similarities s and positives P(a) the other views wi
 anchor's label (including other subsets of the same case).
 
 Memory: every subset term decodes every modality, so a step decodes K·J·B cases.
-``decode_chunks = n > 1`` decodes the J terms in n sequential chunks (``lax.scan``)
-under ``jax.checkpoint``: only one chunk's decoder activations are alive at a time,
-at the price of recomputing the decoder forward pass in the backward pass.
+``decode_chunks = n > 1`` decodes the J terms in n sequential chunks (``lax.scan``):
+only one chunk's decoder activations are alive at a time. With ``iw_samples = 1`` the
+loss is linear in the log-likelihoods, :math:`\partial\,\text{loss}/\partial \log p(x_m\mid z_{j,b})
+= -\lambda_m\,[m\in P_b]\,\text{valid}_{j,b}/(|J_b|\,|B|)` is known before decoding, so each
+chunk's value and gradient are computed in one forward + backward pass
+(:func:`fused_subset_reconstruction`); otherwise each chunk is rematerialised
+(``jax.checkpoint``) and its forward pass runs twice.
 
 Subsets are always masks (data): which modalities are present and which subsets are
 drawn never changes the compiled program.
@@ -57,10 +61,12 @@ drawn never changes the compiled program.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+import numpy as np
 
 from mmvae.data.augment import augment_batch
 from mmvae.errors import ConfigError
@@ -251,6 +257,71 @@ def subset_log_likelihoods(model, z: jax.Array, batch: dict, chunks: int = 1) ->
     return jnp.moveaxis(ll, 0, 1).reshape(kk, chunks * c, b, -1)[:, :j]
 
 
+def _zero_cotangent(x):
+    x = jnp.asarray(x)
+    return jnp.zeros_like(x) if jnp.issubdtype(x.dtype, jnp.inexact) else np.zeros(x.shape, jax.dtypes.float0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _fused(graphdef, dims, params, rest, zc, cc, batch):
+    return _fused_fwd(graphdef, dims, params, rest, zc, cc, batch)[0]
+
+
+def _fused_fwd(graphdef, dims, params, rest, zc, cc, batch):
+    kk, c, b, l = dims
+
+    def body(acc, xs):
+        zi, ci = xs
+
+        def weighted(p, zi):
+            m = nnx.merge(graphdef, p, rest)
+            ll = m.log_likelihoods(m.decode(zi.reshape(kk * c * b, l), patched=True), batch, kk * c)
+            ll = ll.reshape(kk, c, b, -1)
+            return jnp.sum(ll * ci), ll
+
+        (tot, ll), (gp, gz) = jax.value_and_grad(weighted, argnums=(0, 1), has_aux=True)(params, zi)
+        return (acc[0] + tot, jax.tree.map(jnp.add, acc[1], gp)), (ll, gz)
+
+    init = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    (total, gparams), (ll, gz) = jax.lax.scan(body, init, (zc, cc))
+    return (total, ll), (gparams, gz, ll, rest, batch)
+
+
+def _fused_bwd(graphdef, dims, res, g):
+    gparams, gz, ll, rest, batch = res
+    gt = g[0]                        # the log-likelihoods' own cotangent is ignored: callers stop it
+    return (jax.tree.map(lambda x: (gt * x).astype(x.dtype), gparams), jax.tree.map(_zero_cotangent, rest),
+            (gt * gz).astype(gz.dtype), gt * ll, jax.tree.map(_zero_cotangent, batch))
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def fused_subset_reconstruction(model, z: jax.Array, batch: dict, coef: jax.Array, chunks: int):
+    """``(Σ coef · ll, ll)`` for ``ll = subset_log_likelihoods(model, z, batch, chunks)``,
+    ``z (K, J, B, L)``, ``coef (K, J, B, M)`` → ``(() float32, (K, J, B, M))``, with the gradient
+    of the sum computed chunk by chunk *in the forward pass* (one forward + backward pass per
+    chunk, a ``lax.scan`` over ``chunks`` chunks of the J axis; only one chunk's activations
+    are alive at a time).
+
+    For a loss linear in ``ll`` with coefficients known before decoding (the subset ELBO with
+    ``iw_samples = 1``) this gives the same value and gradients as differentiating
+    :func:`subset_log_likelihoods`, whose rematerialised chunks run the decoders' forward pass
+    twice. ``ll`` is returned with its gradient stopped: differentiate through the sum only.
+    Gradients flow to the model's ``nnx.Param`` variables, ``z`` and ``coef``."""
+    kk, j, b, l = z.shape
+    batch = model.likelihood_targets(batch)
+    chunks = max(1, min(chunks, j))
+    c = -(-j // chunks)
+    pad = ((0, 0), (0, c * chunks - j), (0, 0), (0, 0))
+    zc = jnp.moveaxis(jnp.pad(z, pad).reshape(kk, chunks, c, b, l), 1, 0)            # (chunks, K, c, B, L)
+    cc = jnp.moveaxis(jnp.pad(coef, pad).reshape(kk, chunks, c, b, -1), 1, 0)        # padded terms weigh 0
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    total, ll = _fused(graphdef, (kk, c, b, l), params, rest, zc, cc, batch)
+    ll = jnp.moveaxis(ll, 0, 1).reshape(kk, chunks * c, b, -1)[:, :j]
+    return total, jax.lax.stop_gradient(ll)
+
+
 def elbo_loss(model, batch: dict, key: jax.Array, step: jax.Array, spec: ObjectiveSpec):
     """Negative subset ELBO (+ alignment), averaged over cases.
 
@@ -265,8 +336,20 @@ def elbo_loss(model, batch: dict, key: jax.Array, step: jax.Array, spec: Objecti
     j = subsets.shape[0]
     kk = spec.iw_samples
     z = fusion.sample(k_z, q, kk)                                            # (K, J, B, L)
-    ll = subset_log_likelihoods(model, z, batch, spec.decode_chunks)         # (K, J, B, M)
     weights = jnp.asarray(spec.weights, jnp.float32) if spec.weights else jnp.ones((m,), jnp.float32)
+    n_valid = jnp.maximum(jnp.sum(valid, 0), 1.0)                            # (B,)
+    has_any = (jnp.sum(present, -1) > 0).astype(jnp.float32)
+    denom = jnp.maximum(jnp.sum(has_any), 1.0)
+    fused = jnp.zeros(())
+    if kk == 1 and spec.decode_chunks > 1 and j > 1:
+        # ∂loss/∂ll, known before decoding: the decoders' value and gradient in one pass per chunk;
+        # `fused - stop_gradient(fused)` is 0 and carries that gradient (ll itself is stopped)
+        coef = jax.lax.stop_gradient(
+            -(weights * present[None] * (valid / n_valid)[..., None] * (has_any / denom)[None, :, None]))
+        fused, ll = fused_subset_reconstruction(model, z, batch, coef[None], spec.decode_chunks)
+        fused = fused - jax.lax.stop_gradient(fused)
+    else:
+        ll = subset_log_likelihoods(model, z, batch, spec.decode_chunks)     # (K, J, B, M)
     rec = jnp.sum(ll * weights * present, axis=-1)                           # (K, J, B)
     beta = kl_weight(spec, step)
     if kk == 1:
@@ -278,12 +361,9 @@ def elbo_loss(model, batch: dict, key: jax.Array, step: jax.Array, spec: Objecti
         log_w = rec + beta * (log_pz - log_qz)
         term = jax.nn.logsumexp(log_w, axis=0) - jnp.log(kk)
         kl = jnp.mean(log_qz - log_pz, 0)
-    n_valid = jnp.maximum(jnp.sum(valid, 0), 1.0)                            # (B,)
     per_case = jnp.sum(term * valid, 0) / n_valid
-    has_any = (jnp.sum(present, -1) > 0).astype(jnp.float32)
-    denom = jnp.maximum(jnp.sum(has_any), 1.0)
     elbo = jnp.sum(per_case * has_any) / denom
-    loss = -elbo
+    loss = -elbo + fused
     align = jnp.zeros(())
     if spec.alignment_weight > 0:
         align = info_nce(experts.mu[..., : model.spec.latent_dim], present, spec.alignment_temperature)
