@@ -104,7 +104,7 @@ def base_config() -> ml_collections.ConfigDict:
         ssl_temperature=0.1,
         supcon_weight=0.0,            # > 0: SupCon on the subset posterior means of labelled cases (data.label_fraction > 0)
         supcon_temperature=0.1,
-        decode_chunks=1,              # decode the subset terms in this many sequential, rematerialised chunks (memory)
+        decode_chunks=1,              # decode the subset terms in this many sequential chunks (memory; objectives/elbo.py)
     )
     c.optim = dict(lr=1e-3, warmup_steps=50, schedule="cosine", end_lr_factor=0.05,
                    weight_decay=0.0, clip_norm=1.0, ema_decay=0.0)
