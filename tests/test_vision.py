@@ -328,10 +328,35 @@ def test_folded_inference_path(model, cache_dir):
     stem = vision.folded_forward(plan[:1], params[:1], jnp.zeros((1, 32, 32, 3)))
     np.testing.assert_allclose(np.asarray(stem)[0], np.clip(params[0]["b"], 0, 6), atol=1e-6)
     same = load_efficientnet_lite0(cache_dir=cache_dir, padding="same")
-    np.testing.assert_allclose(np.asarray(vision.compiled_features(same)(x)),
-                               np.asarray(_forward(same, x)[1]), atol=2e-5)
+    odd = jnp.asarray(vision.normalize_images(rng.random((2, 70, 50, 3))))   # "same" ≠ "static" here
+    np.testing.assert_allclose(np.asarray(vision.compiled_features(same)(odd)),
+                               np.asarray(_forward(same, odd)[1]), atol=2e-5)
     bf16 = np.asarray(vision.compiled_features(model, dtype=jnp.bfloat16)(x))
     cos = np.sum(bf16 * ref, 1) / np.linalg.norm(bf16, axis=1) / np.linalg.norm(ref, axis=1)
     assert np.all(cos > 0.99), cos          # bf16 rounding: close in direction, not to 1e-5
     with pytest.raises(ConfigError, match="feature path"):
         vision.compiled_features(model, path="fast")
+
+
+@pytest.mark.parametrize("padding", ["static", "same"])
+def test_batchnorm_fold_with_random_statistics(padding):
+    """The fold (W·s, β − μ·s, s = γ/√(σ² + ε)) with random BatchNorm statistics in every layer
+    (depthwise kernels included), on an input whose size is not a multiple of 32: the folded
+    path equals the module. Needs no weights file."""
+    net = vision.EfficientNetLite(padding=padding, rngs=nnx.Rngs(3))
+    rng = np.random.default_rng(5)
+    n = 0
+    for _, bn in nnx.iter_graph(net):
+        if isinstance(bn, nnx.BatchNorm):
+            c = bn.scale.shape[0]
+            bn.mean.set_value(jnp.asarray(rng.normal(0, 0.5, c), jnp.float32))
+            bn.var.set_value(jnp.asarray(rng.uniform(0.2, 2.0, c), jnp.float32))
+            bn.scale.set_value(jnp.asarray(rng.uniform(0.5, 1.5, c), jnp.float32))
+            bn.bias.set_value(jnp.asarray(rng.normal(0, 0.3, c), jnp.float32))
+            n += 1
+    assert n == len(vision.fold_batchnorm(net)[0])
+    x = jnp.asarray(vision.normalize_images(rng.random((2, 70, 50, 3))))
+    ref = np.asarray(_forward(net, x)[1])
+    got = np.asarray(vision.compiled_features(net)(x))
+    assert np.max(np.abs(ref)) > 0.1
+    np.testing.assert_allclose(got, ref, atol=1e-4 * max(1.0, float(np.max(np.abs(ref)))))

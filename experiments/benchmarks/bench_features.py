@@ -74,9 +74,12 @@ class _Peer:
         return self._read()
 
     def close(self):
-        self.p.stdin.write(json.dumps({"op": "quit"}) + "\n")
-        self.p.stdin.flush()
-        self.p.wait(timeout=60)
+        try:
+            self.p.stdin.write(json.dumps({"op": "quit"}) + "\n")
+            self.p.stdin.flush()
+            self.p.wait(timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            self.p.kill()
 
 
 def peer_ab(a) -> int:
@@ -96,26 +99,28 @@ def peer_ab(a) -> int:
         feats[k] = np.asarray(fn(x))
         print(f"{k}: first call (compile + run) {time.perf_counter() - t0:.1f} s", flush=True)
     peer = _Peer(a.peer_python)
-    print("PyTorch side:", peer.info, flush=True)
-    times = {k: [] for k in list(fns) + ["torch nchw", "torch channels-last"]}
-    torch_first = {}
-    for r in range(a.rounds):
-        order = ["jax", "torch"] if r % 2 == 0 else ["torch", "jax"]
-        for side in order:
-            if side == "jax":
-                for k, fn in fns.items():
-                    for _ in range(a.repeats + 1):
-                        t = time.perf_counter()
-                        jax.block_until_ready(fn(x))
-                        times[k].append(time.perf_counter() - t)
-                    times[k].pop(-a.repeats - 1)          # the warm-up call of this round
-            else:
-                for k, layout in (("torch nchw", "nchw"), ("torch channels-last", "cl")):
-                    ans = peer.ask(op="run", batch=a.peer_batch, size=224, repeats=a.repeats, layout=layout)
-                    times[k] += ans["times"]
-                    torch_first[k] = ans
-        print(f"round {r}: " + ", ".join(f"{k} {np.median(v[-a.repeats:]):.2f} s" for k, v in times.items()), flush=True)
-    peer.close()
+    try:
+        print("PyTorch side:", peer.info, flush=True)
+        times = {k: [] for k in list(fns) + ["torch nchw", "torch channels-last"]}
+        torch_first = {}
+        for r in range(a.rounds):
+            order = ["jax", "torch"] if r % 2 == 0 else ["torch", "jax"]
+            for side in order:
+                if side == "jax":
+                    for k, fn in fns.items():
+                        for _ in range(a.repeats + 1):
+                            t = time.perf_counter()
+                            jax.block_until_ready(fn(x))
+                            times[k].append(time.perf_counter() - t)
+                        times[k].pop(-a.repeats - 1)          # the warm-up call of this round
+                else:
+                    for k, layout in (("torch nchw", "nchw"), ("torch channels-last", "cl")):
+                        ans = peer.ask(op="run", batch=a.peer_batch, size=224, repeats=a.repeats, layout=layout)
+                        times[k] += ans["times"]
+                        torch_first[k] = ans
+            print(f"round {r}: " + ", ".join(f"{k} {np.median(v[-a.repeats:]):.2f} s" for k, v in times.items()), flush=True)
+    finally:
+        peer.close()
     ips = {k: a.peer_batch / float(np.median(v)) for k, v in times.items()}
     best_torch = max(ips["torch nchw"], ips["torch channels-last"])
     ref = feats["jax module f32"].astype(np.float64)

@@ -112,6 +112,8 @@ def trace_summary(folder: str, steps: int, top: int = 25) -> dict:
     import json
     import re
     files = sorted(Path(folder).rglob("*.trace.json.gz"), key=lambda f: f.stat().st_mtime)
+    if not files:
+        raise SystemExit(f"no *.trace.json.gz under {folder}: the profiler wrote no trace")
     events = json.loads(gzip.open(files[-1]).read())["traceEvents"]
     per_op: dict = {}
     for e in events:

@@ -1,4 +1,4 @@
-"""The PyTorch side of ``bench_features.py --torch-python``: EfficientNet-Lite0 in PyTorch eager.
+"""The PyTorch side of ``bench_features.py --peer-python``: EfficientNet-Lite0 in PyTorch eager.
 
 Runs in a separate environment that has torch (mmvae itself never imports torch)::
 

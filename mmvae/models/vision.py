@@ -141,7 +141,7 @@ def _static_same_pads(size: tuple[int, int], k: int, s: int) -> tuple[tuple[int,
     return tuple(pads)
 
 
-def _shifted_depthwise(lhs, rhs, strides, pads) -> jax.Array:
+def _shifted_depthwise(lhs, rhs, strides, pads, *, keep_f32: bool = False) -> jax.Array:
     """Depthwise NHWC conv as k*k strided slices times per-channel weights, summed in f32.
 
     Same result as ``lax.conv_general_dilated(..., feature_group_count=C)`` (up to the
@@ -160,7 +160,7 @@ def _shifted_depthwise(lhs, rhs, strides, pads) -> jax.Array:
                                                   j + (wo - 1) * sw + 1, c), (1, sh, sw, 1))
             term = tap.astype(jnp.float32) * w[i, j, 0]
             acc = term if acc is None else acc + term
-    return acc.astype(lhs.dtype)
+    return acc if keep_f32 else acc.astype(lhs.dtype)
 
 
 def _make_conv_fn(depthwise: str):
@@ -343,8 +343,8 @@ def folded_forward(plan: tuple, params: list, x: jax.Array, *, dtype=jnp.float32
 
     Same numbers as :meth:`EfficientNetLite.features` up to float rounding (tested), built for
     inference speed on XLA CPU: 1×1 convs are matmuls over channels with the bias and ReLU6 fused
-    after them, depthwise convs are the shifted-slices loop of :func:`_shifted_depthwise`, and no
-    BatchNorm pass reads the maps again. ``dtype`` is the compute dtype of the activations and
+    after them, depthwise convs are the shifted-slices loop of :func:`_shifted_depthwise` on CPU
+    (XLA's grouped convolution elsewhere), and no BatchNorm pass reads the maps again. ``dtype`` is the compute dtype of the activations and
     weights (products accumulate in float32)."""
     x = x.astype(dtype)
     block_input = x
@@ -352,15 +352,15 @@ def folded_forward(plan: tuple, params: list, x: jax.Array, *, dtype=jnp.float32
         w, b = p["w"].astype(dtype), p["b"]
         if starts_block:
             block_input = x
-        if groups > 1:
+        if groups > 1 and jax.default_backend() == "cpu":    # XLA CPU's grouped convs are slow
             pads = (jax.lax.padtype_to_pads(x.shape[1:3], w.shape[:2], strides, padding)
                     if isinstance(padding, str) else padding)
-            y = _shifted_depthwise(x, w, strides, pads).astype(jnp.float32)
+            y = _shifted_depthwise(x, w, strides, pads, keep_f32=True)
         elif w.shape[:2] == (1, 1) and tuple(strides) == (1, 1):
             y = jnp.einsum("nhwc,cd->nhwd", x, w[0, 0], preferred_element_type=jnp.float32)
         else:
             y = jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                             preferred_element_type=jnp.float32)
+                                             feature_group_count=groups, preferred_element_type=jnp.float32)
         y = y + b
         if act:
             y = jnp.clip(y, 0, 6)

@@ -50,10 +50,12 @@ Memory: every subset term decodes every modality, so a step decodes K·J·B case
 ``decode_chunks = n > 1`` decodes the J terms in n sequential chunks (``lax.scan``):
 only one chunk's decoder activations are alive at a time. With ``iw_samples = 1`` the
 loss is linear in the log-likelihoods, :math:`\partial\,\text{loss}/\partial \log p(x_m\mid z_{j,b})
-= -\lambda_m\,[m\in P_b]\,\text{valid}_{j,b}/(|J_b|\,|B|)` is known before decoding, so each
+= -\lambda_m\,[m\in P_b]\,\text{valid}_{j,b}/(|J_b|\,N)` (N: the cases with any modality) is known before decoding, so each
 chunk's value and gradient are computed in one forward + backward pass
 (:func:`fused_subset_reconstruction`); otherwise each chunk is rematerialised
-(``jax.checkpoint``) and its forward pass runs twice.
+(``jax.checkpoint``) and its forward pass runs twice. On the fused path the loss is
+differentiable with respect to the model's ``nnx.Param`` variables only: gradients with respect
+to the batch (the images) are zero there.
 
 Subsets are always masks (data): which modalities are present and which subsets are
 drawn never changes the compiled program.
@@ -264,6 +266,9 @@ def _zero_cotangent(x):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _fused(graphdef, dims, params, rest, zc, cc, batch):
+    """``(Σ cc · ll, ll)`` over the chunks; see :func:`fused_subset_reconstruction`. Its VJP
+    ignores the cotangent of ``ll`` (callers must stop ``ll``'s gradient) and gives zero
+    cotangents to ``rest`` (non-Param variables) and ``batch``."""
     return _fused_fwd(graphdef, dims, params, rest, zc, cc, batch)[0]
 
 
@@ -297,6 +302,10 @@ def _fused_bwd(graphdef, dims, res, g):
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
+def _float_non_params(rest) -> bool:
+    return any(jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact) for x in jax.tree.leaves(rest))
+
+
 def fused_subset_reconstruction(model, z: jax.Array, batch: dict, coef: jax.Array, chunks: int):
     """``(Σ coef · ll, ll)`` for ``ll = subset_log_likelihoods(model, z, batch, chunks)``,
     ``z (K, J, B, L)``, ``coef (K, J, B, M)`` → ``(() float32, (K, J, B, M))``, with the gradient
@@ -317,6 +326,9 @@ def fused_subset_reconstruction(model, z: jax.Array, batch: dict, coef: jax.Arra
     zc = jnp.moveaxis(jnp.pad(z, pad).reshape(kk, chunks, c, b, l), 1, 0)            # (chunks, K, c, B, L)
     cc = jnp.moveaxis(jnp.pad(coef, pad).reshape(kk, chunks, c, b, -1), 1, 0)        # padded terms weigh 0
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    if _float_non_params(rest):
+        raise ValueError("fused_subset_reconstruction differentiates nnx.Param variables only, and this "
+                         "model has other float variables; use subset_log_likelihoods")
     total, ll = _fused(graphdef, (kk, c, b, l), params, rest, zc, cc, batch)
     ll = jnp.moveaxis(ll, 0, 1).reshape(kk, chunks * c, b, -1)[:, :j]
     return total, jax.lax.stop_gradient(ll)
@@ -341,7 +353,7 @@ def elbo_loss(model, batch: dict, key: jax.Array, step: jax.Array, spec: Objecti
     has_any = (jnp.sum(present, -1) > 0).astype(jnp.float32)
     denom = jnp.maximum(jnp.sum(has_any), 1.0)
     fused = jnp.zeros(())
-    if kk == 1 and spec.decode_chunks > 1 and j > 1:
+    if kk == 1 and spec.decode_chunks > 1 and j > 1 and not _float_non_params(nnx.state(model, nnx.Not(nnx.Param))):
         # ∂loss/∂ll, known before decoding: the decoders' value and gradient in one pass per chunk;
         # `fused - stop_gradient(fused)` is 0 and carries that gradient (ll itself is stopped)
         coef = jax.lax.stop_gradient(

@@ -398,7 +398,8 @@ def _log_likelihood(model, m: str, out: jax.Array, batch: dict, reps: int) -> ja
     dec = model.decoders[m]
     # patched output: (R·B, d + 1 axes); plain: (R·B, *shape)
     patched = dec.out_patch is not None and out.ndim == batch[f"image/{m}"].ndim
-    if f"target/{m}" in batch and (patched or dec.out_patch is None):
+    pre = batch.get(f"target/{m}")
+    if pre is not None and (patched or dec.out_patch is None) and tuple(pre.shape[2:]) == tuple(out.shape[1:]):
         x, sm = batch[f"target/{m}"], batch[f"target_mask/{m}"]          # _likelihood_targets
     else:
         x, sm = _targets(dec, batch, m, patched)
