@@ -344,8 +344,8 @@ def folded_forward(plan: tuple, params: list, x: jax.Array, *, dtype=jnp.float32
     Same numbers as :meth:`EfficientNetLite.features` up to float rounding (tested), built for
     inference speed on XLA CPU: 1×1 convs are matmuls over channels with the bias and ReLU6 fused
     after them, depthwise convs are the shifted-slices loop of :func:`_shifted_depthwise` on CPU
-    (XLA's grouped convolution elsewhere), and no BatchNorm pass reads the maps again. ``dtype`` is the compute dtype of the activations and
-    weights (products accumulate in float32)."""
+    (XLA's grouped convolution elsewhere), and no BatchNorm pass reads the maps again. ``dtype``
+    is the compute dtype of the activations and weights (products accumulate in float32)."""
     x = x.astype(dtype)
     block_input = x
     for (starts_block, adds_skip, strides, padding, groups, act), p in zip(plan, params):

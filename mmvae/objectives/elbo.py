@@ -233,30 +233,45 @@ def supervised_contrastive(views: jax.Array, labels: jax.Array, valid: jax.Array
     return jnp.sum(jnp.where(use, per, 0.0)) / jnp.maximum(jnp.sum(use), 1)
 
 
+def _to_chunks(x: jax.Array, chunks: int) -> jax.Array:
+    """``(K, J, B, ...)`` → ``(chunks, K, c, B, ...)``, ``c = ⌈J / chunks⌉``, the J axis padded
+    with zeros to ``chunks · c``."""
+    kk, j = x.shape[:2]
+    c = -(-j // chunks)
+    pad = [(0, 0), (0, c * chunks - j)] + [(0, 0)] * (x.ndim - 2)
+    return jnp.moveaxis(jnp.pad(x, pad).reshape((kk, chunks, c) + x.shape[2:]), 1, 0)
+
+
+def _from_chunks(y: jax.Array, j: int) -> jax.Array:
+    """Inverse of :func:`_to_chunks` for ``(chunks, K, c, B, M)``: ``(K, J, B, M)``."""
+    chunks, kk, c = y.shape[:3]
+    return jnp.moveaxis(y, 0, 1).reshape((kk, chunks * c) + y.shape[3:])[:, :j]
+
+
+def _decode_and_score(m, zi: jax.Array, batch: dict) -> jax.Array:
+    """One chunk ``zi (K, c, B, L)`` decoded and scored: ``(K, c, B, M)``."""
+    kk, c, b, l = zi.shape
+    return m.log_likelihoods(m.decode(zi.reshape(kk * c * b, l), patched=True), batch, kk * c).reshape(kk, c, b, -1)
+
+
 def subset_log_likelihoods(model, z: jax.Array, batch: dict, chunks: int = 1) -> jax.Array:
     """Decode ``z (K, J, B, L)`` and score the batch: ``(K, J, B, M)`` log-likelihoods.
 
     ``chunks > 1``: the J axis is padded to a multiple of ``chunks`` and decoded one
     chunk at a time in a rematerialised scan (same values, less memory).
     """
-    kk, j, b, l = z.shape
+    j = z.shape[1]
     batch = model.likelihood_targets(batch)        # once, not once per chunk
     if chunks <= 1 or j == 1:
-        out = model.decode(z.reshape(kk * j * b, l), patched=True)
-        return model.log_likelihoods(out, batch, kk * j).reshape(kk, j, b, -1)
-    chunks = min(chunks, j)
-    c = -(-j // chunks)
-    zp = jnp.pad(z, ((0, 0), (0, c * chunks - j), (0, 0), (0, 0)))
-    zc = jnp.moveaxis(zp.reshape(kk, chunks, c, b, l), 1, 0)                  # (chunks, K, c, B, L)
+        return _decode_and_score(model, z, batch)
     graphdef, state = nnx.split(model)
 
     @jax.checkpoint
     def one(state, batch, zi):
-        m = nnx.merge(graphdef, state)
-        return m.log_likelihoods(m.decode(zi.reshape(kk * c * b, l), patched=True), batch, kk * c).reshape(kk, c, b, -1)
+        return _decode_and_score(nnx.merge(graphdef, state), zi, batch)
 
-    _, ll = jax.lax.scan(lambda carry, zi: (carry, one(state, batch, zi)), None, zc)
-    return jnp.moveaxis(ll, 0, 1).reshape(kk, chunks * c, b, -1)[:, :j]
+    _, ll = jax.lax.scan(lambda carry, zi: (carry, one(state, batch, zi)), None, _to_chunks(z, min(chunks, j)))
+    return _from_chunks(ll, j)
 
 
 def _zero_cotangent(x):
@@ -264,24 +279,20 @@ def _zero_cotangent(x):
     return jnp.zeros_like(x) if jnp.issubdtype(x.dtype, jnp.inexact) else np.zeros(x.shape, jax.dtypes.float0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _fused(graphdef, dims, params, rest, zc, cc, batch):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused(graphdef, params, rest, zc, cc, batch):
     """``(Σ cc · ll, ll)`` over the chunks; see :func:`fused_subset_reconstruction`. Its VJP
     ignores the cotangent of ``ll`` (callers must stop ``ll``'s gradient) and gives zero
     cotangents to ``rest`` (non-Param variables) and ``batch``."""
-    return _fused_fwd(graphdef, dims, params, rest, zc, cc, batch)[0]
+    return _fused_fwd(graphdef, params, rest, zc, cc, batch)[0]
 
 
-def _fused_fwd(graphdef, dims, params, rest, zc, cc, batch):
-    kk, c, b, l = dims
-
+def _fused_fwd(graphdef, params, rest, zc, cc, batch):
     def body(acc, xs):
         zi, ci = xs
 
         def weighted(p, zi):
-            m = nnx.merge(graphdef, p, rest)
-            ll = m.log_likelihoods(m.decode(zi.reshape(kk * c * b, l), patched=True), batch, kk * c)
-            ll = ll.reshape(kk, c, b, -1)
+            ll = _decode_and_score(nnx.merge(graphdef, p, rest), zi, batch)
             return jnp.sum(ll * ci), ll
 
         (tot, ll), (gp, gz) = jax.value_and_grad(weighted, argnums=(0, 1), has_aux=True)(params, zi)
@@ -292,7 +303,7 @@ def _fused_fwd(graphdef, dims, params, rest, zc, cc, batch):
     return (total, ll), (gparams, gz, ll, rest, batch)
 
 
-def _fused_bwd(graphdef, dims, res, g):
+def _fused_bwd(graphdef, res, g):
     gparams, gz, ll, rest, batch = res
     gt = g[0]                        # the log-likelihoods' own cotangent is ignored: callers stop it
     return (jax.tree.map(lambda x: (gt * x).astype(x.dtype), gparams), jax.tree.map(_zero_cotangent, rest),
@@ -318,20 +329,16 @@ def fused_subset_reconstruction(model, z: jax.Array, batch: dict, coef: jax.Arra
     :func:`subset_log_likelihoods`, whose rematerialised chunks run the decoders' forward pass
     twice. ``ll`` is returned with its gradient stopped: differentiate through the sum only.
     Gradients flow to the model's ``nnx.Param`` variables, ``z`` and ``coef``."""
-    kk, j, b, l = z.shape
+    j = z.shape[1]
     batch = model.likelihood_targets(batch)
     chunks = max(1, min(chunks, j))
-    c = -(-j // chunks)
-    pad = ((0, 0), (0, c * chunks - j), (0, 0), (0, 0))
-    zc = jnp.moveaxis(jnp.pad(z, pad).reshape(kk, chunks, c, b, l), 1, 0)            # (chunks, K, c, B, L)
-    cc = jnp.moveaxis(jnp.pad(coef, pad).reshape(kk, chunks, c, b, -1), 1, 0)        # padded terms weigh 0
+    zc, cc = _to_chunks(z, chunks), _to_chunks(coef, chunks)                       # padded terms weigh 0
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     if _float_non_params(rest):
         raise ValueError("fused_subset_reconstruction differentiates nnx.Param variables only, and this "
                          "model has other float variables; use subset_log_likelihoods")
-    total, ll = _fused(graphdef, (kk, c, b, l), params, rest, zc, cc, batch)
-    ll = jnp.moveaxis(ll, 0, 1).reshape(kk, chunks * c, b, -1)[:, :j]
-    return total, jax.lax.stop_gradient(ll)
+    total, ll = _fused(graphdef, params, rest, zc, cc, batch)
+    return total, jax.lax.stop_gradient(_from_chunks(ll, j))
 
 
 def elbo_loss(model, batch: dict, key: jax.Array, step: jax.Array, spec: ObjectiveSpec):

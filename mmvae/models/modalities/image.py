@@ -400,7 +400,7 @@ def _log_likelihood(model, m: str, out: jax.Array, batch: dict, reps: int) -> ja
     patched = dec.out_patch is not None and out.ndim == batch[f"image/{m}"].ndim
     pre = batch.get(f"target/{m}")
     if pre is not None and (patched or dec.out_patch is None) and tuple(pre.shape[2:]) == tuple(out.shape[1:]):
-        x, sm = batch[f"target/{m}"], batch[f"target_mask/{m}"]          # _likelihood_targets
+        x, sm = pre, batch[f"target_mask/{m}"]                            # _likelihood_targets
     else:
         x, sm = _targets(dec, batch, m, patched)
     b, s = x.shape[:2]
